@@ -1,0 +1,1 @@
+"""Extraction: dataset readers, teachers and the runners that fill the store."""

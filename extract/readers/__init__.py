@@ -1,0 +1,1 @@
+"""Dataset readers: they yield samples that carry stable sample ids."""

@@ -1,0 +1,1 @@
+"""Teachers: frozen models that map images or captions to features."""
