@@ -16,4 +16,6 @@ def default_store() -> str:
 
 
 def models_dir() -> Path:
-    return cusa_home() / "models"
+    """Assembled teacher weights; ``$CUSA_MODELS_DIR`` overrides ``$CUSA_HOME/models``."""
+    override = os.environ.get("CUSA_MODELS_DIR")
+    return Path(override).expanduser() if override else cusa_home() / "models"

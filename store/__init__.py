@@ -1,1 +1,12 @@
-"""The feature store: Zarr v3 groups of teacher features keyed by sample id."""
+"""The feature store: Zarr v3 groups of teacher features keyed by sample id.
+
+Public API:
+    FeatureStore   open or create a store (a directory or an fsspec URL)
+    FeatureGroup   one teacher's features over one dataset split; per-shard atomic commits
+    FeatureLookup  memory-mapped gathers by sample id for training
+"""
+
+from cusa.store.feature_store import LAYOUT_VERSION, FeatureGroup, FeatureStore, WriteResult
+from cusa.store.lookup import FeatureLookup
+
+__all__ = ["LAYOUT_VERSION", "FeatureGroup", "FeatureLookup", "FeatureStore", "WriteResult"]

