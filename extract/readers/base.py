@@ -38,6 +38,9 @@ class Sample:
     caption_ann_ids: list[int | None] = field(default_factory=list)
     image_error: str | None = None
     shard: str = ""
+    # Added for webdataset tars: why the captions could not be read (e.g. a malformed ``.json``
+    # member); ``captions`` is then empty and the runner records this instead of dropping them.
+    caption_error: str | None = None
 
 
 def caption_id(image_id: str, k: int) -> str:

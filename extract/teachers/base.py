@@ -16,6 +16,11 @@ from cusa.extract.teachers.spec import Modality, TeacherSpec
 
 
 @runtime_checkable
+class Preparer(Protocol):
+    def prepare(self, item: Any) -> Any: ...
+
+
+@runtime_checkable
 class Teacher(Protocol):
     @property
     def spec(self) -> TeacherSpec: ...
@@ -28,6 +33,13 @@ class Teacher(Protocol):
 
         Raises:
             SampleError: the input is bad; the caller records it in the ledger.
+        """
+        ...
+
+    def preparer(self) -> Preparer:
+        """A small picklable object whose ``prepare`` equals this teacher's, without weights.
+
+        Runners ship it to CPU read tasks (Ray) so the model never travels with the data.
         """
         ...
 

@@ -23,6 +23,7 @@ that one sample:
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -94,15 +95,9 @@ def decode_image(
         raise SampleError(
             f"not a recognised image file ({len(data)} bytes starting {bytes(data[:8])!r})"
         ) from exc
-    except (OSError, SyntaxError, ValueError, EOFError, struct_error()) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise SampleError(f"corrupt or truncated image: {exc}") from exc
     return to_rgb(img, alpha=alpha)
-
-
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error
 
 
 def to_rgb(img: Image.Image, *, alpha: AlphaPolicy = "drop") -> Image.Image:

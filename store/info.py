@@ -1,0 +1,99 @@
+"""``info``: what a store holds, read from its records only (no feature bytes are read)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cusa.errors import StoreError
+from cusa.store.feature_store import LAYOUT_VERSION, MARKER, FeatureGroup, FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+def group_info(group: FeatureGroup) -> dict[str, Any]:
+    """One group's summary: teacher, fingerprint, N, dim, dtype, spec, sizes and counts.
+
+    ``rows`` counts committed feature rows (the sealed arrays once sealed); ``failed`` counts
+    ledger entries, i.e. samples that produced no features.
+    """
+    records = group.commit_records()
+    sealed = group.sealed
+    if sealed:
+        rows, failed = int(sealed["rows"]), int(sealed["failed"])
+    else:
+        rows = sum(int(r["rows"]) for r in records)
+        failed = sum(int(r.get("failed", 0)) for r in records)
+    spec = group.spec
+    return {
+        "path": group.rel,
+        "url": group.url,
+        "dataset": group.dataset,
+        "split": group.split,
+        "teacher": spec["name"],
+        "modality": spec.get("modality"),
+        "fingerprint": group.fingerprint,
+        "rows": rows,
+        "dim": group.dim,
+        "dtype": spec["dtype"],
+        "normalized": bool(spec.get("normalized", False)),
+        "committed_shards": len(records),
+        "failed": failed,
+        "sealed": sealed is not None,
+        "sealed_at": sealed.get("sealed") if sealed else None,
+        "size_bytes": group.nbytes_on_disk(),
+        "manifest_hash": group.attrs.get("manifest_hash"),
+        "created": group.attrs.get("created"),
+        "spec": spec,
+    }
+
+
+def store_info(store: FeatureStore) -> dict[str, Any]:
+    """Summary of every group in ``store``.
+
+    Returns:
+        ``{"store": url, "layout_version": int, "groups": [group_info(...), ...]}``.
+    """
+    marker = store.fs.read_json(MARKER)
+    return {
+        "store": store.url,
+        "layout_version": int(marker.get("layout_version", LAYOUT_VERSION)),
+        "created": marker.get("created"),
+        "groups": [group_info(g) for g in store.groups()],
+    }
+
+
+def resolve_group(
+    store: FeatureStore, teacher: str, dataset: str | None = None, split: str | None = None
+) -> FeatureGroup:
+    """The one group of ``teacher`` (name, fingerprint or ``name@fp``); dataset/split optional.
+
+    Dataset and split may be left out when the teacher has features for only one of each.
+
+    Raises:
+        StoreError: no group matches, or several do; the message lists the candidates.
+    """
+    if dataset is not None and split is not None:
+        return store.find_group(dataset, split, teacher)
+    groups = [
+        g
+        for g in store.groups()
+        if teacher in (g.spec["name"], g.fingerprint, f"{g.spec['name']}@{g.fingerprint}")
+        and dataset in (None, g.dataset)
+        and split in (None, g.split)
+    ]
+    if len(groups) == 1:
+        return groups[0]
+    if not groups:
+        known = sorted({f"{g.spec['name']}@{g.fingerprint} ({g.dataset}/{g.split})" for g in store.groups()})
+        raise StoreError(
+            f"store {store.url!r} has no features of teacher {teacher!r}"
+            + (f" for dataset {dataset!r}" if dataset else "")
+            + (f" split {split!r}" if split else "")
+            + f"; groups there: {', '.join(known) or '(none)'}"
+        )
+    where = ", ".join(f"{g.spec['name']}@{g.fingerprint} ({g.dataset}/{g.split})" for g in groups)
+    raise StoreError(
+        f"teacher {teacher!r} matches several groups in {store.url!r}: {where}; "
+        "pass --dataset and --split (or name@fingerprint) to choose one"
+    )
