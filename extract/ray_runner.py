@@ -172,7 +172,7 @@ def run_ray(
     plan = plan_resources(ray.cluster_resources(), len(modalities), config.actors_per_teacher)
     log.info("ray plan: %s", plan)
     # Read tasks need only each teacher's cheap, picklable preprocessing, not its weights.
-    preparers = {k: t.preparer() for k, t in teachers.items()}
+    preparers = {k: t.preparer() if hasattr(t, "preparer") else t for k, t in teachers.items()}
 
     items = [{"key": s.key, "source": s.source, "num_samples": s.num_samples} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
@@ -183,7 +183,7 @@ def run_ray(
             fn_constructor_args=(config, modality, plan.torch_threads),
             batch_size=1,
             batch_format="numpy",
-            concurrency=plan.actors,
+            compute=ray.data.ActorPoolStrategy(size=plan.actors),
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
         )

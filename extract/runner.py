@@ -170,7 +170,7 @@ def load_teachers(config: ExtractConfig, device: str | None = None) -> dict[str,
     device = device or config.device
     teachers: dict[str, Teacher] = {}
     for modality, name in config.teacher_names().items():
-        options: dict[str, Any] = {"device": device}
+        options: dict[str, Any] = {"device": None if device == "auto" else device, "dtype": config.dtype}
         if modality == IMAGE and config.image_teacher_weights:
             options["weights"] = config.image_teacher_weights
         if modality == TEXT and config.raw_captions:
@@ -192,7 +192,7 @@ def open_groups(
     store = FeatureStore.open(config.store, create=True, storage_options=config.storage_options)
     manifest_hash = reader.manifest_hash()
     groups = {
-        kind: store.group(reader.name, reader.split, spec.replace(dtype=config.dtype), manifest_hash, create=True)
+        kind: store.group(reader.name, reader.split, spec, manifest_hash, create=True)
         for kind, spec in specs.items()
     }
     return store, groups

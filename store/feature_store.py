@@ -401,7 +401,8 @@ class FeatureGroup:
                 f"shard {shard!r}: features of shape {arr.shape} do not match {len(ids)} ids "
                 f"x dim {self.dim} of teacher {self.spec['name']!r} in {self.url!r}"
             )
-        arr = np.ascontiguousarray(arr.reshape(len(ids), self.dim), dtype=self.dtype)
+        with np.errstate(over="ignore"):  # an overflow to inf is caught just below
+            arr = np.ascontiguousarray(arr.reshape(len(ids), self.dim), dtype=self.dtype)
         bad = ~np.isfinite(arr).all(axis=1)
         if bad.any():
             names = [ids[i] for i in np.flatnonzero(bad)[:5]]

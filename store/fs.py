@@ -42,7 +42,11 @@ class StoreFS:
         return "/".join([self.root, *[p.strip("/") for p in parts if p]])
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        full = self.path(rel)
+        # Object-store filesystems (s3fs) cache listings per process forever; other writers'
+        # commits would stay invisible to a long-lived reader, so always ask the server.
+        self.fs.invalidate_cache(full)
+        return self.fs.exists(full)
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
@@ -53,6 +57,7 @@ class StoreFS:
     def ls(self, rel: str) -> list[str]:
         """Names (not paths) directly under ``rel``; empty when it does not exist."""
         full = self.path(rel)
+        self.fs.invalidate_cache(full)  # see exists()
         try:
             entries = self.fs.ls(full, detail=False)
         except FileNotFoundError:
@@ -124,11 +129,19 @@ class StoreFS:
 
         if self.is_local:
             return LocalStore(self.path(rel), read_only=read_only)
-        return FsspecStore(self.fs if self.fs.async_impl else _async_wrap(self.fs),
-                           path=self.path(rel), read_only=read_only)
+        return FsspecStore(_async_instance(self.fs), path=self.path(rel), read_only=read_only)
 
 
-def _async_wrap(fs: fsspec.AbstractFileSystem):
+def _async_instance(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
+    """An ``asynchronous=True`` twin of ``fs`` for zarr, which awaits it on its own event loop.
+
+    A sync instance of an async filesystem (s3fs, gcsfs) is bound to fsspec's loop; handing it to
+    zarr fails with "attached to a different loop". Sync-only filesystems get fsspec's wrapper.
+    """
+    if fs.async_impl:
+        if fs.asynchronous:
+            return fs
+        return type(fs)(**{**fs.storage_options, "asynchronous": True})
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-    return AsyncFileSystemWrapper(fs)
+    return AsyncFileSystemWrapper(fs, asynchronous=True)

@@ -1,1 +1,47 @@
-"""Dataset readers: they yield samples that carry stable sample ids."""
+"""Dataset readers: they yield samples that carry stable sample ids.
+
+Open one with :func:`open_dataset` (a registered name such as ``coco`` or ``coco-sample``, a
+folder, or webdataset tars) and read it shard by shard::
+
+    reader = open_dataset("coco-sample", split="val")
+    for shard in reader.shards():
+        for sample in reader.read(shard):
+            ...
+"""
+
+from __future__ import annotations
+
+from cusa.extract.readers.albef import AlbefReader
+from cusa.extract.readers.base import DatasetReader, Sample, ShardRef, caption_id
+from cusa.extract.readers.folder import FolderReader
+from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE
+from cusa.extract.readers.karpathy import KarpathyReader
+from cusa.extract.readers.registry import (
+    DATASETS,
+    DatasetEntry,
+    coco_sample_root,
+    list_datasets,
+    open_dataset,
+    sniff_dataset,
+)
+from cusa.extract.readers.wds import WebDatasetReader, decode_key, encode_key
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_SHARD_SIZE",
+    "AlbefReader",
+    "DatasetEntry",
+    "DatasetReader",
+    "FolderReader",
+    "KarpathyReader",
+    "Sample",
+    "ShardRef",
+    "WebDatasetReader",
+    "caption_id",
+    "coco_sample_root",
+    "decode_key",
+    "encode_key",
+    "list_datasets",
+    "open_dataset",
+    "sniff_dataset",
+]

@@ -216,3 +216,20 @@ def imagenet_transform(crop: int = 224, *, alpha: AlphaPolicy = "drop") -> Image
     return ImageTransform(
         "imagenet", int(round(crop / 0.875)), crop, "bilinear", IMAGENET_MEAN, IMAGENET_STD, alpha
     )
+
+
+@dataclass(frozen=True)
+class ImagePreparer:
+    """The picklable ``prepare`` half of an image teacher: bytes -> transformed array, no weights.
+
+    Runners ship it to CPU read workers so the model never travels with the data.
+    """
+
+    transform: ImageTransform
+    max_pixels: int | None = None
+
+    def prepare(self, item: bytes) -> np.ndarray:
+        """Image bytes -> ``(3, crop, crop)`` float32. Raises SampleError for a bad image."""
+        if not isinstance(item, bytes | bytearray | memoryview):
+            raise SampleError(f"expected encoded image bytes, got {type(item).__name__}")
+        return self.transform.from_bytes(bytes(item), max_pixels=self.max_pixels)

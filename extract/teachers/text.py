@@ -111,6 +111,10 @@ class CaptionNormalization:
             return caption
         return pre_caption(caption, self.max_words)
 
+    def prepare(self, item: str | bytes) -> str:
+        """Same as calling it: the picklable ``prepare`` half of a text teacher."""
+        return self(item)
+
     def to_dict(self) -> dict[str, Any]:
         if self.mode == "raw":
             return {"caption": "raw"}
@@ -410,7 +414,8 @@ class SentenceTransformerTextTeacher:
         except OSError as exc:
             raise WeightsError(f"cannot load sentence-transformers model from {resolved.source!r}: {exc}") from exc
         self.model.eval()
-        dim = int(self.model.get_sentence_embedding_dimension())
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = int(get_dim())
         public = model_name or model or resolved.source
         preprocessing = self.normalization.to_dict()
         preprocessing["max_seq_length"] = int(self.model.max_seq_length)
@@ -434,6 +439,10 @@ class SentenceTransformerTextTeacher:
     def prepare(self, item: str | bytes) -> str:
         """One caption -> normalised text. Raises SampleError (non-UTF-8, empty after normalisation)."""
         return self.normalization(item)
+
+    def preparer(self) -> CaptionNormalization:
+        """The weight-free, picklable ``prepare`` (for CPU read workers)."""
+        return self.normalization
 
     def encode(self, batch: list[str]) -> np.ndarray:
         """Prepared captions -> ``(B, dim)`` float32, L2-normalised.

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from cusa.errors import ConfigError, SampleError, WeightsError
-from cusa.extract.teachers.image_preprocess import ImageTransform, clip_transform
+from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, clip_transform
 from cusa.extract.teachers.spec import TeacherSpec, library_versions
 from cusa.extract.teachers.weights import (
     download_with_sha256,
@@ -426,6 +426,7 @@ class UnicomImageTeacher:
         config: a custom :class:`UnicomConfig` (tests use the tiny golden model); requires
             ``weights`` and ``allow_unofficial=True``.
         alpha: alpha-channel policy for decoding (see :mod:`image_preprocess`).
+        max_pixels: decompression-bomb limit (default: PIL's).
     """
 
     modality = "image"
@@ -445,6 +446,7 @@ class UnicomImageTeacher:
         allow_unofficial: bool = False,
         config: UnicomConfig | None = None,
         alpha: str = "drop",
+        max_pixels: int | None = None,
     ) -> None:
         base_kind, proj_dim = _parse_output_kind(output_kind)
         if config is None:
@@ -474,6 +476,7 @@ class UnicomImageTeacher:
             model = model.to(self.device, memory_format=torch.channels_last)
         self.model = model.eval().requires_grad_(False)
         self.transform: ImageTransform = clip_transform(config.input_size, alpha=alpha)  # type: ignore[arg-type]
+        self._preparer = ImagePreparer(self.transform, max_pixels)
 
         self._projection: torch.Tensor | None = None
         projection_info: dict[str, Any] | None = None
@@ -521,9 +524,11 @@ class UnicomImageTeacher:
 
     def prepare(self, item: bytes) -> np.ndarray:
         """Image bytes -> ``(3, S, S)`` float32 array. Raises SampleError for a bad image."""
-        if not isinstance(item, bytes | bytearray | memoryview):
-            raise SampleError(f"expected encoded image bytes, got {type(item).__name__}")
-        return self.transform.from_bytes(bytes(item))
+        return self._preparer.prepare(item)
+
+    def preparer(self) -> ImagePreparer:
+        """The weight-free, picklable ``prepare`` (for CPU read workers)."""
+        return self._preparer
 
     @torch.inference_mode()
     def encode(self, batch: list[np.ndarray]) -> np.ndarray:

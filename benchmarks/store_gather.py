@@ -1,0 +1,182 @@
+"""Gather benchmark: ``FeatureLookup.gather`` of 128 random ids from a 200,000 x 768 fp16 store.
+
+The store is written through the real API (``write_shard`` in shuffled shard order, then
+``seal``). Every timing is the median over many random batches, measured in this process:
+
+* ``gather``          FeatureLookup.gather(ids)           (id -> row mapping + memory-map read)
+* ``gather_rows``     FeatureLookup.gather_rows(rows)     (precomputed rows)
+* baseline (a)        ``ram[rows]``                       numpy fancy indexing, array in RAM
+* baseline (b)        dict id -> row, then ``ram[rows]``  the same id mapping work as ``gather``
+* ``gather`` on the unsealed store (one memory map per committed shard)
+* zarr ``oindex`` on the sealed ``features`` array, for contrast
+
+Targets (issue 2): gather <= 2x baseline (b) and gather_rows <= 2x baseline (a).
+
+Run: ``python benchmarks/store_gather.py [--rows 200000] [--dim 768] [--shards 50]``.
+Writes ``benchmarks/results/store_gather.json`` and ``store_gather.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cusa.extract.teachers.spec import TeacherSpec
+from cusa.store import FeatureLookup, FeatureStore
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _spec(dim: int) -> TeacherSpec:
+    return TeacherSpec(
+        name="bench-teacher", modality="text", model="bench/random-unit-vectors",
+        weights_sha256="0" * 64, preprocessing={"kind": "none"}, output_kind="sentence",
+        dim=dim, dtype="float16", normalized=True,
+    )
+
+
+def _median_us(fn, batches, warmup: int = 20) -> float:
+    for b in batches[:warmup]:
+        fn(b)
+    times = []
+    for b in batches:
+        t0 = time.perf_counter_ns()
+        fn(b)
+        times.append(time.perf_counter_ns() - t0)
+    return statistics.median(times) / 1e3
+
+
+def write_store(root: str, rows: int, dim: int, shards: int, seed: int = 0) -> tuple[FeatureStore, float]:
+    """Write ``rows`` unit vectors in ``shards`` shards (shuffled order); returns store, seconds."""
+    rng = np.random.default_rng(seed)
+    store = FeatureStore.open(root, create=True)
+    group = store.group("bench", "train", _spec(dim), create=True)
+    ids = np.array([f"img{i:07d}#{i % 5}" for i in range(rows)], dtype=object)
+    bounds = np.linspace(0, rows, shards + 1).astype(int)
+    t0 = time.perf_counter()
+    for s in rng.permutation(shards):
+        lo, hi = bounds[s], bounds[s + 1]
+        feats = rng.standard_normal((hi - lo, dim), dtype=np.float32)
+        feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+        group.write_shard(f"shard-{s:05d}", list(ids[lo:hi]), feats)
+    return store, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--shards", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3000)
+    ap.add_argument("--zarr-reps", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--workdir", default=None, help="where the store is written (default: a temp dir)")
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        store, write_s = write_store(os.path.join(tmp, "store"), args.rows, args.dim, args.shards)
+        group = store.groups()[0]
+
+        unsealed = FeatureLookup(group)
+        batches_ids = [
+            [unsealed.ids[i] for i in rng.choice(args.rows, args.batch, replace=False)]
+            for _ in range(args.reps)
+        ]
+        t_unsealed = _median_us(unsealed.gather, batches_ids)
+        unsealed_rows = [unsealed.rows(b) for b in batches_ids]
+        t_unsealed_rows = _median_us(unsealed.gather_rows, unsealed_rows)
+        n_parts = len(group.segments())
+
+        t0 = time.perf_counter()
+        group.seal()
+        seal_s = time.perf_counter() - t0
+        lookup = FeatureLookup(group)
+        rows_batches = [lookup.rows(b) for b in batches_ids]
+
+        # The same array, held in RAM, and the same id -> row mapping a user would build.
+        ram = np.array(lookup.gather_rows(np.arange(len(lookup))))
+        row_of = {sid: i for i, sid in enumerate(lookup.ids)}
+        check = batches_ids[0]
+        assert np.array_equal(lookup.gather(check), ram[[row_of[s] for s in check]])
+
+        t_gather = _median_us(lookup.gather, batches_ids)
+        t_gather_rows = _median_us(lookup.gather_rows, rows_batches)
+        t_ram = _median_us(lambda r: ram[r], rows_batches)
+        t_ram_ids = _median_us(
+            lambda b: ram[np.array([row_of[s] for s in b], dtype=np.int64)], batches_ids
+        )
+        t_rows_only = _median_us(lookup.rows, batches_ids)
+
+        import zarr
+
+        zarr_arr = zarr.open_array(store=group.fs.zarr_store(f"{group.rel}/features", read_only=True), mode="r")
+        zb = rows_batches[: args.zarr_reps]
+        t_zarr = _median_us(lambda r: zarr_arr.oindex[np.sort(r), :], zb, warmup=2)
+
+    result = {
+        "config": {
+            "rows": args.rows, "dim": args.dim, "dtype": "float16", "batch": args.batch,
+            "reps": args.reps, "zarr_reps": args.zarr_reps, "shards_written": args.shards,
+            "unsealed_parts": n_parts, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__, "zarr": zarr.__version__,
+        },
+        "median_us": {
+            "gather": round(t_gather, 2),
+            "gather_rows": round(t_gather_rows, 2),
+            "id_to_rows_only": round(t_rows_only, 2),
+            "baseline_a_ram_fancy_index": round(t_ram, 2),
+            "baseline_b_dict_ids_plus_ram_fancy_index": round(t_ram_ids, 2),
+            "gather_unsealed": round(t_unsealed, 2),
+            "gather_rows_unsealed": round(t_unsealed_rows, 2),
+            "zarr_oindex": round(t_zarr, 2),
+        },
+        "ratios": {
+            "gather_vs_baseline_b": round(t_gather / t_ram_ids, 3),
+            "gather_rows_vs_baseline_a": round(t_gather_rows / t_ram, 3),
+            "gather_unsealed_vs_baseline_b": round(t_unsealed / t_ram_ids, 3),
+            "zarr_oindex_vs_gather": round(t_zarr / t_gather, 1),
+        },
+        "targets": {
+            "gather_le_2x_baseline_b": t_gather <= 2 * t_ram_ids,
+            "gather_rows_le_2x_baseline_a": t_gather_rows <= 2 * t_ram,
+        },
+        "write": {"write_shards_s": round(write_s, 2), "seal_s": round(seal_s, 2)},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "store_gather.json").write_text(json.dumps(result, indent=2) + "\n")
+    m, r = result["median_us"], result["ratios"]
+    md = [
+        f"# Gather benchmark: {args.batch} random ids from {args.rows:,} x {args.dim} fp16",
+        "",
+        f"Median of {args.reps} random batches ({args.zarr_reps} for zarr), one process, "
+        f"{os.cpu_count()} CPU(s). Generated by `benchmarks/store_gather.py`.",
+        "",
+        "| read path | median µs | vs baseline |",
+        "|---|---:|---:|",
+        f"| baseline (a): `ram[rows]`, array in RAM | {m['baseline_a_ram_fancy_index']} | 1.00× (a) |",
+        f"| baseline (b): dict id→row + `ram[rows]` | {m['baseline_b_dict_ids_plus_ram_fancy_index']} | 1.00× (b) |",
+        f"| `FeatureLookup.gather(ids)`, sealed | {m['gather']} | {r['gather_vs_baseline_b']}× (b) |",
+        f"| `FeatureLookup.gather_rows(rows)`, sealed | {m['gather_rows']} | {r['gather_rows_vs_baseline_a']}× (a) |",
+        f"| `FeatureLookup.gather(ids)`, unsealed ({n_parts} parts) | {m['gather_unsealed']} | {r['gather_unsealed_vs_baseline_b']}× (b) |",
+        f"| zarr `oindex` on the sealed array | {m['zarr_oindex']} | {r['zarr_oindex_vs_gather']}× gather |",
+        "",
+        f"Targets: gather ≤ 2× (b): **{'met' if result['targets']['gather_le_2x_baseline_b'] else 'MISSED'}**; "
+        f"gather_rows ≤ 2× (a): **{'met' if result['targets']['gather_rows_le_2x_baseline_a'] else 'MISSED'}**.",
+        "",
+    ]
+    (args.out / "store_gather.md").write_text("\n".join(md))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

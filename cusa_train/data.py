@@ -1,0 +1,305 @@
+"""Soft labels from the feature store, attached to training batches by sample id.
+
+A batch never runs a teacher: :class:`TeacherFeatures` gathers the stored image-teacher feature
+of every pair's image id and the stored text-teacher feature of every caption id from
+memory-mapped :class:`cusa.store.FeatureLookup` files. Three ways to use it:
+
+- :class:`SoftLabelCollate` wraps a DataLoader ``collate_fn``;
+- :class:`SoftLabelStage` is a webdataset pipeline stage (``wds.DataPipeline(..., stage, ...)``)
+  and its :meth:`SoftLabelStage.attach` a ``.map(...)`` function;
+- :class:`PairDataset` turns any :class:`cusa.extract.readers.base.DatasetReader` into
+  (image, caption) training pairs keyed by ``image_id`` and ``caption_id``.
+
+Ids the store lacks raise :class:`cusa.errors.SampleNotFoundError` naming the id; there is no
+silent zero vector. A store whose teacher spec differs from the configured one is refused with
+:class:`cusa.errors.StoreSpecMismatchError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from cusa.errors import DatasetError, StoreSpecMismatchError
+from cusa.store import FeatureLookup, FeatureStore
+
+logger = logging.getLogger(__name__)
+
+IMAGE_ID_KEY = "image_id"
+CAPTION_ID_KEY = "caption_id"
+TEACHER_IMAGE_KEY = "teacher_image"
+TEACHER_TEXT_KEY = "teacher_text"
+
+
+def check_spec(lookup: FeatureLookup, modality: str, expected: Mapping[str, Any] | None) -> None:
+    """Refuse ``lookup`` when its recorded teacher spec is of another modality or differs from
+    ``expected`` (a full spec or any subset of its fields).
+
+    Raises:
+        StoreSpecMismatchError: the message names every differing field.
+    """
+    recorded = lookup.spec
+    wanted = {"modality": modality, **dict(expected or {})}
+    wanted.pop("library_versions", None)  # informative only
+    diff = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
+    if diff:
+        fields = "; ".join(f"{k}: store {a!r} != configured {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise StoreSpecMismatchError(
+            f"the {modality} teacher features in {lookup.group.url!r} ({recorded.get('name')!r}) do not "
+            f"match the configured teacher ({fields}); re-extract with the configured teacher or "
+            "change teachers.* in the training config to the stored one"
+        )
+
+
+class TeacherFeatures:
+    """The stored image- and text-teacher features of one dataset split.
+
+    Args:
+        image: lookup of the image teacher, keyed by image id.
+        text: lookup of the text teacher, keyed by caption id ``<image_id>#<k>``.
+    """
+
+    def __init__(self, image: FeatureLookup, text: FeatureLookup) -> None:
+        self.image = image
+        self.text = text
+
+    @classmethod
+    def open(
+        cls,
+        store: str | os.PathLike | FeatureStore | None,
+        *,
+        dataset: str,
+        split: str,
+        image_teacher: str,
+        text_teacher: str,
+        image_spec: Mapping[str, Any] | Any | None = None,
+        text_spec: Mapping[str, Any] | Any | None = None,
+    ) -> TeacherFeatures:
+        """Open both lookups and check them against the configured teachers.
+
+        Args:
+            store: store path or URL (``None``: the default store).
+            dataset, split: the group's dataset and split.
+            image_teacher, text_teacher: teacher names or fingerprints in the store.
+            image_spec, text_spec: expected spec fields (dict subset or a ``TeacherSpec``).
+
+        Raises:
+            StoreError: a group is missing (the message lists the teachers there).
+            StoreSpecMismatchError: a recorded spec differs from the configured one.
+        """
+        fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        image = FeatureLookup.open(fs, dataset=dataset, split=split, teacher=image_teacher)
+        text = FeatureLookup.open(fs, dataset=dataset, split=split, teacher=text_teacher)
+        check_spec(image, "image", _as_dict(image_spec))
+        check_spec(text, "text", _as_dict(text_spec))
+        return cls(image, text)
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.image.dim, self.text.dim
+
+    def gather(
+        self, image_ids: Sequence[str], caption_ids: Sequence[str], dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """Teacher features ``(B, Ti)`` of the images and ``(B, Tt)`` of the captions, in id order.
+
+        Raises:
+            SampleNotFoundError: an id is not in the store; the message names it.
+        """
+        image_ids, caption_ids = _as_str_list(image_ids), _as_str_list(caption_ids)
+        return self.image.gather_torch(image_ids, dtype=dtype), self.text.gather_torch(caption_ids, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"TeacherFeatures(image={self.image!r}, text={self.text!r})"
+
+
+def _as_dict(spec: Any) -> dict[str, Any] | None:
+    if spec is None:
+        return None
+    return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+
+
+def _as_str(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _as_str_list(values: Sequence[Any]) -> list[str]:
+    return [_as_str(v) for v in values]
+
+
+# ---- DataLoader ------------------------------------------------------------------------------
+
+
+def pair_collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Default collate for :class:`PairDataset` items: stack ``image`` tensors, keep lists of
+    ``text``, ``image_id`` and ``caption_id``."""
+    if not samples:
+        raise DatasetError("pair_collate got an empty batch")
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], Tensor) else values
+    return out
+
+
+class SoftLabelCollate:
+    """A ``collate_fn`` that collates with ``base`` and then attaches teacher features.
+
+    The collated batch must hold lists ``image_id`` and ``caption_id``; it gains
+    ``teacher_image`` (B, Ti) and ``teacher_text`` (B, Tt) float32 tensors. Picklable, so it
+    runs inside DataLoader workers (the memory maps are reopened there).
+
+    Args:
+        teachers: the stored features.
+        base: the collate to run first (default :func:`pair_collate`).
+        text_transform: optional function applied to the list of captions (e.g. a tokenizer)
+            so tokenisation also happens in the workers.
+    """
+
+    def __init__(
+        self,
+        teachers: TeacherFeatures,
+        base: Callable[[Sequence[Any]], dict[str, Any]] = pair_collate,
+        text_transform: Callable[[list[str]], Any] | None = None,
+    ) -> None:
+        self.teachers = teachers
+        self.base = base
+        self.text_transform = text_transform
+
+    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
+        batch = self.base(samples)
+        batch[TEACHER_IMAGE_KEY], batch[TEACHER_TEXT_KEY] = self.teachers.gather(
+            batch[IMAGE_ID_KEY], batch[CAPTION_ID_KEY]
+        )
+        if self.text_transform is not None:
+            batch["text"] = self.text_transform(batch["text"])
+        return batch
+
+
+class PairDataset(Dataset):
+    """(image, caption) training pairs from a dataset reader, one pair per caption.
+
+    Each item is ``{"image": preprocess_image(bytes), "text": str, "image_id": str,
+    "caption_id": str}``. Encoded image bytes are held in memory once per image (fine for
+    COCO/Flickr-sized splits; stream larger sets through webdataset and :class:`SoftLabelStage`).
+
+    Args:
+        reader: any :class:`cusa.extract.readers.base.DatasetReader`.
+        preprocess_image: encoded bytes -> (3, S, S) tensor (the student's ``preprocess_image``).
+        max_images: keep only the first N images (in shard order).
+        require_ids: when given (e.g. the ids of the stored features), images or captions not in
+            it are left out and counted in :attr:`skipped`; otherwise they would fail at
+            collate time with :class:`SampleNotFoundError`.
+    """
+
+    def __init__(
+        self,
+        reader: Any,
+        preprocess_image: Callable[[bytes], Tensor],
+        *,
+        max_images: int | None = None,
+        require_ids: tuple[Iterable[str], Iterable[str]] | None = None,
+    ) -> None:
+        self.preprocess_image = preprocess_image
+        self.images: dict[str, bytes] = {}
+        self.pairs: list[tuple[str, str, str]] = []  # (image_id, caption_id, caption)
+        self.skipped: dict[str, str] = {}  # id -> reason
+        image_ok = text_ok = None
+        if require_ids is not None:
+            image_ok, text_ok = set(require_ids[0]), set(require_ids[1])
+        for sample in _samples(reader):
+            if max_images is not None and len(self.images) >= max_images:
+                break
+            if True:
+                if sample.image is None:
+                    self.skipped[sample.image_id] = f"unreadable image: {sample.image_error}"
+                    continue
+                if image_ok is not None and sample.image_id not in image_ok:
+                    self.skipped[sample.image_id] = "image not in the image teacher's features"
+                    continue
+                kept = 0
+                for cid, caption in zip(sample.caption_ids, sample.captions):
+                    if text_ok is not None and cid not in text_ok:
+                        self.skipped[cid] = "caption not in the text teacher's features"
+                        continue
+                    text = caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else caption
+                    self.pairs.append((sample.image_id, cid, text))
+                    kept += 1
+                if kept:
+                    self.images[sample.image_id] = sample.image
+        if self.skipped:
+            first = ", ".join(f"{k!r} ({v})" for k, v in list(self.skipped.items())[:3])
+            logger.warning("left out %d images/captions of %r: %s ...", len(self.skipped), reader, first)
+        if not self.pairs:
+            raise DatasetError(f"no usable (image, caption) pairs in {reader!r}; check the dataset and the store")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id, caption_id, text = self.pairs[index]
+        return {
+            "image": self.preprocess_image(self.images[image_id]),
+            "text": text,
+            IMAGE_ID_KEY: image_id,
+            CAPTION_ID_KEY: caption_id,
+        }
+
+
+def _samples(reader: Any) -> Iterator[Any]:
+    for shard in reader.shards():
+        yield from reader.read(shard)
+
+
+# ---- webdataset ------------------------------------------------------------------------------
+
+
+class SoftLabelStage:
+    """A webdataset pipeline stage that adds teacher features to every sample (or batch).
+
+    Use it as a stage, ``wds.DataPipeline(..., SoftLabelStage(teachers), ...)``, or per sample,
+    ``dataset.map(stage.attach)``. A sample's ids are read from ``image_id_key`` and
+    ``caption_id_key`` (str, bytes, or lists of them for batched samples); features go to
+    ``teacher_image`` / ``teacher_text`` as (Ti,) / (Tt,) tensors, or (B, Ti) / (B, Tt) for batches.
+
+    Raises:
+        SampleNotFoundError: an id is not in the store.
+        DatasetError: a sample lacks an id key (the message lists its keys).
+    """
+
+    def __init__(
+        self,
+        teachers: TeacherFeatures,
+        image_id_key: str = IMAGE_ID_KEY,
+        caption_id_key: str = CAPTION_ID_KEY,
+    ) -> None:
+        self.teachers = teachers
+        self.image_id_key = image_id_key
+        self.caption_id_key = caption_id_key
+
+    def attach(self, sample: dict[str, Any]) -> dict[str, Any]:
+        try:
+            image_ids, caption_ids = sample[self.image_id_key], sample[self.caption_id_key]
+        except KeyError as exc:
+            raise DatasetError(
+                f"webdataset sample {sample.get('__key__')!r} has no {exc.args[0]!r}; its keys are "
+                f"{sorted(sample)}; map the ids to {self.image_id_key!r}/{self.caption_id_key!r} first"
+            ) from None
+        single = isinstance(image_ids, (str, bytes))
+        if single:
+            image_ids, caption_ids = [image_ids], [caption_ids]
+        t_img, t_txt = self.teachers.gather(list(image_ids), list(caption_ids))
+        sample = dict(sample)
+        sample[TEACHER_IMAGE_KEY] = t_img[0] if single else t_img
+        sample[TEACHER_TEXT_KEY] = t_txt[0] if single else t_txt
+        return sample
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in source:
+            yield self.attach(sample)

