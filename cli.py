@@ -153,10 +153,10 @@ def store_knn_cmd(
         echo_json({
             "group": group.rel, "metric": metric, "k": k,
             "results": [{"query": q, "neighbors": [{"sample_id": s, "score": sc} for s, sc in hits]}
-                        for q, hits in zip(sample_id, results)],
+                        for q, hits in zip(sample_id, results, strict=True)],
         })
         return
-    for q, hits in zip(sample_id, results):
+    for q, hits in zip(sample_id, results, strict=True):
         typer.echo(f"{q} ({group.rel}, {metric}):")
         for rank, (sid, score) in enumerate(hits, 1):
             typer.echo(f"  {rank:3d}. {sid}  {score:.4f}")
@@ -292,6 +292,7 @@ def extract(
     text_teacher: str = typer.Option("all-mpnet-base-v2", "--text-teacher", help="Text teacher (see `cusa teachers list`)."),
     modalities: str = typer.Option("image,text", "--modalities", help="Comma-separated: image, text."),
     image_teacher_weights: str = typer.Option(None, "--image-teacher-weights", help="Explicit weights file for the image teacher."),
+    allow_unofficial_weights: bool = typer.Option(False, "--allow-unofficial-weights", help="Accept an --image-teacher-weights file whose SHA-256 is not the official one."),
     dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16 or float32."),
     batch_size: int = typer.Option(64, "--batch-size", help="Teacher batch size."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -312,7 +313,8 @@ def extract(
     config = ExtractConfig(
         dataset=dataset, root=root, split=split, store=store, image_teacher=image_teacher,
         text_teacher=text_teacher, modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()),
-        image_teacher_weights=image_teacher_weights, dtype=dtype, batch_size=batch_size, device=device,
+        image_teacher_weights=image_teacher_weights,
+        allow_unofficial_weights=allow_unofficial_weights, dtype=dtype, batch_size=batch_size, device=device,
         runner=runner, ray_address=ray_address, actors_per_teacher=actors, max_failures=max_failures,
         shard_size=shard_size, raw_captions=raw_captions,
     )
@@ -342,6 +344,33 @@ def _print_summary(summary: Any) -> None:
         typer.echo(f"  {stage:>14}: {rate:,.1f} items/s")
 
 # ---- train / eval ---------------------------------------------------------------------------
+
+
+@app.command("train")
+@friendly_errors
+def train_cmd(
+    config: str = typer.Option(..., "--config", "-c", help="Training config (.yaml, .json or .toml)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set optim.lr=3e-4 (repeatable)."),
+    output_dir: str | None = typer.Option(None, "--output-dir", help="Same as --set run.output_dir=..."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Same as --set optim.max_steps=..."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+) -> None:
+    """Train a student with CUSA soft labels read from the feature store (DDP: run under torchrun)."""
+    from cusa_train.config import TrainConfig, apply_overrides, load_mapping
+    from cusa_train.trainer import train
+
+    extra = list(overrides)
+    if output_dir is not None:
+        extra.append(f"run.output_dir={output_dir}")
+    if max_steps is not None:
+        extra.append(f"optim.max_steps={max_steps}")
+    if no_progress:
+        extra.append("run.progress=false")
+    cfg = TrainConfig.from_dict(apply_overrides(load_mapping(config), extra))
+    result = train(cfg)
+    final = {k: v for k, v in result.final.items() if not k.endswith("_s")}
+    typer.echo(f"trained {result.steps} steps; checkpoint {result.checkpoint}")
+    typer.echo("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(final.items())))
 
 
 @app.command("eval")
@@ -383,6 +412,34 @@ def eval_cmd(
         typer.echo(report.to_table())
         if out:
             typer.echo(f"\nreport written to {out}")
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+@app.command("report")
+@friendly_errors
+def report_cmd(
+    store: str | None = _STORE_ARG,
+    out: str = typer.Option("report.html", "--out", "-o", help="The HTML page to write."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Dataset name or path, for thumbnails and caption text."),
+    split: str | None = typer.Option(None, "--split", help="Split to show (default: the store's only split, else train)."),
+    root: str | None = typer.Option(None, "--root", help="Dataset root for registered names that need one."),
+    run: list[str] = typer.Option([], "--run", help="Run dir or metrics JSONL; repeat to overlay runs (LABEL=PATH names one)."),
+    eval_json: list[str] = typer.Option([], "--eval", help="Eval JSON from `cusa eval --out`; repeat to compare (LABEL=PATH)."),
+    embeddings: list[str] = typer.Option([], "--embeddings", help="Student features (.npz/.npy/.parquet) for the t-SNE; repeat, e.g. usa=a.npz base=b.npz."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images in the soft-label batch."),
+    tau: float = typer.Option(1.0, "--tau", help="Soft-label temperature: softmax(cos / tau)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random batch, queries and t-SNE."),
+) -> None:
+    """Write one self-contained HTML page about a store (and training runs) that opens offline."""
+    from cusa.viz import build_report
+
+    path = build_report(
+        store, out, dataset=dataset, split=split, run=run or None, eval_json=eval_json or None,
+        batch_size=batch_size, seed=seed, dataset_root=root, embeddings=embeddings or None, tau=tau,
+    )
+    typer.echo(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 def main() -> None:

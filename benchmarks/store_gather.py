@@ -37,9 +37,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _spec(dim: int) -> TeacherSpec:
     return TeacherSpec(
-        name="bench-teacher", modality="text", model="bench/random-unit-vectors",
-        weights_sha256="0" * 64, preprocessing={"kind": "none"}, output_kind="sentence",
-        dim=dim, dtype="float16", normalized=True,
+        name="bench-teacher",
+        modality="text",
+        model="bench/random-unit-vectors",
+        weights_sha256="0" * 64,
+        preprocessing={"kind": "none"},
+        output_kind="sentence",
+        dim=dim,
+        dtype="float16",
+        normalized=True,
     )
 
 
@@ -54,7 +60,9 @@ def _median_us(fn, batches, warmup: int = 20) -> float:
     return statistics.median(times) / 1e3
 
 
-def write_store(root: str, rows: int, dim: int, shards: int, seed: int = 0) -> tuple[FeatureStore, float]:
+def write_store(
+    root: str, rows: int, dim: int, shards: int, seed: int = 0
+) -> tuple[FeatureStore, float]:
     """Write ``rows`` unit vectors in ``shards`` shards (shuffled order); returns store, seconds."""
     rng = np.random.default_rng(seed)
     store = FeatureStore.open(root, create=True)
@@ -79,7 +87,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3000)
     ap.add_argument("--zarr-reps", type=int, default=30)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--workdir", default=None, help="where the store is written (default: a temp dir)")
+    ap.add_argument(
+        "--workdir", default=None, help="where the store is written (default: a temp dir)"
+    )
     args = ap.parse_args()
 
     rng = np.random.default_rng(1)
@@ -119,16 +129,27 @@ def main() -> None:
 
         import zarr
 
-        zarr_arr = zarr.open_array(store=group.fs.zarr_store(f"{group.rel}/features", read_only=True), mode="r")
+        zarr_arr = zarr.open_array(
+            store=group.fs.zarr_store(f"{group.rel}/features", read_only=True), mode="r"
+        )
         zb = rows_batches[: args.zarr_reps]
         t_zarr = _median_us(lambda r: zarr_arr.oindex[np.sort(r), :], zb, warmup=2)
 
     result = {
         "config": {
-            "rows": args.rows, "dim": args.dim, "dtype": "float16", "batch": args.batch,
-            "reps": args.reps, "zarr_reps": args.zarr_reps, "shards_written": args.shards,
-            "unsealed_parts": n_parts, "machine": platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "numpy": np.__version__, "zarr": zarr.__version__,
+            "rows": args.rows,
+            "dim": args.dim,
+            "dtype": "float16",
+            "batch": args.batch,
+            "reps": args.reps,
+            "zarr_reps": args.zarr_reps,
+            "shards_written": args.shards,
+            "unsealed_parts": n_parts,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "zarr": zarr.__version__,
         },
         "median_us": {
             "gather": round(t_gather, 2),

@@ -87,7 +87,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{where}={value!r} must have {len(args)} items")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}={value!r} must be a mapping")
@@ -439,11 +439,8 @@ class DataConfig:
         split: split to train on.
         store: feature store path or URL; ``None`` is :func:`cusa.paths.default_store`.
         store_dataset: dataset name the features were stored under (defaults to ``dataset``).
-        batch_size: pairs per step (per process under DDP).
-        image_size: square input side of the student's image tower.
+        batch_size: (image, caption) pairs per step and process; one pair per caption.
         num_workers: DataLoader worker processes.
-        captions: ``"all"`` makes one pair per caption; ``"random"`` one random caption per image
-            per epoch.
         max_samples: keep only the first N images (for quick runs).
     """
 
@@ -452,16 +449,12 @@ class DataConfig:
     store: str | None = None
     store_dataset: str | None = None
     batch_size: int = 32
-    image_size: int = 224
     num_workers: int = 0
-    captions: Literal["all", "random"] = "all"
     max_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
             raise ConfigError(f"data.batch_size={self.batch_size!r}; in-batch losses need at least 2")
-        if self.image_size < 8:
-            raise ConfigError(f"data.image_size={self.image_size!r} is too small; use e.g. 224")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers!r} must be >= 0")
         if self.max_samples is not None and self.max_samples < 1:
@@ -572,6 +565,37 @@ class TrainConfig:
 
     def replace(self, **sections: Any) -> TrainConfig:
         return dataclasses.replace(self, **sections)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML scalars) to a config mapping.
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key.
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
+        try:
+            import yaml
+
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except ImportError:
+            value = json.loads(raw) if raw.strip() else None
+        except Exception:  # not YAML: keep the string
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return out
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:

@@ -216,23 +216,22 @@ class PairDataset(Dataset):
         for sample in _samples(reader):
             if max_images is not None and len(self.images) >= max_images:
                 break
-            if True:
-                if sample.image is None:
-                    self.skipped[sample.image_id] = f"unreadable image: {sample.image_error}"
+            if sample.image is None:
+                self.skipped[sample.image_id] = f"unreadable image: {sample.image_error}"
+                continue
+            if image_ok is not None and sample.image_id not in image_ok:
+                self.skipped[sample.image_id] = "image not in the image teacher's features"
+                continue
+            kept = 0
+            for cid, caption in zip(sample.caption_ids, sample.captions):
+                if text_ok is not None and cid not in text_ok:
+                    self.skipped[cid] = "caption not in the text teacher's features"
                     continue
-                if image_ok is not None and sample.image_id not in image_ok:
-                    self.skipped[sample.image_id] = "image not in the image teacher's features"
-                    continue
-                kept = 0
-                for cid, caption in zip(sample.caption_ids, sample.captions):
-                    if text_ok is not None and cid not in text_ok:
-                        self.skipped[cid] = "caption not in the text teacher's features"
-                        continue
-                    text = caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else caption
-                    self.pairs.append((sample.image_id, cid, text))
-                    kept += 1
-                if kept:
-                    self.images[sample.image_id] = sample.image
+                text = caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else caption
+                self.pairs.append((sample.image_id, cid, text))
+                kept += 1
+            if kept:
+                self.images[sample.image_id] = sample.image
         if self.skipped:
             first = ", ".join(f"{k!r} ({v})" for k, v in list(self.skipped.items())[:3])
             logger.warning("left out %d images/captions of %r: %s ...", len(self.skipped), reader, first)

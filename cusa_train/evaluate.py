@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import pickle
+import struct
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -800,7 +802,9 @@ def load_checkpoint_model(path: str | os.PathLike) -> torch.nn.Module:
         raise ConfigError(f"checkpoint {str(p)!r} does not exist; pass a file written by `cusa train`")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (
+        pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, struct.error, zipfile.BadZipFile,
+    ) as exc:  # fmt: skip
         raise ConfigError(f"cannot read checkpoint {str(p)!r}: {exc}") from exc
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -9,6 +9,8 @@ whatever happened before.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,6 +43,8 @@ class ExtractConfig:
         image_teacher / text_teacher: registered teacher names.
         modalities: which of ``image``/``text`` to extract.
         image_teacher_weights: explicit weights file for the image teacher.
+        allow_unofficial_weights: accept an explicit weights file whose SHA-256 is not the
+            official one (a checkpoint of your own); the spec records its real hash.
         dtype: stored feature dtype (``float16`` or ``float32``).
         batch_size: teacher batch size.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -61,6 +65,7 @@ class ExtractConfig:
     text_teacher: str = DEFAULT_TEXT_TEACHER
     modalities: tuple[str, ...] = MODALITIES
     image_teacher_weights: str | None = None
+    allow_unofficial_weights: bool = False
     dtype: str = "float16"
     batch_size: int = 64
     device: str = "auto"
@@ -173,6 +178,8 @@ def load_teachers(config: ExtractConfig, device: str | None = None) -> dict[str,
         options: dict[str, Any] = {"device": None if device == "auto" else device, "dtype": config.dtype}
         if modality == IMAGE and config.image_teacher_weights:
             options["weights"] = config.image_teacher_weights
+            if config.allow_unofficial_weights:
+                options["allow_unofficial"] = True
         if modality == TEXT and config.raw_captions:
             options["normalize_captions"] = False
         teacher = get_teacher(name, **options)
@@ -278,10 +285,41 @@ def run_local(
     summary: ExtractSummary,
     progress: ProgressSink,
 ) -> None:
-    """In-process runner: same batches as the Ray runner, so the same bits."""
+    """In-process runner: same batches as the Ray runner, so the same bits.
+
+    A reader thread reads and prepares the next batches while the teachers encode the
+    current one (JPEG decoding and PIL resizing release the GIL); the queue is bounded, so
+    host memory stays at ``batch_size x PREFETCH_ROWS`` prepared items whatever the dataset size.
+    """
     image_t, text_t = teachers.get(IMAGE), teachers.get(TEXT)
-    for shard in shards:
-        for row in prepare_shard(reader, shard, image_t, text_t, config.batch_size):
+    rows: queue.Queue = queue.Queue(maxsize=PREFETCH_ROWS)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for shard in shards:
+                for row in prepare_shard(reader, shard, image_t, text_t, config.batch_size):
+                    while not stop.is_set():
+                        try:
+                            rows.put(row, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            rows.put(_DONE)
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            rows.put(exc)
+
+    thread = threading.Thread(target=produce, name="cusa-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            row = rows.get()
+            if row is _DONE:
+                break
+            if isinstance(row, BaseException):
+                raise row
             if row.kind == END:
                 writer.add_end(row.shard, row.meta)
                 continue
@@ -289,3 +327,10 @@ def run_local(
             summary._add_stage(f"{row.kind} teacher", secs, len(row.ids))
             progress.advance(f"{row.kind} teacher", len(row.ids))
             writer.add_features(row.shard, row.kind, row.seq, row.ids, feats)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+PREFETCH_ROWS = 4
+_DONE = object()

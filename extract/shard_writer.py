@@ -45,9 +45,17 @@ DEFAULT_MAX_SIZE = 256 * 10**6
 MANIFEST_VERSION = 1
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
 }
 
 
@@ -179,7 +187,11 @@ class _TarSink:
         self.partial = out_dir / (name + ".partial")
         self._raw = open(self.partial, "wb")  # noqa: SIM115 - closed in finish/abort
         self._file = _HashingFile(self._raw)
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]
+        self._tar = tarfile.open(  # noqa: SIM115 - closed in finish/abort
+            fileobj=self._file,  # type: ignore[arg-type]
+            mode="w|",
+            format=tarfile.PAX_FORMAT,
+        )
         self.estimate = 1024
         self.samples = 0
         self.captions = 0
@@ -302,7 +314,8 @@ def write_shards(
             members = sample_members(sample)
             size = sum(_member_bytes(n, len(d)) for n, d in members)
             if sink is not None and (
-                _padded(sink.estimate + size) > cap or (max_count is not None and sink.samples >= max_count)
+                _padded(sink.estimate + size) > cap
+                or (max_count is not None and sink.samples >= max_count)
             ):
                 infos.append(sink.finish())
                 sink = None
@@ -335,8 +348,11 @@ def write_shards(
     tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, manifest_path)
     log.info(
-        "wrote %d samples in %d shards (%d bytes) to %s", summary.samples, len(infos),
-        summary.bytes, out,
+        "wrote %d samples in %d shards (%d bytes) to %s",
+        summary.samples,
+        len(infos),
+        summary.bytes,
+        out,
     )
     return summary
 

@@ -75,7 +75,9 @@ def export_group(
         )
     lookup = FeatureLookup(group)
     if not group.sealed:
-        log.warning("exporting unsealed group %s: only the %d committed rows", group.rel, len(lookup))
+        log.warning(
+            "exporting unsealed group %s: only the %d committed rows", group.rel, len(lookup)
+        )
     order = sorted(range(len(lookup)), key=lookup.ids.__getitem__)  # rows in sample-id order
     ids = [lookup.ids[i] for i in order]
     order_arr = np.asarray(order, dtype=np.int64)
@@ -87,19 +89,28 @@ def export_group(
     tmp_emb = out / f"{EMB_FILE}.partial"
     arr = np.lib.format.open_memmap(tmp_emb, mode="w+", dtype=out_dtype, shape=(n, dim))
     for start in range(0, n, _BLOCK_ROWS):
-        arr[start : start + _BLOCK_ROWS] = lookup.gather_rows(order_arr[start : start + _BLOCK_ROWS])
+        arr[start : start + _BLOCK_ROWS] = lookup.gather_rows(
+            order_arr[start : start + _BLOCK_ROWS]
+        )
     arr.flush()
     del arr
     os.replace(tmp_emb, out / EMB_FILE)
 
-    table = pa.table({"sample_id": pa.array(ids, pa.string()), "row": pa.array(range(n), pa.int64())})
+    table = pa.table(
+        {"sample_id": pa.array(ids, pa.string()), "row": pa.array(range(n), pa.int64())}
+    )
     _write_parquet(table, out / METADATA_FILE)
     failed = group.failures()
     if failed:
         _write_parquet(
             pa.Table.from_pylist(
-                [{"sample_id": f["sample_id"], "shard": f["shard"], "error": f["error"]} for f in failed],
-                schema=pa.schema([("sample_id", pa.string()), ("shard", pa.string()), ("error", pa.string())]),
+                [
+                    {"sample_id": f["sample_id"], "shard": f["shard"], "error": f["error"]}
+                    for f in failed
+                ],
+                schema=pa.schema(
+                    [("sample_id", pa.string()), ("shard", pa.string()), ("error", pa.string())]
+                ),
             ),
             out / FAILED_FILE,
         )
@@ -118,8 +129,11 @@ def export_group(
         "sealed": group.sealed is not None,
         "spec": group.spec,
         "manifest_hash": group.attrs.get("manifest_hash"),
-        "files": {"embeddings": EMB_FILE, "metadata": METADATA_FILE,
-                  "failed": FAILED_FILE if failed else None},
+        "files": {
+            "embeddings": EMB_FILE,
+            "metadata": METADATA_FILE,
+            "failed": FAILED_FILE if failed else None,
+        },
     }
     tmp_spec = out / f"{SPEC_FILE}.partial"
     tmp_spec.write_text(json.dumps(summary, indent=2, sort_keys=True))

@@ -85,7 +85,9 @@ def resolve_group(
     if len(groups) == 1:
         return groups[0]
     if not groups:
-        known = sorted({f"{g.spec['name']}@{g.fingerprint} ({g.dataset}/{g.split})" for g in store.groups()})
+        known = sorted(
+            {f"{g.spec['name']}@{g.fingerprint} ({g.dataset}/{g.split})" for g in store.groups()}
+        )
         raise StoreError(
             f"store {store.url!r} has no features of teacher {teacher!r}"
             + (f" for dataset {dataset!r}" if dataset else "")

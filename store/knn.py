@@ -71,8 +71,8 @@ class KnnIndex:
             return [[] for _ in range(len(q))]
         scores, rows = self.index.search(q, k_eff)  # (Q, k) each
         return [
-            [(self.ids[r], float(s)) for r, s in zip(row_r, row_s) if r >= 0]
-            for row_r, row_s in zip(rows, scores)
+            [(self.ids[r], float(s)) for r, s in zip(row_r, row_s, strict=True) if r >= 0]
+            for row_r, row_s in zip(rows, scores, strict=True)
         ]
 
     def search_ids(
@@ -88,12 +88,14 @@ class KnnIndex:
         Raises:
             SampleNotFoundError: an id is not in the index; the message names it.
         """
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k!r}")
         if not sample_ids:
             return []
         q = self.lookup.gather(sample_ids)  # (Q, D); SampleNotFoundError names a missing id
         results = self.search(q, k + (0 if include_self else 1))
         out = []
-        for sid, hits in zip(sample_ids, results):
+        for sid, hits in zip(sample_ids, results, strict=True):
             if not include_self:
                 hits = [h for h in hits if h[0] != sid]
             out.append(hits[:k])
@@ -105,7 +107,9 @@ def _as_lookup(source: FeatureGroup | FeatureLookup) -> FeatureLookup:
         return source
     if isinstance(source, FeatureGroup):
         return FeatureLookup(source)
-    raise ConfigError(f"build_index takes a FeatureGroup or FeatureLookup, not {type(source).__name__}")
+    raise ConfigError(
+        f"build_index takes a FeatureGroup or FeatureLookup, not {type(source).__name__}"
+    )
 
 
 def build_index(
@@ -148,6 +152,11 @@ def build_index(
         resources = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(resources, 0, index)
         index.referenced_resources = resources  # keep the resources alive with the index
-    log.info("built %s kNN index over %d rows of %s (%s)", metric, n, lookup.group.rel,
-             "gpu" if on_gpu else "cpu")
+    log.info(
+        "built %s kNN index over %d rows of %s (%s)",
+        metric,
+        n,
+        lookup.group.rel,
+        "gpu" if on_gpu else "cpu",
+    )
     return KnnIndex(index, lookup, metric, on_gpu)

@@ -142,7 +142,12 @@ def verify_group(group: FeatureGroup, *, check_hashes: bool = True) -> VerifyRep
         for m in manifest
         if m["status"] != "ok"
     ]
-    log.info("verified %s: %d error(s), %d warning(s)", group.rel, len(report.errors), len(report.warnings))
+    log.info(
+        "verified %s: %d error(s), %d warning(s)",
+        group.rel,
+        len(report.errors),
+        len(report.warnings),
+    )
     return report
 
 
@@ -182,7 +187,9 @@ def _check_spec(group: FeatureGroup, report: VerifyReport) -> bool:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        report.errors.append(f"{rel}: spec has an invalid dim/dtype ({spec['dim']!r}, {spec['dtype']!r})")
+        report.errors.append(
+            f"{rel}: spec has an invalid dim/dtype ({spec['dim']!r}, {spec['dtype']!r})"
+        )
     return ok
 
 
@@ -240,13 +247,20 @@ def _part_units(
         try:
             entries = _read_manifest(group, f"{part_rel}/{MANIFEST}")
         except (OSError, ValueError) as exc:
-            report.errors.append(f"{rel}: shard {shard!r}: manifest of parts/{rec['part']} unreadable ({exc})")
+            report.errors.append(
+                f"{rel}: shard {shard!r}: manifest of parts/{rec['part']} unreadable ({exc})"
+            )
             continue
         manifest.extend(entries)
         if not rec["rows"]:
             continue
-        seg = Segment(f"{part_rel}/features/c/0/0", rec["rows"], rec["features_sha256"],
-                      f"{part_rel}/sample_id", 0)
+        seg = Segment(
+            f"{part_rel}/features/c/0/0",
+            rec["rows"],
+            rec["features_sha256"],
+            f"{part_rel}/sample_id",
+            0,
+        )
         try:
             ids = group.read_ids(seg)
         except (OSError, ValueError, KeyError) as exc:
@@ -296,12 +310,16 @@ def _sealed_units(
         report.errors.append(f"{rel}: sealed sample ids are not sorted; the arrays were rewritten")
     units, start = [], 0
     for seg in group.segments():
-        units.append(_Unit(f"sealed chunk {seg.index}", seg, all_ids[start : start + seg.rows], SEALED))
+        units.append(
+            _Unit(f"sealed chunk {seg.index}", seg, all_ids[start : start + seg.rows], SEALED)
+        )
         start += seg.rows
     return units, manifest
 
 
-def _check_orphans(group: FeatureGroup, records: list[dict[str, Any]], report: VerifyReport) -> None:
+def _check_orphans(
+    group: FeatureGroup, records: list[dict[str, Any]], report: VerifyReport
+) -> None:
     referenced = {r["part"] for r in records}
     for name in group.fs.ls(f"{group.rel}/parts"):
         if name not in referenced:
@@ -355,7 +373,9 @@ def _check_unit(group: FeatureGroup, unit: _Unit, report: VerifyReport, check_ha
             bad = np.flatnonzero(finite & (np.abs(norms - 1.0) > tol))
             off_norm += [(ids[start + i], float(norms[i])) for i in bad]
     if nonfinite:
-        report.errors.append(f"{where}: NaN/inf features for {len(nonfinite)} sample(s): {_preview(nonfinite)}")
+        report.errors.append(
+            f"{where}: NaN/inf features for {len(nonfinite)} sample(s): {_preview(nonfinite)}"
+        )
     if off_norm:
         shown = ", ".join(f"{i!r} (norm {n:.4f})" for i, n in off_norm[:_PREVIEW])
         more = f" and {len(off_norm) - _PREVIEW} more" if len(off_norm) > _PREVIEW else ""
@@ -429,7 +449,9 @@ def _check_ids(
         for unit in units:
             for i, sid in enumerate(unit.ids):
                 positions.setdefault(sid, i)
-    wrong = [sid for sid, m in ok_entries.items() if sid in positions and m["row"] != positions[sid]]
+    wrong = [
+        sid for sid, m in ok_entries.items() if sid in positions and m["row"] != positions[sid]
+    ]
     if wrong:
         report.errors.append(
             f"{rel}: {len(wrong)} manifest entr(ies) point at the wrong row: {_preview(wrong)}"

@@ -41,7 +41,7 @@ def heatmaps(
     """
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
-    for ax, (title, mat) in zip(axes[0], panels):
+    for ax, (title, mat) in zip(axes[0], panels, strict=True):
         b = mat.shape[0]
         im = ax.imshow(mat, cmap=cmap, interpolation="nearest")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -71,7 +71,7 @@ def label_distributions(
     n = len(rows)
     fig, axes = plt.subplots(n, 1, figsize=(8, 1.9 * n), squeeze=False, sharex=True)
     width = 0.8 / max(1, len(series))
-    for ax, r in zip(axes[:, 0], rows):
+    for ax, r in zip(axes[:, 0], rows, strict=True):
         for k, (label, mat) in enumerate(series):
             x = np.arange(mat.shape[1]) + (k - (len(series) - 1) / 2) * width
             ax.bar(x, mat[r], width=width, label=label)
@@ -107,7 +107,7 @@ def curves(
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.set_visible(False)
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         positive = True
         for label, (x, y) in panels[name].items():
             ax.plot(x, y, lw=1.2, label=label, marker="." if len(x) < 30 else None)
@@ -136,7 +136,7 @@ def embedding_scatter(
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.8), squeeze=False)
     cmap = plt.get_cmap("tab20")
-    for ax, (title, xy, groups, is_caption) in zip(axes[0], panels):
+    for ax, (title, xy, groups, is_caption) in zip(axes[0], panels, strict=True):
         order = {g: i for i, g in enumerate(dict.fromkeys(groups))}
         colors = np.array([cmap(order[g] % 20) for g in groups]).reshape(-1, 4)
         cap = np.asarray(is_caption, dtype=bool)

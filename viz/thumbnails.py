@@ -13,9 +13,8 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 from cusa.extract.readers.base import DatasetReader, Sample
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ class DatasetView:
 
     def _add_text(self, sample: Sample) -> None:
         ids = self.image_captions.setdefault(sample.image_id, [])
-        for cid, cap in zip(sample.caption_ids, sample.captions):
+        for cid, cap in zip(sample.caption_ids, sample.captions, strict=False):
             if cid not in self.captions:
                 self.captions[cid] = caption_text(cap)
                 self.caption_image[cid] = sample.image_id

@@ -81,7 +81,9 @@ def layout_hash(
     head = {"format": 1, "kind": kind, "split": split, "extra": extra or {}}
     h.update(json.dumps(head, sort_keys=True).encode())
     for key, source, ids in shards:
-        h.update(b"\x00shard\x00" + key.encode() + b"\x00" + source.encode("utf-8", "surrogatepass"))
+        h.update(
+            b"\x00shard\x00" + key.encode() + b"\x00" + source.encode("utf-8", "surrogatepass")
+        )
         if ids is not None:
             for image_id in ids:
                 h.update(b"\x01" + image_id.encode("utf-8", "surrogatepass"))

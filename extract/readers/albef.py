@@ -101,7 +101,9 @@ class AlbefReader(IndexedReader):
 
     def _parse(self, rec: Any, pos: int) -> tuple[str, str, list[str | bytes]]:
         if not isinstance(rec, dict):
-            raise DatasetError(f"record {pos} of {str(self.annotations)!r} is not an object: {rec!r}")
+            raise DatasetError(
+                f"record {pos} of {str(self.annotations)!r} is not an object: {rec!r}"
+            )
         path = rec.get("image_path", rec.get("image"))
         if not isinstance(path, str) or not path:
             raise DatasetError(

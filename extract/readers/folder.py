@@ -83,9 +83,7 @@ class FolderReader(IndexedReader):
         return {"include_uncaptioned": self.include_uncaptioned}
 
     def _build_index(self) -> list[IndexItem]:
-        rows = (
-            self._read_jsonl() if self.captions_file.suffix == ".jsonl" else self._read_tsv()
-        )
+        rows = self._read_jsonl() if self.captions_file.suffix == ".jsonl" else self._read_tsv()
         order: list[str] = []
         caps: dict[str, list[str | bytes]] = {}
         anns: dict[str, list[int | None]] = {}

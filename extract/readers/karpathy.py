@@ -70,9 +70,7 @@ class KarpathyReader(IndexedReader):
         self.variant = variant
         self.include_restval = bool(include_restval)
         self.annotations = (
-            Path(annotations).expanduser()
-            if annotations
-            else self.root / f"dataset_{variant}.json"
+            Path(annotations).expanduser() if annotations else self.root / f"dataset_{variant}.json"
         )
         self.image_dir = str(image_dir) if image_dir is not None else None
         if not self.root.is_dir():
@@ -142,7 +140,8 @@ class KarpathyReader(IndexedReader):
         if self.image_dir is not None:
             return Path(self.image_dir)
         probe = [
-            Path(str(img.get("filepath", ""))) / str(img.get("filename", "")) for img in selected[:5]
+            Path(str(img.get("filepath", ""))) / str(img.get("filename", ""))
+            for img in selected[:5]
         ]
         if not probe:
             return Path(".")

@@ -63,9 +63,7 @@ def coco_sample_root() -> Path:
 
 def _need_root(name: str, root: str | None, expected: str) -> Path:
     if root is None:
-        raise DatasetError(
-            f"dataset {name!r} needs --root DIR: the folder holding {expected}"
-        )
+        raise DatasetError(f"dataset {name!r} needs --root DIR: the folder holding {expected}")
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DatasetError(

@@ -44,7 +44,6 @@ from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
 import braceexpand
-
 from cusa.errors import DatasetError
 from cusa.extract.readers._common import (
     IMAGE_EXTENSIONS,
@@ -222,14 +221,15 @@ def _caption_value(value: Any) -> str | bytes:
 
 def _build_sample(pending: _Pending, shard: ShardRef) -> Sample:
     members = pending.members
-    image_exts = [
-        ext for ext in members if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-    ]
+    image_exts = [ext for ext in members if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
     image_exts.sort(key=lambda e: IMAGE_EXTENSIONS.index(e.rsplit(".", 1)[-1].lower()))
     if len(image_exts) > 1:
         log.warning(
             "sample %r in %s has several images (%s); using %r",
-            pending.key, shard.source, ", ".join(image_exts), image_exts[0],
+            pending.key,
+            shard.source,
+            ", ".join(image_exts),
+            image_exts[0],
         )
     image = members[image_exts[0]] if image_exts else None
     image_id = pending.key
@@ -444,11 +444,7 @@ class WebDatasetReader:
         rows = []
         for ref in self.shards():
             entry = self._manifest_entry(ref.source)
-            source = (
-                posixpath.basename(ref.source)
-                if _is_local(ref.source)
-                else ref.source
-            )
+            source = posixpath.basename(ref.source) if _is_local(ref.source) else ref.source
             ids = None
             if entry is not None:
                 source = f"{entry['file']}@{entry.get('sha256', '')}"
@@ -480,7 +476,7 @@ class WebDatasetReader:
         seen_ids: dict[str, str] = {}
         try:
             try:
-                tar = tarfile.open(fileobj=stream, mode="r|*")  # type: ignore[arg-type]
+                tar = tarfile.open(fileobj=stream, mode="r|*")  # type: ignore[arg-type]  # noqa: SIM115
             except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
                 raise DatasetError(
                     f"webdataset shard {shard.key!r} at {shard.source!r} is not a readable tar: "
@@ -491,7 +487,8 @@ class WebDatasetReader:
                     name = member.name
                     if is_unsafe_member(name):
                         log.warning(
-                            "skipping member %r of %s: its path escapes the archive", name,
+                            "skipping member %r of %s: its path escapes the archive",
+                            name,
                             shard.source,
                         )
                         continue
@@ -539,13 +536,15 @@ class WebDatasetReader:
             where = f"webdataset shard {shard.key!r} at {shard.source!r}"
             if pending is not None:
                 yield _error_sample(
-                    pending.key, shard,
+                    pending.key,
+                    shard,
                     f"truncated tar: {where} broke off while reading sample {pending.key!r} "
                     f"({error}); the samples before it were read",
                 )
             else:
                 yield _error_sample(
-                    f"{shard.key}:truncated", shard,
+                    f"{shard.key}:truncated",
+                    shard,
                     f"truncated tar: {where} broke off after {count} samples ({error})",
                 )
             return
@@ -556,7 +555,8 @@ class WebDatasetReader:
             yield sample
         if shard.num_samples is not None and count != shard.num_samples:
             yield _error_sample(
-                f"{shard.key}:truncated", shard,
+                f"{shard.key}:truncated",
+                shard,
                 f"truncated tar: webdataset shard {shard.key!r} at {shard.source!r} holds "
                 f"{count} samples but manifest.json lists {shard.num_samples}",
             )
@@ -570,6 +570,13 @@ class WebDatasetReader:
                 f"keys {first!r} and {key!r}; image ids must be unique"
             )
         seen[sample.image_id] = key
+
+    def __getstate__(self) -> dict[str, Any]:
+        # read() needs only the shard refs; the manifests (with every image id) stay behind so
+        # the reader pickled to each Ray task stays small. They are reloaded if asked for.
+        state = self.__dict__.copy()
+        state["_manifests"] = {}
+        return state
 
     def __repr__(self) -> str:
         return f"WebDatasetReader({self.spec!r}, split={self.split!r})"

@@ -91,7 +91,7 @@ def _register_unicom() -> None:
 
 
 def _fetch_unicom(arch: str) -> str:
-    return str(resolve_unicom_weights(arch, download=True)[0])
+    return str(resolve_unicom_weights(arch)[0])  # downloads unless CUSA_OFFLINE is set
 
 
 # ---- text --------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def _minilm_available() -> bool:
 def _fetch_mpnet() -> str:
     from cusa.extract.teachers.text import resolve_mpnet
 
-    return resolve_mpnet(download=True).source
+    return resolve_mpnet().source
 
 
 def _fetch_minilm() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -167,7 +168,6 @@ def test_end_to_end_frozen_student_beats_chance(student, coco_example, tmp_path)
     )  # fmt: skip
     chance = _chance_rsum(val.image_ids_of_texts, val.image_ids)
     log.info("end-to-end RSUM %.2f (chance %.2f)\n%s", report["rsum"], chance, report.to_table())
-    print(f"\nend-to-end RSUM {report['rsum']:.2f} vs chance {chance:.2f}\n{report.to_table()}")
     assert report["rsum"] > 2.5 * chance
     assert report["t2t_r1"] > 60  # MiniLM finds other captions of the same image
     assert report["sts_spearman"] > 0.8
@@ -179,3 +179,31 @@ def test_evaluate_model_needs_a_joint_space(student, coco_example):
 
     with pytest.raises(DatasetError, match="image features have dimension 1280 but text features have 384"):
         evaluate_model(student, coco_example / "new_val.json", max_images=2)
+
+
+def test_evaluate_checkpoint_round_trip(coco_example, tmp_path):
+    """A checkpoint in the trainer's format ({"config", "model"}) is rebuilt and scored."""
+    from cusa.cli import app
+    from typer.testing import CliRunner
+
+    from cusa_train.config import TrainConfig
+    from cusa_train.evaluate import evaluate_checkpoint, load_checkpoint_model
+    from cusa_train.wrapper import CusaModel
+
+    config = TrainConfig.from_dict({"model": {"embed_dim": 64, "student_options": {"freeze": "both"}}})
+    torch.manual_seed(0)
+    model = CusaModel(build_student("mobilenetv2-minilm", freeze="both"), config.loss, embed_dim=64, gather=False)
+    torch.save({"config": config.to_dict(), "model": model.state_dict(), "step": 3}, tmp_path / "ckpt.pt")
+    loaded = load_checkpoint_model(tmp_path / "ckpt.pt")
+    torch.testing.assert_close(loaded.cross_image_head.state_dict(), model.cross_image_head.state_dict())
+
+    pairs = write_sts(tmp_path, "csv")
+    report = evaluate_checkpoint(tmp_path / "ckpt.pt", coco_example / "new_val.json", max_images=6, sts_pairs=pairs)
+    assert report.counts["num_images"] == 6 and report.info["checkpoint"].endswith("ckpt.pt")
+    assert 0 <= report["rsum"] <= 600 and -1 <= report["sts_spearman"] <= 1
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "ckpt.pt"),
+                                   "--data", str(coco_example / "new_val.json"), "--max-images", "6",
+                                   "--out", str(tmp_path / "r.json")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "Cross-modal retrieval (6 images" in res.output
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["rsum"] == pytest.approx(report["rsum"])

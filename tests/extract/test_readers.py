@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from cusa.errors import ConfigError, DatasetError, UnknownNameError
 from cusa.extract.readers import (
     DATASETS,
@@ -63,7 +62,9 @@ def test_coco_sample_shards_are_stable_and_sized():
     b = open_dataset("coco-sample", shard_size=10)
     assert a.shards() == b.shards()
     assert [(r.key, r.num_samples) for r in a.shards()] == [
-        ("000000", 10), ("000001", 10), ("000002", 4)
+        ("000000", 10),
+        ("000001", 10),
+        ("000002", 4),
     ]
     # reading shards in reverse order gives the same samples per shard
     forward = {r.key: [s.image_id for s in a.read(r)] for r in a.shards()}
@@ -165,18 +166,26 @@ def karpathy_coco(tmp_path) -> Path:
     names = first_appearance(recs)[:15]
     splits = ["train"] * 8 + ["restval"] * 3 + ["val"] * 2 + ["test"] * 2
     images, sentid = [], 1000
-    for imgid, (name, split) in enumerate(zip(names, splits)):
+    for imgid, (name, split) in enumerate(zip(names, splits, strict=True)):
         folder = "train2014" if "train2014" in name else "val2014"
         (tmp_path / folder).mkdir(exist_ok=True)
         shutil.copy(src / "pics" / name, tmp_path / folder / name)
         sentences = []
         for r in recs:
             if r["image_id"] == name:
-                sentences.append({"raw": r["caption"], "tokens": [], "imgid": imgid, "sentid": sentid})
+                sentences.append(
+                    {"raw": r["caption"], "tokens": [], "imgid": imgid, "sentid": sentid}
+                )
                 sentid += 1
         images.append(
-            {"filepath": folder, "filename": name, "imgid": imgid, "split": split,
-             "sentences": sentences, "cocoid": _cocoid(name)}
+            {
+                "filepath": folder,
+                "filename": name,
+                "imgid": imgid,
+                "split": split,
+                "sentences": sentences,
+                "cocoid": _cocoid(name),
+            }
         )
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
     return tmp_path
@@ -189,7 +198,7 @@ def test_karpathy_coco_ids_captions_and_ann_ids(karpathy_coco):
     samples = read_all(reader)
     expected = [img for img in data if img["split"] in ("train", "restval")]
     assert [s.image_id for s in samples] == [str(img["cocoid"]) for img in expected]
-    for s, img in zip(samples, expected):
+    for s, img in zip(samples, expected, strict=True):
         assert s.captions == [x["raw"] for x in img["sentences"]]
         assert s.caption_ann_ids == [x["sentid"] for x in img["sentences"]]
         assert s.caption_ids[0] == f"{img['cocoid']}#0"
@@ -197,8 +206,10 @@ def test_karpathy_coco_ids_captions_and_ann_ids(karpathy_coco):
     assert [r.num_samples for r in reader.shards()] == [4, 4, 3]
 
 
-@pytest.mark.parametrize(("split", "restval", "n"), [("train", False, 8), ("restval", True, 3),
-                                                     ("val", True, 2), ("test", True, 2)])
+@pytest.mark.parametrize(
+    ("split", "restval", "n"),
+    [("train", False, 8), ("restval", True, 3), ("val", True, 2), ("test", True, 2)],
+)
 def test_karpathy_splits(karpathy_coco, split, restval, n):
     reader = KarpathyReader(karpathy_coco, split, include_restval=restval)
     assert len(read_all(reader)) == n
@@ -225,17 +236,25 @@ def test_karpathy_duplicate_cocoid_is_refused(karpathy_coco):
     data = json.loads(path.read_text())
     data["images"][1]["cocoid"] = data["images"][0]["cocoid"]
     path.write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match=rf"duplicate image id '{data['images'][0]['cocoid']}'.*images\[0\].*images\[1\]"):
+    with pytest.raises(
+        DatasetError,
+        match=rf"duplicate image id '{data['images'][0]['cocoid']}'.*images\[0\].*images\[1\]",
+    ):
         KarpathyReader(karpathy_coco, "train").shards()
 
 
 def test_karpathy_bad_root_and_missing_images(tmp_path, karpathy_coco):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DatasetError, match=r"split file not found: expected '.*empty/dataset_coco\.json'"):
+    with pytest.raises(
+        DatasetError, match=r"split file not found: expected '.*empty/dataset_coco\.json'"
+    ):
         open_dataset("coco", root=str(empty))
     shutil.rmtree(karpathy_coco / "train2014")
-    with pytest.raises(DatasetError, match=r"images of 'coco' split 'train' not found: expected e\.g\. '.*train2014/"):
+    with pytest.raises(
+        DatasetError,
+        match=r"images of 'coco' split 'train' not found: expected e\.g\. '.*train2014/",
+    ):
         KarpathyReader(karpathy_coco, "train").shards()
     with pytest.raises(DatasetError, match="no split 'dev'"):
         KarpathyReader(karpathy_coco, "dev")
@@ -276,8 +295,10 @@ def test_folder_tsv_groups_lines_and_keeps_raw_bytes(folder_dataset):
 
 def test_folder_jsonl_with_caption_lists_and_ann_ids(folder_dataset):
     (folder_dataset / "captions_val.jsonl").write_text(
-        json.dumps({"image": "a.jpg", "captions": ["x", "y"], "ann_ids": [11, 12]}) + "\n"
-        + json.dumps({"image": "sub/b.jpg", "caption": "z", "ann_id": 13}) + "\n"
+        json.dumps({"image": "a.jpg", "captions": ["x", "y"], "ann_ids": [11, 12]})
+        + "\n"
+        + json.dumps({"image": "sub/b.jpg", "caption": "z", "ann_id": 13})
+        + "\n"
     )
     reader = FolderReader(folder_dataset, "val", include_uncaptioned=False)
     a, b = read_all(reader)
@@ -290,7 +311,9 @@ def test_folder_bad_lines_are_named(tmp_path):
     with pytest.raises(DatasetError, match=r"line 1 has no TAB"):
         FolderReader(tmp_path).shards()
     (tmp_path / "captions.tsv").write_text("../etc/passwd\tx\n")
-    with pytest.raises(DatasetError, match=r"line 1: image '\.\./etc/passwd' must be a path relative"):
+    with pytest.raises(
+        DatasetError, match=r"line 1: image '\.\./etc/passwd' must be a path relative"
+    ):
         FolderReader(tmp_path).shards()
     (tmp_path / "captions.tsv").unlink()
     with pytest.raises(DatasetError, match="no captions file"):
@@ -306,7 +329,9 @@ def test_registry_lists_the_built_in_datasets():
 
 
 def test_unknown_name_lists_known_ones():
-    with pytest.raises(UnknownNameError, match=r"unknown dataset 'cocoo'; known datasets: .*coco-sample"):
+    with pytest.raises(
+        UnknownNameError, match=r"unknown dataset 'cocoo'; known datasets: .*coco-sample"
+    ):
         open_dataset("cocoo")
 
 

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from cusa.extract.readers import (
     AlbefReader,
     DatasetReader,
@@ -43,11 +42,16 @@ def _karpathy(tmp: Path) -> DatasetReader:
     (tmp / "train2014").mkdir()
     for i, (name, caps) in enumerate(seen.items()):
         shutil.copy(src / "pics" / name, tmp / "train2014" / name)
-        images.append({
-            "filepath": "train2014", "filename": name, "imgid": i, "split": "train",
-            "cocoid": int(name.rsplit("_", 1)[1].split(".")[0]),
-            "sentences": [{"raw": c, "sentid": 100 * i + k} for k, c in enumerate(caps)],
-        })
+        images.append(
+            {
+                "filepath": "train2014",
+                "filename": name,
+                "imgid": i,
+                "split": "train",
+                "cocoid": int(name.rsplit("_", 1)[1].split(".")[0]),
+                "sentences": [{"raw": c, "sentid": 100 * i + k} for k, c in enumerate(caps)],
+            }
+        )
     (tmp / "dataset_coco.json").write_text(json.dumps({"images": images}))
     return KarpathyReader(tmp, "train", shard_size=3)
 
@@ -141,9 +145,7 @@ def test_image_ids_are_unique_and_independent_of_read_order(make_reader):
     a, b = make_reader(), make_reader()
     forward = [s.image_id for s in _all(a)]
     assert len(set(forward)) == len(forward)
-    backward = {
-        ref.key: [s.image_id for s in b.read(ref)] for ref in reversed(b.shards())
-    }
+    backward = {ref.key: [s.image_id for s in b.read(ref)] for ref in reversed(b.shards())}
     assert [i for ref in a.shards() for i in backward[ref.key]] == forward
 
 

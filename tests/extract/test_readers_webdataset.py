@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cusa.errors import DatasetError
 from cusa.extract.readers import WebDatasetReader, coco_sample_root, open_dataset
 from cusa.extract.readers.wds import decode_key, encode_key, split_member_name
@@ -74,7 +73,10 @@ def test_txt_and_json_captions_keep_keys_bytes_and_ann_ids(tmp_path, images):
     assert [s.image_id for s in samples] == ["a", "b", "c", "d"]
     assert [s.image for s in samples] == [img for _, img in images[:4]]
     assert [s.captions for s in samples] == [
-        ["a dog on a couch"], ["first", "second"], ["x", "y"], ["img2dataset style"]
+        ["a dog on a couch"],
+        ["first", "second"],
+        ["x", "y"],
+        ["img2dataset style"],
     ]
     assert samples[1].caption_ids == ["b#0", "b#1"]
     assert samples[2].caption_ann_ids == [7, None]
@@ -100,7 +102,9 @@ def test_non_contiguous_keys_raise_naming_tar_and_key(tmp_path, images):
         ],
     )
     reader = open_dataset(str(tar))
-    with pytest.raises(DatasetError, match=r"non-contiguous key 'a' in webdataset shard .*split\.tar"):
+    with pytest.raises(
+        DatasetError, match=r"non-contiguous key 'a' in webdataset shard .*split\.tar"
+    ):
         read_all(reader)
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from store_helpers import Filled, S3Server, free_port, fill_group, toy_spec
+from store_helpers import Filled, S3Server, fill_group, free_port, toy_spec
 
 from cusa.store import FeatureStore
 

@@ -74,16 +74,18 @@ def fill_group(
         good = [i for i in ids if i not in bad]
         feats = unit_rows(rng, len(good), group.dim)
         result = group.write_shard(
-            shard, good, feats, failures=[(i, f"decode error in {i}") for i in sorted(bad)],
+            shard,
+            good,
+            feats,
+            failures=[(i, f"decode error in {i}") for i in sorted(bad)],
             source=f"{shard}.tar",
         )
         assert result.status == "committed"
         stored = feats.astype(group.dtype).astype(np.float32)
-        expected.update(zip(good, stored))
+        expected.update(zip(good, stored, strict=True))
         failures.update({i: f"decode error in {i}" for i in bad})
         by_shard[shard] = good
     return Filled(group.store, group, expected, failures, by_shard)
-
 
 
 def free_port() -> int:

@@ -21,7 +21,9 @@ def _check_round_trip(filled) -> None:
     np.random.default_rng(7).shuffle(ids)
     got = lookup.gather(ids)
     assert got.shape == (len(ids), DIM) and got.dtype == np.float16
-    np.testing.assert_array_equal(got.astype(np.float32), np.stack([filled.expected[i] for i in ids]))
+    np.testing.assert_array_equal(
+        got.astype(np.float32), np.stack([filled.expected[i] for i in ids])
+    )
     assert set(lookup.ids) == set(filled.expected)
     for sid in filled.failures:
         assert sid not in lookup
@@ -78,7 +80,8 @@ def test_rerunning_a_committed_shard_is_a_noop(filled):
     assert group.fs.ls(f"{group.rel}/parts") == parts_before
     assert group.fs.read_bytes(f"{group.rel}/commits/{shard}.json") == record_before
     np.testing.assert_array_equal(
-        FeatureLookup(group).gather(ids).astype(np.float32), np.stack([filled.expected[i] for i in ids])
+        FeatureLookup(group).gather(ids).astype(np.float32),
+        np.stack([filled.expected[i] for i in ids]),
     )
 
 
@@ -101,7 +104,8 @@ def test_two_writers_racing_leave_exactly_one_unmixed_copy(store):
             group = store.group("coco", "train", toy_spec(), create=True)
         barrier, results = ctx.Barrier(2), ctx.Queue()
         procs = [
-            ctx.Process(target=_race_writer, args=(store.url, v, barrier, results)) for v in (0.25, -0.5)
+            ctx.Process(target=_race_writer, args=(store.url, v, barrier, results))
+            for v in (0.25, -0.5)
         ]
         for p in procs:
             p.start()
@@ -124,7 +128,9 @@ def test_reader_sees_only_committed_shards_and_a_reopen_sees_more(store):
     group.write_shard("a", ["a0", "a1"], unit_rows(rng, 2))
     # A shard whose part is fully written but whose commit record is not (a writer that died
     # just before committing, or one still writing): readers must not see it.
-    group._write_part(f"{group.rel}/parts/b.deadbeef", "b", ["b0"], unit_rows(rng, 1).astype(np.float16), [], "")
+    group._write_part(
+        f"{group.rel}/parts/b.deadbeef", "b", ["b0"], unit_rows(rng, 1).astype(np.float16), [], ""
+    )
     lookup = FeatureLookup(group)
     assert lookup.ids == ["a0", "a1"] and "b0" not in lookup
 
@@ -142,16 +148,25 @@ def test_spec_mismatch_names_the_differing_fields(store):
         store.group("coco", "train", toy_spec(dim=32, normalized=False), create=True)
     with pytest.raises(StoreSpecMismatchError, match=r"manifest_hash: stored 'h1' != given 'h2'"):
         store.group("coco", "train", toy_spec(), manifest_hash="h2", create=True)
-    with pytest.raises(StoreSpecMismatchError, match=r"dtype: store 'float16' != expected 'float32'"):
-        FeatureLookup.open(store, dataset="coco", split="train", teacher="toy-text",
-                           expected_spec=toy_spec(dtype="float32"))
+    with pytest.raises(
+        StoreSpecMismatchError, match=r"dtype: store 'float16' != expected 'float32'"
+    ):
+        FeatureLookup.open(
+            store,
+            dataset="coco",
+            split="train",
+            teacher="toy-text",
+            expected_spec=toy_spec(dtype="float32"),
+        )
     # Library versions are informative only.
     store.group("coco", "train", toy_spec(library_versions={"torch": "9.9"}))
 
 
 def test_a_changed_fingerprint_field_makes_a_separate_group(store):
     a = store.group("coco", "train", toy_spec(), create=True)
-    b = store.group("coco", "train", toy_spec(preprocessing={"caption": {"lowercase": False}}), create=True)
+    b = store.group(
+        "coco", "train", toy_spec(preprocessing={"caption": {"lowercase": False}}), create=True
+    )
     assert a.rel != b.rel and a.fingerprint != b.fingerprint
     with pytest.raises(StoreError, match="matches several groups"):
         store.find_group("coco", "train", "toy-text")
@@ -177,7 +192,9 @@ def test_newer_layout_version_is_refused(store):
     marker = store.fs.read_json(MARKER)
     marker["layout_version"] = LAYOUT_VERSION + 1
     store.fs.write_bytes_atomic(MARKER, json.dumps(marker).encode())
-    with pytest.raises(StoreVersionError, match=rf"layout version {LAYOUT_VERSION + 1}, newer .*upgrade"):
+    with pytest.raises(
+        StoreVersionError, match=rf"layout version {LAYOUT_VERSION + 1}, newer .*upgrade"
+    ):
         FeatureStore.open(store.url)
 
 
@@ -204,7 +221,9 @@ def test_duplicate_ids_are_rejected(store):
 
 def test_shape_mismatch_is_refused(store):
     group = store.group("coco", "train", toy_spec(), create=True)
-    with pytest.raises(StoreError, match=re.escape("features of shape (2, 8) do not match 2 ids x dim 16")):
+    with pytest.raises(
+        StoreError, match=re.escape("features of shape (2, 8) do not match 2 ids x dim 16")
+    ):
         group.write_shard("s", ["a", "b"], np.ones((2, 8), np.float32))
 
 
@@ -219,9 +238,18 @@ def test_seal_waits_for_expected_shards(filled):
 def test_groups_live_side_by_side(store):
     g1 = fill_group(store.group("coco", "train", toy_spec(), create=True), shards=2)
     g2 = fill_group(store.group("coco", "val", toy_spec(), create=True), shards=1, prefix="v")
-    g3 = fill_group(store.group("flickr", "train", toy_spec(name="toy-img", modality="image",
-                                                            model="tests/toy-img"), create=True), shards=1)
+    g3 = fill_group(
+        store.group(
+            "flickr",
+            "train",
+            toy_spec(name="toy-img", modality="image", model="tests/toy-img"),
+            create=True,
+        ),
+        shards=1,
+    )
     assert [g.rel for g in store.groups()] == sorted([g1.group.rel, g2.group.rel, g3.group.rel])
     assert store.find_group("coco", "val", "toy-text").rel == g2.group.rel
-    with pytest.raises(StoreError, match=r"no features of teacher 'nope' .*teachers there: toy-text@"):
+    with pytest.raises(
+        StoreError, match=r"no features of teacher 'nope' .*teachers there: toy-text@"
+    ):
         store.find_group("coco", "train", "nope")

@@ -36,14 +36,18 @@ def test_gather_keeps_the_order_of_the_ids(lookup_and_expected):
 
 def test_unknown_id_names_the_id_and_the_store(lookup_and_expected):
     lookup, expected = lookup_and_expected
-    with pytest.raises(SampleNotFoundError, match=r"sample id 'no-such-id' is not in '.*store/coco/train/toy-text@"):
+    with pytest.raises(
+        SampleNotFoundError, match=r"sample id 'no-such-id' is not in '.*store/coco/train/toy-text@"
+    ):
         lookup.gather([next(iter(expected)), "no-such-id"])
 
 
 def test_failed_samples_are_not_found(filled):
     lookup = FeatureLookup(filled.group)
     failed = next(iter(filled.failures))
-    with pytest.raises(SampleNotFoundError, match=rf"{re.escape(repr(failed))} is not in .*failed extraction"):
+    with pytest.raises(
+        SampleNotFoundError, match=rf"{re.escape(repr(failed))} is not in .*failed extraction"
+    ):
         lookup.gather([failed])
 
 
@@ -93,17 +97,21 @@ class _SoftLabelDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int):
-        return self.ids[i], torch.from_numpy(self.lookup.gather([self.ids[i]])[0].astype(np.float32))
+        return self.ids[i], torch.from_numpy(
+            self.lookup.gather([self.ids[i]])[0].astype(np.float32)
+        )
 
 
 def test_dataloader_with_two_workers(filled):
     filled.group.seal()
     lookup = FeatureLookup(filled.group)
     ids = sorted(filled.expected)
-    loader = torch.utils.data.DataLoader(_SoftLabelDataset(lookup, ids), batch_size=4, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        _SoftLabelDataset(lookup, ids), batch_size=4, num_workers=2
+    )
     seen = {}
     for batch_ids, feats in loader:
-        for sid, f in zip(batch_ids, feats):
+        for sid, f in zip(batch_ids, feats, strict=True):
             seen[sid] = f.numpy()
     assert sorted(seen) == ids
     for sid in ids:
@@ -115,18 +123,23 @@ def test_truncated_chunk_file_is_refused_on_open(filled):
     path = filled.group.fs.local_path(filled.group.segments()[0].rel)
     with open(path, "r+b") as fh:
         fh.truncate(100)
-    with pytest.raises(StoreError, match=rf"chunk file '{re.escape(path)}' has 100 bytes, expected .*truncated"):
+    with pytest.raises(
+        StoreError, match=rf"chunk file '{re.escape(path)}' has 100 bytes, expected .*truncated"
+    ):
         FeatureLookup(filled.group)
 
 
 def test_open_by_store_path_and_teacher(store):
     filled = fill_group(store.group("coco", "train", toy_spec(), create=True), shards=2)
-    lookup = FeatureLookup.open(store.url, dataset="coco", split="train", teacher="toy-text",
-                                expected_spec=toy_spec())
+    lookup = FeatureLookup.open(
+        store.url, dataset="coco", split="train", teacher="toy-text", expected_spec=toy_spec()
+    )
     assert len(lookup) == len(filled.expected)
     assert "FeatureLookup(" in repr(lookup)
     with pytest.raises(StoreError, match="no features of teacher 'other'"):
-        FeatureLookup.open(FeatureStore.open(store.url), dataset="coco", split="train", teacher="other")
+        FeatureLookup.open(
+            FeatureStore.open(store.url), dataset="coco", split="train", teacher="other"
+        )
 
 
 def test_duplicate_id_across_shards_is_refused_by_the_lookup(store):

@@ -83,7 +83,10 @@ def test_norm_off_when_spec_says_normalized(store):
     group.write_shard("s1", ["m0"], unit_rows(rng, 1) * 0.98)  # 2% off: beyond fp16 rounding
     report = verify_group(group)
     text = "\n".join(report.errors)
-    assert re.search(r"shard 's0'.*L2-normalised but 1 sample\(s\) have norms off 1 .*'n2' \(norm 1\.[45]\d+\)", text)
+    assert re.search(
+        r"shard 's0'.*L2-normalised but 1 sample\(s\) have norms off 1 .*'n2' \(norm 1\.[45]\d+\)",
+        text,
+    )
     assert "'m0' (norm 0.98" in text
     # The same rows in a store whose spec says "not normalised" are fine.
     loose = store.group("coco", "train", toy_spec(name="raw", normalized=False), create=True)
@@ -93,7 +96,9 @@ def test_norm_off_when_spec_says_normalized(store):
 
 def test_fp16_rounding_stays_within_the_norm_tolerance(store):
     group = store.group("coco", "train", toy_spec(dim=768), create=True)
-    group.write_shard("s", [f"r{i}" for i in range(512)], unit_rows(np.random.default_rng(1), 512, 768))
+    group.write_shard(
+        "s", [f"r{i}" for i in range(512)], unit_rows(np.random.default_rng(1), 512, 768)
+    )
     assert verify_group(group).ok
 
 
@@ -105,7 +110,8 @@ def test_commit_record_pointing_at_a_missing_part(filled):
     report = verify_group(group)
     assert not report.ok
     assert any(
-        f"shard {shard!r}: commit record commits/{shard}.json points at missing part parts/{record['part']}" in e
+        f"shard {shard!r}: commit record commits/{shard}.json points at missing part parts/{record['part']}"
+        in e
         for e in report.errors
     ), report.errors
     # Its ids are listed by nobody else, so nothing else is reported about them.
@@ -128,7 +134,8 @@ def test_deleted_manifest_row(state):
     group.fs.write_bytes_atomic(rel, buf.getvalue())
     report = verify_group(group)
     assert any(
-        "have feature rows but are not in the manifest" in e and repr(victim) in e for e in report.errors
+        "have feature rows but are not in the manifest" in e and repr(victim) in e
+        for e in report.errors
     ), report.errors
 
 
@@ -143,8 +150,13 @@ def test_deleted_feature_row_in_sealed_arrays(filled):
     arr.resize((len(kept),))
     report = verify_group(group)
     text = "\n".join(report.errors)
-    assert f"sealed sample_id array has {len(kept)} ids but sealed.json records {len(ids)} rows" in text
-    assert re.search(rf"listed in the manifest as committed have no feature row: {re.escape(repr(victim))}", text)
+    assert (
+        f"sealed sample_id array has {len(kept)} ids but sealed.json records {len(ids)} rows"
+        in text
+    )
+    assert re.search(
+        rf"listed in the manifest as committed have no feature row: {re.escape(repr(victim))}", text
+    )
 
 
 def test_duplicate_id_across_shards(store):
@@ -153,7 +165,10 @@ def test_duplicate_id_across_shards(store):
     group.write_shard("shard-a", ["x", "y"], unit_rows(rng, 2))
     group.write_shard("shard-b", ["z", "x"], unit_rows(rng, 2))
     report = verify_group(group)
-    assert any("duplicate sample id(s) 'x' in shard 'shard-a' and shard 'shard-b'" in e for e in report.errors), report.errors
+    assert any(
+        "duplicate sample id(s) 'x' in shard 'shard-a' and shard 'shard-b'" in e
+        for e in report.errors
+    ), report.errors
 
 
 def test_attrs_edited_to_another_teacher_spec(filled):
@@ -176,13 +191,21 @@ def test_attrs_edited_dim_is_caught_against_commit_records(filled):
     meta["attributes"]["cusa"]["spec"]["dim"] = 8  # not a fingerprint field
     group.fs.write_bytes_atomic(f"{group.rel}/zarr.json", json.dumps(meta).encode())
     report = verify_group(filled.store.groups()[0])
-    assert any("committed with dim=16 but the attributes say dim=8" in e for e in report.errors), report.errors
+    assert any("committed with dim=16 but the attributes say dim=8" in e for e in report.errors), (
+        report.errors
+    )
 
 
 def test_orphaned_part_is_a_warning_not_an_error(filled):
     group = filled.group
-    group._write_part(f"{group.rel}/parts/shard-x.0123456789ab", "shard-x", ["o1"],
-                      np.eye(DIM, dtype=np.float16)[:1], [], "")
+    group._write_part(
+        f"{group.rel}/parts/shard-x.0123456789ab",
+        "shard-x",
+        ["o1"],
+        np.eye(DIM, dtype=np.float16)[:1],
+        [],
+        "",
+    )
     report = verify_group(group)
     assert report.ok, report.errors
     assert any("orphaned uncommitted part parts/shard-x.0123456789ab" in w for w in report.warnings)
@@ -193,7 +216,9 @@ def test_shard_committed_after_seal(filled):
     group.seal()
     group.write_shard("late", ["late0"], unit_rows(np.random.default_rng(5), 1))
     report = verify_group(group)
-    assert any("'late'" in e and "committed after sealing" in e for e in report.errors), report.errors
+    assert any("'late'" in e and "committed after sealing" in e for e in report.errors), (
+        report.errors
+    )
 
 
 def test_verify_store_checks_every_group(store):

@@ -1,0 +1,435 @@
+"""The reference CUSA trainer: AdamW + warmup/cosine, checkpoints and resume, JSONL metrics, DDP.
+
+Teacher features come from the store (:mod:`cusa_train.data`); no teacher runs during training.
+
+Example::
+
+    from cusa_train.config import TrainConfig
+    from cusa_train.trainer import train
+
+    result = train(TrainConfig.from_file("configs/coco-sample.yaml"))
+    print(result.final)            # last logged metrics
+
+Under ``torchrun --nproc_per_node N`` the same call trains with DDP (gloo on CPU, NCCL on GPU);
+embeddings, teacher features and ids are all-gathered so the in-batch losses see the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from cusa.errors import ConfigError
+from cusa_train.config import TrainConfig
+from cusa_train.data import PairDataset, SoftLabelCollate, TeacherFeatures, pair_collate
+from cusa_train.distributed import rank as dist_rank
+from cusa_train.distributed import world_size as dist_world_size
+from cusa_train.losses import LOSS_KEYS
+from cusa_train.wrapper import CusaModel
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint-last.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    """What a finished :func:`train` call did.
+
+    Attributes:
+        steps: optimiser steps taken in total (including those before a resume).
+        resumed_from: step the run resumed at, or None.
+        final: the last metrics record.
+        checkpoint: path of the last checkpoint.
+        output_dir: the run folder.
+        model: the trained model (unwrapped from DDP), in eval mode.
+    """
+
+    steps: int
+    resumed_from: int | None
+    final: dict[str, Any]
+    checkpoint: Path
+    output_dir: Path
+    model: CusaModel = field(repr=False)
+
+
+# ---- pieces --------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> this rank's CUDA device when available, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} but CUDA is not available here; use 'auto' or 'cpu'")
+    return device
+
+
+def cosine_schedule(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps`` (LambdaLR factor)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on biases, norms and temperatures (ndim < 2)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, split across ranks, that can start mid-epoch (resume).
+
+    Every rank gets ``len // world`` indices (the tail is dropped so ranks stay in step).
+    """
+
+    def __init__(self, length: int, seed: int, epoch: int = 0, skip: int = 0, rank: int = 0, world: int = 1) -> None:
+        self.length, self.seed, self.epoch, self.skip = length, seed, epoch, skip
+        self.rank, self.world = rank, world
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.length, generator=g).tolist()
+        per_rank = self.length // self.world
+        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.skip :])
+
+    def __len__(self) -> int:
+        return max(0, self.length // self.world - self.skip)
+
+
+class MetricsLog:
+    """Appends one JSON object per line; only rank 0 writes."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary name, then rename (a crash never leaves half a file)."""
+    tmp = path.with_suffix(f".{os.getpid()}.partial")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a trainer checkpoint with ``weights_only=True`` (no code runs from the file).
+
+    Raises:
+        ConfigError: missing or unreadable file, or not a trainer checkpoint.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"checkpoint {str(p)!r} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for a bad file
+        raise ConfigError(f"cannot read checkpoint {str(p)!r}: {exc}") from exc
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
+        raise ConfigError(f"{str(p)!r} is not a cusa trainer checkpoint (needs keys model, config, step)")
+    return ckpt
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, dict):
+            out[k] = {kk: vv.to(device) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="cusa train", unit="step", dynamic_ncols=True)
+
+
+def _init_distributed(device_name: str) -> bool:
+    """Join the torchrun process group when launched by torchrun; True if we created it."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
+    dist.init_process_group(backend)
+    logger.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return True
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig,
+    *,
+    student: nn.Module | None = None,
+    reader: Any | None = None,
+    teachers: TeacherFeatures | None = None,
+) -> TrainResult:
+    """Train a student with CUSA as ``config`` says; see the module docstring.
+
+    Args:
+        config: the run configuration.
+        student: a ready student (with ``preprocess_image``); default builds
+            ``config.model.student`` from :mod:`cusa_train.student`.
+        reader: a dataset reader; default ``open_dataset(config.data.dataset, split=...)``.
+        teachers: stored teacher features; default opened from ``config.data.store``.
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        ConfigError: inconsistent settings (e.g. fewer pairs than one batch).
+        StoreError / StoreSpecMismatchError / SampleNotFoundError: soft labels unavailable.
+    """
+    created_group = _init_distributed(config.run.device)
+    try:
+        return _train(config, student, reader, teachers)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, student: nn.Module | None, reader: Any, teachers: TeacherFeatures | None) -> TrainResult:
+    rank, world = dist_rank(), dist_world_size()
+    device = resolve_device(config.run.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_everything(config.run.seed + rank)
+    out_dir = Path(config.run.output_dir)
+    is_main = rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+
+    # -- student, data, soft labels
+    if student is None:
+        from cusa_train.student import build_student
+
+        student = build_student(config.model.student, **config.model.student_options)
+    preprocess = getattr(student, "preprocess_image", None)
+    if preprocess is None:
+        raise ConfigError(
+            f"student {type(student).__name__!r} has no preprocess_image(bytes) -> (3, H, W) tensor; add one"
+        )
+    if reader is None:
+        from cusa.extract.readers.registry import open_dataset
+
+        reader = open_dataset(config.data.dataset, split=config.data.split)
+    model = CusaModel(
+        student, config.loss, embed_dim=config.model.embed_dim, head_init_std=config.model.head_init_std
+    )
+    if teachers is None and model.needs_teachers:
+        teachers = TeacherFeatures.open(
+            config.data.store,
+            dataset=config.data.store_dataset or reader.name,
+            split=config.data.split,
+            image_teacher=config.teachers.image,
+            text_teacher=config.teachers.text,
+            image_spec=config.teachers.image_spec or None,
+            text_spec=config.teachers.text_spec or None,
+        )
+    dataset = PairDataset(
+        reader,
+        preprocess,
+        max_images=config.data.max_samples,
+        require_ids=(teachers.image.ids, teachers.text.ids) if teachers is not None else None,
+    )
+    batch_size = config.data.batch_size
+    per_rank = len(dataset) // world
+    steps_per_epoch = per_rank // batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"{len(dataset)} pairs over {world} process(es) do not fill one batch of {batch_size}; "
+            "lower data.batch_size or use more data"
+        )
+    total_steps = config.optim.max_steps or steps_per_epoch * config.optim.epochs
+    text_transform = getattr(student, "tokenize", None)
+    collate = (
+        SoftLabelCollate(teachers, text_transform=text_transform)
+        if teachers is not None
+        else _PlainCollate(text_transform)
+    )
+
+    # -- model, optimiser, schedule
+    model.to(device)
+    ddp_model: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    o = config.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_schedule(o.warmup_steps, total_steps, o.min_lr_ratio)
+    )
+
+    # -- resume
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    step, resumed_from = 0, None
+    if config.run.resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step = resumed_from = int(ckpt["step"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        random.setstate(_python_rng_state(ckpt["python_rng"]))
+        logger.info("resumed %s at step %d", ckpt_path, step)
+
+    metrics = MetricsLog(out_dir / METRICS_NAME, is_main)
+    bar = _progress_bar(total_steps, step, config.run.progress and is_main)
+    final: dict[str, Any] = {}
+
+    def checkpoint() -> None:
+        if is_main:
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "config": config.to_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate(),
+                },
+            )
+        if world > 1:
+            dist.barrier()
+
+    model.train()
+    try:
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            sampler = EpochSampler(len(dataset), config.run.seed, epoch, in_epoch * batch_size, rank, world)
+            loader = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=sampler,
+                drop_last=True,
+                num_workers=config.data.num_workers,
+                collate_fn=collate,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+            )
+            t_data = time.perf_counter()
+            for batch in loader:
+                t0 = time.perf_counter()
+                batch = _to_device(batch, device)
+                out = ddp_model(
+                    batch["image"],
+                    batch["text"],
+                    batch["image_id"],
+                    batch.get("teacher_image"),
+                    batch.get("teacher_text"),
+                )
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if o.grad_clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t1 = time.perf_counter()
+                if not all(torch.isfinite(out[k]) for k in LOSS_KEYS):
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step}: { {k: float(out[k]) for k in LOSS_KEYS} }; "
+                        "lower optim.lr or check the teacher features (`cusa store verify`)"
+                    )
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    **{k: float(out[k].detach()) for k in LOSS_KEYS},
+                    **{f"tau/{k}": v for k, v in model.temperature_values().items()},
+                    "step_time_s": t1 - t0,
+                    "data_time_s": t0 - t_data,
+                    "pairs_per_s": batch_size * world / max(t1 - t_data, 1e-9),
+                }
+                final = record
+                if step % config.run.log_every == 0 or step == total_steps:
+                    metrics.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if config.run.checkpoint_every and step % config.run.checkpoint_every == 0:
+                    checkpoint()
+                if step >= total_steps:
+                    break
+                t_data = time.perf_counter()
+        checkpoint()
+    finally:
+        bar.close()
+    model.eval()
+    return TrainResult(
+        steps=step, resumed_from=resumed_from, final=final, checkpoint=ckpt_path, output_dir=out_dir, model=model
+    )
+
+
+def _python_rng_state(state: Any) -> tuple:
+    # weights_only loading returns the tuple as saved, lists only if it was serialised as JSON.
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+class _PlainCollate:
+    """Collate for runs without soft labels (InfoNCE only)."""
+
+    def __init__(self, text_transform: Any = None) -> None:
+        self.text_transform = text_transform
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = pair_collate(samples)
+        if self.text_transform is not None:
+            batch["text"] = self.text_transform(batch["text"])
+        return batch
