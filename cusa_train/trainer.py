@@ -376,6 +376,7 @@ def _train(config: TrainConfig, student: nn.Module | None, reader: Any, teachers
                 out["loss"].backward()
                 if o.grad_clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 optimizer.step()
                 scheduler.step()
                 step += 1
@@ -390,7 +391,7 @@ def _train(config: TrainConfig, student: nn.Module | None, reader: Any, teachers
                 record = {
                     "step": step,
                     "epoch": epoch,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": lr,
                     **{k: float(out[k].detach()) for k in LOSS_KEYS},
                     **{f"tau/{k}": v for k, v in model.temperature_values().items()},
                     "step_time_s": t1 - t0,

@@ -128,6 +128,9 @@ def prepare_shard(
             except SampleError as exc:
                 failures[IMAGE].append((sample.image_id, _reason(exc)))
         if text_teacher is not None:
+            if getattr(sample, "caption_error", None):
+                # The captions could not be read at all (e.g. malformed JSON in a tar).
+                failures[TEXT].append((f"{sample.image_id}#*", f"DatasetError: {sample.caption_error}"))
             for cid, caption in zip(sample.caption_ids, sample.captions):
                 try:
                     pending[TEXT][1].append(text_teacher.prepare(caption))

@@ -368,6 +368,11 @@ class FeatureGroup:
         failures = [(str(i), str(r)) for i, r in failures]
         if self.is_committed(shard):
             return WriteResult(shard, "skipped", 0, 0)
+        if self.sealed:
+            raise StoreError(
+                f"cannot commit shard {shard!r} to {self.url!r}: the group is sealed (complete); "
+                "its dataset manifest lists no such pending shard — re-extract into a new group"
+            )
         ids = [str(i) for i in sample_ids]
         arr = self._validate(shard, ids, features, failures)
 

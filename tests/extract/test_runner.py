@@ -150,3 +150,17 @@ def test_ray_and_local_runners_give_identical_stores(reference_store, tmp_path):
     summary = extract(_config(store, runner="ray"))
     assert summary.runner == "ray" and summary.sealed and summary.ok
     assert store_snapshot(store) == store_snapshot(reference_store)
+
+
+def test_extract_from_shards_equals_extract_from_root(reference_store, tmp_path):
+    """`cusa shard` then extract from the tars gives the same ids and bytes as the root."""
+    from cusa.extract.readers import open_dataset
+    from cusa.extract.shard_writer import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards(open_dataset("coco-sample", split="train"), shards, max_count=10)
+    store = tmp_path / "store"
+    summary = extract(_config(store, dataset=str(shards)))
+    assert summary.ok and summary.sealed
+    ours, ref = store_snapshot(store), store_snapshot(reference_store)
+    assert sorted(ours.values()) == sorted(ref.values())
