@@ -211,10 +211,19 @@ def test_orphaned_part_is_a_warning_not_an_error(filled):
     assert any("orphaned uncommitted part parts/shard-x.0123456789ab" in w for w in report.warnings)
 
 
-def test_shard_committed_after_seal(filled):
+def test_shard_committed_after_seal(filled, monkeypatch):
+    from cusa.errors import StoreError
+    from cusa.store import FeatureGroup
+
     group = filled.group
     group.seal()
-    group.write_shard("late", ["late0"], unit_rows(np.random.default_rng(5), 1))
+    with pytest.raises(StoreError, match="the group is sealed"):
+        group.write_shard("late", ["late0"], unit_rows(np.random.default_rng(5), 1))
+    # A writer that checked the seal just before another process sealed still commits:
+    # simulate that race by hiding the seal record from the writer only.
+    with monkeypatch.context() as m:
+        m.setattr(FeatureGroup, "sealed", property(lambda self: None))
+        group.write_shard("late", ["late0"], unit_rows(np.random.default_rng(5), 1))
     report = verify_group(group)
     assert any("'late'" in e and "committed after sealing" in e for e in report.errors), (
         report.errors
