@@ -14,7 +14,11 @@ import typer
 
 from cusa.errors import CusaError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="cusa: teacher features in a shared store, and CUSA soft-label training for image-text retrieval.",
+)
 store_app = typer.Typer(no_args_is_help=True, help="Inspect, verify, search and export a feature store.")
 teachers_app = typer.Typer(no_args_is_help=True, help="List and fetch teachers.")
 app.add_typer(store_app, name="store")

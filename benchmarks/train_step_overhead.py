@@ -74,14 +74,22 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = extract(
         ExtractConfig(
-            dataset="coco-sample", split="train", store=store, image_teacher=IMAGE_TEACHER,
-            text_teacher=text_teacher_name, runner="local",
+            dataset="coco-sample",
+            split="train",
+            store=store,
+            image_teacher=IMAGE_TEACHER,
+            text_teacher=text_teacher_name,
+            runner="local",
         )  # fmt: skip
     )
     extract_s = time.perf_counter() - t0
     reader = open_dataset("coco-sample", split="train")
     teachers = TeacherFeatures.open(
-        store, dataset=reader.name, split="train", image_teacher=IMAGE_TEACHER, text_teacher=text_teacher_name
+        store,
+        dataset=reader.name,
+        split="train",
+        image_teacher=IMAGE_TEACHER,
+        text_teacher=text_teacher_name,
     )
 
     # The same batches for every variant: pairs drawn at random, images preprocessed once.
@@ -115,7 +123,10 @@ def main() -> None:
         "cusa_store": CusaModel(copy.deepcopy(student), LossConfig(), embed_dim=256),
         "cusa_official": CusaModel(copy.deepcopy(student), LossConfig(), embed_dim=256),
     }
-    optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for k, m in models.items()}
+    optimizers = {
+        k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+        for k, m in models.items()
+    }
     times: dict[str, list[float]] = {k: [] for k in models}
     soft_label_ms: dict[str, list[float]] = {"cusa_store": [], "cusa_official": []}
 
@@ -166,7 +177,9 @@ def main() -> None:
         "median_step_s": {k: round(v, 4) for k, v in med.items()},
         "mean_step_s": {k: round(statistics.fmean(v), 4) for k, v in times.items()},
         "all_step_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
-        "median_soft_label_ms": {k: round(statistics.median(v), 3) for k, v in soft_label_ms.items()},
+        "median_soft_label_ms": {
+            k: round(statistics.median(v), 3) for k, v in soft_label_ms.items()
+        },
         "ratio_cusa_store_vs_infonce": round(med["cusa_store"] / med["infonce"], 4),
         "ratio_cusa_official_vs_infonce": round(med["cusa_official"] / med["infonce"], 4),
         "ratio_cusa_official_vs_cusa_store": round(med["cusa_official"] / med["cusa_store"], 4),
@@ -181,7 +194,12 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    for k in ("median_step_s", "median_soft_label_ms", "ratio_cusa_store_vs_infonce", "ratio_cusa_official_vs_infonce"):
+    for k in (
+        "median_step_s",
+        "median_soft_label_ms",
+        "ratio_cusa_store_vs_infonce",
+        "ratio_cusa_official_vs_infonce",
+    ):
         print(f"{k}: {result[k]}")
     print(f"wrote {args.out}")
     if tmp is not None:

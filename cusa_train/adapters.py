@@ -46,17 +46,28 @@ class OpenClipStudent(nn.Module):
         self.preprocess = preprocess
         dim = getattr(getattr(model, "visual", None), "output_dim", None)
         if not isinstance(dim, int):
-            raise ConfigError("cannot read the embedding size of this open_clip model (model.visual.output_dim)")
+            raise ConfigError(
+                "cannot read the embedding size of this open_clip model (model.visual.output_dim)"
+            )
         self.image_dim = self.text_dim = dim
 
     @classmethod
-    def from_pretrained(cls, name: str, pretrained: str | None = None, **kwargs: Any) -> OpenClipStudent:
+    def from_pretrained(
+        cls, name: str, pretrained: str | None = None, **kwargs: Any
+    ) -> OpenClipStudent:
         """``open_clip.create_model_and_transforms(name, pretrained=...)`` wrapped as a student."""
         try:
             import open_clip
-        except ImportError as exc:
-            raise ConfigError(f"the open_clip adapter needs open_clip and torchvision: {OPEN_CLIP_HINT} ({exc})") from exc
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
+        except (
+            ImportError,
+            RuntimeError,
+        ) as exc:  # RuntimeError: a torchvision built for another torch
+            raise ConfigError(
+                f"the open_clip adapter needs open_clip and torchvision: {OPEN_CLIP_HINT} ({exc})"
+            ) from exc
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, **kwargs
+        )
         return cls(model, open_clip.get_tokenizer(name), preprocess)
 
     def preprocess_image(self, data: bytes) -> Tensor:
@@ -65,7 +76,9 @@ class OpenClipStudent(nn.Module):
         from PIL import Image
 
         if self.preprocess is None:
-            raise ConfigError("this OpenClipStudent has no preprocess transform; build it with from_pretrained")
+            raise ConfigError(
+                "this OpenClipStudent has no preprocess transform; build it with from_pretrained"
+            )
         return self.preprocess(Image.open(io.BytesIO(data)).convert("RGB"))
 
     def encode_image(self, pixels: Tensor) -> Tensor:
@@ -74,7 +87,9 @@ class OpenClipStudent(nn.Module):
     def encode_text(self, texts: Sequence[str] | Tensor) -> Tensor:
         if not isinstance(texts, Tensor):
             if self.tokenizer is None:
-                raise ConfigError("OpenClipStudent got strings but has no tokenizer; pass tokenizer=")
+                raise ConfigError(
+                    "OpenClipStudent got strings but has no tokenizer; pass tokenizer="
+                )
             texts = self.tokenizer(list(texts))
         device = next(self.model.parameters()).device
         return self.model.encode_text(texts.to(device))
@@ -91,7 +106,13 @@ class HFClipStudent(nn.Module):
         max_length: longest caption in tokens.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, image_size: int | None = None, max_length: int = 77) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        image_size: int | None = None,
+        max_length: int = 77,
+    ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -107,8 +128,13 @@ class HFClipStudent(nn.Module):
         try:
             from transformers import AutoTokenizer, CLIPModel
         except ImportError as exc:
-            raise ConfigError(f"the Hugging Face CLIP adapter needs transformers: {HF_HINT} ({exc})") from exc
-        return cls(CLIPModel.from_pretrained(name_or_path, **kwargs), AutoTokenizer.from_pretrained(name_or_path))
+            raise ConfigError(
+                f"the Hugging Face CLIP adapter needs transformers: {HF_HINT} ({exc})"
+            ) from exc
+        return cls(
+            CLIPModel.from_pretrained(name_or_path, **kwargs),
+            AutoTokenizer.from_pretrained(name_or_path),
+        )
 
     def preprocess_image(self, data: bytes) -> Tensor:
         """CLIP eval transform (bicubic resize, center crop, CLIP mean/std) with PIL, no torchvision."""
@@ -128,9 +154,17 @@ class HFClipStudent(nn.Module):
     def encode_text(self, texts: Sequence[str] | Mapping[str, Tensor]) -> Tensor:
         if not isinstance(texts, Mapping):
             if self.tokenizer is None:
-                raise ConfigError("HFClipStudent got strings but has no tokenizer; pass tokenizer= or token ids")
+                raise ConfigError(
+                    "HFClipStudent got strings but has no tokenizer; pass tokenizer= or token ids"
+                )
             texts = self.tokenizer(
-                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                list(texts),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
-        inputs = {k: v.to(self.device) for k, v in texts.items() if k in ("input_ids", "attention_mask")}
+        inputs = {
+            k: v.to(self.device) for k, v in texts.items() if k in ("input_ids", "attention_mask")
+        }
         return _features(self.model.get_text_features(**inputs))

@@ -51,7 +51,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, opt, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}; " + " / ".join(errors))
+        raise ConfigError(
+            f"{where}: {value!r} does not fit {_type_name(tp)}; " + " / ".join(errors)
+        )
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -87,7 +89,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{where}={value!r} must have {len(args)} items")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(
+            _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}={value!r} must be a mapping")
@@ -116,7 +120,9 @@ def build(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     for key in data:
         if key not in allowed:
             name = f"{where}.{key}" if where else str(key)
-            raise ConfigError(f"unknown config key {name!r}; allowed keys here: {', '.join(allowed)}")
+            raise ConfigError(
+                f"unknown config key {name!r}; allowed keys here: {', '.join(allowed)}"
+            )
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
@@ -173,7 +179,9 @@ class TemperatureConfig:
         _positive(self.min, "temperature min", "temperatures must be > 0; use e.g. min: 0.01")
         _positive(self.max, "temperature max", "temperatures must be > 0")
         if self.min > self.max:
-            raise ConfigError(f"temperature min={self.min!r} > max={self.max!r}; swap them or widen the range")
+            raise ConfigError(
+                f"temperature min={self.min!r} > max={self.max!r}; swap them or widen the range"
+            )
         _positive(self.init, "temperature init", "temperatures must be > 0")
         if not (self.min <= self.init <= self.max):
             raise ConfigError(
@@ -203,7 +211,9 @@ class TemperaturePairConfig:
             )
 
     @classmethod
-    def single(cls, init: float, low: float, high: float, learnable: bool = True) -> TemperaturePairConfig:
+    def single(
+        cls, init: float, low: float, high: float, learnable: bool = True
+    ) -> TemperaturePairConfig:
         """One temperature shared by both sides, starting at ``init`` and clamped to [low, high]."""
         t = TemperatureConfig(init, low, high, learnable)
         return cls(image=t, text=t, shared=True)
@@ -265,7 +275,9 @@ class CsaLossConfig:
     enabled: bool = True
     weight: float = 0.1
     combine: CombineMode = "each"
-    tau: TemperaturePairConfig = field(default_factory=lambda: TemperaturePairConfig.single(0.45, 0.1, 0.99))
+    tau: TemperaturePairConfig = field(
+        default_factory=lambda: TemperaturePairConfig.single(0.45, 0.1, 0.99)
+    )
     teacher_tau: TemperaturePairConfig = field(
         default_factory=lambda: TemperaturePairConfig.single(1.0, 0.1, 1.0, learnable=False)
     )
@@ -309,9 +321,17 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if not (self.itr.enabled or self.csa.enabled):
-            raise ConfigError("loss.itr and loss.csa are both disabled; enable at least one cross-modal term")
-        if self.usa.enabled and not self.csa.enabled and "csa" in (self.usa.tau, self.usa.teacher_tau):
-            raise ConfigError("loss.usa reuses CSA temperatures ('csa') but loss.csa is disabled; give usa its own")
+            raise ConfigError(
+                "loss.itr and loss.csa are both disabled; enable at least one cross-modal term"
+            )
+        if (
+            self.usa.enabled
+            and not self.csa.enabled
+            and "csa" in (self.usa.tau, self.usa.teacher_tau)
+        ):
+            raise ConfigError(
+                "loss.usa reuses CSA temperatures ('csa') but loss.csa is disabled; give usa its own"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LossConfig:
@@ -330,12 +350,16 @@ class LossConfig:
             cross = loss_config["cross_softlabel"]
             uni = loss_config["uni_softlabel"]
 
-            def temp(sec: dict[str, Any], prefix: str, side: str, block_key: str) -> TemperatureConfig:
+            def temp(
+                sec: dict[str, Any], prefix: str, side: str, block_key: str
+            ) -> TemperatureConfig:
                 lo, hi = sec[f"{prefix}{side}_tau_min"], sec[f"{prefix}{side}_tau_max"]
                 init = min(max(sec[f"{prefix}{side}_tau"], lo), hi)
                 return TemperatureConfig(init, lo, hi, learnable=not sec[block_key])
 
-            def pair(sec: dict[str, Any], prefix: str, shared: bool, block_key: str) -> TemperaturePairConfig:
+            def pair(
+                sec: dict[str, Any], prefix: str, shared: bool, block_key: str
+            ) -> TemperaturePairConfig:
                 return TemperaturePairConfig(
                     image=temp(sec, prefix, "image", block_key),
                     text=temp(sec, prefix, "text", block_key),
@@ -364,7 +388,10 @@ class LossConfig:
                 combine=cross["cross_softlabel_mode"],
                 tau=pair(cross, "", cross["use_same_tau"], "is_block_tau"),
                 teacher_tau=pair(
-                    cross, "the_softlabel_", cross["use_same_softlabel_tau"], "is_block_softlabel_tau"
+                    cross,
+                    "the_softlabel_",
+                    cross["use_same_softlabel_tau"],
+                    "is_block_softlabel_tau",
                 ),
             )
             usa = UsaLossConfig(
@@ -375,14 +402,18 @@ class LossConfig:
                 else pair(uni, "", uni["use_same_tau"], "is_block_tau"),
                 teacher_tau="csa"
                 if uni["use_cross_softlabel_same_softlabel_tau"]
-                else pair(uni, "the_softlabel_", uni["use_same_softlabel_tau"], "is_block_softlabel_tau"),
+                else pair(
+                    uni, "the_softlabel_", uni["use_same_softlabel_tau"], "is_block_softlabel_tau"
+                ),
             )
         except KeyError as exc:
             raise ConfigError(f"official loss_config is missing key {exc.args[0]!r}") from exc
         if itr.mode not in ("mean", "sum"):
             raise ConfigError(f"official contrastive_loss_mode={itr.mode!r}; use 'mean' or 'sum'")
         if csa.combine not in ("each", "add", "dot"):
-            raise ConfigError(f"official cross_softlabel_mode={csa.combine!r}; use 'each', 'add' or 'dot'")
+            raise ConfigError(
+                f"official cross_softlabel_mode={csa.combine!r}; use 'each', 'add' or 'dot'"
+            )
         return cls(itr=itr, csa=csa, usa=usa)
 
 
@@ -408,7 +439,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.embed_dim is not None and self.embed_dim < 1:
-            raise ConfigError(f"model.embed_dim={self.embed_dim!r} must be >= 1 (or null for the student's)")
+            raise ConfigError(
+                f"model.embed_dim={self.embed_dim!r} must be >= 1 (or null for the student's)"
+            )
         _non_negative(self.head_init_std, "model.head_init_std")
 
 
@@ -454,7 +487,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
-            raise ConfigError(f"data.batch_size={self.batch_size!r}; in-batch losses need at least 2")
+            raise ConfigError(
+                f"data.batch_size={self.batch_size!r}; in-batch losses need at least 2"
+            )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers!r} must be >= 0")
         if self.max_samples is not None and self.max_samples < 1:
@@ -552,7 +587,9 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build and validate from a plain mapping."""
         if not isinstance(data, dict):
-            raise ConfigError(f"a training config must be a mapping of sections, got {type(data).__name__}")
+            raise ConfigError(
+                f"a training config must be a mapping of sections, got {type(data).__name__}"
+            )
         return build(cls, data)
 
     @classmethod
@@ -579,7 +616,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
+            raise ConfigError(
+                f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4"
+            )
         try:
             import yaml
 
@@ -602,7 +641,9 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML, JSON or TOML file into a dict, with errors naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; give the path of a .yaml, .json or .toml file")
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist; give the path of a .yaml, .json or .toml file"
+        )
     suffix = p.suffix.lower()
     text = p.read_text(encoding="utf-8")
     try:
@@ -610,7 +651,9 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
             try:
                 import yaml
             except ImportError as exc:
-                raise ConfigError(f"reading {str(p)!r} needs pyyaml; pip install pyyaml, or use JSON/TOML") from exc
+                raise ConfigError(
+                    f"reading {str(p)!r} needs pyyaml; pip install pyyaml, or use JSON/TOML"
+                ) from exc
             data = yaml.safe_load(text)
         elif suffix == ".json":
             data = json.loads(text)
@@ -621,10 +664,14 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
                 try:
                     import tomli as tomllib  # type: ignore[no-redef]
                 except ImportError as exc:
-                    raise ConfigError(f"reading {str(p)!r} needs Python 3.11+ or 'pip install tomli'") from exc
+                    raise ConfigError(
+                        f"reading {str(p)!r} needs Python 3.11+ or 'pip install tomli'"
+                    ) from exc
             data = tomllib.loads(text)
         else:
-            raise ConfigError(f"config file {str(p)!r} has suffix {suffix!r}; use .yaml, .yml, .json or .toml")
+            raise ConfigError(
+                f"config file {str(p)!r} has suffix {suffix!r}; use .yaml, .yml, .json or .toml"
+            )
     except ConfigError:
         raise
     except Exception as exc:  # parse errors of three different libraries
@@ -632,5 +679,7 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}"
+        )
     return data

@@ -49,7 +49,9 @@ def check_spec(lookup: FeatureLookup, modality: str, expected: Mapping[str, Any]
     wanted.pop("library_versions", None)  # informative only
     diff = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
     if diff:
-        fields = "; ".join(f"{k}: store {a!r} != configured {b!r}" for k, (a, b) in sorted(diff.items()))
+        fields = "; ".join(
+            f"{k}: store {a!r} != configured {b!r}" for k, (a, b) in sorted(diff.items())
+        )
         raise StoreSpecMismatchError(
             f"the {modality} teacher features in {lookup.group.url!r} ({recorded.get('name')!r}) do not "
             f"match the configured teacher ({fields}); re-extract with the configured teacher or "
@@ -105,7 +107,10 @@ class TeacherFeatures:
         return self.image.dim, self.text.dim
 
     def gather(
-        self, image_ids: Sequence[str], caption_ids: Sequence[str], dtype: torch.dtype = torch.float32
+        self,
+        image_ids: Sequence[str],
+        caption_ids: Sequence[str],
+        dtype: torch.dtype = torch.float32,
     ) -> tuple[Tensor, Tensor]:
         """Teacher features ``(B, Ti)`` of the images and ``(B, Tt)`` of the captions, in id order.
 
@@ -113,7 +118,9 @@ class TeacherFeatures:
             SampleNotFoundError: an id is not in the store; the message names it.
         """
         image_ids, caption_ids = _as_str_list(image_ids), _as_str_list(caption_ids)
-        return self.image.gather_torch(image_ids, dtype=dtype), self.text.gather_torch(caption_ids, dtype=dtype)
+        return self.image.gather_torch(image_ids, dtype=dtype), self.text.gather_torch(
+            caption_ids, dtype=dtype
+        )
 
     def __repr__(self) -> str:
         return f"TeacherFeatures(image={self.image!r}, text={self.text!r})"
@@ -223,20 +230,28 @@ class PairDataset(Dataset):
                 self.skipped[sample.image_id] = "image not in the image teacher's features"
                 continue
             kept = 0
-            for cid, caption in zip(sample.caption_ids, sample.captions):
+            for cid, caption in zip(sample.caption_ids, sample.captions, strict=True):
                 if text_ok is not None and cid not in text_ok:
                     self.skipped[cid] = "caption not in the text teacher's features"
                     continue
-                text = caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else caption
+                text = (
+                    caption.decode("utf-8", errors="replace")
+                    if isinstance(caption, bytes)
+                    else caption
+                )
                 self.pairs.append((sample.image_id, cid, text))
                 kept += 1
             if kept:
                 self.images[sample.image_id] = sample.image
         if self.skipped:
             first = ", ".join(f"{k!r} ({v})" for k, v in list(self.skipped.items())[:3])
-            logger.warning("left out %d images/captions of %r: %s ...", len(self.skipped), reader, first)
+            logger.warning(
+                "left out %d images/captions of %r: %s ...", len(self.skipped), reader, first
+            )
         if not self.pairs:
-            raise DatasetError(f"no usable (image, caption) pairs in {reader!r}; check the dataset and the store")
+            raise DatasetError(
+                f"no usable (image, caption) pairs in {reader!r}; check the dataset and the store"
+            )
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -46,7 +46,7 @@ def _gather_padded(tensor: Tensor) -> tuple[Tensor, list[int]]:
         tensor = torch.cat([tensor, pad], dim=0)
     parts = [torch.empty_like(tensor) for _ in range(n)]
     dist.all_gather(parts, tensor.contiguous())
-    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0), counts
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0), counts
 
 
 class _AllGatherLocalGrad(torch.autograd.Function):
@@ -101,9 +101,13 @@ def ids_to_codes(ids: Sequence[str | int] | Tensor) -> Tensor:
         return ids.to(torch.long)
     codes = []
     for value in ids:
-        if isinstance(value, (int,)) and not isinstance(value, bool):
-            codes.append(int(value))
-        elif isinstance(value, str) and value.isdigit() and len(value) < 19:
+        if (
+            isinstance(value, (int,))
+            and not isinstance(value, bool)
+            or isinstance(value, str)
+            and value.isdigit()
+            and len(value) < 19
+        ):
             codes.append(int(value))
         else:
             digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=8).digest()

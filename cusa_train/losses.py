@@ -46,7 +46,9 @@ def cosine_similarity_matrix(a: Tensor, b: Tensor | None = None, eps: float = 1e
     return a @ b.t()
 
 
-def multi_positive_targets(image_ids: Tensor | None, n: int, device: torch.device | None = None) -> Tensor:
+def multi_positive_targets(
+    image_ids: Tensor | None, n: int, device: torch.device | None = None
+) -> Tensor:
     """Row-normalised positive mask, (n, n).
 
     Pairs ``i`` and ``j`` are positives when they share an image id, so several captions of one
@@ -59,7 +61,9 @@ def multi_positive_targets(image_ids: Tensor | None, n: int, device: torch.devic
     return pos / pos.sum(dim=1, keepdim=True)
 
 
-def soft_label_kl(student_sim: Tensor, teacher_sim: Tensor, tau: Tensor | float, teacher_tau: Tensor | float) -> Tensor:
+def soft_label_kl(
+    student_sim: Tensor, teacher_sim: Tensor, tau: Tensor | float, teacher_tau: Tensor | float
+) -> Tensor:
     """``KL(softmax(teacher_sim / teacher_tau) || softmax(student_sim / tau))``, batchmean.
 
     Args:
@@ -110,8 +114,12 @@ class MultiPositiveInfoNCELoss(nn.Module):
             raise ConfigError(f"InfoNCE mode {mode!r} is not supported; use one of {ITR_MODES}")
         self.mode = mode
 
-    def forward(self, similarity: Tensor, tau: Tensor | float, image_ids: Tensor | None = None) -> Tensor:
-        targets = multi_positive_targets(image_ids, similarity.shape[0], similarity.device)  # (B, B)
+    def forward(
+        self, similarity: Tensor, tau: Tensor | float, image_ids: Tensor | None = None
+    ) -> Tensor:
+        targets = multi_positive_targets(
+            image_ids, similarity.shape[0], similarity.device
+        )  # (B, B)
         reduce = torch.mean if self.mode == "mean" else torch.sum
         loss_i2t = -reduce(F.log_softmax(similarity / tau, dim=1) * targets, dim=1).mean()
         loss_t2i = -reduce(F.log_softmax(similarity.t() / tau, dim=1) * targets, dim=1).mean()
@@ -121,7 +129,9 @@ class MultiPositiveInfoNCELoss(nn.Module):
         return f"mode={self.mode!r}"
 
 
-def combine_teacher_similarities(image_sim: Tensor, text_sim: Tensor, combine: CombineMode) -> tuple[Tensor, Tensor]:
+def combine_teacher_similarities(
+    image_sim: Tensor, text_sim: Tensor, combine: CombineMode
+) -> tuple[Tensor, Tensor]:
     """The soft-label targets for the (i2t, t2i) rows of CSA.
 
     ``each``: image teacher's image-image cosine for i2t, text teacher's text-text cosine for t2i.
@@ -134,7 +144,9 @@ def combine_teacher_similarities(image_sim: Tensor, text_sim: Tensor, combine: C
     elif combine == "dot":
         both = torch.sqrt(image_sim.clamp(min=0.0) * text_sim.clamp(min=0.0))
     else:
-        raise ConfigError(f"CSA combine mode {combine!r} is not supported; use one of {COMBINE_MODES}")
+        raise ConfigError(
+            f"CSA combine mode {combine!r} is not supported; use one of {COMBINE_MODES}"
+        )
     return both, both
 
 
@@ -176,7 +188,9 @@ class CrossModalSoftLabelLoss(nn.Module):
     def __init__(self, combine: CombineMode = "each") -> None:
         super().__init__()
         if combine not in COMBINE_MODES:
-            raise ConfigError(f"CSA combine mode {combine!r} is not supported; use one of {COMBINE_MODES}")
+            raise ConfigError(
+                f"CSA combine mode {combine!r} is not supported; use one of {COMBINE_MODES}"
+            )
         self.combine = combine
 
     def forward(
@@ -189,7 +203,9 @@ class CrossModalSoftLabelLoss(nn.Module):
         teacher_tau_image: Tensor | float,
         teacher_tau_text: Tensor | float,
     ) -> Tensor:
-        target_i2t, target_t2i = combine_teacher_similarities(teacher_image_sim, teacher_text_sim, self.combine)
+        target_i2t, target_t2i = combine_teacher_similarities(
+            teacher_image_sim, teacher_text_sim, self.combine
+        )
         loss_i2t = soft_label_kl(similarity, target_i2t, tau_i2t, teacher_tau_image)
         loss_t2i = soft_label_kl(similarity.t(), target_t2i, tau_t2i, teacher_tau_text)
         return (loss_i2t + loss_t2i) / 2.0
@@ -237,7 +253,9 @@ class UniModalSoftLabelLoss(nn.Module):
         teacher_tau_image: Tensor | float,
         teacher_tau_text: Tensor | float,
     ) -> Tensor:
-        loss_image = soft_label_kl(student_image_sim, teacher_image_sim, tau_image, teacher_tau_image)
+        loss_image = soft_label_kl(
+            student_image_sim, teacher_image_sim, tau_image, teacher_tau_image
+        )
         loss_text = soft_label_kl(student_text_sim, teacher_text_sim, tau_text, teacher_tau_text)
         return (loss_image + loss_text) / 2.0
 
@@ -262,7 +280,9 @@ class CusaTemperatures:
 
 def _require(value: Tensor | None, name: str) -> Tensor:
     if value is None:
-        raise ConfigError(f"temperature {name!r} is None but its loss term is enabled; build it with CusaModel")
+        raise ConfigError(
+            f"temperature {name!r} is None but its loss term is enabled; build it with CusaModel"
+        )
     return value
 
 
@@ -301,9 +321,15 @@ class CusaLoss(nn.Module):
         csa_combine: CombineMode = "each",
     ) -> None:
         super().__init__()
-        for name, w in (("itr_weight", itr_weight), ("csa_weight", csa_weight), ("usa_weight", usa_weight)):
+        for name, w in (
+            ("itr_weight", itr_weight),
+            ("csa_weight", csa_weight),
+            ("usa_weight", usa_weight),
+        ):
             if w < 0:
-                raise ConfigError(f"{name}={w!r} is negative; use a weight >= 0 (0 switches the term off)")
+                raise ConfigError(
+                    f"{name}={w!r} is negative; use a weight >= 0 (0 switches the term off)"
+                )
         self.itr_weight = float(itr_weight)
         self.csa_weight = float(csa_weight)
         self.usa_weight = float(usa_weight)
@@ -339,15 +365,25 @@ class CusaLoss(nn.Module):
     ) -> dict[str, Tensor]:
         zero = image_embeds.new_zeros(())
         out = {"itr": zero, "csa": zero, "usa": zero}
-        similarity = cosine_similarity_matrix(image_embeds, text_embeds)  # (B, B) image rows, text cols
+        similarity = cosine_similarity_matrix(
+            image_embeds, text_embeds
+        )  # (B, B) image rows, text cols
         if self.itr_weight > 0:
-            out["itr"] = self.itr_weight * self.itr(similarity, _require(temperatures.itr, "itr"), image_ids)
+            out["itr"] = self.itr_weight * self.itr(
+                similarity, _require(temperatures.itr, "itr"), image_ids
+            )
         if self.needs_teachers:
             if teacher_image_features is None or teacher_text_features is None:
-                raise ConfigError("CSA/USA are enabled but no teacher features were given; attach them from the store")
+                raise ConfigError(
+                    "CSA/USA are enabled but no teacher features were given; attach them from the store"
+                )
             with torch.no_grad():
-                t_img = cosine_similarity_matrix(teacher_image_features.float())  # (B, B) teacher image-image
-                t_txt = cosine_similarity_matrix(teacher_text_features.float())  # (B, B) teacher text-text
+                t_img = cosine_similarity_matrix(
+                    teacher_image_features.float()
+                )  # (B, B) teacher image-image
+                t_txt = cosine_similarity_matrix(
+                    teacher_text_features.float()
+                )  # (B, B) teacher text-text
             if self.csa_weight > 0:
                 csa = self.csa(
                     similarity,

@@ -86,7 +86,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={name!r} but CUDA is not available here; use 'auto' or 'cpu'")
+        raise ConfigError(
+            f"run.device={name!r} but CUDA is not available here; use 'auto' or 'cpu'"
+        )
     return device
 
 
@@ -121,7 +123,9 @@ class EpochSampler(Sampler[int]):
     Every rank gets ``len // world`` indices (the tail is dropped so ranks stay in step).
     """
 
-    def __init__(self, length: int, seed: int, epoch: int = 0, skip: int = 0, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, length: int, seed: int, epoch: int = 0, skip: int = 0, rank: int = 0, world: int = 1
+    ) -> None:
         self.length, self.seed, self.epoch, self.skip = length, seed, epoch, skip
         self.rank, self.world = rank, world
 
@@ -172,7 +176,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as exc:  # torch raises several kinds for a bad file
         raise ConfigError(f"cannot read checkpoint {str(p)!r}: {exc}") from exc
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
-        raise ConfigError(f"{str(p)!r} is not a cusa trainer checkpoint (needs keys model, config, step)")
+        raise ConfigError(
+            f"{str(p)!r} is not a cusa trainer checkpoint (needs keys model, config, step)"
+        )
     return ckpt
 
 
@@ -182,7 +188,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         if isinstance(v, torch.Tensor):
             out[k] = v.to(device, non_blocking=True)
         elif isinstance(v, dict):
-            out[k] = {kk: vv.to(device) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
+            out[k] = {
+                kk: vv.to(device) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()
+            }
         else:
             out[k] = v
     return out
@@ -191,7 +199,14 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="cusa train", unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc="cusa train",
+        unit="step",
+        dynamic_ncols=True,
+    )
 
 
 def _init_distributed(device_name: str) -> bool:
@@ -200,7 +215,9 @@ def _init_distributed(device_name: str) -> bool:
         return False
     backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
     dist.init_process_group(backend)
-    logger.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    logger.info(
+        "joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend
+    )
     return True
 
 
@@ -238,7 +255,9 @@ def train(
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, student: nn.Module | None, reader: Any, teachers: TeacherFeatures | None) -> TrainResult:
+def _train(
+    config: TrainConfig, student: nn.Module | None, reader: Any, teachers: TeacherFeatures | None
+) -> TrainResult:
     rank, world = dist_rank(), dist_world_size()
     device = resolve_device(config.run.device)
     if device.type == "cuda":
@@ -265,7 +284,10 @@ def _train(config: TrainConfig, student: nn.Module | None, reader: Any, teachers
 
         reader = open_dataset(config.data.dataset, split=config.data.split)
     model = CusaModel(
-        student, config.loss, embed_dim=config.model.embed_dim, head_init_std=config.model.head_init_std
+        student,
+        config.loss,
+        embed_dim=config.model.embed_dim,
+        head_init_std=config.model.head_init_std,
     )
     if teachers is None and model.needs_teachers:
         teachers = TeacherFeatures.open(
@@ -305,9 +327,13 @@ def _train(config: TrainConfig, student: nn.Module | None, reader: Any, teachers
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     o = config.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(o.warmup_steps, total_steps, o.min_lr_ratio)
     )
@@ -350,7 +376,9 @@ def _train(config: TrainConfig, student: nn.Module | None, reader: Any, teachers
     try:
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            sampler = EpochSampler(len(dataset), config.run.seed, epoch, in_epoch * batch_size, rank, world)
+            sampler = EpochSampler(
+                len(dataset), config.run.seed, epoch, in_epoch * batch_size, rank, world
+            )
             loader = DataLoader(
                 dataset,
                 batch_size=batch_size,
@@ -413,7 +441,12 @@ def _train(config: TrainConfig, student: nn.Module | None, reader: Any, teachers
         bar.close()
     model.eval()
     return TrainResult(
-        steps=step, resumed_from=resumed_from, final=final, checkpoint=ckpt_path, output_dir=out_dir, model=model
+        steps=step,
+        resumed_from=resumed_from,
+        final=final,
+        checkpoint=ckpt_path,
+        output_dir=out_dir,
+        model=model,
     )
 
 

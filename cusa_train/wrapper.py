@@ -20,7 +20,12 @@ from torch import Tensor, nn
 
 from cusa.errors import ConfigError
 from cusa_train.config import LossConfig, TemperatureConfig, TemperaturePairConfig
-from cusa_train.distributed import all_gather_no_grad, all_gather_with_grad, ids_to_codes, is_distributed
+from cusa_train.distributed import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    ids_to_codes,
+    is_distributed,
+)
 from cusa_train.losses import CusaLoss, CusaTemperatures
 
 logger = logging.getLogger(__name__)
@@ -94,7 +99,9 @@ class TemperatureBank(nn.Module):
             self._add("itr", loss.itr.tau, "itr")
         if loss.csa.enabled:
             self._add_pair("csa", loss.csa.tau, ("csa_i2t", "csa_t2i"))
-            self._add_pair("csa_teacher", loss.csa.teacher_tau, ("csa_teacher_image", "csa_teacher_text"))
+            self._add_pair(
+                "csa_teacher", loss.csa.teacher_tau, ("csa_teacher_image", "csa_teacher_text")
+            )
         if loss.usa.enabled:
             if loss.usa.tau == "csa":
                 self.roles["usa_image"] = self.roles["csa_i2t"]
@@ -105,7 +112,9 @@ class TemperatureBank(nn.Module):
                 self.roles["usa_teacher_image"] = self.roles["csa_teacher_image"]
                 self.roles["usa_teacher_text"] = self.roles["csa_teacher_text"]
             else:
-                self._add_pair("usa_teacher", loss.usa.teacher_tau, ("usa_teacher_image", "usa_teacher_text"))
+                self._add_pair(
+                    "usa_teacher", loss.usa.teacher_tau, ("usa_teacher_image", "usa_teacher_text")
+                )
 
     def _add(self, key: str, config: TemperatureConfig, *roles: str) -> None:
         self.temps[key] = Temperature(config)
@@ -275,11 +284,20 @@ class CusaModel(nn.Module):
             teacher_image = teacher_image.to(image_features.device)
             teacher_text = teacher_text.to(image_features.device)
         if self.gather and is_distributed():
-            cross_image, cross_text = all_gather_with_grad(cross_image), all_gather_with_grad(cross_text)
+            cross_image, cross_text = (
+                all_gather_with_grad(cross_image),
+                all_gather_with_grad(cross_text),
+            )
             if uni_image is not None:
-                uni_image, uni_text = all_gather_with_grad(uni_image), all_gather_with_grad(uni_text)
+                uni_image, uni_text = (
+                    all_gather_with_grad(uni_image),
+                    all_gather_with_grad(uni_text),
+                )
             if teacher_image is not None:
-                teacher_image, teacher_text = all_gather_no_grad(teacher_image), all_gather_no_grad(teacher_text)
+                teacher_image, teacher_text = (
+                    all_gather_no_grad(teacher_image),
+                    all_gather_no_grad(teacher_text),
+                )
             if ids is not None:
                 ids = all_gather_no_grad(ids)
         return self.criterion(
@@ -344,6 +362,8 @@ def convert_official_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
                 if key.endswith(suffix) and key[: -len(suffix)] in _OFFICIAL_TEMPERATURES:
                     base, side = key[: -len(suffix)], suffix
             if base not in _OFFICIAL_TEMPERATURES:
-                raise ConfigError(f"unknown official CUSA parameter {key!r}; expected heads, temperatures or clip_model.*")
+                raise ConfigError(
+                    f"unknown official CUSA parameter {key!r}; expected heads, temperatures or clip_model.*"
+                )
             out[f"temperatures.temps.{_OFFICIAL_TEMPERATURES[base]}{side}.value"] = value
     return out

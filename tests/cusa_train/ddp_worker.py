@@ -50,7 +50,11 @@ def main() -> None:
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     gathered_ids = all_gather_no_grad(ids_to_codes(IMAGE_IDS[sl]))
 
-    result = {"rank": rank, "distributed": is_distributed(), "loss": {k: v.item() for k, v in out.items()}}
+    result = {
+        "rank": rank,
+        "distributed": is_distributed(),
+        "loss": {k: v.item() for k, v in out.items()},
+    }
     result["ids_match"] = bool(torch.equal(gathered_ids, ids_to_codes(IMAGE_IDS)))
     if rank == 0:
         ref = make_model()

@@ -55,27 +55,48 @@ def test_yaml_file_round_trips_through_json_and_toml(tmp_path):
     assert cfg.optim.betas == (0.9, 0.99) and cfg.optim.lr == 3e-4
     (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
     assert TrainConfig.from_file(tmp_path / "c.json") == cfg
-    toml = '[data]\nbatch_size = 8\n[loss.csa]\nweight = 0.3\n[run]\nseed = 3\n'
+    toml = "[data]\nbatch_size = 8\n[loss.csa]\nweight = 0.3\n[run]\nseed = 3\n"
     (tmp_path / "c.toml").write_text(toml)
     t = TrainConfig.from_file(tmp_path / "c.toml")
     assert (t.data.batch_size, t.loss.csa.weight, t.run.seed) == (8, 0.3, 3)
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():
-    with pytest.raises(ConfigError, match=r"unknown config key 'loss.csa.alpha'; allowed keys here: enabled, weight"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'loss.csa.alpha'; allowed keys here: enabled, weight",
+    ):
         TrainConfig.from_dict({"loss": {"csa": {"alpha": 0.1}}})
-    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer'.*model, loss, teachers, data, optim, run"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'optimizer'.*model, loss, teachers, data, optim, run",
+    ):
         TrainConfig.from_dict({"optimizer": {}})
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"loss": {"itr": {"tau": {"init": 0.05, "min": 0.0, "max": 0.1}}}}, r"temperature min=0.0 is out of range"),
-        ({"loss": {"itr": {"tau": {"init": 0.05, "min": 0.2, "max": 0.1}}}}, r"min=0.2 > max=0.1; swap"),
-        ({"loss": {"itr": {"tau": {"init": 0.5, "min": 0.01, "max": 0.1}}}}, r"init=0.5 is outside \[min=0.01, max=0.1\]"),
-        ({"loss": {"csa": {"weight": -1}}}, r"loss.csa.weight=-1.0 is out of range; use alpha >= 0"),
-        ({"loss": {"itr": {"mode": "avg"}}}, r"loss.itr.mode='avg' is not allowed; use one of \['mean', 'sum'\]"),
+        (
+            {"loss": {"itr": {"tau": {"init": 0.05, "min": 0.0, "max": 0.1}}}},
+            r"temperature min=0.0 is out of range",
+        ),
+        (
+            {"loss": {"itr": {"tau": {"init": 0.05, "min": 0.2, "max": 0.1}}}},
+            r"min=0.2 > max=0.1; swap",
+        ),
+        (
+            {"loss": {"itr": {"tau": {"init": 0.5, "min": 0.01, "max": 0.1}}}},
+            r"init=0.5 is outside \[min=0.01, max=0.1\]",
+        ),
+        (
+            {"loss": {"csa": {"weight": -1}}},
+            r"loss.csa.weight=-1.0 is out of range; use alpha >= 0",
+        ),
+        (
+            {"loss": {"itr": {"mode": "avg"}}},
+            r"loss.itr.mode='avg' is not allowed; use one of \['mean', 'sum'\]",
+        ),
         ({"loss": {"csa": {"combine": "max"}}}, r"loss.csa.combine='max' is not allowed"),
         ({"data": {"batch_size": 1}}, r"data.batch_size=1; in-batch losses need at least 2"),
         ({"optim": {"lr": -1e-3}}, r"optim.lr=-0.001 is out of range"),
@@ -93,9 +114,13 @@ def test_inconsistent_loss_settings_are_rejected():
     with pytest.raises(ConfigError, match="reuses CSA temperatures"):
         LossConfig.from_dict({"csa": {"enabled": False}})
     with pytest.raises(ConfigError, match="both disabled"):
-        LossConfig.from_dict({"itr": {"enabled": False}, "csa": {"enabled": False}, "usa": {"enabled": False}})
+        LossConfig.from_dict(
+            {"itr": {"enabled": False}, "csa": {"enabled": False}, "usa": {"enabled": False}}
+        )
     with pytest.raises(ConfigError, match="learnable=True on one side and False"):
-        TemperaturePairConfig(TemperatureConfig(1, 0.1, 1), TemperatureConfig(1, 0.1, 1, False), shared=True)
+        TemperaturePairConfig(
+            TemperatureConfig(1, 0.1, 1), TemperatureConfig(1, 0.1, 1, False), shared=True
+        )
 
 
 def test_configs_are_frozen():

@@ -16,7 +16,13 @@ from cusa.errors import DatasetError, SampleNotFoundError, StoreError, StoreSpec
 from cusa.extract.readers.registry import open_dataset
 from cusa.extract.teachers.spec import TeacherSpec
 from cusa.store import FeatureStore
-from cusa_train.data import PairDataset, SoftLabelCollate, SoftLabelStage, TeacherFeatures, pair_collate
+from cusa_train.data import (
+    PairDataset,
+    SoftLabelCollate,
+    SoftLabelStage,
+    TeacherFeatures,
+    pair_collate,
+)
 
 IMAGE_SPEC = TeacherSpec(
     name="img-teacher", modality="image", model="test/img", weights_sha256="a" * 64,
@@ -55,7 +61,9 @@ def store(tmp_path, reader):
         ids = [s.image_id for s in samples]
         img.write_shard(shard.key, ids, np.stack([feature_of(i, 12) for i in ids]))
         cids = [c for s in samples for c in s.caption_ids if c != missing]
-        fails = [(missing, "test")] if missing in {c for s in samples for c in s.caption_ids} else []
+        fails = (
+            [(missing, "test")] if missing in {c for s in samples for c in s.caption_ids} else []
+        )
         txt.write_shard(shard.key, cids, np.stack([feature_of(c, 8) for c in cids]), failures=fails)
     img.seal()
     return tmp_path / "store"
@@ -63,7 +71,12 @@ def store(tmp_path, reader):
 
 def open_teachers(store, **kw) -> TeacherFeatures:
     return TeacherFeatures.open(
-        store, dataset="coco-sample", split="train", image_teacher="img-teacher", text_teacher="txt-teacher", **kw
+        store,
+        dataset="coco-sample",
+        split="train",
+        image_teacher="img-teacher",
+        text_teacher="txt-teacher",
+        **kw,
     )
 
 
@@ -76,7 +89,9 @@ def test_gather_joins_by_id_not_by_row(store, reader):
     assert t_img.dtype == t_txt.dtype == torch.float32
     assert t_img.shape == (5, 12) and t_txt.shape == (5, 8)
     np.testing.assert_array_equal(t_img.numpy(), np.stack([feature_of(i, 12) for i in image_ids]))
-    expected_txt = np.stack([feature_of(c, 8) for c in caption_ids]).astype(np.float16).astype(np.float32)
+    expected_txt = (
+        np.stack([feature_of(c, 8) for c in caption_ids]).astype(np.float16).astype(np.float32)
+    )
     np.testing.assert_array_equal(t_txt.numpy(), expected_txt)
 
 
@@ -90,18 +105,30 @@ def test_missing_id_is_an_error_naming_it(store, reader):
 
 
 def test_a_store_made_by_another_teacher_spec_is_refused(store):
-    with pytest.raises(StoreSpecMismatchError, match=r"dim: store 12 != configured 16.*weights_sha256"):
+    with pytest.raises(
+        StoreSpecMismatchError, match=r"dim: store 12 != configured 16.*weights_sha256"
+    ):
         open_teachers(store, image_spec={"dim": 16, "weights_sha256": "c" * 64})
     with pytest.raises(StoreSpecMismatchError, match="text teacher features.*preprocessing"):
         open_teachers(store, text_spec=TEXT_SPEC.replace(preprocessing={"lower": True}))
     # A text teacher configured as the image teacher is refused by modality.
-    with pytest.raises(StoreSpecMismatchError, match="modality: store 'text' != configured 'image'"):
+    with pytest.raises(
+        StoreSpecMismatchError, match="modality: store 'text' != configured 'image'"
+    ):
         TeacherFeatures.open(
-            store, dataset="coco-sample", split="train", image_teacher="txt-teacher", text_teacher="txt-teacher"
+            store,
+            dataset="coco-sample",
+            split="train",
+            image_teacher="txt-teacher",
+            text_teacher="txt-teacher",
         )
     with pytest.raises(StoreError, match="no features of teacher 'unicom-vit-b32'.*img-teacher@"):
         TeacherFeatures.open(
-            store, dataset="coco-sample", split="train", image_teacher="unicom-vit-b32", text_teacher="txt-teacher"
+            store,
+            dataset="coco-sample",
+            split="train",
+            image_teacher="unicom-vit-b32",
+            text_teacher="txt-teacher",
         )
 
 
@@ -117,9 +144,17 @@ def test_pair_dataset_and_collate_in_dataloader_workers(store, reader):
     )
     missing = f"{reader.items()[3].image_id}#2"
     assert data.skipped == {missing: "caption not in the text teacher's features"}
-    assert len(data.images) == 6 and len(data) == sum(len(it.captions) for it in reader.items()[:6]) - 1
+    assert (
+        len(data.images) == 6
+        and len(data) == sum(len(it.captions) for it in reader.items()[:6]) - 1
+    )
     loader = DataLoader(
-        data, batch_size=7, shuffle=True, num_workers=1, collate_fn=SoftLabelCollate(teachers), drop_last=True
+        data,
+        batch_size=7,
+        shuffle=True,
+        num_workers=1,
+        collate_fn=SoftLabelCollate(teachers),
+        drop_last=True,
     )
     batches = list(loader)
     assert len(batches) == len(data) // 7
@@ -150,7 +185,7 @@ def test_webdataset_stage_attaches_features_to_a_shard_stream(store, reader, tmp
     tar = tmp_path / "train-000000.tar"
     with wds.TarWriter(str(tar)) as sink:
         for sample in reader.read(reader.shards()[0]):
-            for cid, caption in zip(sample.caption_ids[:2], sample.captions[:2]):
+            for cid, caption in zip(sample.caption_ids[:2], sample.captions[:2], strict=True):
                 sink.write({
                     "__key__": cid.replace(".", "_").replace("#", "_"),
                     "jpg": sample.image,
@@ -161,7 +196,12 @@ def test_webdataset_stage_attaches_features_to_a_shard_stream(store, reader, tmp
 
     def to_pair(s):
         meta = s["json"]
-        return {"image": s["jpg"], "text": meta["caption"], "image_id": meta["image_id"], "caption_id": meta["caption_id"]}
+        return {
+            "image": s["jpg"],
+            "text": meta["caption"],
+            "image_id": meta["image_id"],
+            "caption_id": meta["caption_id"],
+        }
 
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(str(tar)),
@@ -175,11 +215,17 @@ def test_webdataset_stage_attaches_features_to_a_shard_stream(store, reader, tmp
     assert sum(len(b["image_id"]) for b in batches) == 20
     first = batches[0]
     assert first["teacher_image"].shape == (4, 12) and first["teacher_text"].shape == (4, 8)
-    np.testing.assert_array_equal(first["teacher_image"][0].numpy(), feature_of(first["image_id"][0], 12))
+    np.testing.assert_array_equal(
+        first["teacher_image"][0].numpy(), feature_of(first["image_id"][0], 12)
+    )
     # Per-sample use with .map() and on already batched samples.
-    one = stage.attach({"image_id": first["image_id"][0].encode(), "caption_id": first["caption_id"][0]})
+    one = stage.attach(
+        {"image_id": first["image_id"][0].encode(), "caption_id": first["caption_id"][0]}
+    )
     assert one["teacher_image"].shape == (12,)
     many = stage.attach({"image_id": first["image_id"], "caption_id": first["caption_id"]})
     assert torch.equal(many["teacher_text"], first["teacher_text"])
-    with pytest.raises(DatasetError, match=r"has no 'caption_id'; its keys are \['__key__', 'image_id'\]"):
+    with pytest.raises(
+        DatasetError, match=r"has no 'caption_id'; its keys are \['__key__', 'image_id'\]"
+    ):
         stage.attach({"__key__": "k", "image_id": first["image_id"][0]})

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cusa_train.distributed import all_gather_no_grad, all_gather_with_grad, ids_to_codes, is_distributed
+from cusa_train.distributed import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    ids_to_codes,
+    is_distributed,
+)
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -27,9 +32,13 @@ def test_ids_to_codes_is_stable_and_keeps_numeric_ids():
     assert codes[0].item() == 391895 and codes[3].item() == 7
     assert codes[1] == codes[2] and codes[1] < 0
     # Same code in a fresh interpreter (Python's own hash() is salted per process).
-    script = "from cusa_train.distributed import ids_to_codes; print(ids_to_codes(['cat.jpg']).item())"
+    script = (
+        "from cusa_train.distributed import ids_to_codes; print(ids_to_codes(['cat.jpg']).item())"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "random"}
-    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    other = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
     assert int(other.stdout) == codes[1].item()
 
 

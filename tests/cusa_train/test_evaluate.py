@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from cusa.errors import ConfigError, DatasetError
 from sts_data import STS_PAIRS, write_sts
 
+from cusa.errors import ConfigError, DatasetError
 from cusa_train.evaluate import (
     CaptionGroundTruth,
     EvalReport,
@@ -377,8 +377,9 @@ def test_evaluate_store_group_joins_by_id(tmp_path):
 
 
 def test_cli_eval_on_stored_features(tmp_path):
-    from cusa.cli import app
     from typer.testing import CliRunner
+
+    from cusa.cli import app
 
     img, txt, _ = _two_images()
     np.savez(tmp_path / "img.npz", features=img, ids=np.array(["A", "B"]))

@@ -65,7 +65,11 @@ def test_official_parity_through_cusa_model(golden, cfg, mode):
         _tensor(case["teacher_text"]),
     )
     assert set(out) == set(LOSS_KEYS)
-    for ours, theirs in (("itr", "contrastive_loss"), ("csa", "cross_modal_loss"), ("usa", "uni_modal_loss")):
+    for ours, theirs in (
+        ("itr", "contrastive_loss"),
+        ("csa", "cross_modal_loss"),
+        ("usa", "uni_modal_loss"),
+    ):
         assert out[ours].item() == pytest.approx(case[theirs], rel=1e-5, abs=1e-6), ours
     assert out["loss"].item() == pytest.approx(
         case["contrastive_loss"] + case["cross_modal_loss"] + case["uni_modal_loss"], rel=1e-5
@@ -80,7 +84,9 @@ def test_official_parity_of_bare_loss_modules(golden, cfg, mode):
     c = case["config"]
 
     def head(x, name):
-        x = F.layer_norm(x, (32,), p[f"ln_{name}_projection.weight"], p[f"ln_{name}_projection.bias"])
+        x = F.layer_norm(
+            x, (32,), p[f"ln_{name}_projection.weight"], p[f"ln_{name}_projection.bias"]
+        )
         return F.linear(x, p[f"{name}_projection.weight"], p[f"{name}_projection.bias"])
 
     def tau(name, side, lo_hi):
@@ -92,14 +98,19 @@ def test_official_parity_of_bare_loss_modules(golden, cfg, mode):
     t_txt = cosine_similarity_matrix(_tensor(case["teacher_text"]))
     sim = cosine_similarity_matrix(head(img, "cross_image"), head(txt, "cross_text"))
     con = c["contrastive"]
-    itr = MultiPositiveInfoNCELoss(mode)(sim, p["tau"].clamp(con["tau_min"], con["tau_max"]), torch.tensor(case["idx"]))
+    itr = MultiPositiveInfoNCELoss(mode)(
+        sim, p["tau"].clamp(con["tau_min"], con["tau_max"]), torch.tensor(case["idx"])
+    )
     assert itr.item() == pytest.approx(case["contrastive_loss"], rel=1e-5)
 
     cs = c["cross_softlabel"]
     shared = "cross_tau" in p
     rng = {
         side: (
-            ((cs["image_tau_min"] + cs["text_tau_min"]) / 2, (cs["image_tau_max"] + cs["text_tau_max"]) / 2)
+            (
+                (cs["image_tau_min"] + cs["text_tau_min"]) / 2,
+                (cs["image_tau_max"] + cs["text_tau_max"]) / 2,
+            )
             if shared
             else (cs[f"{side}_tau_min"], cs[f"{side}_tau_max"])
         )
@@ -134,8 +145,16 @@ def test_official_parity_of_bare_loss_modules(golden, cfg, mode):
         st_img = tau("cross_the_softlabel_tau", "image", srng["image"])
         st_txt = tau("cross_the_softlabel_tau", "text", srng["text"])
     else:
-        st_img = tau("uni_the_softlabel_tau", "image", (us["the_softlabel_image_tau_min"], us["the_softlabel_image_tau_max"]))
-        st_txt = tau("uni_the_softlabel_tau", "text", (us["the_softlabel_text_tau_min"], us["the_softlabel_text_tau_max"]))
+        st_img = tau(
+            "uni_the_softlabel_tau",
+            "image",
+            (us["the_softlabel_image_tau_min"], us["the_softlabel_image_tau_max"]),
+        )
+        st_txt = tau(
+            "uni_the_softlabel_tau",
+            "text",
+            (us["the_softlabel_text_tau_min"], us["the_softlabel_text_tau_max"]),
+        )
     usa = UniModalSoftLabelLoss()(
         uni_img,
         uni_txt,
@@ -159,9 +178,13 @@ def test_infonce_sum_mode_is_standard_cross_entropy():
     tau = 0.07
     labels = torch.arange(6)
     expected = (F.cross_entropy(sim / tau, labels) + F.cross_entropy(sim.t() / tau, labels)) / 2
-    assert MultiPositiveInfoNCELoss("sum")(sim, tau).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert MultiPositiveInfoNCELoss("sum")(sim, tau).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
     # The official "mean" mode also averages over the columns: the same loss divided by B.
-    assert MultiPositiveInfoNCELoss("mean")(sim, tau).item() == pytest.approx(expected.item() / 6, rel=1e-6)
+    assert MultiPositiveInfoNCELoss("mean")(sim, tau).item() == pytest.approx(
+        expected.item() / 6, rel=1e-6
+    )
 
 
 def test_multi_positive_targets_share_mass_between_captions_of_one_image():
@@ -249,7 +272,9 @@ def test_teacher_features_get_no_gradient():
         itr=one, csa_i2t=one, csa_t2i=one, csa_teacher_image=one, csa_teacher_text=one,
         usa_image=one, usa_text=one, usa_teacher_image=one, usa_teacher_text=one,
     )  # fmt: skip
-    out = CusaLoss()(emb, emb * 2, t_img, t_txt, temps, uni_image_embeds=emb, uni_text_embeds=emb + 1)
+    out = CusaLoss()(
+        emb, emb * 2, t_img, t_txt, temps, uni_image_embeds=emb, uni_text_embeds=emb + 1
+    )
     out["loss"].backward()
     assert t_img.grad is None and t_txt.grad is None
     assert emb.grad is not None

@@ -8,9 +8,9 @@ import logging
 import numpy as np
 import pytest
 import torch
-from cusa.errors import ConfigError, SampleError, UnknownNameError, WeightsError
 from sts_data import STS_PAIRS, write_sts
 
+from cusa.errors import ConfigError, SampleError, UnknownNameError, WeightsError
 from cusa_train.evaluate import (
     encode_dataset,
     evaluate_features,
@@ -183,9 +183,9 @@ def test_evaluate_model_needs_a_joint_space(student, coco_example):
 
 def test_evaluate_checkpoint_round_trip(coco_example, tmp_path):
     """A checkpoint in the trainer's format ({"config", "model"}) is rebuilt and scored."""
-    from cusa.cli import app
     from typer.testing import CliRunner
 
+    from cusa.cli import app
     from cusa_train.config import TrainConfig
     from cusa_train.evaluate import evaluate_checkpoint, load_checkpoint_model
     from cusa_train.wrapper import CusaModel

@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 from cusa.cli import app
 from cusa.errors import ConfigError, StoreError
 from cusa_train.config import TrainConfig
-from cusa_train.trainer import CHECKPOINT_NAME, METRICS_NAME, EpochSampler, cosine_schedule, load_checkpoint, train
+from cusa_train.trainer import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    EpochSampler,
+    cosine_schedule,
+    load_checkpoint,
+    train,
+)
 
 
 def make_config(store, out, **optim) -> TrainConfig:
@@ -20,7 +27,12 @@ def make_config(store, out, **optim) -> TrainConfig:
         {
             "model": {"student": "tiny", "embed_dim": 16},
             "teachers": {"image": IMAGE_TEACHER, "text": TEXT_TEACHER, "text_spec": {"dim": 384}},
-            "data": {"dataset": "coco-sample", "split": "train", "store": str(store), "batch_size": 8},
+            "data": {
+                "dataset": "coco-sample",
+                "split": "train",
+                "store": str(store),
+                "batch_size": 8,
+            },
             "optim": {"lr": 1e-3, "warmup_steps": 2, "max_steps": 4, **optim},
             "run": {"output_dir": str(out), "seed": 3, "progress": False, "checkpoint_every": 2},
         }
@@ -57,13 +69,27 @@ def test_train_logs_checkpoints_and_resumes_exactly(sample_store, tmp_path):
     records = read_metrics(tmp_path / "a")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     first = records[0]
-    for key in ("loss", "itr", "csa", "usa", "lr", "tau/itr", "tau/csa", "tau/usa_image", "step_time_s"):
+    for key in (
+        "loss",
+        "itr",
+        "csa",
+        "usa",
+        "lr",
+        "tau/itr",
+        "tau/csa",
+        "tau/usa_image",
+        "step_time_s",
+    ):
         assert key in first, key
     assert first["csa"] > 0 and first["usa"] > 0
-    assert records[0]["lr"] == pytest.approx(5e-4) and records[1]["lr"] == pytest.approx(1e-3)  # warmup
+    assert records[0]["lr"] == pytest.approx(5e-4) and records[1]["lr"] == pytest.approx(
+        1e-3
+    )  # warmup
     assert records[3]["lr"] < records[2]["lr"]  # cosine decay
     ckpt = load_checkpoint(tmp_path / "a" / CHECKPOINT_NAME)
-    assert ckpt["step"] == 4 and TrainConfig.from_dict(ckpt["config"]) == make_config(sample_store, tmp_path / "a")
+    assert ckpt["step"] == 4 and TrainConfig.from_dict(ckpt["config"]) == make_config(
+        sample_store, tmp_path / "a"
+    )
 
     # Killed during step 3 (checkpoint at step 2), then resumed: the same losses as straight through.
     cfg = make_config(sample_store, tmp_path / "b")
@@ -82,7 +108,11 @@ def test_infonce_only_trains_without_a_store(tmp_path):
         {
             "loss": {"csa": {"enabled": False}, "usa": {"enabled": False}},
             "model": {"embed_dim": 16},
-            "data": {"dataset": "coco-sample", "batch_size": 8, "store": str(tmp_path / "no-store")},
+            "data": {
+                "dataset": "coco-sample",
+                "batch_size": 8,
+                "store": str(tmp_path / "no-store"),
+            },
             "optim": {"max_steps": 2, "warmup_steps": 0},
             "run": {"output_dir": str(tmp_path / "run"), "progress": False},
         }
@@ -96,7 +126,9 @@ def test_errors(sample_store, tmp_path):
     big = cfg.replace(data=cfg.data.__class__(**{**cfg.data.__dict__, "batch_size": 1000}))
     with pytest.raises(ConfigError, match="do not fill one batch of 1000; lower data.batch_size"):
         train(big, student=TinyDualEncoder())
-    nostore = cfg.replace(data=cfg.data.__class__(**{**cfg.data.__dict__, "store": str(tmp_path / "none")}))
+    nostore = cfg.replace(
+        data=cfg.data.__class__(**{**cfg.data.__dict__, "store": str(tmp_path / "none")})
+    )
     with pytest.raises(StoreError, match="no cusa store"):
         train(nostore, student=TinyDualEncoder())
     with pytest.raises(ConfigError, match="is not a cusa trainer checkpoint"):
@@ -111,7 +143,10 @@ def test_schedule_and_sampler():
     full = EpochSampler(20, seed=1, epoch=0).indices()
     assert sorted(full) == list(range(20))
     assert list(EpochSampler(20, seed=1, epoch=0, skip=8)) == full[8:]
-    r0, r1 = EpochSampler(21, 1, 0, rank=0, world=2).indices(), EpochSampler(21, 1, 0, rank=1, world=2).indices()
+    r0, r1 = (
+        EpochSampler(21, 1, 0, rank=0, world=2).indices(),
+        EpochSampler(21, 1, 0, rank=1, world=2).indices(),
+    )
     assert len(r0) == len(r1) == 10 and not set(r0) & set(r1)
     assert EpochSampler(20, seed=1, epoch=1).indices() != full
 
@@ -120,7 +155,11 @@ def test_cli_train_with_the_builtin_student(sample_store, tmp_path):
     """`cusa train --config` end to end: real MobileNetV2 + MiniLM student, real teacher features."""
     pytest.importorskip("cusa_train.student")
     cfg = {
-        "model": {"student": "mobilenetv2-minilm", "student_options": {"image_size": 96, "max_length": 24}, "embed_dim": 64},
+        "model": {
+            "student": "mobilenetv2-minilm",
+            "student_options": {"image_size": 96, "max_length": 24},
+            "embed_dim": 64,
+        },
         "teachers": {"image": IMAGE_TEACHER, "text": TEXT_TEACHER},
         "data": {"dataset": "coco-sample", "store": str(sample_store), "batch_size": 6},
         "optim": {"max_steps": 2, "warmup_steps": 1},
@@ -128,7 +167,9 @@ def test_cli_train_with_the_builtin_student(sample_store, tmp_path):
     }
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    result = CliRunner().invoke(app, ["train", "--config", str(path), "--no-progress", "--set", "run.seed=5"])
+    result = CliRunner().invoke(
+        app, ["train", "--config", str(path), "--no-progress", "--set", "run.seed=5"]
+    )
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output
     records = read_metrics(tmp_path / "run")

@@ -32,7 +32,9 @@ def test_forward_returns_all_terms_and_trains_everything_learnable(batch):
     out = model(**batch)
     assert set(out) == set(LOSS_KEYS)
     assert all(out[k].ndim == 0 and torch.isfinite(out[k]) for k in LOSS_KEYS)
-    assert out["loss"].item() == pytest.approx((out["itr"] + out["csa"] + out["usa"]).item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(
+        (out["itr"] + out["csa"] + out["usa"]).item(), rel=1e-6
+    )
     assert out["csa"] > 0 and out["usa"] > 0
     out["loss"].backward()
     for name, p in model.named_parameters():
@@ -45,8 +47,16 @@ def test_forward_returns_all_terms_and_trains_everything_learnable(batch):
         "temps.usa_image.value",
         "temps.usa_text.value",
     ]
-    assert sorted(model.temperature_values()) == ["csa", "csa_teacher", "itr", "usa_image", "usa_text"]
-    assert len(model.cusa_parameters()) == len(list(model.parameters())) - len(list(model.student.parameters()))
+    assert sorted(model.temperature_values()) == [
+        "csa",
+        "csa_teacher",
+        "itr",
+        "usa_image",
+        "usa_text",
+    ]
+    assert len(model.cusa_parameters()) == len(list(model.parameters())) - len(
+        list(model.student.parameters())
+    )
 
 
 def test_temperatures_are_clamped_before_use(batch):
@@ -128,3 +138,62 @@ def test_state_dict_round_trip_keeps_fixed_temperatures(batch):
     other.load_state_dict(state)
     assert other.temperature_values() == model.temperature_values()
     assert other(**batch)["loss"].item() == pytest.approx(model(**batch)["loss"].item(), rel=1e-6)
+
+
+def _tiny_hf_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24))
+
+
+def test_hf_clip_adapter_trains_with_cusa_on_real_images():
+    """A randomly initialised tiny transformers CLIPModel (no torchvision needed) as the student."""
+    from cusa.extract.readers.registry import open_dataset
+    from cusa_train.adapters import HFClipStudent
+
+    student = HFClipStudent(_tiny_hf_clip())
+    assert (student.image_dim, student.text_dim, student.image_size) == (24, 24, 32)
+    reader = open_dataset("coco-sample", split="train")
+    samples = list(reader.read(reader.shards()[0]))[:4]
+    pixels = torch.stack([student.preprocess_image(s.image) for s in samples])  # real COCO images
+    assert pixels.shape == (4, 3, 32, 32)
+    tokens = {
+        "input_ids": torch.randint(2, 100, (4, 9)),
+        "attention_mask": torch.ones(4, 9, dtype=torch.long),
+    }
+    tokens["input_ids"][:, -1] = 1  # eos, which CLIP pools at
+    model = CusaModel(student)
+    out = model(
+        pixels, tokens, [s.image_id for s in samples], torch.randn(4, 10), torch.randn(4, 6)
+    )
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert student.model.vision_model.embeddings.patch_embedding.weight.grad is not None
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        student.encode_text(["a caption"])
+
+
+def test_open_clip_adapter_says_what_to_install():
+    try:
+        import open_clip  # noqa: F401
+    except (ImportError, RuntimeError):
+        from cusa_train.adapters import OpenClipStudent
+
+        with pytest.raises(ConfigError, match="pip install open_clip_torch torchvision"):
+            OpenClipStudent.from_pretrained("ViT-B-32")
+    else:  # pragma: no cover - only where open_clip and torchvision import
+        pytest.skip("open_clip is importable here; the adapter's network download is not tested")
