@@ -165,16 +165,23 @@ def main() -> None:
                 bench_image(args.data, "unicom-vit-b32", weights, args.batch_size, tmp, ray_too=True)
                 | {"note": "official ViT-B/32 shape with random weights (real weights are not reachable here): same compute"}
             )
+        _save(args.out, results)
         results["image"].append(bench_image(args.data, "efficientnet-lite0", None, args.batch_size, tmp,
                                             ray_too=not args.quick))
+        _save(args.out, results)
         results["text"].append(bench_text(args.data, "all-MiniLM-L6-v2", args.batch_size, tmp))
-        from cusa.extract.teachers import get_teacher_entry
+        from cusa.extract.teachers.registry import get_teacher_entry
 
         if get_teacher_entry("all-mpnet-base-v2").info.available():
             results["text"].append(bench_text(args.data, "all-mpnet-base-v2", args.batch_size, tmp))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    _save(args.out, results)
     print(json.dumps(results, indent=2))
+
+
+def _save(path: Path, results: dict) -> None:
+    """Write after each part, so a long run keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -121,19 +121,34 @@ def main() -> None:
         torch.save(build_unicom("ViT-B/32").eval().half().state_dict(), random_b32)
         teachers = {
             "unicom-vit-b32 (random weights)": lambda: UnicomImageTeacher(
-                "ViT-B/32", "embedding", weights=random_b32, allow_unofficial=True, device=args.device
+                "ViT-B/32",
+                "embedding",
+                weights=random_b32,
+                allow_unofficial=True,
+                device=args.device,
             ),
             "unicom-vit-b32-tokens-proj768 (random weights)": lambda: UnicomImageTeacher(
-                "ViT-B/32", "tokens-proj768", weights=random_b32, allow_unofficial=True, device=args.device
+                "ViT-B/32",
+                "tokens-proj768",
+                weights=random_b32,
+                allow_unofficial=True,
+                device=args.device,
             ),
             "efficientnet-lite0": lambda: get_teacher("efficientnet-lite0", device=args.device),
             "mobilenetv2": lambda: get_teacher("mobilenetv2", device=args.device),
-            "all-MiniLM-L6-v2": lambda: get_teacher("all-MiniLM-L6-v2", device=args.device, batch_size=args.batch_size),
-            "all-mpnet-base-v2": lambda: get_teacher("all-mpnet-base-v2", device=args.device, batch_size=args.batch_size),
+            "all-MiniLM-L6-v2": lambda: get_teacher(
+                "all-MiniLM-L6-v2", device=args.device, batch_size=args.batch_size
+            ),
+            "all-mpnet-base-v2": lambda: get_teacher(
+                "all-mpnet-base-v2", device=args.device, batch_size=args.batch_size
+            ),
         }
         for label, make in teachers.items():
             registry_name = label.split(" ")[0]
-            if not label.startswith("unicom") and not get_teacher_entry(registry_name).info.available():
+            if (
+                not label.startswith("unicom")
+                and not get_teacher_entry(registry_name).info.available()
+            ):
                 results[label] = {"skipped": "weights not on this machine"}
                 continue
             teacher = make()
@@ -142,7 +157,9 @@ def main() -> None:
             r = bench(teacher, items, args.batch_size, args.repeats)
             r.update(modality=teacher.modality, dim=teacher.spec.dim)
             results[label] = r
-            print(f"{label:48s} {r['teacher_items_per_s']:8.1f}/s  (bare {r['bare_forward_items_per_s']:8.1f}/s)")
+            print(
+                f"{label:48s} {r['teacher_items_per_s']:8.1f}/s  (bare {r['bare_forward_items_per_s']:8.1f}/s)"
+            )
             del teacher
 
     out = {
@@ -153,6 +170,7 @@ def main() -> None:
         "data": "coco-example new_val.json: first N images and first N captions (real COCO)",
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_average_1_5_15min_at_end": list(os.getloadavg()),
         "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,

@@ -114,14 +114,17 @@ def _accumulate(
         valid = valid[keep]
     neg_inf = torch.tensor(float("-inf"), dtype=sim.dtype)
     neg = ~pos if valid is None else (~pos & valid)
-    # (q, G) negatives' scores ascending; non-negatives pushed to -inf so they are never counted.
-    neg_sorted = torch.where(neg, sim, neg_inf).sort(dim=1).values
-    gallery = neg_sorted.shape[1]
     max_r = int(num_pos.max())
+    # Only ranks below max(R, K) matter, so only the best `cap` negatives are needed: a positive
+    # with `cap` negatives above it is past every cut-off either way. topk is far cheaper than a
+    # full sort of the gallery.
+    cap = min(max(max_r, max(acc.ks)), sim.shape[1])
+    # (q, cap) best negatives' scores, ascending; non-negatives are -inf so they are never counted.
+    neg_top = torch.where(neg, sim, neg_inf).topk(cap, dim=1).values.flip(1).contiguous()
     # (q, max_r) positives' scores, best first; slots beyond a query's R hold -inf.
     pos_sorted = torch.where(pos, sim, neg_inf).topk(max_r, dim=1).values
     # Negatives at or above each positive's score rank before it (ties go against the query).
-    n_neg_before = gallery - torch.searchsorted(neg_sorted, pos_sorted.contiguous(), side="left")
+    n_neg_before = cap - torch.searchsorted(neg_top, pos_sorted.contiguous(), side="left")
     k_idx = torch.arange(max_r, dtype=torch.long).unsqueeze(0)  # (1, max_r) 0-based positive index
     position = k_idx + n_neg_before  # (q, max_r) 0-based rank of the k-th positive
     real = k_idx < num_pos.unsqueeze(1)  # (q, max_r) slot holds a real positive

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cusa.errors import ConfigError
+from cusa.errors import ConfigError, StoreError
 from cusa.extract.progress import NullProgress, ProgressSink
 from cusa.extract.readers.base import ShardRef
 from cusa.extract.teachers.base import Teacher
@@ -262,7 +262,15 @@ def extract(config: ExtractConfig, progress: ProgressSink | None = None) -> Extr
         progress.close()
     if not pending_shards(shards, groups):
         for g in groups.values():
-            g.seal([s.key for s in shards])
+            try:
+                g.seal([s.key for s in shards])
+            except StoreError:
+                raise
+            except OSError as exc:  # disk full or I/O error while consolidating
+                raise StoreError(
+                    f"sealing {g.url!r} failed: {exc}; every shard is committed and readers "
+                    "still see them. Free space or fix the store, then re-run to seal"
+                ) from exc
         summary.sealed = True
     _add_totals_from_ledger(summary, groups)
     summary.elapsed_s = time.perf_counter() - t_start

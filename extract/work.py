@@ -131,6 +131,10 @@ def prepare_shard(
             if getattr(sample, "caption_error", None):
                 # The captions could not be read at all (e.g. malformed JSON in a tar).
                 failures[TEXT].append((f"{sample.image_id}#*", f"DatasetError: {sample.caption_error}"))
+            elif not sample.captions and (sample.image_error or "").startswith("truncated tar"):
+                # A tar that broke off inside this sample lost its captions too; a text-only
+                # run must ledger that as well (the image ledger only exists with an image teacher).
+                failures[TEXT].append((f"{sample.image_id}#*", f"DatasetError: {sample.image_error}"))
             for cid, caption in zip(sample.caption_ids, sample.captions):
                 try:
                     pending[TEXT][1].append(text_teacher.prepare(caption))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cusa.errors import StoreError
 from cusa.extract.work import END, IMAGE, TEXT
 from cusa.store import FeatureGroup
 
@@ -91,7 +92,18 @@ class ShardWriter:
                 keep = ~bad
                 ids = [i for i, k in zip(ids, keep) if k]
                 feats = feats[keep]
-            result = group.write_shard(shard, ids, feats, failures=failures, source=p.meta.get("source", ""))
+            try:
+                result = group.write_shard(
+                    shard, ids, feats, failures=failures, source=p.meta.get("source", "")
+                )
+            except StoreError:
+                raise
+            except OSError as exc:  # disk full, I/O or network error while writing the part
+                raise StoreError(
+                    f"could not write shard {shard!r} to {group.url!r}: {exc}; the shard was not "
+                    "committed and readers do not see any of it. Free space or fix the store, "
+                    "then re-run the same command to complete it"
+                ) from exc
             rows[kind], failed[kind], status[kind] = len(ids), len(failures), result.status
         stats = ShardStats(shard, rows, failed, status, p.meta)
         if self.on_commit:

@@ -378,7 +378,15 @@ class FeatureGroup:
 
         part = f"{safe_name(shard)}.{uuid.uuid4().hex[:12]}"
         part_rel = f"{self.rel}/parts/{part}"
-        digest = self._write_part(part_rel, shard, ids, arr, failures, source)
+        try:
+            digest = self._write_part(part_rel, shard, ids, arr, failures, source)
+        except OSError:
+            # Never leave a half-written part behind (disk full, I/O error). A writer that
+            # committed this shard meanwhile may also have sealed and removed parts/ under us.
+            self.fs.remove(part_rel)
+            if self.is_committed(shard):
+                return WriteResult(shard, "lost-race", 0, 0)
+            raise
         record = {
             "shard": shard,
             "part": part,
@@ -521,6 +529,9 @@ class FeatureGroup:
         """
         existing = self.sealed
         if existing:
+            # A seal killed after its record was written may have left parts behind.
+            if self.fs.exists(f"{self.rel}/parts"):
+                self.fs.remove(f"{self.rel}/parts")
             return existing
         records = self.commit_records()
         if expected_shards is not None:
@@ -539,8 +550,6 @@ class FeatureGroup:
         return record
 
     def _seal(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        import zarr
-
         segs = self.segments()
         ids: list[str] = []
         for seg in segs:
@@ -558,11 +567,8 @@ class FeatureGroup:
         chunk_rows, chunk_sha = [], []
         group_store = self.fs.zarr_store(self.rel)
         if n:
-            feats = zarr.create_array(
-                store=group_store, name="features", shape=(n, dim), chunks=(chunk, dim),
-                dtype=dtype, compressors=None, filters=None, fill_value=0, overwrite=True,
-            )
-            del feats
+            _seal_array(group_store, "features", shape=(n, dim), chunks=(chunk, dim), dtype=dtype,
+                        compressors=None, filters=None, fill_value=0)
             cache: dict[int, np.ndarray] = {}
             for ci, start in enumerate(range(0, n, chunk)):
                 src = order_arr[start : start + chunk]
@@ -579,8 +585,7 @@ class FeatureGroup:
                 chunk_sha.append(hashlib.sha256(data).hexdigest())
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                sid = zarr.create_array(store=group_store, name="sample_id", shape=(n,),
-                                        chunks=(n,), dtype=str, overwrite=True)
+                sid = _seal_array(group_store, "sample_id", shape=(n,), chunks=(n,), dtype=str)
             sid[...] = np.array(sorted_ids, dtype=object)
         else:
             for name in ("features", "sample_id"):
@@ -623,6 +628,24 @@ class Segment:
     sha256: str
     ids_rel: str
     index: int
+
+
+def _seal_array(store: Any, name: str, **kwargs: Any) -> Any:
+    """The group-level array ``name``, created unless one of that shape already exists.
+
+    Sealing writes deterministic bytes with atomic renames, so two writers sealing at once (or a
+    re-seal after a crash) can both write safely; but ``overwrite=True`` would first delete the
+    other writer's finished chunks, so an existing array of the right shape is reused instead.
+    """
+    import zarr
+
+    try:
+        arr = zarr.open_array(store=store, path=name, mode="r+")
+        if arr.shape == kwargs["shape"] and arr.chunks == kwargs["chunks"]:
+            return arr
+    except FileNotFoundError:  # zarr's ArrayNotFoundError
+        pass
+    return zarr.create_array(store=store, name=name, overwrite=True, **kwargs)
 
 
 def _manifest_table(ids: list[str], rows: list[int], shard: str, errors: list[str | None]) -> pa.Table:

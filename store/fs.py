@@ -7,6 +7,7 @@ is atomic: an object is either absent or complete).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -73,11 +74,16 @@ class StoreFS:
         if self.is_local:
             os.makedirs(os.path.dirname(full), exist_ok=True)
             tmp = f"{full}.{uuid.uuid4().hex[:8]}.partial"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, full)
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, full)
+            except BaseException:
+                # A failed write (disk full, I/O error, interrupt) must not leave its temp file.
+                _unlink_quietly(tmp)
+                raise
         else:
             self.fs.pipe_file(full, data)
 
@@ -92,16 +98,16 @@ class StoreFS:
         if self.is_local:
             os.makedirs(os.path.dirname(full), exist_ok=True)
             tmp = f"{full}.{uuid.uuid4().hex[:8]}.partial"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
             try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
                 os.link(tmp, full)
             except FileExistsError:
                 return False
             finally:
-                os.unlink(tmp)
+                _unlink_quietly(tmp)
             return True
         if self.fs.exists(full):
             return False
@@ -130,6 +136,11 @@ class StoreFS:
         if self.is_local:
             return LocalStore(self.path(rel), read_only=read_only)
         return FsspecStore(_async_instance(self.fs), path=self.path(rel), read_only=read_only)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _async_instance(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from cusa.errors import ConfigError
 from cusa.store.feature_store import FeatureGroup, FeatureStore
 from cusa.store.info import store_info
@@ -797,7 +798,11 @@ def _training_section(
 
 
 def _tsne_block(embeds: Mapping[str, Path], opts: ReportOptions) -> str:
-    from sklearn.manifold import TSNE
+    try:
+        from sklearn.manifold import TSNE
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return _note("The t-SNE needs scikit-learn: <code>pip install 'cusa[report]'</code>.", "warn")
 
     tables = [read_embeddings(p, label) for label, p in embeds.items()]
     # Show the same images in every panel, so runs (with / without USA) compare like for like.
@@ -816,7 +821,11 @@ def _tsne_block(embeds: Mapping[str, Path], opts: ReportOptions) -> str:
             return _note(f"Too few rows in common between the feature files ({len(rows)}) for a t-SNE.", "warn")
         x = _normalized(t.features[rows])
         perplexity = float(min(30.0, max(2.0, (len(rows) - 1) / 3)))
-        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=opts.seed).fit_transform(x)
+        # One thread: a few thousand points take ~1 s, while OpenMP threads competing with other
+        # work on a small machine made the same fit 30x slower.
+        with threadpool_limits(1):
+            tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=opts.seed)
+            xy = tsne.fit_transform(x)
         panels.append((f"{t.label} ({len(rows)} rows)", xy, [t.groups[r] for r in rows],
                        [t.is_caption[r] for r in rows]))
     return (

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from cusa.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,9 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cusa.extract.readers.base import DatasetReader, Sample
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cusa.extract.readers.base import DatasetReader, Sample
 
 log = logging.getLogger(__name__)
 

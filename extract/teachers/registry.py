@@ -167,7 +167,9 @@ def get_teacher(name: str, **options: Any) -> Teacher:
     try:
         inspect.signature(entry.factory).bind(**options)
     except TypeError as exc:
-        params = [p for p in inspect.signature(entry.factory).parameters if p not in ("args", "kwargs")]
+        params = [
+            p for p in inspect.signature(entry.factory).parameters if p not in ("args", "kwargs")
+        ]
         raise ConfigError(
             f"teacher {name!r} does not take options {sorted(options)!r} ({exc}); it takes: {', '.join(params)}"
         ) from None
@@ -190,5 +192,7 @@ def fetch_teacher(name: str) -> Any:
     """
     entry = get_teacher_entry(name)
     if entry.fetch is None:
-        raise ConfigError(f"teacher {name!r} has no fetch step; its weights come from: {entry.info.weights_source}")
+        raise ConfigError(
+            f"teacher {name!r} has no fetch step; its weights come from: {entry.info.weights_source}"
+        )
     return entry.fetch()

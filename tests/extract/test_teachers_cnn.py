@@ -18,14 +18,21 @@ from cusa.extract.teachers.mobilenet import (
 from cusa.extract.teachers.weights import sha256_file
 
 # Chosen by caption text in coco-example: two photos of a dog on grass, and two pizzas.
-DOG_A = "COCO_train2014_000000222199.jpg"  # "a large black dog laying on a green grass covered field."
+DOG_A = (
+    "COCO_train2014_000000222199.jpg"  # "a large black dog laying on a green grass covered field."
+)
 DOG_B = "COCO_val2014_000000139872.jpg"  # "a dog laying on grass near a flying disc."
-PIZZAS = ["COCO_train2014_000000188658.jpg", "COCO_val2014_000000276146.jpg"]  # "a little pizza sitting on a plate"
+PIZZAS = [
+    "COCO_train2014_000000188658.jpg",
+    "COCO_val2014_000000276146.jpg",
+]  # "a little pizza sitting on a plate"
 IMAGENET_PIZZA = 963
 
 
 def _features(teacher, coco_example, names):
-    return teacher.encode([teacher.prepare((coco_example / "pics" / n).read_bytes()) for n in names])
+    return teacher.encode(
+        [teacher.prepare((coco_example / "pics" / n).read_bytes()) for n in names]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,9 @@ def test_dog_is_closer_to_dog_than_to_pizza(which, request, coco_example):
 @pytest.mark.parametrize("which", ["effnet", "mobilenet"])
 def test_classifier_head_recognises_pizza(which, request, coco_example):
     teacher = request.getfixturevalue(which)
-    x = torch.from_numpy(np.stack([teacher.prepare((coco_example / "pics" / PIZZAS[0]).read_bytes())]))
+    x = torch.from_numpy(
+        np.stack([teacher.prepare((coco_example / "pics" / PIZZAS[0]).read_bytes())])
+    )
     logits = teacher.forward_bare(x)
     assert int(logits.argmax()) == IMAGENET_PIZZA
 

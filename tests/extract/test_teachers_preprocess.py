@@ -47,7 +47,11 @@ def test_preprocess_matches_official_golden():
 def test_transform_serialises_and_round_trips():
     t = clip_transform(336)
     d = t.to_dict()
-    assert d["resize"] == 336 and d["interpolation"] == "bicubic" and d["mean"][0] == pytest.approx(0.48145466)
+    assert (
+        d["resize"] == 336
+        and d["interpolation"] == "bicubic"
+        and d["mean"][0] == pytest.approx(0.48145466)
+    )
     assert ImageTransform.from_dict(d) == t
     assert imagenet_transform().to_dict()["resize"] == 256
 
@@ -141,6 +145,8 @@ def test_not_bytes_is_a_sample_error():
 def test_preparer_is_picklable_and_equal_to_transform(real_jpeg):
     prep = ImagePreparer(clip_transform(224))
     clone = pickle.loads(pickle.dumps(prep))
-    np.testing.assert_array_equal(clone.prepare(real_jpeg), clip_transform(224).from_bytes(real_jpeg))
+    np.testing.assert_array_equal(
+        clone.prepare(real_jpeg), clip_transform(224).from_bytes(real_jpeg)
+    )
     with pytest.raises(SampleError, match="expected encoded image bytes"):
         prep.prepare(None)  # type: ignore[arg-type]

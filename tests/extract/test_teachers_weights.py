@@ -24,7 +24,9 @@ def test_verify_sha256_refuses_mismatch(tmp_path):
     f = tmp_path / "w.pt"
     f.write_bytes(b"weights")
     assert verify_sha256(f, hashlib.sha256(b"weights").hexdigest()) == sha256_file(f)
-    with pytest.raises(WeightsError, match=r"checksum mismatch for .*w\.pt.*expected SHA-256 0{64}"):
+    with pytest.raises(
+        WeightsError, match=r"checksum mismatch for .*w\.pt.*expected SHA-256 0{64}"
+    ):
         verify_sha256(f, "0" * 64)
 
 
