@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-STAGES = ("read", "image teacher", "text teacher", "write")
+STAGES = ("read", "decode", "image teacher", "text teacher", "write")
 
 
 class ProgressSink(Protocol):

@@ -194,7 +194,7 @@ def run_ray(
             continue
         feats = bytes_to_array(bytes(row["features"]))
         ids = [str(i) for i in row["ids"]]
-        summary._add_stage(f"{kind} teacher", float(row["seconds"]), len(ids))
+        summary.add_stage(f"{kind} teacher", float(row["seconds"]), len(ids))
         progress.advance(f"{kind} teacher", len(ids))
         writer.add_features(shard, kind, int(row["seq"]), ids, feats)
     if writer.in_flight:

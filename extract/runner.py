@@ -160,10 +160,12 @@ class ExtractSummary:
             self.failed[kind] = self.failed.get(kind, 0) + stats.failed[kind]
         timing = stats.meta.get("timing", {})
         counts = stats.meta.get("counts", {})
-        self._add_stage("read", timing.get("read_s", 0.0), counts.get("read", 0))
-        self._add_stage("prepare", timing.get("prepare_s", 0.0), counts.get("read", 0))
+        self.add_stage("read", timing.get("read_s", 0.0), counts.get("read", 0))
+        self.add_stage("decode", timing.get("prepare_s", 0.0), counts.get("read", 0))
+        self.add_stage("write", timing.get("write_s", 0.0), sum(stats.rows.values()))
 
-    def _add_stage(self, stage: str, seconds: float, items: int) -> None:
+    def add_stage(self, stage: str, seconds: float, items: int) -> None:
+        """Add busy time and items to a stage (read, decode, image/text teacher, write)."""
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         self.stage_items[stage] = self.stage_items.get(stage, 0) + items
 
@@ -241,11 +243,13 @@ def extract(config: ExtractConfig, progress: ProgressSink | None = None) -> Extr
         reader.name, reader.split, len(shards), summary.shards_skipped, len(todo), runner,
     )
     known = sum(s.num_samples or 0 for s in todo) if all(s.num_samples for s in todo) else None
-    progress.start({"read": known, **({f"{k} teacher": None for k in teachers}), "write": len(todo)})
+    progress.start({"read": known, "decode": known, **({f"{k} teacher": None for k in teachers}),
+                    "write": len(todo)})
 
     def on_commit(stats: ShardStats) -> None:
         summary.record(stats)
         progress.advance("read", stats.meta.get("counts", {}).get("read", 0))
+        progress.advance("decode", stats.meta.get("counts", {}).get("read", 0))
         progress.advance("write")
         progress.failures(sum(stats.failed.values()))
 
@@ -332,7 +336,7 @@ def run_local(
                 writer.add_end(row.shard, row.meta)
                 continue
             feats, secs = encode_row(row, teachers[row.kind])
-            summary._add_stage(f"{row.kind} teacher", secs, len(row.ids))
+            summary.add_stage(f"{row.kind} teacher", secs, len(row.ids))
             progress.advance(f"{row.kind} teacher", len(row.ids))
             writer.add_features(row.shard, row.kind, row.seq, row.ids, feats)
     finally:

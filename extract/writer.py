@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -75,6 +76,7 @@ class ShardWriter:
         return self._commit(shard, p)
 
     def _commit(self, shard: str, p: _Pending) -> ShardStats:
+        t0 = time.perf_counter()
         rows, failed, status = {}, {}, {}
         for kind, group in self.groups.items():
             ids: list[str] = []
@@ -105,6 +107,7 @@ class ShardWriter:
                     "then re-run the same command to complete it"
                 ) from exc
             rows[kind], failed[kind], status[kind] = len(ids), len(failures), result.status
+        p.meta.setdefault("timing", {})["write_s"] = time.perf_counter() - t0
         stats = ShardStats(shard, rows, failed, status, p.meta)
         if self.on_commit:
             self.on_commit(stats)

@@ -62,26 +62,27 @@ def label_distributions(
     rows: Sequence[int],
     series: Sequence[tuple[str, np.ndarray]],
 ) -> bytes:
-    """Bar charts of target distributions for a few query rows, one panel per row.
+    """Bar charts of target distributions for a few query rows, one panel per query.
 
     Args:
         rows: query indices to show.
         series: ``(label, (B, B) row-stochastic matrix)``, e.g. one-hot and soft labels.
     """
     n = len(rows)
-    fig, axes = plt.subplots(n, 1, figsize=(8, 1.9 * n), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(1, n, figsize=(3.8 * n, 2.4), squeeze=False, sharey=True)
     width = 0.8 / max(1, len(series))
-    for ax, r in zip(axes[:, 0], rows, strict=True):
+    for ax, r in zip(axes[0], rows, strict=True):
         for k, (label, mat) in enumerate(series):
             x = np.arange(mat.shape[1]) + (k - (len(series) - 1) / 2) * width
             ax.bar(x, mat[r], width=width, label=label)
-        ax.set_ylabel(f"query {r}", fontsize=8)
+        ax.set_title(f"query {r}", fontsize=9)
         ax.set_ylim(0, 1.0)
-        ax.tick_params(labelsize=7)
-        ax.axvline(r, color="0.6", lw=0.6, ls=":")
-    axes[0, 0].legend(fontsize=7, ncol=len(series), loc="upper right")
-    axes[-1, 0].set_xlabel("target index in the batch", fontsize=8)
-    axes[-1, 0].set_xticks(np.arange(series[0][1].shape[1]))
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("target index in the batch", fontsize=8)
+        ax.set_xticks(np.arange(series[0][1].shape[1]))
+    axes[0, 0].set_ylabel("probability", fontsize=8)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, ncol=len(series), loc="lower center", bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout()
     return figure_png(fig)
 

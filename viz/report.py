@@ -488,6 +488,14 @@ class _Page:
             labels.append((f"soft labels, text teacher (τ={tau:g})", lab))
             stats.append((t.name, cos, lab))
         out.append(_plot(plots.heatmaps(sims, cmap="magma"), "teacher similarity heatmaps"))
+        out.append("<h3>The batch</h3>")
+        cells = []
+        for k, (i, c) in enumerate(zip(self.batch, self.batch_captions, strict=True)):
+            cap = self.caption(c) if c else '<span class="id">(no caption)</span>'
+            cells.append(f'<figure class="cell"><span class="idx">{k}</span>{self.thumb(i)}'
+                         f"<figcaption>{cap}</figcaption></figure>")
+        out.append(f'<div class="grid">{"".join(cells)}</div>')
+        out.append("<h3>Labels: one-hot and soft</h3>")
         out.append(_plot(plots.heatmaps(labels, cmap="viridis"), "one-hot and soft labels"))
         rows = [0, 1, 2][: min(3, b)]
         out.append(_plot(plots.label_distributions(rows, labels), "label distributions of three queries"))
@@ -505,13 +513,6 @@ class _Page:
             out.append(_note("No image teacher in this store: only the text-side soft labels are shown."))
         if not self.text_teachers:
             out.append(_note("No text teacher in this store: only the image-side soft labels are shown."))
-        out.append("<h3>The batch</h3>")
-        cells = []
-        for k, (i, c) in enumerate(zip(self.batch, self.batch_captions, strict=True)):
-            cap = self.caption(c) if c else '<span class="id">(no caption)</span>'
-            cells.append(f'<figure class="cell"><span class="idx">{k}</span>{self.thumb(i)}'
-                         f"<figcaption>{cap}</figcaption></figure>")
-        out.append(f'<div class="grid">{"".join(cells)}</div>')
         return "\n".join(out)
 
     def false_negative_section(self) -> str:
@@ -872,7 +873,8 @@ table.kv th { text-align: left; padding-right: 14px; font-weight: 600; vertical-
 details.spec { border: 1px solid var(--line); border-radius: 6px; padding: 6px 10px; margin: 6px 0; }
 details.spec summary { cursor: pointer; }
 img.plot { max-width: 100%; display: block; margin: 10px 0; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 12px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(128px, 1fr)); gap: 10px; }
+.grid .thumb { width: 100%; height: auto; aspect-ratio: 1 / 1; }
 figure.cell { margin: 0; position: relative; font-size: 12.5px; }
 figure.cell figcaption { color: var(--fg); margin-top: 4px; }
 .idx { position: absolute; top: 4px; left: 4px; background: rgba(0,0,0,.7); color: #fff; font-size: 12px;

@@ -365,15 +365,15 @@ def resolve_text_model(model: str, *, download: bool | None = None) -> ResolvedT
             "cache, and downloads are disabled (CUSA_OFFLINE/HF_HUB_OFFLINE); give a local path."
         )
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import snapshot_download
 
-        path = hf_hub_download(model, "model.safetensors")
+        folder = Path(snapshot_download(model))
     except Exception as exc:  # hub errors have no common base worth importing; re-raised as ours
         raise WeightsError(
             f"cannot get sentence-transformers model {model!r} from the Hugging Face hub: {exc}; "
             "give a local folder instead (offline here: all-MiniLM-L6-v2, all-mpnet-base-v2)."
         ) from exc
-    return ResolvedTextModel(str(Path(path).parent), sha256_file(path), "Hugging Face hub")
+    return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "Hugging Face hub")
 
 
 # ---- teacher -----------------------------------------------------------------------------------

@@ -340,6 +340,9 @@ def resolve_unicom_weights(
     cached = cache / rel.filename
     if download is None:
         download = not offline_requested()
+    failure = "downloads are disabled (download=False, CUSA_OFFLINE or HF_HUB_OFFLINE)"
+    if not cached.is_file() and not download:
+        raise WeightsError(_missing_unicom_message(arch, cached, failure))
     with file_lock(cache / f".{rel.filename}.lock"):
         if cached.is_file():
             try:
@@ -347,15 +350,18 @@ def resolve_unicom_weights(
             except WeightsError as exc:
                 raise WeightsError(f"{exc} (cached Unicom {arch} checkpoint)") from exc
             return cached, rel.sha256
-        failure = "downloads are disabled (download=False, CUSA_OFFLINE or HF_HUB_OFFLINE)"
-        if download:
-            try:
-                return download_with_sha256(rel.url, cached, rel.sha256), rel.sha256
-            except WeightsError as exc:
-                if "checksum mismatch" in str(exc):
-                    raise
-                failure = str(exc)
-    raise WeightsError(
+        try:
+            return download_with_sha256(rel.url, cached, rel.sha256), rel.sha256
+        except WeightsError as exc:
+            if "checksum mismatch" in str(exc):
+                raise
+            failure = str(exc)
+    raise WeightsError(_missing_unicom_message(arch, cached, failure))
+
+
+def _missing_unicom_message(arch: str, cached: Path, failure: str) -> str:
+    rel = UNICOM_RELEASES[arch]
+    return (
         f"Unicom {arch} weights not found: {failure}. Get {rel.filename} "
         f"(SHA-256 {rel.sha256}) from {rel.url} and put it at {str(cached)!r}, or pass its path "
         f"explicitly (weights=PATH / --image-teacher-weights PATH). Teachers whose weights work "

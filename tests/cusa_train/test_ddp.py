@@ -62,3 +62,26 @@ def test_two_rank_gloo_ddp_matches_the_single_process_full_batch(tmp_path):
     # ... and DDP's averaged gradients equal the full-batch gradients, for every parameter.
     assert r0["n_params"] > 10
     assert r0["max_rel_grad_diff"] < 1e-8, r0["worst_param"]
+
+
+@pytest.mark.timeout(180)
+def test_reference_trainer_under_torchrun(sample_store, tmp_path):
+    worker = Path(__file__).with_name("ddp_train_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, str(worker), str(sample_store), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["world"] == r1["world"] == 2 and r0["steps"] == r1["steps"] == 3
+    # Both ranks computed the loss of the same gathered global batch.
+    assert r0["loss"] == pytest.approx(r1["loss"], rel=1e-6)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # only rank 0 writes
+    assert (tmp_path / "run" / "checkpoint-last.pt").is_file()
