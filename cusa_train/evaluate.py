@@ -16,9 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
-import struct
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from cusa.errors import ConfigError, DatasetError, StoreError
 
+from cusa.errors import ConfigError, DatasetError, StoreError
 from cusa_train.metrics import (
     DEFAULT_KS,
     RetrievalScores,
@@ -109,7 +106,9 @@ class EvalReport:
         lines.append("  " + " " * 6 + "".join(f"{'R@' + str(k):>9}" for k in ks))
         for d in ("i2t", "t2i"):
             lines.append(row(d, [m.get(f"{d}_r{k}") for k in ks]))
-        lines.append(f"  RSUM {m.get('rsum', float('nan')):.2f}   R-mean {m.get('r_mean', float('nan')):.2f}")
+        lines.append(
+            f"  RSUM {m.get('rsum', float('nan')):.2f}   R-mean {m.get('r_mean', float('nan')):.2f}"
+        )
         if any(k.startswith("eccv_") for k in m):
             lines.append("")
             lines.append(f"ECCV Caption metrics (ground truth: {info.get('eccv_gt', 'dataset')})")
@@ -121,7 +120,9 @@ class EvalReport:
         if any(k.startswith(("i2i_", "t2t_")) for k in m):
             lines.append("")
             lines.append("Uni-modal retrieval")
-            lines.append("  " + " " * 6 + "".join(f"{h:>9}" for h in ("R@1", "mAP@R")) + "  positives")
+            lines.append(
+                "  " + " " * 6 + "".join(f"{h:>9}" for h in ("R@1", "mAP@R")) + "  positives"
+            )
             for d in ("i2i", "t2t"):
                 if f"{d}_r1" in m:
                     lines.append(
@@ -249,7 +250,9 @@ def _features(x: Any, name: str) -> torch.Tensor:
     if t.ndim != 2:
         raise DatasetError(f"{name} must be 2-D (rows, dim), got shape {tuple(t.shape)}")
     if t.shape[0] == 0 or t.shape[1] == 0:
-        raise DatasetError(f"{name} is empty (shape {tuple(t.shape)}); there is nothing to evaluate")
+        raise DatasetError(
+            f"{name} is empty (shape {tuple(t.shape)}); there is nothing to evaluate"
+        )
     t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t).all(dim=1)).nonzero()[0])
@@ -380,7 +383,10 @@ def evaluate_features(
     else:
         e_i2t, e_t2i = ground_truth_metrics(img, txt, eccv_gt)
         info_out["eccv_gt"] = eccv_gt.name
-        counts["eccv_i2t_queries"], counts["eccv_t2i_queries"] = e_i2t.num_queries, e_t2i.num_queries
+        counts["eccv_i2t_queries"], counts["eccv_t2i_queries"] = (
+            e_i2t.num_queries,
+            e_t2i.num_queries,
+        )
     for d, s in (("i2t", e_i2t), ("t2i", e_t2i)):
         metrics[f"eccv_{d}_map_at_r"] = s.map_at_r
         metrics[f"eccv_{d}_r_precision"] = s.r_precision
@@ -402,7 +408,9 @@ def evaluate_features(
             metrics["t2t_r1"], metrics["t2t_map_at_r"] = t2t.recall[1], t2t.map_at_r
             counts["t2t_queries"], counts["t2t_skipped"] = t2t.num_queries, t2t.num_skipped
             info_out["t2t_positives"] = (
-                "same class label" if text_labels is not None else "other captions of the same image"
+                "same class label"
+                if text_labels is not None
+                else "other captions of the same image"
             )
 
     if sts is not None:
@@ -412,7 +420,9 @@ def evaluate_features(
     return EvalReport(metrics, counts, info_out)
 
 
-def _unimodal(x: torch.Tensor, labels: Sequence[Any], name: str, chunk_size: int) -> RetrievalScores:
+def _unimodal(
+    x: torch.Tensor, labels: Sequence[Any], name: str, chunk_size: int
+) -> RetrievalScores:
     if len(labels) != x.shape[0]:
         raise DatasetError(f"got {len(labels)} {name} for {x.shape[0]} rows; give one per row")
     # The query itself is removed from the gallery; positives share its label.
@@ -425,7 +435,10 @@ def _unimodal(x: torch.Tensor, labels: Sequence[Any], name: str, chunk_size: int
 
 
 def evaluate_sts(
-    encode_text: Callable[[list[str]], Any], pairs: StsPairs | str | os.PathLike, *, batch_size: int = 64
+    encode_text: Callable[[list[str]], Any],
+    pairs: StsPairs | str | os.PathLike,
+    *,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """Spearman correlation between cosine similarities of ``encode_text`` and gold scores.
 
@@ -445,7 +458,11 @@ def evaluate_sts(
         with torch.no_grad():
             for s in range(0, len(texts), batch_size):
                 e = encode_text(texts[s : s + batch_size])
-                out.append(e.detach().float().cpu().numpy() if isinstance(e, torch.Tensor) else np.asarray(e))
+                out.append(
+                    e.detach().float().cpu().numpy()
+                    if isinstance(e, torch.Tensor)
+                    else np.asarray(e)
+                )
         return np.concatenate(out)
 
     rho = sts_spearman(enc(pairs.sentence1), enc(pairs.sentence2), pairs.scores)
@@ -465,9 +482,7 @@ class FeatureTable:
     source: str = ""
 
 
-def load_features(
-    path: str | os.PathLike, *, ids: Sequence[str] | None = None
-) -> FeatureTable:
+def load_features(path: str | os.PathLike, *, ids: Sequence[str] | None = None) -> FeatureTable:
     """Read stored features with their ids.
 
     Formats:
@@ -653,7 +668,10 @@ class CaptionDataset:
 
 
 def load_caption_json(
-    path: str | os.PathLike, *, image_root: str | os.PathLike | None = None, max_images: int | None = None
+    path: str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    max_images: int | None = None,
 ) -> CaptionDataset:
     """Read an ALBEF/CUSA caption JSON (records ``{image_path|image, caption, image_id}``).
 
@@ -678,7 +696,11 @@ def load_caption_json(
     of_texts: list[str] = []
     for n, rec in enumerate(records):
         try:
-            iid, rel, cap = str(rec["image_id"]), rec.get("image_path", rec.get("image")), rec["caption"]
+            iid, rel, cap = (
+                str(rec["image_id"]),
+                rec.get("image_path", rec.get("image")),
+                rec["caption"],
+            )
         except (KeyError, TypeError, AttributeError) as exc:
             raise DatasetError(
                 f"{str(p)!r} record {n}: expected keys image_id, image_path (or image), caption"
@@ -732,7 +754,9 @@ def encode_dataset(
                         raise SampleError(f"cannot evaluate image {str(path)!r}: {exc}") from exc
                 img_out.append(model.encode_image(torch.stack(batch)).float().cpu().numpy())
             for s in range(0, len(data.captions), batch_size):
-                txt_out.append(model.encode_text(data.captions[s : s + batch_size]).float().cpu().numpy())
+                txt_out.append(
+                    model.encode_text(data.captions[s : s + batch_size]).float().cpu().numpy()
+                )
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
@@ -782,38 +806,32 @@ def evaluate_model(
 # ---- checkpoints ----------------------------------------------------------------------------
 
 
-def load_checkpoint_model(path: str | os.PathLike) -> torch.nn.Module:
-    """Rebuild the trained :class:`cusa_train.wrapper.CusaModel` from a trainer checkpoint.
+def load_checkpoint_model(
+    path: str | os.PathLike, *, student: torch.nn.Module | None = None
+) -> torch.nn.Module:
+    """Rebuild the trained :class:`cusa_train.wrapper.CusaModel` from a ``cusa train`` checkpoint.
 
-    A checkpoint is a ``torch.save`` dict loadable with ``weights_only=True`` holding
-    ``"config"`` (``TrainConfig.to_dict()``) and ``"model"`` (the CusaModel ``state_dict``);
-    other keys (optimizer, step...) are ignored here.
+    The checkpoint (read by :func:`cusa_train.trainer.load_checkpoint`, ``weights_only=True``)
+    holds ``"config"`` (``TrainConfig.to_dict()``) and ``"model"`` (the CusaModel ``state_dict``).
+
+    Args:
+        path: the checkpoint file.
+        student: the student module when it is not a registered one (the trainer was given it
+            directly); by default it is built from ``config.model``.
 
     Raises:
-        ConfigError: the file is missing or is not such a checkpoint.
+        ConfigError: the file is missing, unreadable, not a checkpoint, or does not fit its model.
         WeightsError: the student's pretrained towers cannot be built.
     """
     from cusa_train.config import TrainConfig
     from cusa_train.student import build_student
+    from cusa_train.trainer import load_checkpoint
     from cusa_train.wrapper import CusaModel
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"checkpoint {str(p)!r} does not exist; pass a file written by `cusa train`")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, struct.error, zipfile.BadZipFile,
-    ) as exc:  # fmt: skip
-        raise ConfigError(f"cannot read checkpoint {str(p)!r}: {exc}") from exc
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ConfigError(
-            f"{str(p)!r} is not a cusa training checkpoint: expected keys 'config' and 'model', "
-            f"found {found}"
-        )
+    ckpt = load_checkpoint(path)
     config = TrainConfig.from_dict(ckpt["config"])
-    student = build_student(config.model.student, **config.model.student_options)
+    if student is None:
+        student = build_student(config.model.student, **config.model.student_options)
     model = CusaModel(
         student,
         config.loss,
@@ -825,7 +843,7 @@ def load_checkpoint_model(path: str | os.PathLike) -> torch.nn.Module:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise ConfigError(
-            f"checkpoint {str(p)!r} does not fit the model its config describes: "
+            f"checkpoint {str(path)!r} does not fit the model its config describes: "
             f"{str(exc).splitlines()[0]}"
         ) from exc
     return model.eval()
@@ -840,12 +858,13 @@ def evaluate_checkpoint(
     batch_size: int = 32,
     sts_pairs: StsPairs | str | os.PathLike | None = None,
     ks: Sequence[int] = DEFAULT_KS,
+    student: torch.nn.Module | None = None,
 ) -> EvalReport:
     """Load a trainer checkpoint (:func:`load_checkpoint_model`) and run :func:`evaluate_model`.
 
     Retrieval uses the cross-modal head embeddings; STS uses the text side of the same space.
     """
-    model = load_checkpoint_model(checkpoint)
+    model = load_checkpoint_model(checkpoint, student=student)
     return evaluate_model(
         model,
         data,
@@ -904,7 +923,9 @@ class EvalConfig:
         if has_feats and (self.image_features is None or self.text_features is None):
             raise ConfigError("stored features need both --image-features and --text-features")
         if has_feats and self.sts is not None:
-            raise ConfigError("--sts needs --checkpoint: stored features cannot encode new sentences")
+            raise ConfigError(
+                "--sts needs --checkpoint: stored features cannot encode new sentences"
+            )
         if self.store is not None and not (self.dataset and self.split):
             raise ConfigError("--store needs --dataset and --split to find the feature groups")
         if self.batch_size < 1:

@@ -152,7 +152,7 @@ def combine_teacher_similarities(
 
 @losses.register("csa")
 class CrossModalSoftLabelLoss(nn.Module):
-    """Cross-modal soft-label alignment (CSA), Eq. 4-6 of the CUSA paper.
+    """Cross-modal soft-label alignment (CSA) of the CUSA paper.
 
     The student's image-to-text (and text-to-image) distribution over the batch is pulled towards
     the teachers' uni-modal distribution: ``KL(softmax(teacher_cos / tau_soft) ||
@@ -216,7 +216,7 @@ class CrossModalSoftLabelLoss(nn.Module):
 
 @losses.register("usa")
 class UniModalSoftLabelLoss(nn.Module):
-    """Uni-modal soft-label alignment (USA), Eq. 7-8 of the CUSA paper.
+    """Uni-modal soft-label alignment (USA) of the CUSA paper.
 
     The student's image-image and text-text distributions, computed from the uni-modal projector
     heads, are pulled towards the teachers' with ``KL`` (batchmean), averaged over the two modalities.

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from cusa.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,9 @@ def _as_tensor(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     if t.ndim != 2:
         raise DatasetError(f"{name} must be a 2-D (rows, dim) array, got shape {tuple(t.shape)}")
     if t.shape[0] == 0:
-        raise DatasetError(f"{name} is empty (shape {tuple(t.shape)}); there is nothing to evaluate")
+        raise DatasetError(
+            f"{name} is empty (shape {tuple(t.shape)}); there is nothing to evaluate"
+        )
     t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t).all(dim=1)).nonzero()[0])
@@ -184,7 +187,9 @@ def similarity_metrics(
     if valid_mask is not None:
         v = torch.as_tensor(np.asarray(valid_mask)).to(torch.bool)
         if v.shape != s.shape:
-            raise DatasetError(f"valid_mask has shape {tuple(v.shape)} but sim has {tuple(s.shape)}")
+            raise DatasetError(
+                f"valid_mask has shape {tuple(v.shape)} but sim has {tuple(s.shape)}"
+            )
     acc = _Accumulator(ks)
     _accumulate(acc, s, p, v)
     return acc.result()
@@ -305,12 +310,22 @@ def cross_modal_recall(
         )
     img_labels = np.arange(n_img)
     i2t = label_retrieval_metrics(
-        image_features, text_features, img_labels, t2i_idx,
-        ks=ks, normalize=normalize, chunk_size=chunk_size,
+        image_features,
+        text_features,
+        img_labels,
+        t2i_idx,
+        ks=ks,
+        normalize=normalize,
+        chunk_size=chunk_size,
     )
     t2i = label_retrieval_metrics(
-        text_features, image_features, t2i_idx, img_labels,
-        ks=ks, normalize=normalize, chunk_size=chunk_size,
+        text_features,
+        image_features,
+        t2i_idx,
+        img_labels,
+        ks=ks,
+        normalize=normalize,
+        chunk_size=chunk_size,
     )
     return i2t, t2i
 
@@ -391,7 +406,9 @@ def load_sts_pairs(path: str | Path) -> StsPairs:
     try:
         scores = np.array([float(r[2]) for r in rows], dtype=np.float64)
     except ValueError as exc:
-        raise DatasetError(f"STS pairs file {str(p)!r} has a score that is not a number ({exc})") from exc
+        raise DatasetError(
+            f"STS pairs file {str(p)!r} has a score that is not a number ({exc})"
+        ) from exc
     return StsPairs([str(r[0]) for r in rows], [str(r[1]) for r in rows], scores, source=str(p))
 
 
@@ -419,7 +436,9 @@ def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise DatasetError(f"spearman needs two 1-D arrays of one length, got {a.shape} and {b.shape}")
+        raise DatasetError(
+            f"spearman needs two 1-D arrays of one length, got {a.shape} and {b.shape}"
+        )
     if len(a) < 2:
         raise DatasetError(f"spearman needs at least 2 values, got {len(a)}")
     for name, v in (("predicted", a), ("gold", b)):
@@ -435,11 +454,15 @@ def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
 
 
 def sts_spearman(
-    emb1: np.ndarray | torch.Tensor, emb2: np.ndarray | torch.Tensor, gold: Sequence[float] | np.ndarray
+    emb1: np.ndarray | torch.Tensor,
+    emb2: np.ndarray | torch.Tensor,
+    gold: Sequence[float] | np.ndarray,
 ) -> float:
     """Spearman correlation between the cosine similarity of paired embeddings and gold scores."""
     e1, e2 = _as_tensor(emb1, "emb1"), _as_tensor(emb2, "emb2")
     if e1.shape != e2.shape:
-        raise DatasetError(f"paired embeddings differ in shape: {tuple(e1.shape)} vs {tuple(e2.shape)}")
+        raise DatasetError(
+            f"paired embeddings differ in shape: {tuple(e1.shape)} vs {tuple(e2.shape)}"
+        )
     cos = (l2_normalize(e1) * l2_normalize(e2)).sum(dim=1).double().numpy()  # (N,)
     return spearman(cos, gold)

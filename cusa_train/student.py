@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import Tensor, nn
+
 from cusa.errors import ConfigError, WeightsError
 from cusa.registry import Registry
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,11 @@ def minilm_path() -> Path:
 
 
 def _check_minilm_dir(path: Path) -> Path:
-    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (path / f).is_file()]
+    missing = [
+        f
+        for f in ("config.json", "model.safetensors", "tokenizer.json")
+        if not (path / f).is_file()
+    ]
     if missing:
         raise WeightsError(
             f"cannot load all-MiniLM-L6-v2 from {str(path)!r}: it lacks {', '.join(missing)}; "
@@ -108,9 +113,10 @@ class MobileNetV2MiniLMStudent(nn.Module):
             raise ConfigError(f"freeze must be one of {_FREEZE}, got {freeze!r}")
         if not 1 <= max_length <= 512:
             raise ConfigError(f"max_length must be in 1..512, got {max_length!r}")
+        from transformers import AutoModel, AutoTokenizer
+
         from cusa.extract.teachers.image_preprocess import imagenet_transform
         from cusa.extract.teachers.mobilenet import mobilenet_v2
-        from transformers import AutoModel, AutoTokenizer
 
         try:
             self.image_tower = mobilenet_v2(pretrained=True, weights=mobilenet_weights)
@@ -174,11 +180,17 @@ class MobileNetV2MiniLMStudent(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Captions -> ``{"input_ids", "attention_mask"}`` padded to the longest, truncated."""
         if isinstance(texts, str):
-            raise ConfigError("tokenize expects a list of captions, got a single str; wrap it in a list")
+            raise ConfigError(
+                "tokenize expects a list of captions, got a single str; wrap it in a list"
+            )
         if len(texts) == 0:
             raise ConfigError("tokenize got an empty list of captions")
         enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
@@ -187,7 +199,9 @@ class MobileNetV2MiniLMStudent(nn.Module):
         batch = texts if isinstance(texts, Mapping) else self.tokenize(texts)  # type: ignore[arg-type]
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
-        tokens = self.text_tower(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, 384)
+        tokens = self.text_tower(
+            input_ids=ids, attention_mask=mask
+        ).last_hidden_state  # (B, T, 384)
         return mean_pool(tokens, mask)
 
 

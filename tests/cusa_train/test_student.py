@@ -46,12 +46,16 @@ def four_images(coco_example):
 def test_registry_lists_and_refuses_unknown_names():
     assert "mobilenetv2-minilm" in list_students()
     assert STUDENTS.get("mobilenetv2-minilm") is not None
-    with pytest.raises(UnknownNameError, match="unknown student 'clip'; known students: mobilenetv2-minilm"):
+    with pytest.raises(
+        UnknownNameError, match="unknown student 'clip'; known students: mobilenetv2-minilm"
+    ):
         build_student("clip")
 
 
 def test_encodes_real_coco_images_and_captions(student, four_images):
-    pixels = torch.stack([student.preprocess_image(p.read_bytes()) for p in four_images.image_paths])
+    pixels = torch.stack(
+        [student.preprocess_image(p.read_bytes()) for p in four_images.image_paths]
+    )
     assert pixels.shape == (4, 3, 224, 224)
     with torch.no_grad():
         img = student.encode_image(pixels)
@@ -61,7 +65,9 @@ def test_encodes_real_coco_images_and_captions(student, four_images):
     assert txt.shape[1] == 384
     assert torch.isfinite(img).all() and torch.isfinite(txt).all()
     # Different images give different features; post-ReLU6 pooled features are non-negative.
-    assert (img >= 0).all() and torch.cdist(img, img).triu(1)[torch.triu_indices(4, 4, 1).unbind()].min() > 1
+    assert (img >= 0).all() and torch.cdist(img, img).triu(1)[
+        torch.triu_indices(4, 4, 1).unbind()
+    ].min() > 1
     # A tokenized batch gives the same embeddings as raw captions.
     with torch.no_grad():
         again = student.encode_text(student.tokenize(four_images.captions))
@@ -177,7 +183,9 @@ def test_evaluate_model_needs_a_joint_space(student, coco_example):
     # The raw towers output 1280 and 384 dims: evaluation refuses instead of guessing.
     from cusa.errors import DatasetError
 
-    with pytest.raises(DatasetError, match="image features have dimension 1280 but text features have 384"):
+    with pytest.raises(
+        DatasetError, match="image features have dimension 1280 but text features have 384"
+    ):
         evaluate_model(student, coco_example / "new_val.json", max_images=2)
 
 
@@ -190,15 +198,31 @@ def test_evaluate_checkpoint_round_trip(coco_example, tmp_path):
     from cusa_train.evaluate import evaluate_checkpoint, load_checkpoint_model
     from cusa_train.wrapper import CusaModel
 
-    config = TrainConfig.from_dict({"model": {"embed_dim": 64, "student_options": {"freeze": "both"}}})
+    config = TrainConfig.from_dict(
+        {"model": {"embed_dim": 64, "student_options": {"freeze": "both"}}}
+    )
     torch.manual_seed(0)
-    model = CusaModel(build_student("mobilenetv2-minilm", freeze="both"), config.loss, embed_dim=64, gather=False)
-    torch.save({"config": config.to_dict(), "model": model.state_dict(), "step": 3}, tmp_path / "ckpt.pt")
+    model = CusaModel(
+        build_student("mobilenetv2-minilm", freeze="both"), config.loss, embed_dim=64, gather=False
+    )
+    torch.save(
+        {"config": config.to_dict(), "model": model.state_dict(), "step": 3}, tmp_path / "ckpt.pt"
+    )
     loaded = load_checkpoint_model(tmp_path / "ckpt.pt")
-    torch.testing.assert_close(loaded.cross_image_head.state_dict(), model.cross_image_head.state_dict())
+    torch.testing.assert_close(
+        loaded.cross_image_head.state_dict(), model.cross_image_head.state_dict()
+    )
+
+    wrong = config.to_dict()
+    wrong["model"]["embed_dim"] = 32
+    torch.save({"config": wrong, "model": model.state_dict(), "step": 3}, tmp_path / "wrong.pt")
+    with pytest.raises(ConfigError, match="does not fit the model its config describes"):
+        load_checkpoint_model(tmp_path / "wrong.pt")
 
     pairs = write_sts(tmp_path, "csv")
-    report = evaluate_checkpoint(tmp_path / "ckpt.pt", coco_example / "new_val.json", max_images=6, sts_pairs=pairs)
+    report = evaluate_checkpoint(
+        tmp_path / "ckpt.pt", coco_example / "new_val.json", max_images=6, sts_pairs=pairs
+    )
     assert report.counts["num_images"] == 6 and report.info["checkpoint"].endswith("ckpt.pt")
     assert 0 <= report["rsum"] <= 600 and -1 <= report["sts_spearman"] <= 1
     res = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "ckpt.pt"),
@@ -206,4 +230,6 @@ def test_evaluate_checkpoint_round_trip(coco_example, tmp_path):
                                    "--out", str(tmp_path / "r.json")])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "Cross-modal retrieval (6 images" in res.output
-    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["rsum"] == pytest.approx(report["rsum"])
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["rsum"] == pytest.approx(
+        report["rsum"]
+    )

@@ -183,6 +183,7 @@ def test_empty_store(tmp_path):
 
 
 def _write_run(path: Path, usa: bool, steps: int = 40) -> Path:
+    """A metrics log with the keys ``cusa_train.trainer`` writes (see test_real_training_runs)."""
     rng = np.random.default_rng(1 if usa else 2)
     path.mkdir(parents=True)
     with (path / "metrics.jsonl").open("w") as fh:
@@ -190,10 +191,10 @@ def _write_run(path: Path, usa: bool, steps: int = 40) -> Path:
             decay = np.exp(-s / 15)
             rec = {"step": s, "epoch": s // 20, "loss": 4 * decay + 0.5, "itr": 3 * decay + 0.3,
                    "csa": 0.5 * decay + 0.1 + 0.01 * rng.random(), "lr": 1e-4,
-                   "tau/itr": 0.05 + 0.001 * s, "tau/csa": 1.0}
-            if usa:
-                rec["usa"] = 0.4 * decay + 0.1
-            fh.write(json.dumps(rec) + "\n")
+                   "usa": 0.4 * decay + 0.1 if usa else 0.0,
+                   "tau/itr": 0.05 + 0.001 * s, "tau/csa": 1.0, "tau/csa_teacher": 1.0,
+                   "step_time_s": 0.1, "data_time_s": 0.01, "pairs_per_s": 80.0}
+            fh.write(json.dumps(rec, sort_keys=True) + "\n")
         fh.write('{"step": 41, "loss": 0.')  # a line cut short by a crash is skipped
     return path
 
@@ -235,8 +236,9 @@ def test_run_log_parsing(tmp_path):
     run = read_run(_write_run(tmp_path / "r", True))
     assert run.lines == 40 and run.skipped_lines == 1
     assert set(run.loss_keys()) == {"loss", "itr", "csa", "usa"}
-    assert set(run.temperature_keys()) == {"tau/itr", "tau/csa"}
-    assert run.other_keys() == ["lr"]  # step and epoch are axes, not series
+    assert set(run.temperature_keys()) == {"tau/itr", "tau/csa", "tau/csa_teacher"}
+    # step and epoch are axes, not series
+    assert set(run.other_keys()) == {"lr", "step_time_s", "data_time_s", "pairs_per_s"}
     steps, values = run.series["tau/itr"]
     np.testing.assert_allclose(steps, np.arange(40))
     np.testing.assert_allclose(values, 0.05 + 0.001 * np.arange(40))
@@ -303,3 +305,70 @@ def test_cli_report(coco_store, tmp_path):
     assert "no cusa store" in bad.output
     bad = runner.invoke(app, ["report", str(coco_store), "--out", str(out), "--split", "test"])
     assert bad.exit_code == 2 and "has no split 'test'" in bad.output
+
+
+@pytest.mark.slow
+def test_real_training_runs(coco_store, tmp_path):
+    """End to end: two real (tiny) CUSA runs with and without USA, evaluated, in one report."""
+    import sys
+
+    import torch
+
+    from cusa.extract.readers import coco_sample_root
+    from cusa_train.config import TrainConfig
+    from cusa_train.evaluate import encode_dataset, evaluate_model, load_caption_json
+    from cusa_train.trainer import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cusa_train"))
+    from tiny_student import TinyDualEncoder
+
+    data = load_caption_json(coco_sample_root() / "new_train.json")
+    runs, evals, embeds = {}, {}, {}
+    for label, usa in (("with USA", True), ("without USA", False)):
+        cfg = TrainConfig.from_dict({
+            "model": {"student": "tiny", "embed_dim": 16},
+            "loss": {"usa": {"enabled": usa}},
+            "teachers": {"image": IMAGE_TEACHER, "text": TEXT_TEACHER, "text_spec": {"dim": 384}},
+            "data": {"dataset": "coco-sample", "split": "train", "store": str(coco_store), "batch_size": 8},
+            "optim": {"lr": 1e-3, "warmup_steps": 2, "max_steps": 6},
+            "run": {"output_dir": str(tmp_path / label), "seed": 3, "progress": False},
+        })
+        torch.manual_seed(0)
+        result = train(cfg, student=TinyDualEncoder())
+        runs[label] = result.output_dir
+        evals[label] = tmp_path / f"{label}.json"
+        evaluate_model(result.model, data).to_json(evals[label])
+        img, txt = encode_dataset(result.model, data)
+        counts: dict[str, int] = {}
+        cap_ids = []
+        for iid in data.image_ids_of_texts:
+            cap_ids.append(f"{iid}#{counts.setdefault(iid, 0)}")
+            counts[iid] += 1
+        embeds[label] = tmp_path / f"{label}.npz"
+        np.savez(embeds[label], features=np.concatenate([img, txt]), ids=np.array([*data.image_ids, *cap_ids]))
+
+    out = build_report(coco_store, tmp_path / "report.html", dataset="coco-sample", run=runs,
+                       eval_json=evals, embeddings=embeds)
+    page = _Page(out.read_text(encoding="utf-8"))
+    training = page.sections["training"]
+    assert "(6 lines)" in training and "rsum" in training and "24 images and their captions" in training
+    assert len(page.images_in("training", "image/png")) == 4  # losses, temperatures, other, t-SNE
+
+
+def test_dataset_view_pools_and_fetches_more_thumbnails():
+    from cusa.extract.readers import open_dataset
+    from cusa.viz.thumbnails import DatasetView
+
+    reader = open_dataset("coco-sample", split="train", shard_size=6)  # 4 shards of 6 images
+    all_ids = [s.image_id for shard in reader.shards() for s in reader.read(shard)]
+    view = DatasetView.from_reader(reader, pool_size=4, seed=0, keep=all_ids[::2], max_side=64)
+    assert len(view.pool) == 4 and set(view.pool) <= set(all_ids[::2])
+    assert set(view.thumbs) == set(view.pool)  # only pooled images were thumbnailed
+    assert view.scanned <= 12
+    others = [i for i in all_ids if i not in view.pool][:5]
+    view.ensure(others, max_scan=1000)
+    assert set(others) <= set(view.thumbs)
+    assert all(max(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).size) <= 64
+               for u in view.thumbs.values())
+    # Captions of every image read come along, keyed by caption id.
+    assert all(view.caption_image[c] == i for i in view.pool for c in view.image_captions[i])
