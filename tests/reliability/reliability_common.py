@@ -70,3 +70,41 @@ class S3Endpoint:
         name = f"cusa-rel-{uuid.uuid4().hex[:8]}"
         s3fs.S3FileSystem(**self.storage_options()).mkdir(name)
         return name
+
+
+# What the full suite injects and tries; the committed figures must cover exactly these.
+FAULT_KINDS = (
+    "concurrent writers",
+    "disk full (96 KiB tmpfs)",
+    "kill -9 Ray teacher actor",
+    "kill -9 local runner",
+    "kill -9 with the store on S3 (moto)",
+    "reader during writes",
+    "write error mid-shard (injected ENOSPC)",
+)
+BAD_INPUTS = (
+    "caption: empty caption",
+    "caption: non-UTF-8 caption",
+    "caption: punctuation-only caption",
+    "caption: very long (3000 words)",
+    "dataset: duplicate sample ids (JSON)",
+    "dataset: duplicate sample ids (webdataset)",
+    "dataset: tar member path escapes",
+    "dataset: truncated tar",
+    "dataset: webdataset non-contiguous keys",
+    "file: .npy needing pickle",
+    "file: chunk file truncated on disk",
+    "file: pickle instead of a state dict (pickle)",
+    "file: pickle instead of a state dict (torch.save)",
+    "file: store attributes edited to another teacher spec",
+    "file: weights with the wrong SHA-256",
+    "image: alpha.png",
+    "image: bomb.png",
+    "image: cmyk.jpg",
+    "image: empty.jpg",
+    "image: gray16.png",
+    "image: missing.jpg",
+    "image: random.jpg",
+    "image: truncated.jpg",
+)
+MIN_KILL_TRIALS = 20

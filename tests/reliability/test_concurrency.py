@@ -119,3 +119,32 @@ def test_reader_sees_only_committed_shards_while_a_writer_runs(tmp_path, sample_
     assert grew, f"a reopen saw fewer rows than before: {sizes}"
     assert len(sizes) == 2 and max(distinct.values()) >= 2, f"reopening never saw more rows: {sizes}"
     assert store_snapshot(store) == reference
+
+
+def test_a_late_second_sealer_leaves_the_store_intact(sample_reference, tmp_path):
+    """Two writers may both seal: the one arriving after the other finished must not delete
+    the finished chunks (it used to, through zarr's ``overwrite=True``)."""
+    import shutil
+
+    ref_store, reference = sample_reference
+    store = tmp_path / "store"
+    shutil.copytree(ref_store, store)
+    for g in FeatureStore.open(store).groups():
+        g._seal(g.commit_records())  # the exact work of a racing sealer that lost the race
+    assert store_snapshot(store) == reference
+    assert all(r.ok and not r.warnings for r in verify_store(FeatureStore.open(store)))
+
+
+def test_seal_removes_parts_left_by_a_seal_killed_while_cleaning_up(sample_reference, tmp_path):
+    import shutil
+
+    ref_store, reference = sample_reference
+    store = tmp_path / "store"
+    shutil.copytree(ref_store, store)
+    g = FeatureStore.open(store).groups()[0]
+    stale = store / g.rel / "parts" / "000001.0123456789ab" / "features"
+    stale.mkdir(parents=True)
+    (stale / "zarr.json").write_text("{}")
+    assert leftovers(store)
+    g.seal()
+    assert not leftovers(store) and store_snapshot(store) == reference
