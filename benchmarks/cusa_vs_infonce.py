@@ -97,8 +97,8 @@ class Schedule:
         min_lr_ratio: final lr as a fraction of ``lr`` (official: 1e-6 / 1e-5).
     """
 
-    epochs: int = 40
-    lr: float = 1e-3
+    epochs: int = 10
+    lr: float = 3e-4
     weight_decay: float = 1e-4
     batch_size: int = 128
     warmup_steps: int = 10
@@ -150,8 +150,8 @@ class ExperimentConfig:
     embed_dim: int = 512
     schedule: Schedule = field(default_factory=Schedule)
     tune: bool = True
-    tune_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
-    tune_epochs: tuple[int, ...] = (20, 40, 80)
+    tune_lrs: tuple[float, ...] = (3e-4, 1e-3)
+    tune_epochs: tuple[int, ...] = (10, 20, 40)
     holdout_fraction: float = 1 / 6
     extract_batch_size: int = 32
 

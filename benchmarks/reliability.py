@@ -111,10 +111,9 @@ def run_suite(fast: bool, extra: list[str]) -> tuple[int, dict[str, Any], float]
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "log.json"
         env = {**os.environ, "CUSA_RELIABILITY_LOG": str(log)}
-        if not fast:
-            env["CUSA_RELIABILITY_SLOW"] = "1"
+        marks = "not slow" if fast else "slow or not slow"
         cmd = [sys.executable, "-m", "pytest", "tests/reliability", "-q", "-p", "no:cacheprovider",
-               "--ignore=tests/reliability/test_zz_figures.py", *extra]
+               "-m", marks, "--ignore=tests/reliability/test_zz_figures.py", *extra]
         t0 = time.perf_counter()
         code = subprocess.call(cmd, cwd=REPO, env=env)
         elapsed = time.perf_counter() - t0

@@ -170,23 +170,23 @@ def main() -> None:
     # The extra work of CUSA besides the soft-label gather -- uni-modal heads, two (B, B) teacher
     # cosines and the KL terms -- timed alone on fixed backbone features, many times over, so
     # that the estimate does not drown in the noise of whole steps on a shared machine.
-    def head_and_loss_ms(name: str, reps: int = 30) -> float:
-        model, b = models[name], batches[0]
+    def head_and_loss_ms(reps: int = 40) -> dict[str, float]:
+        b = batches[0]
         with torch.no_grad():
-            img = model.student.encode_image(b["images"])
-            txt = model.student.encode_text(b["texts"])
+            img = models["infonce"].student.encode_image(b["images"])
+            txt = models["infonce"].student.encode_text(b["texts"])
         t_img, t_txt = teachers.gather(b["image_ids"], b["caption_ids"])
-        if name == "infonce":
-            t_img = t_txt = None
-        out = []
-        for _ in range(reps):
-            i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
-            t0 = time.perf_counter()
-            model.forward_features(i, t, b["image_ids"], t_img, t_txt)["loss"].backward()
-            out.append(time.perf_counter() - t0)
-        return statistics.median(out) * 1e3
+        out: dict[str, list[float]] = {"infonce": [], "cusa_store": []}
+        for _ in range(reps):  # alternate, so load spikes hit both alike
+            for name in out:
+                i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+                teach = (None, None) if name == "infonce" else (t_img, t_txt)
+                t0 = time.perf_counter()
+                models[name].forward_features(i, t, b["image_ids"], *teach)["loss"].backward()
+                out[name].append(time.perf_counter() - t0)
+        return {k: statistics.median(v) * 1e3 for k, v in out.items()}
 
-    heads_ms = {k: head_and_loss_ms(k) for k in ("infonce", "cusa_store")}
+    heads_ms = head_and_loss_ms()
     med = {k: statistics.median(v) for k, v in times.items()}
     added_ms = (
         statistics.median(soft_label_ms["cusa_store"])

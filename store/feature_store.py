@@ -149,29 +149,35 @@ class FeatureStore:
             StoreVersionError: the store was written by a newer layout version.
         """
         sfs = StoreFS.from_url(str(url or default_store()), **(storage_options or {}))
-        if sfs.exists(MARKER):
-            meta = sfs.read_json(MARKER)
-            if meta.get("format") != "cusa-store":
-                raise NotAStoreError(f"{sfs.url!r} has a {MARKER} that is not a cusa store marker")
-            version = int(meta.get("layout_version", 0))
-            if version > LAYOUT_VERSION:
-                raise StoreVersionError(
-                    f"store {sfs.url!r} has layout version {version}, newer than this cusa "
-                    f"understands ({LAYOUT_VERSION}); upgrade cusa (pip install -U cusa)"
+        if not sfs.exists(MARKER):
+            # Another writer may be creating this store right now: the temporary file of its
+            # marker is not foreign content, and its marker may appear between our checks.
+            foreign = [n for n in sfs.ls("") if not (n.startswith(MARKER) and n.endswith(".partial"))]
+            if foreign and not sfs.exists(MARKER):
+                raise NotAStoreError(
+                    f"{sfs.url!r} exists and is not a cusa store (no {MARKER}); "
+                    "point --store at an empty or new directory, or at an existing cusa store"
                 )
-            return cls(sfs)
-        if sfs.exists("") and sfs.ls(""):
-            raise NotAStoreError(
-                f"{sfs.url!r} exists and is not a cusa store (no {MARKER}); "
-                "point --store at an empty or new directory, or at an existing cusa store"
+            if not sfs.exists(MARKER):
+                if not create:
+                    raise NotAStoreError(
+                        f"no cusa store at {sfs.url!r}; run `cusa extract` to create one, or "
+                        "check the path"
+                    )
+                marker = {"format": "cusa-store", "layout_version": LAYOUT_VERSION, "created": _now()}
+                if sfs.create_exclusive(MARKER, _json_bytes(marker)):
+                    log.info("created cusa store at %s", sfs.url)
+                    return cls(sfs)
+        # The marker exists (possibly just created by a concurrent writer).
+        meta = sfs.read_json(MARKER)
+        if meta.get("format") != "cusa-store":
+            raise NotAStoreError(f"{sfs.url!r} has a {MARKER} that is not a cusa store marker")
+        version = int(meta.get("layout_version", 0))
+        if version > LAYOUT_VERSION:
+            raise StoreVersionError(
+                f"store {sfs.url!r} has layout version {version}, newer than this cusa "
+                f"understands ({LAYOUT_VERSION}); upgrade cusa (pip install -U cusa)"
             )
-        if not create:
-            raise NotAStoreError(
-                f"no cusa store at {sfs.url!r}; run `cusa extract` to create one, or check the path"
-            )
-        marker = {"format": "cusa-store", "layout_version": LAYOUT_VERSION, "created": _now()}
-        sfs.create_exclusive(MARKER, _json_bytes(marker))
-        log.info("created cusa store at %s", sfs.url)
         return cls(sfs)
 
     # -- groups -----------------------------------------------------------------------------

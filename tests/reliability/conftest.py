@@ -1,8 +1,8 @@
 """Fixtures of the fault-injection suite: reference stores, tiny real datasets, an S3 server,
 and the log that ``benchmarks/reliability.py`` turns into ``benchmarks/results/reliability.json``.
 
-Trials marked ``slow`` are skipped unless the marker expression names them (``-m slow``) or
-``CUSA_RELIABILITY_SLOW=1`` is set; the default run keeps a fast subset of each fault.
+Trials marked ``slow`` are deselected by the default ``-m 'not slow'`` (pyproject); run them with
+``-m slow``. The default run keeps a fast subset of each fault.
 """
 
 from __future__ import annotations
@@ -18,20 +18,6 @@ from helpers import store_snapshot
 from reliability_common import LOG_ENV, ReliabilityLog, S3Endpoint, sample_config
 
 from cusa.extract.runner import extract
-
-HERE = Path(__file__).resolve().parent
-
-# -- slow trials ---------------------------------------------------------------------------------
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if "slow" in (config.getoption("markexpr") or "") or os.environ.get("CUSA_RELIABILITY_SLOW"):
-        return
-    skip = pytest.mark.skip(reason="slow trial: run with -m slow, or python benchmarks/reliability.py")
-    for item in items:
-        if "slow" in item.keywords and HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(skip)
-
 
 # -- the figures log -------------------------------------------------------------------------------
 

@@ -148,3 +148,23 @@ def test_seal_removes_parts_left_by_a_seal_killed_while_cleaning_up(sample_refer
     assert leftovers(store)
     g.seal()
     assert not leftovers(store) and store_snapshot(store) == reference
+
+
+def test_two_writers_creating_the_store_at_once(tmp_path):
+    """The first writer's marker temp file is not 'foreign content' to the second (it was
+    refused with "exists and is not a cusa store" before)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "cusa_store.json.0a1b2c3d.partial").write_bytes(b"{")  # writer 1, mid-create
+    FeatureStore.open(store, create=True)  # writer 2
+    assert FeatureStore.open(store).url == str(store)
+    (store / "unrelated.txt").write_text("x")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "unrelated.txt").write_text("x")
+    import pytest
+
+    from cusa.errors import NotAStoreError
+
+    with pytest.raises(NotAStoreError, match="is not a cusa store"):
+        FeatureStore.open(other, create=True)
