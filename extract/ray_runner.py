@@ -141,12 +141,14 @@ def _init_ray(address: str | None) -> Any:
         raise ConfigError(
             "--runner ray needs Ray: pip install 'cusa[ray]' (or use --runner local)"
         ) from exc
+    # Ray Data logs every execution plan at INFO; our own summary and progress say enough.
+    logging.getLogger("ray").setLevel(logging.WARNING)
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False,
-                     num_cpus=os.cpu_count(), configure_logging=False)
+            ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count(),
+                     logging_level=logging.WARNING)
     return ray
 
 

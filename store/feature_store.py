@@ -26,6 +26,7 @@ depend on shard layout, worker count or run order.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import io
@@ -538,6 +539,7 @@ class FeatureGroup:
             # A seal killed after its record was written may have left parts behind.
             if self.fs.exists(f"{self.rel}/parts"):
                 self.fs.remove(f"{self.rel}/parts")
+            self._remove_temp_files()
             return existing
         records = self.commit_records()
         if expected_shards is not None:
@@ -615,8 +617,24 @@ class FeatureGroup:
         self.fs.write_bytes_atomic(f"{self.rel}/{SEALED}", _json_bytes(record))
         # The parts are now redundant; readers that still map them keep their open files.
         self.fs.remove(f"{self.rel}/parts")
+        self._remove_temp_files()
         log.info("sealed %s: %d rows in %d chunk(s)", self.rel, n, len(chunk_rows))
         return record
+
+    def _remove_temp_files(self) -> None:
+        """Delete ``*.partial`` files that writers killed mid-write left in a sealed group.
+
+        Every file of a sealed group is final, so a temporary file can only be garbage, or the
+        in-flight write of a writer that lost a race (its rename then fails harmlessly).
+        Object stores write whole objects and have none.
+        """
+        if not self.fs.is_local:
+            return
+        for dirpath, _, filenames in os.walk(self.fs.local_path(self.rel)):
+            for name in filenames:
+                if name.endswith(".partial"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(dirpath, name))
 
     def nbytes_on_disk(self) -> int:
         try:

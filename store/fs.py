@@ -106,6 +106,11 @@ class StoreFS:
                 os.link(tmp, full)
             except FileExistsError:
                 return False
+            except FileNotFoundError:
+                # A sealer cleaned up our temporary file: the target was committed meanwhile.
+                if os.path.exists(full):
+                    return False
+                raise
             finally:
                 _unlink_quietly(tmp)
             return True

@@ -150,3 +150,27 @@ def test_kill_ray_actor_then_resume(seed, tmp_path, sample_reference, reliabilit
 @pytest.mark.parametrize("seed", SLOW_RAY)
 def test_kill_ray_actor_then_resume_slow(seed, tmp_path, sample_reference, reliability_log):
     _kill_actor_trial(seed, tmp_path, sample_reference, reliability_log)
+
+
+def test_resume_after_a_kill_inside_seal_leaves_no_temp_files(tmp_path, sample_reference, monkeypatch):
+    """The state a SIGKILL between writing and renaming ``sealed.json`` leaves (seen in a seeded
+    trial): every shard committed, parts present, temporary files beside the records. The re-run
+    seals and removes every ``*.partial`` file; a later re-run cleans a sealed group as well."""
+    from cusa.store.feature_store import FeatureGroup
+
+    _, reference = sample_reference
+    store = tmp_path / "store"
+    monkeypatch.setattr(FeatureGroup, "seal", lambda self, expected_shards=None: None)
+    assert extract(sample_config(store)).shards_done == SAMPLE_SHARDS  # killed just before sealing
+    monkeypatch.undo()
+    group = store / FeatureStore.open(store).groups()[0].rel
+    (group / "sealed.json.64900959.partial").write_text('{"rows": ')
+    (group / "commits" / "000000.json.0badc0de.partial").write_text("{")
+    assert len(leftovers(store)) == 2
+    summary = extract(sample_config(store))
+    assert summary.sealed and summary.shards_done == 0
+    assert not leftovers(store)
+    assert store_snapshot(store) == reference
+    (group / "manifest.parquet.0123abcd.partial").write_bytes(b"PAR1")
+    extract(sample_config(store))
+    assert not leftovers(store)
