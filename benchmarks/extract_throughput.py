@@ -24,14 +24,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from cusa.extract.readers import open_dataset
-from cusa.extract.runner import ExtractConfig, extract, load_teachers, open_groups, run_local
-from cusa.extract.runner import ExtractSummary
-from cusa.extract.writer import ShardWriter
 from cusa.extract.progress import NullProgress
+from cusa.extract.readers import open_dataset
+from cusa.extract.runner import (
+    ExtractConfig,
+    ExtractSummary,
+    extract,
+    load_teachers,
+    open_groups,
+    run_local,
+)
+from cusa.extract.writer import ShardWriter
 
 RESULTS = Path(__file__).parent / "results" / "extract_throughput.json"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-example"

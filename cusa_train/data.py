@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cusa.errors import DatasetError, StoreSpecMismatchError
+from cusa.extract.teachers.spec import format_spec_diff, spec_diff
 from cusa.store import FeatureLookup, FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -46,12 +47,9 @@ def check_spec(lookup: FeatureLookup, modality: str, expected: Mapping[str, Any]
     """
     recorded = lookup.spec
     wanted = {"modality": modality, **dict(expected or {})}
-    wanted.pop("library_versions", None)  # informative only
-    diff = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
+    diff = spec_diff(recorded, wanted, subset=True)
     if diff:
-        fields = "; ".join(
-            f"{k}: store {a!r} != configured {b!r}" for k, (a, b) in sorted(diff.items())
-        )
+        fields = format_spec_diff(diff, "store", "configured")
         raise StoreSpecMismatchError(
             f"the {modality} teacher features in {lookup.group.url!r} ({recorded.get('name')!r}) do not "
             f"match the configured teacher ({fields}); re-extract with the configured teacher or "

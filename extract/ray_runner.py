@@ -137,9 +137,10 @@ def _only(config: Any, modality: str) -> Any:
 def _init_ray(address: str | None) -> Any:
     try:
         import ray
+        import ray.data  # noqa: F401  (Ray Data is an extra of ray: ray[data])
     except ImportError as exc:
         raise ConfigError(
-            "--runner ray needs Ray: pip install 'cusa[ray]' (or use --runner local)"
+            "--runner ray needs Ray Data: pip install 'cusa[ray]' (or use --runner local)"
         ) from exc
     # Ray Data logs every execution plan at INFO; our own summary and progress say enough.
     logging.getLogger("ray").setLevel(logging.WARNING)
@@ -163,8 +164,6 @@ def run_ray(
 ) -> None:
     """Stream ``shards`` through Ray Data and commit each one as it completes."""
     ray = _init_ray(config.ray_address)
-    import ray.data
-
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False

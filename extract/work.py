@@ -135,7 +135,7 @@ def prepare_shard(
                 # A tar that broke off inside this sample lost its captions too; a text-only
                 # run must ledger that as well (the image ledger only exists with an image teacher).
                 failures[TEXT].append((f"{sample.image_id}#*", f"DatasetError: {sample.image_error}"))
-            for cid, caption in zip(sample.caption_ids, sample.captions):
+            for cid, caption in zip(sample.caption_ids, sample.captions, strict=True):
                 try:
                     pending[TEXT][1].append(text_teacher.prepare(caption))
                     pending[TEXT][0].append(cid)

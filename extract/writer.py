@@ -92,7 +92,7 @@ class ShardWriter:
             if bad.any():
                 failures += [(ids[i], "teacher produced non-finite features") for i in np.flatnonzero(bad)]
                 keep = ~bad
-                ids = [i for i, k in zip(ids, keep) if k]
+                ids = [i for i, k in zip(ids, keep, strict=True) if k]
                 feats = feats[keep]
             try:
                 result = group.write_shard(

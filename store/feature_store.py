@@ -309,12 +309,11 @@ class FeatureGroup:
 
     def check_compatible(self, spec: dict[str, Any], manifest_hash: str | None) -> None:
         """Refuse a spec or manifest that differs from what the group recorded."""
-        from cusa.extract.teachers.spec import spec_diff
+        from cusa.extract.teachers.spec import format_spec_diff, spec_diff
 
         diff = spec_diff(self.spec, spec)
         if diff:
-            fields = "; ".join(f"{k}: stored {a!r} != given {b!r}" for k, a, b in
-                               ((k, *v) for k, v in diff.items()))
+            fields = format_spec_diff(diff)
             raise StoreSpecMismatchError(
                 f"teacher spec for {self.url!r} differs from the one recorded in the store "
                 f"({fields}); use another --store, or remove the group to re-extract"
@@ -491,7 +490,7 @@ class FeatureGroup:
         sealed = self.sealed
         if sealed:
             segs = []
-            for i, (rows, digest) in enumerate(zip(sealed["chunk_rows"], sealed["chunk_sha256"])):
+            for i, (rows, digest) in enumerate(zip(sealed["chunk_rows"], sealed["chunk_sha256"], strict=True)):
                 segs.append(Segment(f"{self.rel}/features/c/{i}/0", rows, digest,
                                     f"{self.rel}/sample_id", i))
             return segs

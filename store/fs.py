@@ -72,16 +72,10 @@ class StoreFS:
         """Write ``data`` so that readers see either nothing or the whole file."""
         full = self.path(rel)
         if self.is_local:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            tmp = f"{full}.{uuid.uuid4().hex[:8]}.partial"
+            tmp = _write_partial(full, data)
             try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
                 os.replace(tmp, full)
             except BaseException:
-                # A failed write (disk full, I/O error, interrupt) must not leave its temp file.
                 _unlink_quietly(tmp)
                 raise
         else:
@@ -96,13 +90,8 @@ class StoreFS:
         """
         full = self.path(rel)
         if self.is_local:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            tmp = f"{full}.{uuid.uuid4().hex[:8]}.partial"
+            tmp = _write_partial(full, data)
             try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
                 os.link(tmp, full)
             except FileExistsError:
                 return False
@@ -161,3 +150,21 @@ def _async_instance(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
     return AsyncFileSystemWrapper(fs, asynchronous=True)
+
+
+def _write_partial(full: str, data: bytes) -> str:
+    """Write ``data`` durably to a unique ``<full>.<token>.partial`` file and return its path.
+
+    A failed write (disk full, I/O error, interrupt) removes its temporary file.
+    """
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    tmp = f"{full}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp

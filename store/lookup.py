@@ -83,12 +83,12 @@ class FeatureLookup:
         fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         group = fs.find_group(dataset, split, teacher)
         if expected_spec is not None:
-            from cusa.extract.teachers.spec import spec_diff
+            from cusa.extract.teachers.spec import format_spec_diff, spec_diff
 
             given = expected_spec.to_dict() if hasattr(expected_spec, "to_dict") else dict(expected_spec)
-            diff = spec_diff(group.spec, given)
+            diff = spec_diff(group.spec, given, subset=True)
             if diff:
-                fields = "; ".join(f"{k}: store {a!r} != expected {b!r}" for k, (a, b) in diff.items())
+                fields = format_spec_diff(diff, "store", "expected")
                 raise StoreSpecMismatchError(
                     f"features in {group.url!r} were made by a different teacher spec ({fields}); "
                     "re-extract with the configured teacher or configure the stored one"

@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
 import braceexpand
+
 from cusa.errors import DatasetError
 from cusa.extract.readers._common import (
     IMAGE_EXTENSIONS,

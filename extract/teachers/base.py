@@ -46,3 +46,49 @@ class Teacher(Protocol):
     def encode(self, batch: list[Any]) -> np.ndarray:
         """Prepared items -> ``(B, spec.dim)`` float32 features (L2-normalised if spec.normalized)."""
         ...
+
+
+class ImageTeacherBase:
+    """Plumbing shared by image teachers: spec, the weight-free preparer, batch -> tensor.
+
+    Subclasses set ``_spec``, ``_preparer``, ``model`` and ``device`` and implement
+    ``_encode_tensor(x) -> (B, dim)`` on a ``(B, 3, S, S)`` tensor already on ``device``.
+    """
+
+    modality: Modality = "image"
+    _spec: TeacherSpec
+    _preparer: Preparer
+
+    @property
+    def spec(self) -> TeacherSpec:
+        return self._spec
+
+    def prepare(self, item: bytes) -> np.ndarray:
+        """Image bytes -> ``(3, S, S)`` float32 array. Raises SampleError for a bad image."""
+        return self._preparer.prepare(item)
+
+    def preparer(self) -> Preparer:
+        """The weight-free, picklable ``prepare`` (for CPU read workers)."""
+        return self._preparer
+
+    def encode(self, batch: list[np.ndarray]) -> np.ndarray:
+        """Prepared images -> ``(B, spec.dim)`` float32."""
+        import torch
+
+        if not batch:
+            return np.zeros((0, self._spec.dim), dtype=np.float32)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.stack(batch)).to(self.device, non_blocking=True)  # (B, 3, S, S)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self._encode_tensor(x).float().cpu().numpy()
+
+    def _encode_tensor(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def forward_bare(self, x: Any) -> Any:
+        """The bare model forward on an already-prepared tensor (for throughput baselines)."""
+        import torch
+
+        with torch.inference_mode():
+            return self.model(x.to(self.device))

@@ -15,11 +15,11 @@ import logging
 import os
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from cusa.errors import WeightsError
+from cusa.extract.teachers.base import ImageTeacherBase
 from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, imagenet_transform
 from cusa.extract.teachers.spec import TeacherSpec, library_versions
 from cusa.extract.teachers.weights import load_state_dict, sha256_file
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
-class PooledCNNImageTeacher:
+class PooledCNNImageTeacher(ImageTeacherBase):
     """A frozen CNN whose pooled features are the teacher output.
 
     Args:
@@ -44,7 +44,6 @@ class PooledCNNImageTeacher:
         dtype: on-disk dtype recorded in the spec.
     """
 
-    modality = "image"
 
     def __init__(
         self,
@@ -81,36 +80,13 @@ class PooledCNNImageTeacher:
             library_versions=library_versions(),
         )
 
-    @property
-    def spec(self) -> TeacherSpec:
-        return self._spec
-
-    def prepare(self, item: bytes) -> np.ndarray:
-        """Image bytes -> ``(3, S, S)`` float32 array. Raises SampleError for a bad image."""
-        return self._preparer.prepare(item)
-
-    def preparer(self) -> ImagePreparer:
-        """The weight-free, picklable ``prepare`` (for CPU read workers)."""
-        return self._preparer
-
-    @torch.inference_mode()
-    def encode(self, batch: list[np.ndarray]) -> np.ndarray:
-        """Prepared images -> ``(B, dim)`` float32, L2-normalised."""
-        if not batch:
-            return np.zeros((0, self._spec.dim), dtype=np.float32)
-        x = torch.from_numpy(np.stack(batch)).to(self.device)  # (B, 3, 224, 224)
+    def _encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16):
                 feats = self._features(self.model, x)
         else:
             feats = self._features(self.model, x)  # (B, dim)
-        return nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
-
-    def forward_bare(self, x: torch.Tensor) -> torch.Tensor:
-        """The bare classifier forward (for throughput baselines)."""
-        with torch.inference_mode():
-            return self.model(x.to(self.device))
+        return nn.functional.normalize(feats.float(), dim=-1)
 
 
 def efficientnet_available() -> bool:

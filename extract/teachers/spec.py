@@ -66,10 +66,21 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def spec_diff(recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Fields whose values differ, as ``{field: (recorded, given)}``; informative fields ignored."""
-    keys = (set(recorded) | set(given)) - set(IGNORED_ON_COMPARE)
+def spec_diff(
+    recorded: dict[str, Any], given: dict[str, Any], *, subset: bool = False
+) -> dict[str, tuple[Any, Any]]:
+    """Fields whose values differ, as ``{field: (recorded, given)}``; informative fields ignored.
+
+    With ``subset=True`` only the fields present in ``given`` are compared.
+    """
+    keys = set(given) if subset else set(recorded) | set(given)
+    keys -= set(IGNORED_ON_COMPARE)
     return {k: (recorded.get(k), given.get(k)) for k in sorted(keys) if recorded.get(k) != given.get(k)}
+
+
+def format_spec_diff(diff: dict[str, tuple[Any, Any]], ours: str = "stored", theirs: str = "given") -> str:
+    """``"dtype: stored 'float16' != given 'float32'; ..."`` for error messages."""
+    return "; ".join(f"{k}: {ours} {a!r} != {theirs} {b!r}" for k, (a, b) in diff.items())
 
 
 def library_versions() -> dict[str, str]:

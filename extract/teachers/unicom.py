@@ -36,11 +36,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from cusa.errors import ConfigError, WeightsError
+from cusa.extract.teachers.base import ImageTeacherBase
 from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, clip_transform
 from cusa.extract.teachers.spec import TeacherSpec, library_versions
 from cusa.extract.teachers.weights import (
@@ -424,7 +424,7 @@ def _parse_output_kind(kind: str) -> tuple[str, int | None]:
     )
 
 
-class UnicomImageTeacher:
+class UnicomImageTeacher(ImageTeacherBase):
     """A frozen Unicom ViT mapping images to ``embedding``, ``tokens`` or ``tokens-proj<k>``.
 
     Args:
@@ -443,7 +443,6 @@ class UnicomImageTeacher:
         max_pixels: decompression-bomb limit (default: PIL's).
     """
 
-    modality = "image"
 
     def __init__(
         self,
@@ -542,26 +541,7 @@ class UnicomImageTeacher:
             library_versions=library_versions(),
         )
 
-    @property
-    def spec(self) -> TeacherSpec:
-        return self._spec
-
-    def prepare(self, item: bytes) -> np.ndarray:
-        """Image bytes -> ``(3, S, S)`` float32 array. Raises SampleError for a bad image."""
-        return self._preparer.prepare(item)
-
-    def preparer(self) -> ImagePreparer:
-        """The weight-free, picklable ``prepare`` (for CPU read workers)."""
-        return self._preparer
-
-    @torch.inference_mode()
-    def encode(self, batch: list[np.ndarray]) -> np.ndarray:
-        """Prepared images -> ``(B, spec.dim)`` float32."""
-        if not batch:
-            return np.zeros((0, self._spec.dim), dtype=np.float32)
-        x = torch.from_numpy(np.stack(batch)).to(self.device, non_blocking=True)  # (B, 3, S, S)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+    def _encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.model.forward_features(x)  # (B, N*dim) fp32
         if self._base_kind == "embedding":
             out = self.model.forward_head(tokens)
@@ -571,9 +551,4 @@ class UnicomImageTeacher:
             out = tokens @ self._projection  # (B, k)
         if self._spec.normalized:
             out = torch.nn.functional.normalize(out.float(), dim=-1)
-        return out.float().cpu().numpy()
-
-    def forward_bare(self, x: torch.Tensor) -> torch.Tensor:
-        """The bare model forward on an already-prepared tensor (for throughput baselines)."""
-        with torch.inference_mode():
-            return self.model(x.to(self.device))
+        return out

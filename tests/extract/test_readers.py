@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from cusa.errors import ConfigError, DatasetError, UnknownNameError
 from cusa.extract.readers import (
     DATASETS,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from cusa.errors import DatasetError
 from cusa.extract.readers import WebDatasetReader, coco_sample_root, open_dataset
 from cusa.extract.readers.wds import decode_key, encode_key, split_member_name

@@ -8,11 +8,12 @@ import shutil
 import tarfile
 
 import pytest
+from typer.testing import CliRunner
+
 from cusa.cli import app
 from cusa.errors import ConfigError, DatasetError
 from cusa.extract.readers import FolderReader, WebDatasetReader, coco_sample_root, open_dataset
 from cusa.extract.shard_writer import parse_size, write_shards
-from typer.testing import CliRunner
 
 
 def read_all(reader) -> list:
