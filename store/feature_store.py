@@ -563,6 +563,13 @@ class FeatureGroup:
             ids.extend(self.read_ids(seg))
         order = sorted(range(len(ids)), key=ids.__getitem__)
         sorted_ids = [ids[i] for i in order]
+        for a, b in zip(sorted_ids, sorted_ids[1:]):  # noqa: B905 (offset by one on purpose)
+            if a == b:
+                raise StoreError(
+                    f"cannot seal {self.url!r}: sample id {a!r} was committed by two shards; "
+                    "ids must be unique across the dataset — fix the dataset (duplicate ids) "
+                    "and re-extract into a new store"
+                )
         n, dim, dtype = len(ids), self.dim, self.dtype
         row_bytes = max(dim * dtype.itemsize, 1)
         chunk = max(1, min(n, MAX_CHUNK_BYTES // row_bytes)) if n else 1

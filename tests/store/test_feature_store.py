@@ -253,3 +253,21 @@ def test_groups_live_side_by_side(store):
         StoreError, match=r"no features of teacher 'nope' .*teachers there: toy-text@"
     ):
         store.find_group("coco", "train", "nope")
+
+
+def test_seal_refuses_an_id_committed_by_two_shards(tmp_path):
+    import numpy as np
+    import pytest
+
+    from cusa.errors import StoreError
+    from cusa.extract.teachers.spec import TeacherSpec
+    from cusa.store import FeatureStore
+
+    spec = TeacherSpec(name="t", modality="text", model="m", weights_sha256="0" * 64,
+                       preprocessing={}, output_kind="sentence", dim=4)
+    group = FeatureStore.open(tmp_path / "s", create=True).group("d", "train", spec, create=True)
+    rows = np.eye(4, dtype=np.float32)[:2]
+    group.write_shard("a", ["x", "y"], rows)
+    group.write_shard("b", ["y", "z"], rows)
+    with pytest.raises(StoreError, match="sample id 'y' was committed by two shards"):
+        group.seal()
