@@ -2,8 +2,8 @@
 
 Each trial is seeded. A ``local`` trial SIGKILLs the ``cusa extract`` process after a random
 number of commits plus a random delay (from model loading to sealing). A ``ray`` trial SIGKILLs
-one of the Ray teacher actor processes (``ray::MapWorker(MapBatches(_TeacherActor))``) while the
-pipeline runs; the driver must then recover (actor restart + task retry) or fail cleanly. Either
+one of the Ray teacher actor processes (``ray::MapWorker(MapBatches(_TeacherActor))``) a random
+time after it starts; the driver must then recover (actor restart + task retry) or fail cleanly. Either
 way a re-run resumes, and the final store must equal an uninterrupted run: same ids, same bytes,
 no duplicates, no missing rows, ``verify`` clean, no temporary files or leftover parts.
 """
@@ -104,8 +104,9 @@ def _kill_actor_trial(seed, tmp_path, sample_reference, log) -> None:
     rng = random.Random(seed)
     _, reference = sample_reference
     store = tmp_path / "store"
-    target = rng.randint(0, TOTAL_COMMITS - 2)
-    delay = rng.uniform(0.0, 0.5)
+    # Ray streams every shard through the actors before most commits land, so the kill point is
+    # a random time after the actor process appears (model loading, then encoding).
+    delay = rng.uniform(0.0, 8.0)
     cmd = cusa_command(*extract_args("coco-sample", str(store), runner="ray", actors=1,
                                      **sample_cli_options()))
     proc = start(cmd, tmp_path / "driver.log")
@@ -114,7 +115,6 @@ def _kill_actor_trial(seed, tmp_path, sample_reference, log) -> None:
             "no Ray teacher actor process appeared; driver log:\n"
             + (tmp_path / "driver.log").read_text()[-3000:]
         )
-        wait_until(lambda: len(commit_files(store)) >= target, timeout=300, proc=proc)
         time.sleep(delay)
         actors = pids_matching(ACTOR)
         commits_at_kill = len(commit_files(store))
@@ -132,7 +132,7 @@ def _kill_actor_trial(seed, tmp_path, sample_reference, log) -> None:
     assert summary.ok and summary.sealed
     _check_store(
         store, reference, log, "kill -9 Ray teacher actor", f"seed {seed}",
-        killed=victim is not None, commits_at_kill=commits_at_kill, target_commits=target,
+        killed=victim is not None, commits_at_kill=commits_at_kill, delay_s=round(delay, 2),
         driver_exit=rc, outcome=outcome, resumed_shards=summary.shards_done,
     )
 
