@@ -92,11 +92,15 @@ def render_table(figures: dict[str, Any]) -> str:
             notes.append(f"{k['killed_mid_run']} killed mid-run")
         for outcome, n in k.get("outcomes", {}).items():
             notes.append(f"{n} {outcome}")
-        lines.append(f"| {kind} | {k['injected']} | {k['survived']} | {k['samples_lost']} | "
-                     f"{', '.join(notes)} |")
+        lines.append(
+            f"| {kind} | {k['injected']} | {k['survived']} | {k['samples_lost']} | "
+            f"{', '.join(notes)} |"
+        )
     lines += ["", "| bad input | caught | what cusa does |", "|---|:---:|---|"]
     for item in b["items"]:
-        lines.append(f"| {item['name']} | {'yes' if item['caught'] else '**no**'} | {item['outcome']} |")
+        lines.append(
+            f"| {item['name']} | {'yes' if item['caught'] else '**no**'} | {item['outcome']} |"
+        )
     return "\n".join(lines)
 
 
@@ -112,8 +116,19 @@ def run_suite(fast: bool, extra: list[str]) -> tuple[int, dict[str, Any], float]
         log = Path(tmp) / "log.json"
         env = {**os.environ, "CUSA_RELIABILITY_LOG": str(log)}
         marks = "not slow" if fast else "slow or not slow"
-        cmd = [sys.executable, "-m", "pytest", "tests/reliability", "-q", "-p", "no:cacheprovider",
-               "-m", marks, "--ignore=tests/reliability/test_zz_figures.py", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/reliability",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            marks,
+            "--ignore=tests/reliability/test_zz_figures.py",
+            *extra,
+        ]
         t0 = time.perf_counter()
         code = subprocess.call(cmd, cwd=REPO, env=env)
         elapsed = time.perf_counter() - t0
@@ -132,10 +147,16 @@ def main() -> None:
     figures = summarize(log)
     figures = {
         **figures,
-        "suite": {"mode": "fast" if args.fast else "full", "pytest_exit_code": code,
-                  "elapsed_s": round(elapsed, 1)},
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpus": os.cpu_count()},
+        "suite": {
+            "mode": "fast" if args.fast else "full",
+            "pytest_exit_code": code,
+            "elapsed_s": round(elapsed, 1),
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
         "generated_by": "python benchmarks/reliability.py" + (" --fast" if args.fast else ""),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +164,11 @@ def main() -> None:
     if not args.no_doc:
         update_doc(figures)
     f, b = figures["faults"], figures["bad_inputs"]
-    print(f"faults injected {f['injected']}, survived {f['survived']}, samples lost "
-          f"{f['samples_lost']}; bad inputs tried {b['tried']}, caught {b['caught']}; "
-          f"pytest exit {code} in {elapsed:.0f}s -> {args.out}")
+    print(
+        f"faults injected {f['injected']}, survived {f['survived']}, samples lost "
+        f"{f['samples_lost']}; bad inputs tried {b['tried']}, caught {b['caught']}; "
+        f"pytest exit {code} in {elapsed:.0f}s -> {args.out}"
+    )
     sys.exit(0 if code == 0 else 1)
 
 

@@ -497,8 +497,22 @@ def load_features(path: str | os.PathLike, *, ids: Sequence[str] | None = None) 
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"feature file {str(p)!r} does not exist")
-    image_ids = None
     suffix = p.suffix.lower()
+    try:
+        return _load_feature_file(p, suffix, ids)
+    except DatasetError:
+        raise
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "pickle" in str(exc).lower():
+            raise DatasetError(
+                f"feature file {str(p)!r} holds Python objects that need pickle to load; cusa "
+                "never unpickles feature files — save plain numeric arrays (np.save of a float array)"
+            ) from exc
+        raise
+
+
+def _load_feature_file(p: Path, suffix: str, ids: Any) -> FeatureTable:
+    image_ids = None
     if suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:
             if "features" not in z:

@@ -150,6 +150,7 @@ def _init_ray(address: str | None) -> Any:
         else:
             ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count(),
                      logging_level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 
 

@@ -54,7 +54,11 @@ def lost_samples(
     out: dict[str, list[str]] = {}
     for rel, (ids, _) in reference.items():
         got_ids = got.get(rel, ([], b""))[0]
-        dup = {i for i in got_ids if got_ids.count(i) > 1} if len(set(got_ids)) != len(got_ids) else set()
+        dup = (
+            {i for i in got_ids if got_ids.count(i) > 1}
+            if len(set(got_ids)) != len(got_ids)
+            else set()
+        )
         bad = [i for i in ids if got_rows.get((rel, i)) != ref_rows[(rel, i)] or i in dup]
         if bad:
             out[rel] = bad
@@ -130,7 +134,10 @@ def start(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> s
     """Start ``cmd`` in its own process group, stdout+stderr to ``log``."""
     with open(log, "ab") as fh:
         return subprocess.Popen(
-            list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
+            list(cmd),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env or os.environ.copy(),
             start_new_session=True,
         )
 

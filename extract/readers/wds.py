@@ -492,6 +492,13 @@ class WebDatasetReader:
                             name,
                             shard.source,
                         )
+                        # Never read, never written anywhere, but ledgered: not silently dropped.
+                        yield Sample(
+                            image_id=f"{shard.key}:{name}",
+                            image=None,
+                            image_error=f"tar member {name!r} escapes the archive; not read",
+                            shard=shard.key,
+                        )
                         continue
                     if not member.isfile():
                         if member.issym() or member.islnk():

@@ -467,3 +467,16 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"model": {}}, tmp_path / "nocfg.pt")
     with pytest.raises(ConfigError, match="is not a cusa trainer checkpoint"):
         load_checkpoint_model(tmp_path / "nocfg.pt")
+
+
+def test_feature_file_needing_pickle_is_refused_with_a_clear_message(tmp_path):
+    import numpy as np
+    import pytest
+
+    from cusa.errors import DatasetError
+    from cusa_train.evaluate import load_features
+
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DatasetError, match="never unpickles"):
+        load_features(path)

@@ -138,7 +138,7 @@ def test_truncated_tar_yields_good_samples_then_an_error_sample(tmp_path, images
     assert "cut.tar" in bad[0].image_error
 
 
-def test_member_paths_that_escape_are_skipped_with_a_warning(tmp_path, images, caplog):
+def test_member_paths_that_escape_are_skipped_and_ledgered(tmp_path, images, caplog):
     tar = make_tar(
         tmp_path / "evil.tar",
         [
@@ -151,8 +151,12 @@ def test_member_paths_that_escape_are_skipped_with_a_warning(tmp_path, images, c
     before = sorted(p.name for p in tmp_path.parent.iterdir())
     with caplog.at_level(logging.WARNING):
         samples = read_all(open_dataset(str(tar)))
-    assert [s.image_id for s in samples] == ["ok"]
-    assert samples[0].image == images[2][1]
+    good = [s for s in samples if s.image is not None]
+    assert [s.image_id for s in good] == ["ok"]
+    assert good[0].image == images[2][1]
+    bad = sorted(s.image_id for s in samples if s.image is None)
+    assert bad == ["evil:../escape.jpg", "evil:/abs/path.jpg"]
+    assert all("escapes the archive" in s.image_error for s in samples if s.image is None)
     assert "'../escape.jpg'" in caplog.text and "'/abs/path.jpg'" in caplog.text
     assert "escapes the archive" in caplog.text
     assert sorted(p.name for p in tmp_path.parent.iterdir()) == before

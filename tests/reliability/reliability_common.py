@@ -15,8 +15,15 @@ LOG_ENV = "CUSA_RELIABILITY_LOG"
 
 # The kill/concurrency trials run on the embedded real sample (always present): 8 real COCO
 # images with 5 captions each, cut into 4 shards of 2 images -> 8 commits (image + text).
-SAMPLE = dict(dataset="coco-sample", split="val", image_teacher=IMAGE_T, text_teacher=TEXT_T,
-              batch_size=4, shard_size=2, device="cpu")
+SAMPLE = dict(
+    dataset="coco-sample",
+    split="val",
+    image_teacher=IMAGE_T,
+    text_teacher=TEXT_T,
+    batch_size=4,
+    shard_size=2,
+    device="cpu",
+)
 SAMPLE_SHARDS = 4
 
 
@@ -28,7 +35,6 @@ def sample_cli_options() -> dict[str, Any]:
     return {k: v for k, v in SAMPLE.items() if k != "dataset"}
 
 
-
 @dataclass
 class ReliabilityLog:
     """What each test injected or tried, and what happened (figures, not assertions)."""
@@ -36,19 +42,36 @@ class ReliabilityLog:
     faults: list[dict[str, Any]] = field(default_factory=list)
     bad_inputs: list[dict[str, Any]] = field(default_factory=list)
 
-    def fault(self, kind: str, trial: str, *, survived: bool, samples_lost: int, **detail: Any) -> None:
+    def fault(
+        self, kind: str, trial: str, *, survived: bool, samples_lost: int, **detail: Any
+    ) -> None:
         """One injected fault: did the store come out complete and identical afterwards?"""
-        self.faults.append({"kind": kind, "trial": trial, "survived": bool(survived),
-                            "samples_lost": int(samples_lost), **detail})
+        self.faults.append(
+            {
+                "kind": kind,
+                "trial": trial,
+                "survived": bool(survived),
+                "samples_lost": int(samples_lost),
+                **detail,
+            }
+        )
 
-    def bad_input(self, name: str, category: str, *, caught: bool, outcome: str, message: str = "") -> None:
+    def bad_input(
+        self, name: str, category: str, *, caught: bool, outcome: str, message: str = ""
+    ) -> None:
         """One bad input: ``caught`` when it was rejected or recorded with a clear message."""
-        self.bad_inputs.append({"name": name, "category": category, "caught": bool(caught),
-                                "outcome": outcome, "message": message[:300]})
+        self.bad_inputs.append(
+            {
+                "name": name,
+                "category": category,
+                "caught": bool(caught),
+                "outcome": outcome,
+                "message": message[:300],
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"faults": self.faults, "bad_inputs": self.bad_inputs}
-
 
 
 @dataclass(frozen=True)
@@ -56,13 +79,21 @@ class S3Endpoint:
     url: str
 
     def storage_options(self) -> dict[str, Any]:
-        return {"key": "testing", "secret": "testing", "endpoint_url": self.url,
-                "client_kwargs": {"region_name": "eu-west-1"}}
+        return {
+            "key": "testing",
+            "secret": "testing",
+            "endpoint_url": self.url,
+            "client_kwargs": {"region_name": "eu-west-1"},
+        }
 
     def env(self) -> dict[str, str]:
         """Environment for a ``cusa`` subprocess (the CLI takes no storage options)."""
-        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "eu-west-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "eu-west-1",
+        }
 
     def new_bucket(self) -> str:
         import s3fs

@@ -37,8 +37,15 @@ def _cli(*args: str) -> Any:
 
 
 def _extract(dataset: Path, store: Path, split: str, **options: Any) -> Any:
-    opts = dict(split=split, image_teacher=IMAGE_T, text_teacher=TEXT_T, runner="local",
-                batch_size=1, shard_size=4, device="cpu")
+    opts = dict(
+        split=split,
+        image_teacher=IMAGE_T,
+        text_teacher=TEXT_T,
+        runner="local",
+        batch_size=1,
+        shard_size=4,
+        device="cpu",
+    )
     opts.update(options)
     return _cli(*extract_args(str(dataset), str(store), **opts))
 
@@ -117,8 +124,16 @@ def bad_dataset(coco_example, tmp_path_factory) -> dict[str, Any]:
     clean = [*base, (names[1], first64), gray]
     bad = [*base, (names[1], long_caption), gray]
     bad += [(names[0], c) for c in ("", "?!... ,;:", "@@NONUTF8@@")]  # names[0]#2, #3, #4
-    for name in ("alpha.png", "gray16.png", "cmyk.jpg", "truncated.jpg", "empty.jpg",
-                 "random.jpg", "bomb.png", "missing.jpg"):
+    for name in (
+        "alpha.png",
+        "gray16.png",
+        "cmyk.jpg",
+        "truncated.jpg",
+        "empty.jpg",
+        "random.jpg",
+        "bomb.png",
+        "missing.jpg",
+    ):
         bad.append((name, f"a picture stored as {name}"))
 
     def write(split: str, rows: list[tuple[str, str]]) -> None:
@@ -164,8 +179,13 @@ def test_bad_images_are_ledgered_and_the_run_goes_on(bad_run, bad_dataset, relia
     ledger = {f["sample_id"]: f["error"] for f in groups[("train", "image")].failures()}
     for name, reason in IMAGE_FAULTS.items():
         caught = name in ledger and reason in ledger[name] and result.exit_code == 1
-        reliability_log.bad_input(f"image: {name}", "image", caught=caught,
-                                  outcome="recorded in ledger", message=ledger.get(name, ""))
+        reliability_log.bad_input(
+            f"image: {name}",
+            "image",
+            caught=caught,
+            outcome="recorded in ledger",
+            message=ledger.get(name, ""),
+        )
     assert result.exit_code == 1, result.output
     assert "sample(s) failed" in result.output
     assert set(ledger) == set(IMAGE_FAULTS), ledger
@@ -180,8 +200,9 @@ def test_unusual_images_are_converted_not_failed(bad_run, bad_dataset, reliabili
     lk = FeatureLookup(groups[("train", "image")])
     for name in CONVERTED:
         ok = name in lk
-        reliability_log.bad_input(f"image: {name}", "image", caught=ok,
-                                  outcome="converted to RGB and extracted")
+        reliability_log.bad_input(
+            f"image: {name}", "image", caught=ok, outcome="converted to RGB and extracted"
+        )
         assert ok, name
     feats = lk.gather(list(CONVERTED)).astype(np.float32)
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=2e-3)
@@ -196,20 +217,36 @@ def test_bad_captions_are_ledgered_long_ones_truncated(bad_run, bad_dataset, rel
     groups = bad_run["groups"]
     good0, good1 = bad_dataset["good"][:2]
     ledger = {f["sample_id"]: f["error"] for f in groups[("train", "text")].failures()}
-    expected = {f"{good0}#2": "empty after normalisation", f"{good0}#3": "empty after normalisation",
-                f"{good0}#4": "not valid UTF-8"}
-    labels = {f"{good0}#2": "empty caption", f"{good0}#3": "punctuation-only caption",
-              f"{good0}#4": "non-UTF-8 caption"}
+    expected = {
+        f"{good0}#2": "empty after normalisation",
+        f"{good0}#3": "empty after normalisation",
+        f"{good0}#4": "not valid UTF-8",
+    }
+    labels = {
+        f"{good0}#2": "empty caption",
+        f"{good0}#3": "punctuation-only caption",
+        f"{good0}#4": "non-UTF-8 caption",
+    }
     for cid, reason in expected.items():
-        reliability_log.bad_input(f"caption: {labels[cid]}", "caption",
-                                  caught=reason in ledger.get(cid, ""), outcome="recorded in ledger",
-                                  message=ledger.get(cid, ""))
+        reliability_log.bad_input(
+            f"caption: {labels[cid]}",
+            "caption",
+            caught=reason in ledger.get(cid, ""),
+            outcome="recorded in ledger",
+            message=ledger.get(cid, ""),
+        )
     lk = FeatureLookup(groups[("train", "text")])
     clean = FeatureLookup(groups[("clean", "text")])
     long_id = f"{good1}#2"
-    truncated_ok = long_id in lk and lk.gather([long_id]).tobytes() == clean.gather([long_id]).tobytes()
-    reliability_log.bad_input("caption: very long (3000 words)", "caption", caught=truncated_ok,
-                              outcome="truncated to 64 words, extracted")
+    truncated_ok = (
+        long_id in lk and lk.gather([long_id]).tobytes() == clean.gather([long_id]).tobytes()
+    )
+    reliability_log.bad_input(
+        "caption: very long (3000 words)",
+        "caption",
+        caught=truncated_ok,
+        outcome="truncated to 64 words, extracted",
+    )
     assert set(ledger) == set(expected), ledger
     for cid, reason in expected.items():
         assert reason in ledger[cid]
@@ -258,64 +295,112 @@ def test_duplicate_sample_ids_are_refused(bad_dataset, jpegs, tmp_path, reliabil
     (root / "pics").mkdir(parents=True)
     for i, data in enumerate(jpegs[:2]):
         (root / "pics" / f"{i}.jpg").write_bytes(data)
-    recs = [{"image_path": f"./pics/{i}.jpg", "caption": "a photo", "image_id": "same"} for i in range(2)]
+    recs = [
+        {"image_path": f"./pics/{i}.jpg", "caption": "a photo", "image_id": "same"}
+        for i in range(2)
+    ]
     (root / "new_train.json").write_text(json.dumps(recs))
     store = tmp_path / "store"
     res = _extract(root, store, "train", modalities="text")
     ok = res.exit_code == 2 and "duplicate image id 'same'" in res.output
-    reliability_log.bad_input("dataset: duplicate sample ids (JSON)", "dataset", caught=ok,
-                              outcome="refused", message=res.output)
+    reliability_log.bad_input(
+        "dataset: duplicate sample ids (JSON)",
+        "dataset",
+        caught=ok,
+        outcome="refused",
+        message=res.output,
+    )
     assert ok, res.output
     assert not store.exists() or not FeatureStore.open(store).groups()
 
-    tar = _tar(tmp_path / "dups.tar", [
-        ("a.jpg", jpegs[0]), ("a.json", b'{"image_id": "x", "captions": ["one"]}'),
-        ("b.jpg", jpegs[1]), ("b.json", b'{"image_id": "x", "captions": ["two"]}'),
-    ])
+    tar = _tar(
+        tmp_path / "dups.tar",
+        [
+            ("a.jpg", jpegs[0]),
+            ("a.json", b'{"image_id": "x", "captions": ["one"]}'),
+            ("b.jpg", jpegs[1]),
+            ("b.json", b'{"image_id": "x", "captions": ["two"]}'),
+        ],
+    )
     res = _extract(tar, tmp_path / "store2", "train", modalities="image")
     ok = res.exit_code == 2 and "duplicate image id 'x'" in res.output
-    reliability_log.bad_input("dataset: duplicate sample ids (webdataset)", "dataset", caught=ok,
-                              outcome="refused", message=res.output)
+    reliability_log.bad_input(
+        "dataset: duplicate sample ids (webdataset)",
+        "dataset",
+        caught=ok,
+        outcome="refused",
+        message=res.output,
+    )
     assert ok, res.output
 
 
 def test_webdataset_non_contiguous_keys_are_refused(jpegs, tmp_path, reliability_log):
-    tar = _tar(tmp_path / "split.tar", [("a.jpg", jpegs[0]), ("b.jpg", jpegs[1]), ("a.txt", b"late")])
+    tar = _tar(
+        tmp_path / "split.tar", [("a.jpg", jpegs[0]), ("b.jpg", jpegs[1]), ("a.txt", b"late")]
+    )
     store = tmp_path / "store"
     res = _extract(tar, store, "train", modalities="image")
     ok = res.exit_code == 2 and "non-contiguous key 'a'" in res.output
-    reliability_log.bad_input("dataset: webdataset non-contiguous keys", "dataset", caught=ok,
-                              outcome="refused", message=res.output)
+    reliability_log.bad_input(
+        "dataset: webdataset non-contiguous keys",
+        "dataset",
+        caught=ok,
+        outcome="refused",
+        message=res.output,
+    )
     assert ok, res.output
     assert all(not g.committed_shards() for g in FeatureStore.open(store).groups())
 
 
-def test_webdataset_member_escaping_the_archive_is_never_used(jpegs, tmp_path, caplog, reliability_log):
+def test_webdataset_member_escaping_the_archive_is_never_used(
+    jpegs, tmp_path, caplog, reliability_log
+):
     inner = tmp_path / "data"
     inner.mkdir()
-    tar = _tar(inner / "evil.tar", [
-        ("../escape.jpg", jpegs[0]), ("../escape.txt", b"outside"),
-        ("ok.jpg", jpegs[1]), ("ok.txt", b"a fine photo"),
-    ])
+    tar = _tar(
+        inner / "evil.tar",
+        [
+            ("../escape.jpg", jpegs[0]),
+            ("../escape.txt", b"outside"),
+            ("ok.jpg", jpegs[1]),
+            ("ok.txt", b"a fine photo"),
+        ],
+    )
     before = sorted(p.name for p in tmp_path.iterdir())
     store = tmp_path / "store"
     res = _extract(tar, store, "train")
     lk_ids = {g.spec["modality"]: FeatureLookup(g).ids for g in FeatureStore.open(store).groups()}
     warned = "escapes the archive" in caplog.text and "'../escape.jpg'" in caplog.text
-    ok = warned and lk_ids == {"image": ["ok"], "text": ["ok#0"]}
-    reliability_log.bad_input("dataset: tar member path escapes", "dataset", caught=ok,
-                              outcome="member skipped with a warning; nothing written outside",
-                              message="skipping member '../escape.jpg' ...: its path escapes the archive")
-    assert ok, (caplog.text, lk_ids)
-    assert res.exit_code == 0, res.output
+    ledger = {
+        f["sample_id"]: f["error"]
+        for g in FeatureStore.open(store).groups()
+        if g.spec["modality"] == "image"
+        for f in g.failures()
+    }
+    ledgered = sorted(ledger) == ["evil:../escape.jpg", "evil:../escape.txt"]
+    ok = warned and ledgered and lk_ids == {"image": ["ok"], "text": ["ok#0"]}
+    reliability_log.bad_input(
+        "dataset: tar member path escapes",
+        "dataset",
+        caught=ok,
+        outcome="member never read; ledgered with its reason; exit code 1; nothing written outside",
+        message="tar member '../escape.jpg' escapes the archive; not read",
+    )
+    assert ok, (caplog.text, lk_ids, ledger)
+    assert res.exit_code == 1, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "store"])
 
 
 def test_truncated_tar_keeps_earlier_samples_and_ledgers_the_rest(jpegs, tmp_path, reliability_log):
-    full = _tar(tmp_path / "full.tar", [
-        ("s0.jpg", jpegs[0]), ("s0.txt", b"first photo"),
-        ("s1.jpg", jpegs[1]), ("s1.txt", b"second photo"),
-    ]).read_bytes()
+    full = _tar(
+        tmp_path / "full.tar",
+        [
+            ("s0.jpg", jpegs[0]),
+            ("s0.txt", b"first photo"),
+            ("s1.jpg", jpegs[1]),
+            ("s1.txt", b"second photo"),
+        ],
+    ).read_bytes()
     cut = tmp_path / "cut.tar"
     cut.write_bytes(full[: 512 + len(jpegs[0]) + 1024 + 512 + len(jpegs[1]) // 2])
     store = tmp_path / "store"
@@ -323,11 +408,18 @@ def test_truncated_tar_keeps_earlier_samples_and_ledgers_the_rest(jpegs, tmp_pat
     groups = {g.spec["modality"]: g for g in FeatureStore.open(store).groups()}
     img_ledger = {f["sample_id"]: f["error"] for f in groups["image"].failures()}
     txt_ledger = {f["sample_id"]: f["error"] for f in groups["text"].failures()}
-    ok = (res.exit_code == 1 and "truncated tar" in img_ledger.get("s1", "")
-          and FeatureLookup(groups["image"]).ids == ["s0"])
-    reliability_log.bad_input("dataset: truncated tar", "dataset", caught=ok,
-                              outcome="earlier samples kept, the cut sample ledgered",
-                              message=img_ledger.get("s1", ""))
+    ok = (
+        res.exit_code == 1
+        and "truncated tar" in img_ledger.get("s1", "")
+        and FeatureLookup(groups["image"]).ids == ["s0"]
+    )
+    reliability_log.bad_input(
+        "dataset: truncated tar",
+        "dataset",
+        caught=ok,
+        outcome="earlier samples kept, the cut sample ledgered",
+        message=img_ledger.get("s1", ""),
+    )
     assert ok, (res.output, img_ledger)
     assert FeatureLookup(groups["text"]).ids == ["s0#0"]
     assert "truncated tar" in txt_ledger.get("s1#*", ""), txt_ledger
@@ -340,12 +432,30 @@ def test_weights_with_the_wrong_sha256_are_refused(tmp_path, reliability_log):
     weights = tmp_path / "FP16-ViT-B-32.pt"
     weights.write_bytes(b"not the official checkpoint" * 100)
     store = tmp_path / "store"
-    res = _cli(*extract_args("coco-sample", str(store), split="val", modalities="image",
-                             image_teacher="unicom-vit-b32", image_teacher_weights=str(weights),
-                             runner="local", device="cpu"))
-    ok = res.exit_code == 2 and "checksum mismatch" in res.output and "expected the official SHA-256" in res.output
-    reliability_log.bad_input("file: weights with the wrong SHA-256", "file", caught=ok,
-                              outcome="refused before loading", message=res.output)
+    res = _cli(
+        *extract_args(
+            "coco-sample",
+            str(store),
+            split="val",
+            modalities="image",
+            image_teacher="unicom-vit-b32",
+            image_teacher_weights=str(weights),
+            runner="local",
+            device="cpu",
+        )
+    )
+    ok = (
+        res.exit_code == 2
+        and "checksum mismatch" in res.output
+        and "expected the official SHA-256" in res.output
+    )
+    reliability_log.bad_input(
+        "file: weights with the wrong SHA-256",
+        "file",
+        caught=ok,
+        outcome="refused before loading",
+        message=res.output,
+    )
     assert ok, res.output
     assert not store.exists()
 
@@ -361,13 +471,26 @@ def test_pickle_instead_of_a_state_dict_is_never_executed(fmt, tmp_path, reliabi
         torch.save(payload, evil)
     else:
         evil.write_bytes(pickle.dumps(payload))
-    res = _cli(*extract_args("coco-sample", str(tmp_path / "store"), split="val", modalities="image",
-                             image_teacher=IMAGE_T, image_teacher_weights=str(evil),
-                             runner="local", device="cpu"))
+    res = _cli(
+        *extract_args(
+            "coco-sample",
+            str(tmp_path / "store"),
+            split="val",
+            modalities="image",
+            image_teacher=IMAGE_T,
+            image_teacher_weights=str(evil),
+            runner="local",
+            device="cpu",
+        )
+    )
     ok = res.exit_code == 2 and "refusing to load" in res.output and not marker.exists()
-    reliability_log.bad_input(f"file: pickle instead of a state dict ({fmt})", "file", caught=ok,
-                              outcome="refused (weights_only=True), payload not executed",
-                              message=res.output)
+    reliability_log.bad_input(
+        f"file: pickle instead of a state dict ({fmt})",
+        "file",
+        caught=ok,
+        outcome="refused (weights_only=True), payload not executed",
+        message=res.output,
+    )
     assert res.exit_code == 2, res.output
     assert "refusing to load" in res.output and "weights_only=True" in res.output
     assert not marker.exists(), "the pickle's payload ran"
@@ -393,9 +516,13 @@ def test_npy_needing_pickle_is_refused(tmp_path, reliability_log):
     with pytest.raises(ValueError, match="allow_pickle=False"):
         bytes_to_array(evil.read_bytes())  # the Ray runner's own batch payloads
     ok = not marker.exists()
-    reliability_log.bad_input("file: .npy needing pickle", "file", caught=ok,
-                              outcome="refused (allow_pickle=False), payload not executed",
-                              message="Object arrays cannot be loaded when allow_pickle=False")
+    reliability_log.bad_input(
+        "file: .npy needing pickle",
+        "file",
+        caught=ok,
+        outcome="refused (allow_pickle=False), payload not executed",
+        message="Object arrays cannot be loaded when allow_pickle=False",
+    )
     assert ok
 
 
@@ -418,16 +545,27 @@ def test_store_attributes_edited_to_another_spec_are_caught(store_copy, reliabil
     meta_path.write_text(json.dumps(meta))
 
     verify = _cli("store", "verify", str(store_copy))
-    rerun = _cli(*extract_args("coco-sample", str(store_copy), runner="local", **sample_cli_options()))
+    rerun = _cli(
+        *extract_args("coco-sample", str(store_copy), runner="local", **sample_cli_options())
+    )
     spec = get_teacher(TEXT_T, device="cpu").spec
     with pytest.raises(StoreSpecMismatchError, match="model"):
-        FeatureLookup.open(store_copy, dataset="coco-sample", split="val", teacher=TEXT_T,
-                           expected_spec=spec)
-    ok = (verify.exit_code == 1 and "spec/attrs mismatch" in verify.output
-          and rerun.exit_code == 2 and "differs" in rerun.output)
-    reliability_log.bad_input("file: store attributes edited to another teacher spec", "file",
-                              caught=ok, outcome="verify exits 1; extract and readers refuse",
-                              message=verify.output)
+        FeatureLookup.open(
+            store_copy, dataset="coco-sample", split="val", teacher=TEXT_T, expected_spec=spec
+        )
+    ok = (
+        verify.exit_code == 1
+        and "spec/attrs mismatch" in verify.output
+        and rerun.exit_code == 2
+        and "differs" in rerun.output
+    )
+    reliability_log.bad_input(
+        "file: store attributes edited to another teacher spec",
+        "file",
+        caught=ok,
+        outcome="verify exits 1; extract and readers refuse",
+        message=verify.output,
+    )
     assert verify.exit_code == 1 and "spec/attrs mismatch" in verify.output, verify.output
     assert rerun.exit_code == 2 and "model" in rerun.output, rerun.output
 
@@ -441,8 +579,12 @@ def test_truncated_chunk_file_is_caught(store_copy, reliability_log):
     with pytest.raises(StoreError, match="truncated"):
         FeatureLookup.open(store_copy, dataset="coco-sample", split="val", teacher=IMAGE_T)
     ok = verify.exit_code == 1 and "truncated" in verify.output
-    reliability_log.bad_input("file: chunk file truncated on disk", "file", caught=ok,
-                              outcome="verify exits 1 naming the file; readers refuse",
-                              message=verify.output)
+    reliability_log.bad_input(
+        "file: chunk file truncated on disk",
+        "file",
+        caught=ok,
+        outcome="verify exits 1 naming the file; readers refuse",
+        message=verify.output,
+    )
     assert ok, verify.output
     assert str(chunk) in verify.output

@@ -24,7 +24,9 @@ from cusa.store.verify import verify_store
 
 
 def _extract_cmd(store) -> list[str]:
-    return cusa_command(*extract_args("coco-sample", str(store), runner="local", **sample_cli_options()))
+    return cusa_command(
+        *extract_args("coco-sample", str(store), runner="local", **sample_cli_options())
+    )
 
 
 def test_two_writers_on_one_store(tmp_path, sample_reference, reliability_log):
@@ -48,8 +50,11 @@ def test_two_writers_on_one_store(tmp_path, sample_reference, reliability_log):
         per_group.setdefault(p.parent.parent.name, []).append(r["shard"])
     survived = codes == [0, 0] and snap == reference and all(r.ok for r in reports)
     reliability_log.fault(
-        "concurrent writers", "2 processes", survived=survived,
-        samples_lost=sum(len(v) for v in lost.values()), writers_with_commits=len(writers),
+        "concurrent writers",
+        "2 processes",
+        survived=survived,
+        samples_lost=sum(len(v) for v in lost.values()),
+        writers_with_commits=len(writers),
         exit_codes=codes,
     )
     assert codes == [0, 0], logs
@@ -61,7 +66,9 @@ def test_two_writers_on_one_store(tmp_path, sample_reference, reliability_log):
     assert not leftovers(store)
 
 
-def test_reader_sees_only_committed_shards_while_a_writer_runs(tmp_path, sample_reference, reliability_log):
+def test_reader_sees_only_committed_shards_while_a_writer_runs(
+    tmp_path, sample_reference, reliability_log
+):
     """Every open sees whole committed shards only, later opens see more, no row is torn."""
     ref_store, reference = sample_reference
     ref_rows = rows_by_id(reference)
@@ -109,15 +116,21 @@ def test_reader_sees_only_committed_shards_while_a_writer_runs(tmp_path, sample_
     distinct = {rel: len(set(s)) for rel, s in sizes.items()}
     survived = rc == 0 and not torn and not uncommitted and not incomplete and grew
     reliability_log.fault(
-        "reader during writes", "1 writer + polling reader", survived=survived,
-        samples_lost=len(torn), reader_opens=opens, distinct_sizes_seen=distinct,
+        "reader during writes",
+        "1 writer + polling reader",
+        survived=survived,
+        samples_lost=len(torn),
+        reader_opens=opens,
+        distinct_sizes_seen=distinct,
     )
     assert rc == 0, (tmp_path / "writer.log").read_text()
     assert not torn, f"rows differing from the reference: {torn[:5]}"
     assert not uncommitted, f"reader saw rows of uncommitted shards {uncommitted[:5]}"
     assert not incomplete, f"reader missed rows of committed shards: {incomplete[:5]}"
     assert grew, f"a reopen saw fewer rows than before: {sizes}"
-    assert len(sizes) == 2 and max(distinct.values()) >= 2, f"reopening never saw more rows: {sizes}"
+    assert len(sizes) == 2 and max(distinct.values()) >= 2, (
+        f"reopening never saw more rows: {sizes}"
+    )
     assert store_snapshot(store) == reference
 
 

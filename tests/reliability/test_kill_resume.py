@@ -67,7 +67,9 @@ def _kill_local_trial(seed, tmp_path, sample_reference, log) -> None:
     # After `target` commits (0 = while importing / loading models, TOTAL = while sealing).
     target = rng.randint(0, TOTAL_COMMITS)
     delay = rng.uniform(0.0, 4.0) if target == 0 else rng.uniform(0.0, 0.3)
-    cmd = cusa_command(*extract_args("coco-sample", str(store), runner="local", **sample_cli_options()))
+    cmd = cusa_command(
+        *extract_args("coco-sample", str(store), runner="local", **sample_cli_options())
+    )
     proc = start(cmd, tmp_path / "killed.log")
     try:
         wait_until(lambda: len(commit_files(store)) >= target, timeout=300, proc=proc)
@@ -83,8 +85,14 @@ def _kill_local_trial(seed, tmp_path, sample_reference, log) -> None:
     assert summary.ok and summary.sealed
     assert summary.shards_done == SAMPLE_SHARDS - summary.shards_skipped
     _check_store(
-        store, reference, log, "kill -9 local runner", f"seed {seed}",
-        killed=killed, commits_at_kill=commits_at_kill, target_commits=target,
+        store,
+        reference,
+        log,
+        "kill -9 local runner",
+        f"seed {seed}",
+        killed=killed,
+        commits_at_kill=commits_at_kill,
+        target_commits=target,
         resumed_shards=summary.shards_done,
     )
 
@@ -107,8 +115,9 @@ def _kill_actor_trial(seed, tmp_path, sample_reference, log) -> None:
     # Ray streams every shard through the actors before most commits land, so the kill point is
     # a random time after the actor process appears (model loading, then encoding).
     delay = rng.uniform(0.0, 8.0)
-    cmd = cusa_command(*extract_args("coco-sample", str(store), runner="ray", actors=1,
-                                     **sample_cli_options()))
+    cmd = cusa_command(
+        *extract_args("coco-sample", str(store), runner="ray", actors=1, **sample_cli_options())
+    )
     proc = start(cmd, tmp_path / "driver.log")
     try:
         assert wait_until(lambda: bool(pids_matching(ACTOR)), timeout=300, proc=proc), (
@@ -131,9 +140,17 @@ def _kill_actor_trial(seed, tmp_path, sample_reference, log) -> None:
     summary = extract(sample_config(store))  # the re-run (local runner: same bits as Ray)
     assert summary.ok and summary.sealed
     _check_store(
-        store, reference, log, "kill -9 Ray teacher actor", f"seed {seed}",
-        killed=victim is not None, commits_at_kill=commits_at_kill, delay_s=round(delay, 2),
-        driver_exit=rc, outcome=outcome, resumed_shards=summary.shards_done,
+        store,
+        reference,
+        log,
+        "kill -9 Ray teacher actor",
+        f"seed {seed}",
+        killed=victim is not None,
+        commits_at_kill=commits_at_kill,
+        delay_s=round(delay, 2),
+        driver_exit=rc,
+        outcome=outcome,
+        resumed_shards=summary.shards_done,
     )
 
 
@@ -152,7 +169,9 @@ def test_kill_ray_actor_then_resume_slow(seed, tmp_path, sample_reference, relia
     _kill_actor_trial(seed, tmp_path, sample_reference, reliability_log)
 
 
-def test_resume_after_a_kill_inside_seal_leaves_no_temp_files(tmp_path, sample_reference, monkeypatch):
+def test_resume_after_a_kill_inside_seal_leaves_no_temp_files(
+    tmp_path, sample_reference, monkeypatch
+):
     """The state a SIGKILL between writing and renaming ``sealed.json`` leaves (seen in a seeded
     trial): every shard committed, parts present, temporary files beside the records. The re-run
     seals and removes every ``*.partial`` file; a later re-run cleans a sealed group as well."""

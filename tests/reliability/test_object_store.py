@@ -57,12 +57,17 @@ def test_s3_store_kill_then_resume(tmp_path, s3_endpoint, sample_reference, reli
     keys = fs.find(f"{bucket}/store")
     stray = [k for k in keys if k.endswith(".partial") or "/parts/" in k]
     reliability_log.fault(
-        "kill -9 with the store on S3 (moto)", "after >=3 commits",
+        "kill -9 with the store on S3 (moto)",
+        "after >=3 commits",
         survived=snap == reference and all(r.ok for r in reports) and not stray,
-        samples_lost=sum(len(v) for v in lost.values()), killed=killed, commits_at_kill=at_kill,
+        samples_lost=sum(len(v) for v in lost.values()),
+        killed=killed,
+        commits_at_kill=at_kill,
     )
     assert not lost and snap == reference
     assert all(r.ok and not r.warnings for r in reports), [r.summary() for r in reports]
     assert not stray, stray
-    assert all(len(g.committed_shards()) == SAMPLE_SHARDS
-               for g in FeatureStore.open(url, storage_options=opts).groups())
+    assert all(
+        len(g.committed_shards()) == SAMPLE_SHARDS
+        for g in FeatureStore.open(url, storage_options=opts).groups()
+    )

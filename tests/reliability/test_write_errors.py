@@ -48,7 +48,9 @@ def test_injected_write_error_mid_shard(tmp_path, monkeypatch, sample_reference,
     assert groups["image"].committed_shards() == ["000000"]
     assert groups["text"].committed_shards() == ["000000"]
     # Nothing of the failed shard is left: no part, no temporary file; readers see shard 0 only.
-    assert [p.name for p in (store / groups["image"].rel / "parts").iterdir()][0].startswith("000000")
+    assert [p.name for p in (store / groups["image"].rel / "parts").iterdir()][0].startswith(
+        "000000"
+    )
     assert len(list((store / groups["image"].rel / "parts").iterdir())) == 1
     assert not list(store.rglob("*.partial"))
     lk = FeatureLookup(groups["image"])
@@ -60,7 +62,8 @@ def test_injected_write_error_mid_shard(tmp_path, monkeypatch, sample_reference,
     lost = lost_samples(snap, reference)
     reports = verify_store(FeatureStore.open(store))
     reliability_log.fault(
-        "write error mid-shard (injected ENOSPC)", "3rd atomic write",
+        "write error mid-shard (injected ENOSPC)",
+        "3rd atomic write",
         survived=snap == reference and all(r.ok for r in reports),
         samples_lost=sum(len(v) for v in lost.values()),
     )
@@ -73,8 +76,11 @@ def _mount_tmpfs(where, size: str) -> bool:
     where.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
         return False
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, check=False)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
     return proc.returncode == 0
 
 
@@ -90,7 +96,9 @@ def test_real_disk_full_on_a_small_tmpfs(tmp_path, sample_reference, reliability
         assert result.exit_code == 2, result.output
         assert "No space left on device" in result.output, result.output
         assert "re-run" in result.output
-        committed = {g.spec["modality"]: g.committed_shards() for g in FeatureStore.open(store).groups()}
+        committed = {
+            g.spec["modality"]: g.committed_shards() for g in FeatureStore.open(store).groups()
+        }
         assert sum(map(len, committed.values())) < 2 * SAMPLE_SHARDS or not any(
             g.sealed for g in FeatureStore.open(store).groups()
         )
@@ -110,9 +118,11 @@ def test_real_disk_full_on_a_small_tmpfs(tmp_path, sample_reference, reliability
         lost = lost_samples(snap, reference)
         reports = verify_store(FeatureStore.open(store))
         reliability_log.fault(
-            "disk full (96 KiB tmpfs)", "real ENOSPC",
+            "disk full (96 KiB tmpfs)",
+            "real ENOSPC",
             survived=snap == reference and all(r.ok for r in reports),
-            samples_lost=sum(len(v) for v in lost.values()), committed_before_full=committed,
+            samples_lost=sum(len(v) for v in lost.values()),
+            committed_before_full=committed,
         )
         assert snap == reference and not lost
         assert all(r.ok and not r.warnings for r in reports)

@@ -19,7 +19,9 @@ RESULTS = REPO / "benchmarks" / "results" / "reliability.json"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("cusa_bench_reliability", REPO / "benchmarks" / "reliability.py")
+    spec = importlib.util.spec_from_file_location(
+        "cusa_bench_reliability", REPO / "benchmarks" / "reliability.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -49,15 +51,19 @@ def test_committed_figures_hold_their_claims(committed):
     assert f["samples_lost"] == 0
     assert f["survived"] == f["injected"] > 0
     assert sorted(f["by_kind"]) == sorted(FAULT_KINDS)
-    kills = f["by_kind"]["kill -9 local runner"]["injected"] + f["by_kind"]["kill -9 Ray teacher actor"]["injected"]
+    kills = (
+        f["by_kind"]["kill -9 local runner"]["injected"]
+        + f["by_kind"]["kill -9 Ray teacher actor"]["injected"]
+    )
     assert kills >= MIN_KILL_TRIALS
     assert len(committed["trials"]) == f["injected"]
     assert b["caught"] == b["tried"] == len(BAD_INPUTS)
     assert sorted(i["name"] for i in b["items"]) == sorted(BAD_INPUTS)
     # The figures are a pure function of the trials (nothing edited by hand).
     bench = _bench()
-    again = bench.summarize({"faults": committed["trials"],
-                             "bad_inputs": [{**i, "message": ""} for i in b["items"]]})
+    again = bench.summarize(
+        {"faults": committed["trials"], "bad_inputs": [{**i, "message": ""} for i in b["items"]]}
+    )
     assert again["faults"] == f and again["bad_inputs"] == b
 
 
