@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import socket
+import time
 import uuid
 import warnings
 from collections.abc import Iterable, Sequence
@@ -63,6 +64,7 @@ SEALED = "sealed.json"
 MANIFEST = "manifest.parquet"
 # A sealed chunk holds at most this many bytes, so one chunk file stays mmap- and zarr-friendly.
 MAX_CHUNK_BYTES = 2**31 - 1
+SEAL_ATTEMPTS = 3
 DTYPES = ("float16", "float32")
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -548,13 +550,23 @@ class FeatureGroup:
                     f"cannot seal {self.url!r}: {len(missing)} shard(s) not committed yet, "
                     f"e.g. {missing[:3]}; re-run the extraction to finish them"
                 )
-        try:
-            record = self._seal(records)
-        except (OSError, FileNotFoundError):
-            if self.sealed:  # a concurrent writer sealed (and cleaned parts) first
-                return self.sealed
-            raise
-        return record
+        for attempt in range(SEAL_ATTEMPTS):
+            try:
+                return self._seal(records)
+            except Exception:
+                # Another writer finishing the same dataset may be sealing at the same moment
+                # (and removing the parts we read). Its seal record is the answer; without one
+                # yet, give it a moment and try again.
+                if self.sealed:
+                    return self.sealed
+                if attempt == SEAL_ATTEMPTS - 1:
+                    raise
+                log.info("sealing %s raced another writer; retrying", self.rel)
+                time.sleep(1.0 + attempt)
+                if self.sealed:
+                    return self.sealed
+                records = self.commit_records()
+        raise AssertionError("unreachable")
 
     def _seal(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         segs = self.segments()
