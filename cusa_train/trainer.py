@@ -249,7 +249,10 @@ def train(
     """
     created_group = _init_distributed(config.run.device)
     try:
-        return _train(config, student, reader, teachers)
+        result = _train(config, student, reader, teachers)
+        if created_group:
+            dist.barrier()  # no rank tears gloo down while another still works
+        return result
     finally:
         if created_group:
             dist.destroy_process_group()

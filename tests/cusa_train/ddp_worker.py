@@ -69,6 +69,9 @@ def main() -> None:
         result["worst_param"] = max(diffs, key=diffs.get)
         result["n_params"] = len(diffs)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    # Rank 0 works longer (the reference); tearing gloo down on one rank while the other is
+    # still busy can abort the process ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
