@@ -1,11 +1,12 @@
-"""Progress reporting. The library reports events; the CLI chooses to draw them with rich."""
+"""Progress reporting. The library reports events; the CLI chooses to draw them with rich.
+
+Stages: read, decode, image teacher, text teacher, write (plus a failure counter).
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Protocol
-
-STAGES = ("read", "decode", "image teacher", "text teacher", "write")
 
 
 class ProgressSink(Protocol):
