@@ -39,14 +39,20 @@ class WorkRow:
     payload: bytes = b""
     texts: tuple[str, ...] = ()
     meta: str = "{}"
+    array: np.ndarray | None = None  # prepared images in-process; ``payload`` once serialised
+
+    def images(self) -> np.ndarray:
+        """The prepared image batch ``(B, 3, S, S)``."""
+        return self.array if self.array is not None else bytes_to_array(self.payload)
 
     def to_dict(self) -> dict[str, Any]:
+        payload = self.payload if self.array is None else array_to_bytes(self.array)
         return {
             "shard": self.shard,
             "kind": self.kind,
             "seq": self.seq,
             "ids": list(self.ids),
-            "payload": self.payload,
+            "payload": payload,
             "texts": list(self.texts),
             "meta": self.meta,
         }
@@ -100,7 +106,7 @@ def prepare_shard(
         if not ids:
             return
         if kind == IMAGE:
-            row = WorkRow(shard.key, IMAGE, seq[kind], list(ids), payload=array_to_bytes(np.stack(items)))
+            row = WorkRow(shard.key, IMAGE, seq[kind], list(ids), array=np.stack(items))
         else:
             row = WorkRow(shard.key, TEXT, seq[kind], list(ids), texts=tuple(items))
         seq[kind] += 1
@@ -161,6 +167,6 @@ def prepare_shard(
 def encode_row(row: WorkRow, teacher: Teacher) -> tuple[np.ndarray, float]:
     """Encode one prepared batch; returns ``(features (B, dim) float32, seconds)``."""
     t0 = time.perf_counter()
-    batch: list[Any] = list(bytes_to_array(row.payload)) if row.kind == IMAGE else list(row.texts)
+    batch: list[Any] = list(row.images()) if row.kind == IMAGE else list(row.texts)
     feats = np.asarray(teacher.encode(batch), dtype=np.float32)
     return feats, time.perf_counter() - t0
