@@ -28,8 +28,9 @@ IMAGE, TEXT, END = "image", "text", "end"
 class WorkRow:
     """One batch of prepared inputs (``kind`` image/text) or a shard's ``end`` record.
 
-    Rows are plain dicts of str/bytes/int/lists when they travel through Ray Data, so prepared
-    arrays are carried as ``.npy`` bytes (loaded with ``allow_pickle=False``).
+    In-process (local runner) a batch of prepared images stays a numpy array. Rows become plain
+    dicts of str/bytes/int/lists only when they travel through Ray Data; the array is then
+    carried as ``.npy`` bytes (loaded with ``allow_pickle=False``).
     """
 
     shard: str
