@@ -168,6 +168,6 @@ def prepare_shard(
 def encode_row(row: WorkRow, teacher: Teacher) -> tuple[np.ndarray, float]:
     """Encode one prepared batch; returns ``(features (B, dim) float32, seconds)``."""
     t0 = time.perf_counter()
-    batch: list[Any] = list(row.images()) if row.kind == IMAGE else list(row.texts)
+    batch: Any = row.images() if row.kind == IMAGE else list(row.texts)
     feats = np.asarray(teacher.encode(batch), dtype=np.float32)
     return feats, time.perf_counter() - t0

@@ -71,14 +71,16 @@ class ImageTeacherBase:
         """The weight-free, picklable ``prepare`` (for CPU read workers)."""
         return self._preparer
 
-    def encode(self, batch: list[np.ndarray]) -> np.ndarray:
-        """Prepared images -> ``(B, spec.dim)`` float32."""
+    def encode(self, batch: list[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Prepared images (a list, or an already stacked array) -> ``(B, spec.dim)`` float32."""
         import torch
 
-        if not batch:
+        if len(batch) == 0:
             return np.zeros((0, self._spec.dim), dtype=np.float32)
+        # An already stacked batch is used as is: no copy on the per-batch path.
+        stacked = np.ascontiguousarray(batch) if isinstance(batch, np.ndarray) else np.stack(batch)
         with torch.inference_mode():
-            x = torch.from_numpy(np.stack(batch)).to(self.device, non_blocking=True)  # (B, 3, S, S)
+            x = torch.from_numpy(stacked).to(self.device, non_blocking=True)  # (B, 3, S, S)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             return self._encode_tensor(x).float().cpu().numpy()

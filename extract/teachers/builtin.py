@@ -120,22 +120,12 @@ def _mpnet_factory(
     download: bool | None = None,
 ):
     """all-mpnet-base-v2 text teacher (the paper's)."""
-    from cusa.extract.teachers.text import (
-        MPNET_HUB_ID,
-        SentenceTransformerTextTeacher,
-        resolve_mpnet,
-    )
+    from cusa.extract.teachers.text import MPNET_HUB_ID, resolve_mpnet
 
-    return SentenceTransformerTextTeacher(
-        name="all-mpnet-base-v2",
-        model_name=MPNET_HUB_ID,
-        resolved=resolve_mpnet(weights, download=download),
-        normalization=normalization if normalize_captions else "raw",
-        max_words=max_words,
-        device=device,
-        batch_size=batch_size,
-        dtype=dtype,
-    )
+    return _sentence_teacher(
+        "all-mpnet-base-v2", MPNET_HUB_ID, resolve_mpnet(weights, download=download),
+        normalization if normalize_captions else "raw", max_words, device, batch_size, dtype,
+    )  # fmt: skip
 
 
 def _minilm_factory(
@@ -149,17 +139,23 @@ def _minilm_factory(
     dtype: str = "float16",
 ):
     """all-MiniLM-L6-v2 text teacher (offline, smaller)."""
-    from cusa.extract.teachers.text import (
-        MINILM_HUB_ID,
-        SentenceTransformerTextTeacher,
-        resolve_minilm,
-    )
+    from cusa.extract.teachers.text import MINILM_HUB_ID, resolve_minilm
+
+    return _sentence_teacher(
+        "all-MiniLM-L6-v2", MINILM_HUB_ID, resolve_minilm(weights),
+        normalization if normalize_captions else "raw", max_words, device, batch_size, dtype,
+    )  # fmt: skip
+
+
+def _sentence_teacher(name, hub_id, resolved, normalization, max_words, device, batch_size, dtype):
+    """The registered text teachers differ only in name and weights; the rest is shared."""
+    from cusa.extract.teachers.text import SentenceTransformerTextTeacher
 
     return SentenceTransformerTextTeacher(
-        name="all-MiniLM-L6-v2",
-        model_name=MINILM_HUB_ID,
-        resolved=resolve_minilm(weights),
-        normalization=normalization if normalize_captions else "raw",
+        name=name,
+        model_name=hub_id,
+        resolved=resolved,
+        normalization=normalization,
         max_words=max_words,
         device=device,
         batch_size=batch_size,

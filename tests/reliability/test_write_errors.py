@@ -56,11 +56,7 @@ def test_injected_write_error_mid_shard(tmp_path, monkeypatch, sample_reference,
     lk = FeatureLookup(groups["image"])
     assert len(lk) == 2 and all(i in reference[groups["image"].rel][0] for i in lk.ids)
 
-    again = CliRunner().invoke(app, _cli(store))
-    assert again.exit_code == 0, again.output
-    snap = store_snapshot(store)
-    lost = lost_samples(snap, reference)
-    reports = verify_store(FeatureStore.open(store))
+    snap, lost, reports = _rerun_and_compare(store, reference)
     reliability_log.fault(
         "write error mid-shard (injected ENOSPC)",
         "3rd atomic write",
@@ -112,11 +108,7 @@ def test_real_disk_full_on_a_small_tmpfs(tmp_path, sample_reference, reliability
                 i = ref_ids.index(sid)
                 assert row.tobytes() == ref_bytes[i * width : (i + 1) * width]
         subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
-        again = CliRunner().invoke(app, _cli(store))
-        assert again.exit_code == 0, again.output
-        snap = store_snapshot(store)
-        lost = lost_samples(snap, reference)
-        reports = verify_store(FeatureStore.open(store))
+        snap, lost, reports = _rerun_and_compare(store, reference)
         reliability_log.fault(
             "disk full (96 KiB tmpfs)",
             "real ENOSPC",
@@ -129,3 +121,11 @@ def test_real_disk_full_on_a_small_tmpfs(tmp_path, sample_reference, reliability
         assert not leftovers(store)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+
+
+def _rerun_and_compare(store, reference):
+    """Re-run the same extraction; return its snapshot, the samples lost and verify reports."""
+    again = CliRunner().invoke(app, _cli(store))
+    assert again.exit_code == 0, again.output
+    snap = store_snapshot(store)
+    return snap, lost_samples(snap, reference), verify_store(FeatureStore.open(store))
