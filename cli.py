@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from cusa.errors import CusaError
+from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -292,8 +293,8 @@ def extract(
     root: str = typer.Option(None, "--root", help="Dataset root for registered names that need one."),
     split: str = typer.Option("train", "--split", help="Dataset split."),
     store: str = typer.Option(None, "--store", help="Store directory or URL [default: $CUSA_HOME/store]."),
-    image_teacher: str = typer.Option("unicom-vit-b32", "--image-teacher", help="Image teacher (see `cusa teachers list`)."),
-    text_teacher: str = typer.Option("all-mpnet-base-v2", "--text-teacher", help="Text teacher (see `cusa teachers list`)."),
+    image_teacher: str = typer.Option(DEFAULT_IMAGE_TEACHER, "--image-teacher", help="Image teacher (see `cusa teachers list`); the default is the paper's, Unicom ViT-B/32 forward_features."),
+    text_teacher: str = typer.Option(DEFAULT_TEXT_TEACHER, "--text-teacher", help="Text teacher (see `cusa teachers list`); the default is the paper's."),
     modalities: str = typer.Option("image,text", "--modalities", help="Comma-separated: image, text."),
     image_teacher_weights: str = typer.Option(None, "--image-teacher-weights", help="Explicit weights file for the image teacher."),
     allow_unofficial_weights: bool = typer.Option(False, "--allow-unofficial-weights", help="Accept an --image-teacher-weights file whose SHA-256 is not the official one."),

