@@ -75,6 +75,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads ``3e-4`` (no dot) as a string; accept it as the number it is.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}={value!r} must be a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r} must be a number")
         return float(value)
@@ -238,6 +244,7 @@ class TemperaturePairConfig:
 
 ItrMode = Literal["mean", "sum"]
 CombineMode = Literal["each", "add", "dot"]
+SoftObjective = Literal["kl", "cross-entropy"]
 
 
 @dataclass(frozen=True)
@@ -271,11 +278,17 @@ class CsaLossConfig:
         tau: student temperatures, ``image`` for i2t rows and ``text`` for t2i rows
             (official: one shared 0.45 in [0.1, 0.99], learned).
         teacher_tau: soft-label temperatures (official: one shared 1.0 in [0.1, 1.0], fixed).
+        objective: ``"kl"`` (official ``use_loss: kl``) or ``"cross-entropy"`` (official
+            ``use_loss: contrastive``: InfoNCE against the soft labels).
+        mode: reduction of the ``cross-entropy`` objective, ``"mean"`` or ``"sum"``
+            (official ``contrastive_loss_mode``); unused by ``kl``.
     """
 
     enabled: bool = True
     weight: float = 0.1
     combine: CombineMode = "each"
+    objective: SoftObjective = "kl"
+    mode: ItrMode = "mean"
     tau: TemperaturePairConfig = field(
         default_factory=lambda: TemperaturePairConfig.single(0.45, 0.1, 0.99)
     )
@@ -297,10 +310,14 @@ class UsaLossConfig:
         tau: student temperatures for image-image and text-text, or ``"csa"`` to reuse CSA's
             (official: separate, 0.45 in [0.1, 1.0], learned).
         teacher_tau: soft-label temperatures, or ``"csa"`` to reuse CSA's (official).
+        objective: ``"kl"`` (official) or ``"cross-entropy"`` (official ``use_loss: contrastive``).
+        mode: reduction of the ``cross-entropy`` objective, ``"mean"`` or ``"sum"``.
     """
 
     enabled: bool = True
     weight: float = 0.5
+    objective: SoftObjective = "kl"
+    mode: ItrMode = "mean"
     tau: TemperaturePairConfig | Literal["csa"] = field(
         default_factory=lambda: TemperaturePairConfig(
             image=TemperatureConfig(0.45, 0.1, 1.0), text=TemperatureConfig(0.45, 0.1, 1.0)
@@ -344,7 +361,8 @@ class LossConfig:
         ``uni_softlabel`` sections) to a :class:`LossConfig`.
 
         Initial temperatures outside their range are clamped, as the official forward does
-        before first use. Only ``use_loss: kl`` is supported for the soft-label terms.
+        before first use. ``use_loss: kl`` maps to ``objective: kl`` and ``use_loss: contrastive``
+        to ``objective: cross-entropy`` with the section's ``contrastive_loss_mode``.
         """
         try:
             con = loss_config["contrastive"]
@@ -367,10 +385,12 @@ class LossConfig:
                     shared=shared,
                 )
 
+            objectives = {"kl": "kl", "contrastive": "cross-entropy"}
             for name, sec in (("cross_softlabel", cross), ("uni_softlabel", uni)):
-                if sec.get("is_on") and sec.get("use_loss", "kl") != "kl":
+                if sec.get("use_loss", "kl") not in objectives:
                     raise ConfigError(
-                        f"official {name}.use_loss={sec['use_loss']!r} is not supported; only 'kl' is"
+                        f"official {name}.use_loss={sec['use_loss']!r} is not known; "
+                        "the official code accepts 'kl' or 'contrastive'"
                     )
             itr = ItrLossConfig(
                 enabled=bool(con["is_on"]),
@@ -387,6 +407,8 @@ class LossConfig:
                 enabled=bool(cross["is_on"]),
                 weight=float(cross["rate"]),
                 combine=cross["cross_softlabel_mode"],
+                objective=objectives[cross.get("use_loss", "kl")],
+                mode=cross.get("contrastive_loss_mode", "mean"),
                 tau=pair(cross, "", cross["use_same_tau"], "is_block_tau"),
                 teacher_tau=pair(
                     cross,
@@ -398,6 +420,8 @@ class LossConfig:
             usa = UsaLossConfig(
                 enabled=bool(uni["is_on"]),
                 weight=float(uni["rate"]),
+                objective=objectives[uni.get("use_loss", "kl")],
+                mode=uni.get("contrastive_loss_mode", "mean"),
                 tau="csa"
                 if uni["use_cross_softlabel_same_tau"]
                 else pair(uni, "", uni["use_same_tau"], "is_block_tau"),
@@ -411,6 +435,11 @@ class LossConfig:
             raise ConfigError(f"official loss_config is missing key {exc.args[0]!r}") from exc
         if itr.mode not in ("mean", "sum"):
             raise ConfigError(f"official contrastive_loss_mode={itr.mode!r}; use 'mean' or 'sum'")
+        for name, sec_mode in (("cross_softlabel", csa.mode), ("uni_softlabel", usa.mode)):
+            if sec_mode not in ("mean", "sum"):
+                raise ConfigError(
+                    f"official {name}.contrastive_loss_mode={sec_mode!r}; use 'mean' or 'sum'"
+                )
         if csa.combine not in ("each", "add", "dot"):
             raise ConfigError(
                 f"official cross_softlabel_mode={csa.combine!r}; use 'each', 'add' or 'dot'"
@@ -431,12 +460,17 @@ class ModelConfig:
         embed_dim: output size of the heads; ``None`` keeps the student's (which must then be
             the same for both towers).
         head_init_std: std of the heads' Linear weights (official 0.02).
+        init_from: a state dict to start from, read with ``weights_only=True``: a ``cusa train``
+            checkpoint, or an official CUSA (``unire``) checkpoint or state dict, whose names are
+            converted. Keys it lacks keep their fresh values (e.g. the student's pretrained
+            weights); a key the model does not have is refused.
     """
 
     student: str = "mobilenetv2-minilm"
     student_options: dict[str, Any] = field(default_factory=dict)
     embed_dim: int | None = None
     head_init_std: float = 0.02
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.embed_dim is not None and self.embed_dim < 1:
@@ -471,21 +505,31 @@ class DataConfig:
 
     Args:
         dataset: dataset name or path for :func:`cusa.extract.readers.open_dataset`.
+        root: the dataset folder, for registered names that need one (``coco``, ``flickr30k``).
         split: split to train on.
         store: feature store path or URL; ``None`` is :func:`cusa.paths.default_store`.
         store_dataset: dataset name the features were stored under (defaults to ``dataset``).
         batch_size: (image, caption) pairs per step and process; one pair per caption.
         num_workers: DataLoader worker processes.
         max_samples: keep only the first N images (for quick runs).
+        captions: what the student reads: ``"raw"`` captions, or ``"pre_caption"``, the official
+            normalisation (lower case, punctuation to spaces, 64 words) that the official code
+            applies before ``clip.tokenize`` and that cusa applies for the text teacher.
+        shuffle_seed: seed of the per-epoch shuffle (``seed + epoch``, as torch's
+            ``DistributedSampler``); ``None`` uses ``run.seed``. The official code leaves the
+            sampler at its default, 0.
     """
 
     dataset: str = "coco-sample"
+    root: str | None = None
     split: str = "train"
     store: str | None = None
     store_dataset: str | None = None
     batch_size: int = 32
     num_workers: int = 0
     max_samples: int | None = None
+    captions: Literal["raw", "pre_caption"] = "raw"
+    shuffle_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
@@ -500,29 +544,60 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay.
+    """AdamW with a cosine schedule.
+
+    Two schedules:
+
+    - ``"step-cosine"`` (default): linear warmup over ``warmup_steps``, then a cosine decay to
+      ``min_lr_ratio * lr`` (or ``min_lr``), updated every step.
+    - ``"epoch-cosine"``: the official CUSA schedule (timm's ``CosineLRScheduler`` with
+      ``t_initial = epochs``, stepped once per epoch before its first batch):
+      ``lr(e) = min_lr + (lr - min_lr) * (1 + cos(pi * e / epochs)) / 2``, after a linear warmup
+      from ``warmup_lr`` over ``warmup_epochs`` (0 in every official config).
+
+    Two weight-decay groupings:
+
+    - ``"matrices"`` (default): decay on tensors with 2 or more dimensions only.
+    - ``"official"``: timm's ``add_weight_decay`` as the official code uses it: no decay on 1-d
+      tensors and on names ending in ``.bias``, decay on the rest, so the 0-d temperatures *are*
+      decayed.
 
     Args:
         lr: peak learning rate.
-        weight_decay: AdamW weight decay (not applied to norms, biases and temperatures).
+        weight_decay: AdamW weight decay, applied as ``decay_groups`` says.
         betas: AdamW betas.
         eps: AdamW epsilon.
-        warmup_steps: linear warmup steps.
+        schedule: ``"step-cosine"`` or ``"epoch-cosine"`` (official).
+        warmup_steps: linear warmup steps (``step-cosine``).
+        warmup_epochs: linear warmup epochs (``epoch-cosine``).
+        warmup_lr: lr at the start of the warmup (``epoch-cosine``; default ``lr``).
         epochs: passes over the data (ignored when ``max_steps`` is set).
         max_steps: total optimiser steps; ``None`` derives it from ``epochs``.
-        min_lr_ratio: final lr as a fraction of ``lr``.
-        grad_clip_norm: clip the global grad norm; ``None`` disables.
+        min_lr_ratio: final lr as a fraction of ``lr`` (when ``min_lr`` is not set).
+        min_lr: final lr, absolute (official ``min_lr``); overrides ``min_lr_ratio``.
+        decay_groups: ``"matrices"`` or ``"official"``.
+        grad_clip_norm: clip the global grad norm; ``None`` disables (the official code does not clip).
     """
 
     lr: float = 1e-4
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
+    schedule: Literal["step-cosine", "epoch-cosine"] = "step-cosine"
     warmup_steps: int = 100
+    warmup_epochs: int = 0
+    warmup_lr: float | None = None
     epochs: int = 1
     max_steps: int | None = None
     min_lr_ratio: float = 0.0
+    min_lr: float | None = None
+    decay_groups: Literal["matrices", "official"] = "matrices"
     grad_clip_norm: float | None = None
+
+    @property
+    def final_lr(self) -> float:
+        """The lr the cosine ends at."""
+        return self.min_lr if self.min_lr is not None else self.lr * self.min_lr_ratio
 
     def __post_init__(self) -> None:
         _positive(self.lr, "optim.lr", "use e.g. 1e-4")
@@ -539,6 +614,14 @@ class OptimConfig:
             raise ConfigError(f"optim.max_steps={self.max_steps!r} must be >= 1 or null")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(
+                f"optim.min_lr={self.min_lr!r} must be in [0, lr={self.lr!r}] (or null for min_lr_ratio)"
+            )
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs!r} must be >= 0")
+        if self.warmup_lr is not None:
+            _non_negative(self.warmup_lr, "optim.warmup_lr")
         if self.grad_clip_norm is not None:
             _positive(self.grad_clip_norm, "optim.grad_clip_norm", "use a value > 0 or null")
 
@@ -555,6 +638,13 @@ class RunConfig:
         checkpoint_every: save a checkpoint every N steps (and always at the end); 0 = only at the end.
         resume: continue from ``output_dir/checkpoint-last.pt`` when it exists.
         progress: show a progress bar.
+        all_gather: under DDP, whether the in-batch losses see the global batch.
+            ``"off"`` (every official config, ``is_all_gather: False``): each rank's loss is over
+            its own ``batch_size`` pairs. ``"on"``: embeddings, teacher features and ids are
+            all-gathered, and the local gradient is multiplied by the world size so that DDP's
+            averaging yields exactly the gradient of the global-batch loss. ``"official"``: the
+            official ``AllGather`` backward (no scaling), whose backbone gradient is
+            ``world_size`` times smaller than the global-batch loss's; for parity only.
     """
 
     output_dir: str = "runs/cusa"
@@ -564,6 +654,7 @@ class RunConfig:
     checkpoint_every: int = 0
     resume: bool = True
     progress: bool = True
+    all_gather: Literal["off", "on", "official"] = "on"
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
@@ -572,6 +663,41 @@ class RunConfig:
             raise ConfigError(f"run.checkpoint_every={self.checkpoint_every!r} must be >= 0")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"run.device={self.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Evaluation after every epoch, and which checkpoint is kept as the best.
+
+    The official code evaluates val and test after every epoch and keeps the checkpoint with the
+    best **test** ``r_mean``. Choosing on test reports an optimistic test score, so cusa chooses
+    on ``val`` unless ``select_on: test`` asks for the official behaviour.
+
+    Args:
+        splits: splits of ``data.dataset`` to evaluate after every epoch (e.g. ``[val, test]``);
+            empty: no evaluation, only ``checkpoint-last.pt``.
+        select_on: the split whose ``metric`` picks ``checkpoint-best.pt``; ``None`` keeps no best.
+        metric: a key of the retrieval report, higher is better (official ``r_mean``).
+        max_images: evaluate only the first N images of each split.
+        batch_size: items encoded at once.
+    """
+
+    splits: tuple[str, ...] = ()
+    select_on: str | None = "val"
+    metric: str = "r_mean"
+    max_images: int | None = None
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.splits and self.select_on is not None and self.select_on not in self.splits:
+            raise ConfigError(
+                f"eval.select_on={self.select_on!r} is not one of eval.splits={list(self.splits)}; "
+                "add it to the splits or set select_on: null"
+            )
+        if self.max_images is not None and self.max_images < 1:
+            raise ConfigError(f"eval.max_images={self.max_images!r} must be >= 1 or null")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size={self.batch_size!r} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -584,6 +710,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: ValidationConfig = field(default_factory=ValidationConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -599,11 +726,120 @@ class TrainConfig:
         """Load from a ``.yaml``/``.yml`` (needs pyyaml), ``.json`` or ``.toml`` file."""
         return cls.from_dict(load_mapping(path))
 
+    @classmethod
+    def from_official(cls, official: dict[str, Any] | str | Path) -> TrainConfig:
+        """Map an official CUSA training YAML (``configs/<arch>/<dataset>/<name>.yaml`` of
+        lerogo/aaai24_itr_cusa) onto a :class:`TrainConfig`.
+
+        Every value the official run depends on is carried over; the result equals the preset
+        in ``configs/paper/`` made from the same file. ``data_path`` becomes ``data.root`` (set
+        it with ``--set data.root=...`` when the file leaves it empty). Model selection is on
+        ``val`` (the official code selects on test; set ``eval.select_on: test`` for that).
+
+        Raises:
+            ConfigError: a key is missing, or an option the official code has but this mapping
+                does not reproduce (another optimiser or scheduler, LR noise, cooldown).
+        """
+        data = load_mapping(official) if isinstance(official, (str, Path)) else official
+        try:
+            return _from_official(data)
+        except KeyError as exc:
+            raise ConfigError(f"official CUSA config is missing key {exc.args[0]!r}") from exc
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
     def replace(self, **sections: Any) -> TrainConfig:
         return dataclasses.replace(self, **sections)
+
+
+#: ``clip_model`` values of the official configs -> registered cusa students.
+OFFICIAL_CLIP_STUDENTS: dict[str, str] = {
+    "RN50": "clip-rn50",
+    "RN101": "clip-rn101",
+    "RN50x4": "clip-rn50x4",
+    "RN50x16": "clip-rn50x16",
+    "RN50x64": "clip-rn50x64",
+    "ViT-B/32": "clip-vit-b32",
+    "ViT-B/16": "clip-vit-b16",
+    "ViT-L/14": "clip-vit-l14",
+    "ViT-L/14@336px": "clip-vit-l14-336",
+}
+#: ``dataset_name`` of the official configs -> the registered Karpathy readers (same splits).
+OFFICIAL_DATASETS: dict[str, str] = {"cross_coco": "coco", "cross_flickr": "flickr30k"}
+#: What the official ``retrieval.py`` fixes in code rather than in the YAML.
+OFFICIAL_SEED = 23  # argparse default of --seed
+OFFICIAL_NUM_WORKERS = 16
+OFFICIAL_PRINT_FREQ = 50
+PAPER_IMAGE_TEACHER = "unicom-vit-b32-tokens"  # forward_features, 49 x 768
+PAPER_TEXT_TEACHER = "all-mpnet-base-v2"
+
+
+def _from_official(cfg: dict[str, Any]) -> TrainConfig:
+    clip_name = cfg["clip_model"]
+    if clip_name not in OFFICIAL_CLIP_STUDENTS:
+        raise ConfigError(
+            f"official clip_model={clip_name!r} is not one the official code accepts; "
+            f"use one of {list(OFFICIAL_CLIP_STUDENTS)}"
+        )
+    if cfg["dataset_name"] not in OFFICIAL_DATASETS:
+        raise ConfigError(
+            f"official dataset_name={cfg['dataset_name']!r}; use one of {list(OFFICIAL_DATASETS)}"
+        )
+    opt, sched = cfg["optimizer"], cfg["schedular"]
+    if str(opt["opt"]).lower() != "adamw":
+        raise ConfigError(f"official optimizer.opt={opt['opt']!r}; only adamW is reproduced")
+    if sched["sched"] != "cosine":
+        raise ConfigError(f"official schedular.sched={sched['sched']!r}; only cosine is reproduced")
+    for key, neutral in (("decay_rate", 1), ("cooldown_epochs", 0)):
+        if sched.get(key, neutral) != neutral:
+            raise ConfigError(
+                f"official schedular.{key}={sched[key]!r} is not reproduced; "
+                f"every official config uses {neutral}"
+            )
+    for key in ("lr_noise", "opt_eps", "opt_betas", "opt_args", "lr_cycle_mul"):
+        if (opt.get(key) if key.startswith("opt") else sched.get(key)) is not None:
+            raise ConfigError(f"official option {key!r} is not reproduced; remove it")
+    return TrainConfig(
+        model=ModelConfig(student=OFFICIAL_CLIP_STUDENTS[clip_name]),
+        loss=LossConfig.from_official(cfg["loss_config"]),
+        teachers=TeachersConfig(image=PAPER_IMAGE_TEACHER, text=PAPER_TEXT_TEACHER),
+        data=DataConfig(
+            dataset=OFFICIAL_DATASETS[cfg["dataset_name"]],
+            root=cfg.get("data_path") or None,
+            split="train",
+            batch_size=int(cfg["batch_size_train"]),
+            num_workers=OFFICIAL_NUM_WORKERS,
+            captions="pre_caption",
+            shuffle_seed=0,  # DistributedSampler's default seed; --seed does not reach it
+        ),
+        optim=OptimConfig(
+            lr=float(opt["lr"]),
+            weight_decay=float(opt["weight_decay"]),
+            betas=(0.9, 0.999),  # torch AdamW defaults: the official code passes none
+            eps=1e-8,
+            schedule="epoch-cosine",
+            warmup_steps=0,
+            warmup_epochs=int(sched["warmup_epochs"]),
+            warmup_lr=float(sched["warmup_lr"]),
+            epochs=int(sched["epochs"]),
+            min_lr=float(sched["min_lr"]),
+            decay_groups="official",
+            grad_clip_norm=None,
+        ),
+        run=RunConfig(
+            output_dir=str(cfg.get("save_path") or "runs/cusa"),
+            seed=OFFICIAL_SEED,
+            log_every=OFFICIAL_PRINT_FREQ,
+            all_gather="official" if cfg.get("is_all_gather") else "off",
+        ),
+        eval=ValidationConfig(
+            splits=("val", "test"),
+            select_on="val",
+            metric="r_mean",
+            batch_size=int(cfg.get("batch_size_test", 128)),
+        ),
+    )
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

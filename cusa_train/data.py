@@ -153,6 +153,16 @@ def pair_collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def apply_text_transform(
+    batch: dict[str, Any], text_transform: Callable[[list[str]], Any] | None
+) -> dict[str, Any]:
+    """Run ``text_transform`` (a tokenizer) over ``batch["text"]`` unless it is already a tensor
+    of token ids."""
+    if text_transform is not None and not isinstance(batch["text"], Tensor):
+        batch["text"] = text_transform(batch["text"])
+    return batch
+
+
 class SoftLabelCollate:
     """A ``collate_fn`` that collates with ``base`` and then attaches teacher features.
 
@@ -182,9 +192,7 @@ class SoftLabelCollate:
         batch[TEACHER_IMAGE_KEY], batch[TEACHER_TEXT_KEY] = self.teachers.gather(
             batch[IMAGE_ID_KEY], batch[CAPTION_ID_KEY]
         )
-        if self.text_transform is not None:
-            batch["text"] = self.text_transform(batch["text"])
-        return batch
+        return apply_text_transform(batch, self.text_transform)
 
 
 class PairDataset(Dataset):
@@ -201,6 +209,9 @@ class PairDataset(Dataset):
         require_ids: when given (e.g. the ids of the stored features), images or captions not in
             it are left out and counted in :attr:`skipped`; otherwise they would fail at
             collate time with :class:`SampleNotFoundError`.
+        caption_transform: applied to every caption once, here (e.g. the official
+            ``pre_caption``); a caption it rejects with ``ValueError`` is left out and counted
+            in :attr:`skipped` with the reason.
     """
 
     def __init__(
@@ -210,6 +221,7 @@ class PairDataset(Dataset):
         *,
         max_images: int | None = None,
         require_ids: tuple[Iterable[str], Iterable[str]] | None = None,
+        caption_transform: Callable[[str], str] | None = None,
     ) -> None:
         self.preprocess_image = preprocess_image
         self.images: dict[str, bytes] = {}
@@ -237,6 +249,13 @@ class PairDataset(Dataset):
                     if isinstance(caption, bytes)
                     else caption
                 )
+                if caption_transform is not None:
+                    try:
+                        text = caption_transform(text)
+                    except ValueError as exc:
+                        name = getattr(caption_transform, "__name__", "caption_transform")
+                        self.skipped[cid] = f"caption rejected by {name}: {exc}"
+                        continue
                 self.pairs.append((sample.image_id, cid, text))
                 kept += 1
             if kept:

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 
 ItrMode = Literal["mean", "sum"]
 CombineMode = Literal["each", "add", "dot"]
+SoftObjective = Literal["kl", "cross-entropy"]
 ITR_MODES: tuple[str, ...] = ("mean", "sum")
 COMBINE_MODES: tuple[str, ...] = ("each", "add", "dot")
+SOFT_OBJECTIVES: tuple[str, ...] = ("kl", "cross-entropy")
 #: The keys of the dict that :class:`CusaLoss` returns, always all present.
 LOSS_KEYS: tuple[str, ...] = ("loss", "itr", "csa", "usa")
 
@@ -75,6 +77,48 @@ def soft_label_kl(
     targets = F.softmax(teacher_sim.detach() / teacher_tau, dim=1)  # (N, M) soft labels
     log_probs = F.log_softmax(student_sim / tau, dim=1)  # (N, M)
     return F.kl_div(log_probs, targets, reduction="batchmean")
+
+
+def soft_label_cross_entropy(
+    student_sim: Tensor,
+    teacher_sim: Tensor,
+    tau: Tensor | float,
+    teacher_tau: Tensor | float,
+    mode: ItrMode = "mean",
+) -> Tensor:
+    """InfoNCE against soft labels: ``-sum_j p_teacher(j) log p_student(j)``, averaged over rows.
+
+    The official ``use_loss: contrastive``. With ``mode="mean"`` the row sum becomes a mean over
+    the columns, as in the official ``contrastive_loss_mode: mean``. For the student it differs
+    from :func:`soft_label_kl` only by the teacher entropy (and, in ``mean`` mode, a 1/M factor).
+    """
+    targets = F.softmax(teacher_sim.detach() / teacher_tau, dim=1)  # (N, M) soft labels
+    log_probs = F.log_softmax(student_sim / tau, dim=1)  # (N, M)
+    reduce = torch.mean if mode == "mean" else torch.sum
+    return -reduce(log_probs * targets, dim=1).mean()
+
+
+def _check_objective(objective: str, mode: str, where: str) -> None:
+    if objective not in SOFT_OBJECTIVES:
+        raise ConfigError(
+            f"{where} objective {objective!r} is not supported; use one of {SOFT_OBJECTIVES}"
+        )
+    if mode not in ITR_MODES:
+        raise ConfigError(f"{where} mode {mode!r} is not supported; use one of {ITR_MODES}")
+
+
+def soft_label_loss(
+    student_sim: Tensor,
+    teacher_sim: Tensor,
+    tau: Tensor | float,
+    teacher_tau: Tensor | float,
+    objective: SoftObjective = "kl",
+    mode: ItrMode = "mean",
+) -> Tensor:
+    """:func:`soft_label_kl` (``objective="kl"``) or :func:`soft_label_cross_entropy`."""
+    if objective == "kl":
+        return soft_label_kl(student_sim, teacher_sim, tau, teacher_tau)
+    return soft_label_cross_entropy(student_sim, teacher_sim, tau, teacher_tau, mode)
 
 
 @losses.register("infonce")
@@ -163,6 +207,9 @@ class CrossModalSoftLabelLoss(nn.Module):
             use the image teacher's image-image cosine and t2i rows the text teacher's text-text
             cosine; ``"add"``: the average of both for both directions; ``"dot"``: the geometric
             mean of their positive parts for both directions.
+        objective: ``"kl"`` (official default) or ``"cross-entropy"`` (official ``use_loss:
+            contrastive``), see :func:`soft_label_loss`.
+        mode: reduction of ``cross-entropy``: ``"mean"`` (official) or ``"sum"``.
 
     Inputs:
         ================== ======= ==============================================
@@ -185,13 +232,18 @@ class CrossModalSoftLabelLoss(nn.Module):
         loss = csa(sim, t_img, t_txt, 0.45, 0.45, 1.0, 1.0)
     """
 
-    def __init__(self, combine: CombineMode = "each") -> None:
+    def __init__(
+        self, combine: CombineMode = "each", objective: SoftObjective = "kl", mode: ItrMode = "mean"
+    ) -> None:
         super().__init__()
         if combine not in COMBINE_MODES:
             raise ConfigError(
                 f"CSA combine mode {combine!r} is not supported; use one of {COMBINE_MODES}"
             )
+        _check_objective(objective, mode, "CSA")
         self.combine = combine
+        self.objective = objective
+        self.mode = mode
 
     def forward(
         self,
@@ -206,12 +258,16 @@ class CrossModalSoftLabelLoss(nn.Module):
         target_i2t, target_t2i = combine_teacher_similarities(
             teacher_image_sim, teacher_text_sim, self.combine
         )
-        loss_i2t = soft_label_kl(similarity, target_i2t, tau_i2t, teacher_tau_image)
-        loss_t2i = soft_label_kl(similarity.t(), target_t2i, tau_t2i, teacher_tau_text)
+        loss_i2t = soft_label_loss(
+            similarity, target_i2t, tau_i2t, teacher_tau_image, self.objective, self.mode
+        )
+        loss_t2i = soft_label_loss(
+            similarity.t(), target_t2i, tau_t2i, teacher_tau_text, self.objective, self.mode
+        )
         return (loss_i2t + loss_t2i) / 2.0
 
     def extra_repr(self) -> str:
-        return f"combine={self.combine!r}"
+        return f"combine={self.combine!r}, objective={self.objective!r}"
 
 
 @losses.register("usa")
@@ -232,6 +288,10 @@ class UniModalSoftLabelLoss(nn.Module):
         teacher_tau_text    ()
         =================== ======= ============================================
 
+    Args:
+        objective: ``"kl"`` (official default) or ``"cross-entropy"``, see :func:`soft_label_loss`.
+        mode: reduction of ``cross-entropy``: ``"mean"`` (official) or ``"sum"``.
+
     Returns:
         0-d tensor (unweighted; :class:`CusaLoss` applies ``beta``).
 
@@ -241,6 +301,12 @@ class UniModalSoftLabelLoss(nn.Module):
         loss = usa(cosine_similarity_matrix(uni_img), cosine_similarity_matrix(uni_txt),
                    t_img, t_txt, 0.45, 0.45, 1.0, 1.0)
     """
+
+    def __init__(self, objective: SoftObjective = "kl", mode: ItrMode = "mean") -> None:
+        super().__init__()
+        _check_objective(objective, mode, "USA")
+        self.objective = objective
+        self.mode = mode
 
     def forward(
         self,
@@ -253,11 +319,26 @@ class UniModalSoftLabelLoss(nn.Module):
         teacher_tau_image: Tensor | float,
         teacher_tau_text: Tensor | float,
     ) -> Tensor:
-        loss_image = soft_label_kl(
-            student_image_sim, teacher_image_sim, tau_image, teacher_tau_image
+        loss_image = soft_label_loss(
+            student_image_sim,
+            teacher_image_sim,
+            tau_image,
+            teacher_tau_image,
+            self.objective,
+            self.mode,
         )
-        loss_text = soft_label_kl(student_text_sim, teacher_text_sim, tau_text, teacher_tau_text)
+        loss_text = soft_label_loss(
+            student_text_sim,
+            teacher_text_sim,
+            tau_text,
+            teacher_tau_text,
+            self.objective,
+            self.mode,
+        )
         return (loss_image + loss_text) / 2.0
+
+    def extra_repr(self) -> str:
+        return f"objective={self.objective!r}"
 
 
 @dataclass(frozen=True)
@@ -293,6 +374,8 @@ class CusaLoss(nn.Module):
         itr_weight, csa_weight, usa_weight: term weights; 0 switches a term off (official: 1, 0.1, 0.5).
         itr_mode: InfoNCE reduction, ``"mean"`` (official) or ``"sum"``.
         csa_combine: CSA target mode, ``"each"`` (official), ``"add"`` or ``"dot"``.
+        csa_objective, usa_objective: ``"kl"`` (official) or ``"cross-entropy"``.
+        csa_mode, usa_mode: reduction of a ``cross-entropy`` objective, ``"mean"`` or ``"sum"``.
 
     Inputs:
         ======================= ========= =======================================================
@@ -319,6 +402,10 @@ class CusaLoss(nn.Module):
         usa_weight: float = 0.5,
         itr_mode: ItrMode = "mean",
         csa_combine: CombineMode = "each",
+        csa_objective: SoftObjective = "kl",
+        csa_mode: ItrMode = "mean",
+        usa_objective: SoftObjective = "kl",
+        usa_mode: ItrMode = "mean",
     ) -> None:
         super().__init__()
         for name, w in (
@@ -334,8 +421,8 @@ class CusaLoss(nn.Module):
         self.csa_weight = float(csa_weight)
         self.usa_weight = float(usa_weight)
         self.itr = MultiPositiveInfoNCELoss(itr_mode)
-        self.csa = CrossModalSoftLabelLoss(csa_combine)
-        self.usa = UniModalSoftLabelLoss()
+        self.csa = CrossModalSoftLabelLoss(csa_combine, csa_objective, csa_mode)
+        self.usa = UniModalSoftLabelLoss(usa_objective, usa_mode)
 
     @classmethod
     def from_config(cls, config: LossConfig) -> CusaLoss:
@@ -346,6 +433,10 @@ class CusaLoss(nn.Module):
             usa_weight=config.usa.weight if config.usa.enabled else 0.0,
             itr_mode=config.itr.mode,
             csa_combine=config.csa.combine,
+            csa_objective=config.csa.objective,
+            csa_mode=config.csa.mode,
+            usa_objective=config.usa.objective,
+            usa_mode=config.usa.mode,
         )
 
     @property

@@ -1,6 +1,11 @@
-"""The reference CUSA trainer: AdamW + warmup/cosine, checkpoints and resume, JSONL metrics, DDP.
+"""The reference CUSA trainer: AdamW + cosine, per-epoch evaluation, best/last checkpoints with
+exact resume, JSONL metrics, DDP.
 
 Teacher features come from the store (:mod:`cusa_train.data`); no teacher runs during training.
+With a preset from ``configs/paper/`` the loop is the official ``retrieval.py`` loop step for
+step (``tests/cusa_train/test_official_parity.py`` checks it against
+``tests/fixtures/cusa_train_step_golden.pt``): per-epoch cosine set before the epoch's first
+batch, timm-style weight-decay groups, ``DistributedSampler`` order, no clipping, fp32.
 
 Example::
 
@@ -11,7 +16,8 @@ Example::
     print(result.final)            # last logged metrics
 
 Under ``torchrun --nproc_per_node N`` the same call trains with DDP (gloo on CPU, NCCL on GPU);
-embeddings, teacher features and ids are all-gathered so the in-batch losses see the global batch.
+``run.all_gather`` says whether the in-batch losses see the global batch (``on``) or each rank's
+own batch (``off``, as every official config).
 """
 
 from __future__ import annotations
@@ -31,19 +37,27 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cusa.errors import ConfigError
 from cusa_train.config import TrainConfig
-from cusa_train.data import PairDataset, SoftLabelCollate, TeacherFeatures, pair_collate
+from cusa_train.data import (
+    PairDataset,
+    SoftLabelCollate,
+    TeacherFeatures,
+    apply_text_transform,
+    pair_collate,
+)
 from cusa_train.distributed import rank as dist_rank
 from cusa_train.distributed import world_size as dist_world_size
 from cusa_train.losses import LOSS_KEYS
-from cusa_train.wrapper import CusaModel
+from cusa_train.validation import evaluate_split
+from cusa_train.wrapper import CusaModel, load_init_weights
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint-last.pt"
+BEST_CHECKPOINT_NAME = "checkpoint-best.pt"
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -58,6 +72,9 @@ class TrainResult:
         checkpoint: path of the last checkpoint.
         output_dir: the run folder.
         model: the trained model (unwrapped from DDP), in eval mode.
+        evaluations: one record per evaluated epoch, ``{"epoch", "<split>/<metric>": ...}``.
+        best: ``{"split", "metric", "value", "epoch", "checkpoint"}`` of the best checkpoint, or
+            None when no split is selected on.
     """
 
     steps: int
@@ -66,6 +83,8 @@ class TrainResult:
     checkpoint: Path
     output_dir: Path
     model: CusaModel = field(repr=False)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
 
 
 # ---- pieces --------------------------------------------------------------------------------------
@@ -105,22 +124,65 @@ def cosine_schedule(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0
     return factor
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices, none on biases, norms and temperatures (ndim < 2)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def epoch_cosine_lr(
+    epoch: int,
+    lr: float,
+    min_lr: float,
+    epochs: int,
+    warmup_epochs: int = 0,
+    warmup_lr: float | None = None,
+) -> float:
+    """The official per-epoch learning rate (timm ``CosineLRScheduler``, ``t_initial=epochs``,
+    one cycle, no noise), with the same floating-point expression so the values are exact."""
+    if epoch < warmup_epochs:
+        start = lr if warmup_lr is None else warmup_lr
+        return start + epoch * ((lr - start) / warmup_epochs)
+    if epoch >= epochs:  # past the single cycle timm holds the minimum
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, mode: str = "matrices"
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups, each with its ``param_names``.
+
+    ``"matrices"``: decay on tensors with 2+ dimensions; none on biases, norms and temperatures.
+    ``"official"``: timm's ``add_weight_decay`` as the official CUSA code calls it: no decay on
+    1-d tensors and names ending in ``.bias``, decay on everything else, 0-d temperatures included;
+    groups in its order (no decay first).
+    """
+    decay: list[tuple[str, nn.Parameter]] = []
+    no_decay: list[tuple[str, nn.Parameter]] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if mode == "official":
+            skip = p.ndim == 1 or name.endswith(".bias")
+        elif mode == "matrices":
+            skip = p.ndim < 2
+        else:
+            raise ConfigError(f"optim.decay_groups={mode!r}; use 'matrices' or 'official'")
+        (no_decay if skip else decay).append((name, p))
+
+    def group(items: list[tuple[str, nn.Parameter]], wd: float) -> dict[str, Any]:
+        return {
+            "params": [p for _, p in items],
+            "param_names": [n for n, _ in items],
+            "weight_decay": wd,
+        }
+
+    if mode == "official":
+        return [group(no_decay, 0.0), group(decay, weight_decay)]
+    return [group(decay, weight_decay), group(no_decay, 0.0)]
 
 
 class EpochSampler(Sampler[int]):
     """A seeded permutation per epoch, split across ranks, that can start mid-epoch (resume).
 
-    Every rank gets ``len // world`` indices (the tail is dropped so ranks stay in step).
+    The order is torch's ``DistributedSampler(shuffle=True, drop_last=True)``: ``randperm`` with a
+    generator seeded ``seed + epoch``, the tail beyond a multiple of ``world`` dropped, rank ``r``
+    taking every ``world``-th index from ``r``. With one rank it is exactly the official order.
     """
 
     def __init__(
@@ -130,10 +192,11 @@ class EpochSampler(Sampler[int]):
         self.rank, self.world = rank, world
 
     def indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
         perm = torch.randperm(self.length, generator=g).tolist()
-        per_rank = self.length // self.world
-        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+        total = (self.length // self.world) * self.world
+        return perm[:total][self.rank : total : self.world]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.skip :])
@@ -230,6 +293,7 @@ def train(
     student: nn.Module | None = None,
     reader: Any | None = None,
     teachers: TeacherFeatures | None = None,
+    dataset: Dataset | None = None,
 ) -> TrainResult:
     """Train a student with CUSA as ``config`` says; see the module docstring.
 
@@ -237,8 +301,11 @@ def train(
         config: the run configuration.
         student: a ready student (with ``preprocess_image``); default builds
             ``config.model.student`` from :mod:`cusa_train.student`.
-        reader: a dataset reader; default ``open_dataset(config.data.dataset, split=...)``.
+        reader: a dataset reader; default ``open_dataset(config.data.dataset, root=..., split=...)``.
         teachers: stored teacher features; default opened from ``config.data.store``.
+        dataset: ready training pairs instead of a reader: a map-style dataset whose items are
+            ``{"image": (3, H, W) tensor, "text": str or token ids, "image_id", "caption_id"}``;
+            teacher features are still joined from ``teachers`` by id.
 
     Returns:
         :class:`TrainResult`.
@@ -249,7 +316,7 @@ def train(
     """
     created_group = _init_distributed(config.run.device)
     try:
-        result = _train(config, student, reader, teachers)
+        result = _train(config, student, reader, teachers, dataset)
         if created_group:
             dist.barrier()  # no rank tears gloo down while another still works
         return result
@@ -258,8 +325,20 @@ def train(
             dist.destroy_process_group()
 
 
+def _caption_transform(config: TrainConfig) -> Any:
+    if config.data.captions == "pre_caption":
+        from cusa.extract.teachers.text import pre_caption
+
+        return pre_caption
+    return None
+
+
 def _train(
-    config: TrainConfig, student: nn.Module | None, reader: Any, teachers: TeacherFeatures | None
+    config: TrainConfig,
+    student: nn.Module | None,
+    reader: Any,
+    teachers: TeacherFeatures | None,
+    dataset: Dataset | None,
 ) -> TrainResult:
     rank, world = dist_rank(), dist_world_size()
     device = resolve_device(config.run.device)
@@ -278,36 +357,44 @@ def _train(
 
         student = build_student(config.model.student, **config.model.student_options)
     preprocess = getattr(student, "preprocess_image", None)
-    if preprocess is None:
+    if preprocess is None and dataset is None:
         raise ConfigError(
             f"student {type(student).__name__!r} has no preprocess_image(bytes) -> (3, H, W) tensor; add one"
         )
-    if reader is None:
-        from cusa.extract.readers.registry import open_dataset
-
-        reader = open_dataset(config.data.dataset, split=config.data.split)
+    if reader is None and dataset is None:
+        reader = _open_split(config, config.data.split)
     model = CusaModel(
         student,
         config.loss,
         embed_dim=config.model.embed_dim,
         head_init_std=config.model.head_init_std,
+        gather=config.run.all_gather,
     )
+    if config.model.init_from is not None:
+        kept = load_init_weights(model, config.model.init_from)
+        logger.info(
+            "initialised from %s (%d keys kept their values)", config.model.init_from, len(kept)
+        )
     if teachers is None and model.needs_teachers:
         teachers = TeacherFeatures.open(
             config.data.store,
-            dataset=config.data.store_dataset or reader.name,
+            dataset=config.data.store_dataset
+            or (reader.name if reader is not None else config.data.dataset),
             split=config.data.split,
             image_teacher=config.teachers.image,
             text_teacher=config.teachers.text,
             image_spec=config.teachers.image_spec or None,
             text_spec=config.teachers.text_spec or None,
         )
-    dataset = PairDataset(
-        reader,
-        preprocess,
-        max_images=config.data.max_samples,
-        require_ids=(teachers.image.ids, teachers.text.ids) if teachers is not None else None,
-    )
+    caption_transform = _caption_transform(config)
+    if dataset is None:
+        dataset = PairDataset(
+            reader,
+            preprocess,
+            max_images=config.data.max_samples,
+            require_ids=(teachers.image.ids, teachers.text.ids) if teachers is not None else None,
+            caption_transform=caption_transform,
+        )
     batch_size = config.data.batch_size
     per_rank = len(dataset) // world
     steps_per_epoch = per_rank // batch_size
@@ -323,6 +410,7 @@ def _train(
         if teachers is not None
         else _PlainCollate(text_transform)
     )
+    shuffle_seed = config.run.seed if config.data.shuffle_seed is None else config.data.shuffle_seed
 
     # -- model, optimiser, schedule
     model.to(device)
@@ -335,52 +423,114 @@ def _train(
         )
     o = config.optim
     optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
+        param_groups(model, o.weight_decay, o.decay_groups), lr=o.lr, betas=o.betas, eps=o.eps
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(o.warmup_steps, total_steps, o.min_lr_ratio)
-    )
+    scheduler = None
+    if o.schedule == "step-cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_schedule(o.warmup_steps, total_steps, o.final_lr / o.lr)
+        )
 
     # -- resume
     ckpt_path = out_dir / CHECKPOINT_NAME
+    best_path = out_dir / BEST_CHECKPOINT_NAME
     step, resumed_from = 0, None
+    best: dict[str, Any] | None = None
+    evaluations: list[dict[str, Any]] = []
     if config.run.resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
         step = resumed_from = int(ckpt["step"])
         torch.set_rng_state(ckpt["torch_rng"])
         random.setstate(_python_rng_state(ckpt["python_rng"]))
+        best = ckpt.get("best")
+        evaluations = list(ckpt.get("evaluations") or [])
         logger.info("resumed %s at step %d", ckpt_path, step)
 
     metrics = MetricsLog(out_dir / METRICS_NAME, is_main)
     bar = _progress_bar(total_steps, step, config.run.progress and is_main)
     final: dict[str, Any] = {}
+    eval_readers: dict[str, Any] = {}
 
     def checkpoint() -> None:
         if is_main:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step,
-                    "config": config.to_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(),
-                },
-            )
+            save_checkpoint(ckpt_path, state())
         if world > 1:
             dist.barrier()
+
+    def state() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "step": step,
+            "config": config.to_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "best": best,
+            "evaluations": evaluations,
+        }
+
+    def end_of_epoch(epoch: int) -> None:
+        """Evaluate the finished epoch, keep the best checkpoint, then save the last one."""
+        nonlocal best
+        if not config.eval.splits:
+            return
+        record: dict[str, Any] = {"epoch": epoch, "step": step}
+        if is_main and not any(e["epoch"] == epoch for e in evaluations):
+            for split in config.eval.splits:
+                if split not in eval_readers:
+                    eval_readers[split] = _open_split(config, split)
+                scores = evaluate_split(
+                    model,
+                    eval_readers[split],
+                    preprocess_image=preprocess,
+                    caption_transform=caption_transform,
+                    batch_size=config.eval.batch_size,
+                    max_images=config.eval.max_images,
+                )
+                record.update({f"{split}/{k}": v for k, v in scores.items()})
+            evaluations.append(record)
+            metrics.write({"event": "eval", **record})
+            key = f"{config.eval.select_on}/{config.eval.metric}"
+            if config.eval.select_on is not None:
+                if key not in record:
+                    raise ConfigError(
+                        f"eval.metric={config.eval.metric!r} is not in the report; it has "
+                        f"{sorted(k.split('/', 1)[1] for k in record if '/' in k)}"
+                    )
+                if best is None or record[key] > best["value"]:
+                    best = {
+                        "split": config.eval.select_on,
+                        "metric": config.eval.metric,
+                        "value": record[key],
+                        "epoch": epoch,
+                        "checkpoint": str(best_path),
+                    }
+                    save_checkpoint(best_path, state())
+            logger.info(
+                "epoch %d: %s", epoch, {k: round(v, 2) for k, v in record.items() if "/" in k}
+            )
+        checkpoint()
 
     model.train()
     try:
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
+            if in_epoch == 0 and epoch > 0:
+                end_of_epoch(epoch - 1)  # a resume at an epoch boundary evaluates it first
+            if o.schedule == "epoch-cosine":
+                # Official: ``lr_scheduler.step(epoch)`` before the epoch's first batch.
+                lr_now = epoch_cosine_lr(
+                    epoch, o.lr, o.final_lr, o.epochs, o.warmup_epochs, o.warmup_lr
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now
             sampler = EpochSampler(
-                len(dataset), config.run.seed, epoch, in_epoch * batch_size, rank, world
+                len(dataset), shuffle_seed, epoch, in_epoch * batch_size, rank, world
             )
             loader = DataLoader(
                 dataset,
@@ -392,6 +542,7 @@ def _train(
                 pin_memory=device.type == "cuda",
                 persistent_workers=False,
             )
+            model.train()
             t_data = time.perf_counter()
             for batch in loader:
                 t0 = time.perf_counter()
@@ -409,7 +560,8 @@ def _train(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 optimizer.step()
-                scheduler.step()
+                if scheduler is not None:
+                    scheduler.step()
                 step += 1
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -439,6 +591,8 @@ def _train(
                 if step >= total_steps:
                     break
                 t_data = time.perf_counter()
+        if step % steps_per_epoch == 0:
+            end_of_epoch(step // steps_per_epoch - 1)
         checkpoint()
     finally:
         bar.close()
@@ -450,7 +604,15 @@ def _train(
         checkpoint=ckpt_path,
         output_dir=out_dir,
         model=model,
+        evaluations=evaluations,
+        best=best,
     )
+
+
+def _open_split(config: TrainConfig, split: str) -> Any:
+    from cusa.extract.readers.registry import open_dataset
+
+    return open_dataset(config.data.dataset, root=config.data.root, split=split)
 
 
 def _python_rng_state(state: Any) -> tuple:
@@ -466,7 +628,4 @@ class _PlainCollate:
         self.text_transform = text_transform
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = pair_collate(samples)
-        if self.text_transform is not None:
-            batch["text"] = self.text_transform(batch["text"])
-        return batch
+        return apply_text_transform(pair_collate(samples), self.text_transform)

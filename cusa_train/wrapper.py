@@ -12,7 +12,9 @@ the CUSA losses from stored teacher features::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -29,6 +31,9 @@ from cusa_train.distributed import (
 from cusa_train.losses import CusaLoss, CusaTemperatures
 
 logger = logging.getLogger(__name__)
+
+#: All-gather modes of :class:`CusaModel` (``run.all_gather`` in the training config).
+GATHER_MODES: tuple[str, ...] = ("off", "on", "official")
 
 
 @runtime_checkable
@@ -158,7 +163,10 @@ class CusaModel(nn.Module):
         image_dim, text_dim: the student's output sizes when it has no ``image_dim``/``text_dim``
             (or ``embed_dim``/``output_dim``) attribute.
         head_init_std: std of the heads' Linear weights (official 0.02).
-        gather: all-gather embeddings, teacher features and ids across DDP ranks before the loss.
+        gather: under DDP, ``"on"`` (or ``True``) all-gathers embeddings, teacher features and ids
+            before the loss and scales the local gradient by the world size (the exact gradient of
+            the global-batch loss); ``"official"`` gathers with the official unscaled backward;
+            ``"off"`` (or ``False``, every official config) keeps each rank's loss local.
 
     The cross-modal heads (LayerNorm + Linear per modality) feed retrieval and the InfoNCE and CSA
     terms; the separate uni-modal projector heads feed USA only.
@@ -173,7 +181,7 @@ class CusaModel(nn.Module):
         image_dim: int | None = None,
         text_dim: int | None = None,
         head_init_std: float = 0.02,
-        gather: bool = True,
+        gather: bool | str = "on",
     ) -> None:
         super().__init__()
         if not isinstance(student, DualEncoder):
@@ -212,6 +220,19 @@ class CusaModel(nn.Module):
     @property
     def needs_teachers(self) -> bool:
         return self.criterion.needs_teachers
+
+    @property
+    def gather(self) -> str:
+        """The all-gather mode: ``"off"``, ``"on"`` or ``"official"`` (see the class docstring)."""
+        return self._gather
+
+    @gather.setter
+    def gather(self, mode: bool | str) -> None:
+        if isinstance(mode, bool):
+            mode = "on" if mode else "off"
+        if mode not in GATHER_MODES:
+            raise ConfigError(f"gather={mode!r} is not supported; use one of {GATHER_MODES}")
+        self._gather = mode
 
     def encode_image(self, images: Any, uni_modal: bool = False) -> Tensor:
         """Images -> head embeddings (B, embed_dim), not normalised; ``uni_modal`` picks the USA head."""
@@ -283,15 +304,16 @@ class CusaModel(nn.Module):
         if teacher_image is not None:
             teacher_image = teacher_image.to(image_features.device)
             teacher_text = teacher_text.to(image_features.device)
-        if self.gather and is_distributed():
+        if self.gather != "off" and is_distributed():
+            scale = self.gather == "on"
             cross_image, cross_text = (
-                all_gather_with_grad(cross_image),
-                all_gather_with_grad(cross_text),
+                all_gather_with_grad(cross_image, scale),
+                all_gather_with_grad(cross_text, scale),
             )
             if uni_image is not None:
                 uni_image, uni_text = (
-                    all_gather_with_grad(uni_image),
-                    all_gather_with_grad(uni_text),
+                    all_gather_with_grad(uni_image, scale),
+                    all_gather_with_grad(uni_text, scale),
                 )
             if teacher_image is not None:
                 teacher_image, teacher_text = (
@@ -367,3 +389,47 @@ def convert_official_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
                 )
             out[f"temperatures.temps.{_OFFICIAL_TEMPERATURES[base]}{side}.value"] = value
     return out
+
+
+def load_init_weights(model: CusaModel, path: str | os.PathLike) -> list[str]:
+    """Start ``model`` from the state dict in ``path`` (``model.init_from`` in the config).
+
+    Accepts a ``cusa train`` checkpoint (``{"model": ...}``), an official CUSA checkpoint
+    (``{"model": unire_state_dict, ...}``) or a bare state dict of either naming; official
+    ``unire`` names are converted with :func:`convert_official_state_dict`. The file is read with
+    ``weights_only=True``.
+
+    Returns:
+        The model keys the file did not set (they keep their current values).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, holds a key the model does not have, or a
+            tensor of another shape.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"model.init_from={str(p)!r} does not exist; give a state-dict file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for a bad file
+        raise ConfigError(f"cannot read model.init_from={str(p)!r}: {exc}") from exc
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError(f"model.init_from={str(p)!r} holds no state dict of tensors")
+    own = model.state_dict()
+    if not set(k.removeprefix("module.") for k in state) <= set(own):
+        state = convert_official_state_dict(state)
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ConfigError(
+            f"model.init_from={str(p)!r} has {len(unknown)} key(s) this model lacks, e.g. "
+            f"{unknown[:3]}; it was made for another student or loss configuration"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ConfigError(
+                f"model.init_from={str(p)!r}: {key!r} has shape {tuple(value.shape)}, the model "
+                f"{tuple(own[key].shape)}; it was made for another student or embed_dim"
+            )
+    model.load_state_dict(state, strict=False)
+    return sorted(set(own) - set(state))

@@ -143,7 +143,7 @@ def test_bad_files(tmp_path):
         load_mapping(tmp_path / "list.yaml")
 
 
-def test_official_mapping_clamps_init_and_rejects_other_objectives():
+def test_official_mapping_clamps_init_and_maps_every_official_objective():
     official = {
         "contrastive": {"is_on": True, "is_block_tau": True, "tau": 0.5, "tau_min": 0.01, "tau_max": 0.1,
                         "rate": 1.0, "contrastive_loss_mode": "sum"},
@@ -160,9 +160,16 @@ def test_official_mapping_clamps_init_and_rejects_other_objectives():
     cfg = LossConfig.from_official(official)
     assert cfg.itr.tau == TemperatureConfig(0.1, 0.01, 0.1, learnable=False)
     assert cfg.csa.combine == "dot" and not cfg.csa.tau.shared and not cfg.usa.enabled
+    assert cfg.csa.objective == "kl"
+    # The official soft-label option ``use_loss: contrastive`` is InfoNCE against soft labels.
     official["cross_softlabel"]["use_loss"] = "contrastive"
-    with pytest.raises(ConfigError, match="use_loss='contrastive' is not supported"):
+    official["cross_softlabel"]["contrastive_loss_mode"] = "sum"
+    cfg = LossConfig.from_official(official)
+    assert (cfg.csa.objective, cfg.csa.mode) == ("cross-entropy", "sum")
+    official["cross_softlabel"]["use_loss"] = "l2"
+    with pytest.raises(ConfigError, match="use_loss='l2' is not known"):
         LossConfig.from_official(official)
+    official["cross_softlabel"]["use_loss"] = "kl"
     del official["contrastive"]
     with pytest.raises(ConfigError, match="missing key 'contrastive'"):
         LossConfig.from_official(official)
