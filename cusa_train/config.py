@@ -727,7 +727,9 @@ class TrainConfig:
         return cls.from_dict(load_mapping(path))
 
     @classmethod
-    def from_official(cls, official: dict[str, Any] | str | Path) -> TrainConfig:
+    def from_official(
+        cls, official: dict[str, Any] | str | Path, *, dataset: str | None = None
+    ) -> TrainConfig:
         """Map an official CUSA training YAML (``configs/<arch>/<dataset>/<name>.yaml`` of
         lerogo/aaai24_itr_cusa) onto a :class:`TrainConfig`.
 
@@ -736,13 +738,20 @@ class TrainConfig:
         it with ``--set data.root=...`` when the file leaves it empty). Model selection is on
         ``val`` (the official code selects on test; set ``eval.select_on: test`` for that).
 
+        Args:
+            official: the parsed YAML, or its path.
+            dataset: the cusa dataset to train on. The official Flickr30K configs say
+                ``dataset_name: cross_coco`` too (that class reads ``new_{split}.json`` from
+                ``data_path``, whatever the dataset), so pass ``"flickr30k"`` for them; by
+                default ``cross_coco`` is ``coco`` and ``cross_flickr`` is ``flickr30k``.
+
         Raises:
             ConfigError: a key is missing, or an option the official code has but this mapping
                 does not reproduce (another optimiser or scheduler, LR noise, cooldown).
         """
         data = load_mapping(official) if isinstance(official, (str, Path)) else official
         try:
-            return _from_official(data)
+            return _from_official(data, dataset)
         except KeyError as exc:
             raise ConfigError(f"official CUSA config is missing key {exc.args[0]!r}") from exc
 
@@ -753,36 +762,25 @@ class TrainConfig:
         return dataclasses.replace(self, **sections)
 
 
-#: ``clip_model`` values of the official configs -> registered cusa students.
-OFFICIAL_CLIP_STUDENTS: dict[str, str] = {
-    "RN50": "clip-rn50",
-    "RN101": "clip-rn101",
-    "RN50x4": "clip-rn50x4",
-    "RN50x16": "clip-rn50x16",
-    "RN50x64": "clip-rn50x64",
-    "ViT-B/32": "clip-vit-b32",
-    "ViT-B/16": "clip-vit-b16",
-    "ViT-L/14": "clip-vit-l14",
-    "ViT-L/14@336px": "clip-vit-l14-336",
-}
 #: ``dataset_name`` of the official configs -> the registered Karpathy readers (same splits).
 OFFICIAL_DATASETS: dict[str, str] = {"cross_coco": "coco", "cross_flickr": "flickr30k"}
 #: What the official ``retrieval.py`` fixes in code rather than in the YAML.
 OFFICIAL_SEED = 23  # argparse default of --seed
 OFFICIAL_NUM_WORKERS = 16
 OFFICIAL_PRINT_FREQ = 50
-PAPER_IMAGE_TEACHER = "unicom-vit-b32-tokens"  # forward_features, 49 x 768
-PAPER_TEXT_TEACHER = "all-mpnet-base-v2"
 
 
-def _from_official(cfg: dict[str, Any]) -> TrainConfig:
+def _from_official(cfg: dict[str, Any], dataset: str | None) -> TrainConfig:
+    from cusa_train.student import CLIP_STUDENTS  # student name -> official ``clip_model``
+
+    students = {arch: name for name, arch in CLIP_STUDENTS.items()}
     clip_name = cfg["clip_model"]
-    if clip_name not in OFFICIAL_CLIP_STUDENTS:
+    if clip_name not in students:
         raise ConfigError(
             f"official clip_model={clip_name!r} is not one the official code accepts; "
-            f"use one of {list(OFFICIAL_CLIP_STUDENTS)}"
+            f"use one of {list(students)}"
         )
-    if cfg["dataset_name"] not in OFFICIAL_DATASETS:
+    if dataset is None and cfg["dataset_name"] not in OFFICIAL_DATASETS:
         raise ConfigError(
             f"official dataset_name={cfg['dataset_name']!r}; use one of {list(OFFICIAL_DATASETS)}"
         )
@@ -801,11 +799,11 @@ def _from_official(cfg: dict[str, Any]) -> TrainConfig:
         if (opt.get(key) if key.startswith("opt") else sched.get(key)) is not None:
             raise ConfigError(f"official option {key!r} is not reproduced; remove it")
     return TrainConfig(
-        model=ModelConfig(student=OFFICIAL_CLIP_STUDENTS[clip_name]),
+        model=ModelConfig(student=students[clip_name]),
         loss=LossConfig.from_official(cfg["loss_config"]),
-        teachers=TeachersConfig(image=PAPER_IMAGE_TEACHER, text=PAPER_TEXT_TEACHER),
+        teachers=TeachersConfig(image=DEFAULT_IMAGE_TEACHER, text=DEFAULT_TEXT_TEACHER),
         data=DataConfig(
-            dataset=OFFICIAL_DATASETS[cfg["dataset_name"]],
+            dataset=dataset or OFFICIAL_DATASETS[cfg["dataset_name"]],
             root=cfg.get("data_path") or None,
             split="train",
             batch_size=int(cfg["batch_size_train"]),
