@@ -188,3 +188,43 @@ def test_cli_train_bad_input(tmp_path):
     assert "optim.lr=-1.0 is out of range" in result.output
     result = CliRunner().invoke(app, ["train", "--config", str(path), "--set", "nonsense"])
     assert result.exit_code == 2 and "must look like section.key=value" in result.output
+
+
+def test_every_epoch_is_evaluated_and_the_best_on_val_is_kept(sample_store, tmp_path):
+    """Per-epoch evaluation on the real val split; checkpoint-best.pt holds the best val epoch."""
+    base = make_config(sample_store, tmp_path / "run", max_steps=None, epochs=3)
+    cfg = TrainConfig.from_dict(
+        {
+            **base.to_dict(),
+            "data": {**base.to_dict()["data"], "max_samples": 8, "captions": "pre_caption"},
+            "eval": {"splits": ["val"], "select_on": "val", "metric": "r_mean", "max_images": 8},
+        }
+    )
+    result = train(cfg, student=student())
+    assert [e["epoch"] for e in result.evaluations] == [0, 1, 2]
+    for e in result.evaluations:
+        assert 0.0 <= e["val/r_mean"] <= 100.0 and {"val/i2t_r1", "val/rsum"} <= set(e)
+    values = [e["val/r_mean"] for e in result.evaluations]
+    assert result.best is not None and result.best["value"] == max(values)
+    assert result.best["epoch"] == values.index(max(values))
+    best = load_checkpoint(tmp_path / "run" / "checkpoint-best.pt")
+    assert best["best"]["epoch"] == result.best["epoch"]
+    events = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "eval"]
+    assert [e["epoch"] for e in events] == [0, 1, 2]
+    # Rerunning the finished run evaluates nothing again and keeps the same best.
+    again = train(cfg, student=student())
+    assert again.steps == result.steps and again.best == result.best
+    assert len([r for r in read_metrics(tmp_path / "run") if r.get("event") == "eval"]) == 3
+
+
+def test_eval_metric_must_exist(sample_store, tmp_path):
+    base = make_config(sample_store, tmp_path / "run", max_steps=None, epochs=1)
+    cfg = TrainConfig.from_dict(
+        {
+            **base.to_dict(),
+            "data": {**base.to_dict()["data"], "max_samples": 8},
+            "eval": {"splits": ["val"], "metric": "accuracy", "max_images": 4},
+        }
+    )
+    with pytest.raises(ConfigError, match="eval.metric='accuracy' is not in the report"):
+        train(cfg, student=student())
