@@ -1,7 +1,7 @@
-"""Built-in students: small real pretrained dual encoders whose weights install offline.
+"""The student registry: the built-in offline student and the OpenAI CLIP family.
 
-``mobilenetv2-minilm`` pairs two towers that differ from the teachers (Unicom ViT-B/32 and
-all-mpnet-base-v2):
+``mobilenetv2-minilm`` is a small real pretrained dual encoder whose weights install offline. It
+pairs two towers that differ from the teachers (Unicom ViT-B/32 and all-mpnet-base-v2):
 
 - image: MobileNetV2 with torchvision's ImageNet weights (:mod:`cusa.extract.teachers.mobilenet`),
   global-average-pooled to 1280-d, fed the ImageNet eval transform of
@@ -10,6 +10,13 @@ all-mpnet-base-v2):
 
 The towers are not aligned with each other; :class:`cusa_train.wrapper.CusaModel` adds the heads
 that map both to one space. Outputs are not L2-normalised (the heads and losses do that).
+
+OpenAI CLIP students (:mod:`cusa_train.clip`), as the official CUSA code trains them:
+``clip-rn50``, ``clip-rn101``, ``clip-rn50x4``, ``clip-rn50x16``, ``clip-rn50x64``,
+``clip-vit-b32``, ``clip-vit-b16``, ``clip-vit-l14``, ``clip-vit-l14-336`` (options ``weights``,
+``pretrained``, ``freeze``, ``cache_dir``, ``download``), ``clip-checkpoint`` (``weights``
+required, architecture read from the file) and ``hf-clip`` (a Hugging Face ``CLIPModel``,
+option ``name_or_path``).
 
 Example:
     >>> student = build_student("mobilenetv2-minilm", freeze="both")
@@ -208,6 +215,68 @@ class MobileNetV2MiniLMStudent(nn.Module):
 @STUDENTS.register("mobilenetv2-minilm")
 def _mobilenetv2_minilm(**kwargs: Any) -> MobileNetV2MiniLMStudent:
     return MobileNetV2MiniLMStudent(**kwargs)
+
+
+# -- OpenAI CLIP students (cusa_train.clip) ------------------------------------------------
+
+# Student name -> official OpenAI architecture (``clip.load`` names).
+CLIP_STUDENTS: dict[str, str] = {
+    "clip-rn50": "RN50",
+    "clip-rn101": "RN101",
+    "clip-rn50x4": "RN50x4",
+    "clip-rn50x16": "RN50x16",
+    "clip-rn50x64": "RN50x64",
+    "clip-vit-b32": "ViT-B/32",
+    "clip-vit-b16": "ViT-B/16",
+    "clip-vit-l14": "ViT-L/14",
+    "clip-vit-l14-336": "ViT-L/14@336px",
+}
+
+
+def _clip_factory(arch: str) -> Callable[..., nn.Module]:
+    def build(
+        *,
+        weights: str | os.PathLike | None = None,
+        pretrained: bool = True,
+        freeze: Freeze = "none",
+        cache_dir: str | os.PathLike | None = None,
+        download: bool | None = None,
+    ) -> nn.Module:
+        from cusa_train.clip import load_clip
+
+        return load_clip(
+            arch,
+            weights,
+            pretrained=pretrained,
+            freeze=freeze,
+            cache_dir=cache_dir,
+            download=download,
+        )
+
+    build.__doc__ = (
+        f"OpenAI CLIP {arch}; weights from ``weights``, ``~/.cache/clip`` or the official URL."
+    )
+    return build
+
+
+for _name, _arch in CLIP_STUDENTS.items():
+    STUDENTS.register(_name, _clip_factory(_arch))
+
+
+@STUDENTS.register("clip-checkpoint")
+def _clip_checkpoint(*, weights: str | os.PathLike, freeze: Freeze = "none") -> nn.Module:
+    """Any OpenAI-format CLIP checkpoint; the architecture is inferred from its shapes."""
+    from cusa_train.clip import load_clip
+
+    return load_clip(None, weights, freeze=freeze)
+
+
+@STUDENTS.register("hf-clip")
+def _hf_clip(*, name_or_path: str, **kwargs: Any) -> nn.Module:
+    """A Hugging Face ``CLIPModel`` (hub name or local folder) through :class:`HFClipStudent`."""
+    from cusa_train.adapters import HFClipStudent
+
+    return HFClipStudent.from_pretrained(name_or_path, **kwargs)
 
 
 def build_student(name: str, **kwargs: Any) -> nn.Module:

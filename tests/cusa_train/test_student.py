@@ -47,9 +47,10 @@ def test_registry_lists_and_refuses_unknown_names():
     assert "mobilenetv2-minilm" in list_students()
     assert STUDENTS.get("mobilenetv2-minilm") is not None
     with pytest.raises(
-        UnknownNameError, match="unknown student 'clip'; known students: mobilenetv2-minilm"
+        UnknownNameError,
+        match="unknown student 'clip-vit-b64'; known students: clip-checkpoint, .*, mobilenetv2-minilm",
     ):
-        build_student("clip")
+        build_student("clip-vit-b64")
 
 
 def test_encodes_real_coco_images_and_captions(student, four_images):
