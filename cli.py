@@ -382,21 +382,29 @@ def train_cmd(
 @friendly_errors
 def eval_cmd(
     checkpoint: str | None = typer.Option(None, "--checkpoint", help="Checkpoint written by `cusa train`."),
-    data: str | None = typer.Option(None, "--data", help="ALBEF/CUSA caption JSON to encode (with --checkpoint)."),
+    task: str = typer.Option("retrieval", "--task", help="retrieval (image-text), image-retrieval (CUB/SOP/In-Shop/iNat/Cars) or sts (SentEval)."),
+    data: str | None = typer.Option(None, "--data", help="Caption file to encode (with --checkpoint): ALBEF/CUSA JSON or Karpathy dataset_coco.json / dataset_flickr30k.json."),
     image_root: str | None = typer.Option(None, "--image-root", help="Folder of the images (default: the JSON's folder)."),
     max_images: int | None = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
     image_features: str | None = typer.Option(None, "--image-features", help="Stored image features: .npz/.npy/.parquet, or a group name with --store."),
     text_features: str | None = typer.Option(None, "--text-features", help="Stored caption features (ids <image_id>#<k>)."),
     store: str | None = typer.Option(None, "--store", help="cusa store holding the feature groups."),
-    dataset: str | None = typer.Option(None, "--dataset", help="Store dataset name (with --store)."),
-    split: str | None = typer.Option(None, "--split", help="Store split name (with --store)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Store dataset name (with --store), or the image benchmarks (--task image-retrieval): cub, sop, inshop, inat, cars, a list, or all."),
+    split: str | None = typer.Option(None, "--split", help="Store split name (with --store), or the split of a Karpathy --data file [default: test]."),
+    root: str | None = typer.Option(None, "--root", help="Benchmark root (--task image-retrieval) or SentEval data folder (--task sts)."),
     sts: str | None = typer.Option(None, "--sts", help="STS pairs file (.tsv/.csv/.jsonl: sentence1, sentence2, score)."),
+    sts_tasks: str | None = typer.Option(None, "--sts-tasks", help="SentEval tasks for --task sts, e.g. STS12,STSBenchmark [default: all seven]."),
+    eccv: bool | None = typer.Option(None, "--eccv/--no-eccv", help="ECCV Caption metrics: required / off [default: when the eval set is the COCO 5K test split]."),
+    captions: str | None = typer.Option(None, "--captions", help="raw or pre_caption (the official caption normalisation) [default: as the checkpoint was trained]."),
     ks: str = typer.Option("1,5,10", "--ks", help="Recall cut-offs, comma-separated."),
     batch_size: int = typer.Option(32, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    workers: int | None = typer.Option(None, "--workers", help="Threads decoding images [default: up to 8]."),
     out: str | None = typer.Option(None, "--out", help="Write the JSON report here."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of the table."),
 ) -> None:
-    """Score retrieval (R@K, RSUM, ECCV mAP@R/R-P, uni-modal) and STS of a checkpoint or stored features."""
+    """Score a checkpoint or stored features: image-text retrieval (R@K, RSUM, r_mean, ECCV
+    Caption on COCO 5K, uni-modal), the paper's image retrieval benchmarks, or SentEval STS."""
     from cusa_train.evaluate import EvalConfig, run_evaluation
 
     try:
@@ -404,9 +412,11 @@ def eval_cmd(
     except ValueError:
         raise typer.BadParameter(f"--ks must be comma-separated integers, got {ks!r}") from None
     config = EvalConfig(
-        checkpoint=checkpoint, data=data, image_features=image_features, text_features=text_features,
-        store=store, dataset=dataset, split=split, image_root=image_root, max_images=max_images,
-        batch_size=batch_size, sts=sts, ks=cutoffs,
+        task=task, checkpoint=checkpoint, data=data, image_features=image_features,
+        text_features=text_features, store=store, dataset=dataset, split=split, root=root,
+        image_root=image_root, max_images=max_images, batch_size=batch_size, sts=sts,
+        sts_tasks=sts_tasks, ks=cutoffs, eccv=eccv, captions=captions, device=device,
+        workers=workers,
     )  # fmt: skip
     report = run_evaluation(config)
     if out:

@@ -466,3 +466,92 @@ def sts_spearman(
         )
     cos = (l2_normalize(e1) * l2_normalize(e2)).sum(dim=1).double().numpy()  # (N,)
     return spearman(cos, gold)
+
+
+# ---- rank-1 nearest neighbour (image retrieval benchmarks) ----------------------------------
+
+
+@dataclass(frozen=True)
+class Rank1Result:
+    """Rank-1 of a nearest-neighbour search, in percent.
+
+    Args:
+        r1: share of queries whose nearest gallery item has the query's label.
+        num_queries: every query, including those whose label has no other item in the gallery
+            (they always count as misses, as in the official script).
+        num_hits: queries whose nearest neighbour is a positive.
+    """
+
+    r1: float
+    num_queries: int
+    num_hits: int
+
+
+def nearest_neighbour_rank1(
+    queries: np.ndarray | torch.Tensor,
+    query_labels: Sequence | np.ndarray,
+    gallery: np.ndarray | torch.Tensor | None = None,
+    gallery_labels: Sequence | np.ndarray | None = None,
+    *,
+    chunk_size: int = 1024,
+    device: str | torch.device | None = None,
+) -> Rank1Result:
+    """Rank-1 (R@1) as the official CUSA ``evaluation_img.py`` computes it.
+
+    Both sides are L2-normalised, each query takes its Euclidean nearest neighbour and scores a
+    hit when that neighbour has the query's label; the result is hits / all queries. On unit
+    vectors ``|q - g|^2 = 2 - 2 cos``, so the nearest neighbour is the most cosine-similar item.
+
+    Without a gallery the queries are their own gallery and each query is excluded from its
+    own search (the official script takes the second-nearest item, which is the query itself
+    removed as long as no other item sits at distance 0). With a gallery (In-Shop) nothing is
+    excluded. Ties count against the query: a negative exactly as close as the nearest
+    positive is a miss, so a collapsed model scores 0, never 100.
+
+    Args:
+        queries: ``(Q, D)`` query features.
+        query_labels: ``Q`` class labels.
+        gallery: optional ``(G, D)`` gallery features.
+        gallery_labels: ``G`` labels, with ``gallery``.
+        chunk_size: queries scored at once; memory is about ``chunk_size * G`` floats.
+        device: where the similarity products run (default: CPU).
+
+    Raises:
+        DatasetError: shapes or label counts do not match.
+    """
+    q = _as_tensor(queries, "queries")
+    same = gallery is None
+    if same != (gallery_labels is None):
+        raise ConfigError("give both gallery and gallery_labels, or neither")
+    g = q if same else _as_tensor(gallery, "gallery")
+    if q.shape[1] != g.shape[1]:
+        raise DatasetError(
+            f"queries have dimension {q.shape[1]} but the gallery has {g.shape[1]}; "
+            "both sides must come from the same head"
+        )
+    ql, gl = _encode_labels(
+        query_labels, query_labels if same else gallery_labels, q.shape[0], g.shape[0]
+    )
+    if same and q.shape[0] < 2:
+        raise DatasetError("rank-1 without a gallery needs at least 2 queries")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    q, g = l2_normalize(q).to(dev), l2_normalize(g).to(dev)
+    ql, gl = ql.to(dev), gl.to(dev)
+    neg_inf = torch.tensor(float("-inf"), device=dev)
+    hits = 0
+    for start in range(0, q.shape[0], chunk_size):
+        stop = min(start + chunk_size, q.shape[0])
+        sim = q[start:stop] @ g.T  # (q, G) cosine = 1 - d^2 / 2
+        pos = ql[start:stop, None] == gl[None, :]  # (q, G)
+        if same:
+            rows = torch.arange(stop - start, device=dev)
+            sim[rows, rows + start] = neg_inf  # the query is not its own neighbour
+            pos[rows, rows + start] = False
+        best_pos = torch.where(pos, sim, neg_inf).amax(dim=1)  # (q,)
+        best_neg = torch.where(pos, neg_inf, sim).amax(dim=1)  # (q,)
+        hit = (best_pos > best_neg) & torch.isfinite(best_pos)
+        hits += int(hit.sum())
+    n = int(q.shape[0])
+    return Rank1Result(r1=100.0 * hits / n, num_queries=n, num_hits=hits)

@@ -73,13 +73,15 @@ def test_known_case_recall_rsum_and_eccv_by_hand():
     assert (r["t2i_r1"], r["t2i_r5"]) == (pytest.approx(60.0), 100.0)
     assert r["rsum"] == pytest.approx(510.0)
     assert r["r_mean"] == pytest.approx(85.0)
-    # ECCV on the dataset's pairs. A: R=3, hits 1,1,0 -> RP 2/3, mAP@R (1+1+0)/3.
+    # mAP@R / R-P on the dataset's own pairs. A: R=3, hits 1,1,0 -> RP 2/3, mAP@R (1+1+0)/3.
     # B: R=2, hits 0,1 -> RP 1/2, mAP@R (0 + 1/2)/2.
-    assert r["eccv_i2t_r_precision"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
-    assert r["eccv_i2t_map_at_r"] == pytest.approx(100 * (2 / 3 + 1 / 4) / 2)
-    assert r["eccv_i2t_r1"] == 50.0
+    assert r["i2t_r_precision"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
+    assert r["i2t_map_at_r"] == pytest.approx(100 * (2 / 3 + 1 / 4) / 2)
     # One positive per caption: mAP@R = R-P = R@1.
-    assert r["eccv_t2i_map_at_r"] == r["eccv_t2i_r_precision"] == pytest.approx(60.0)
+    assert r["t2i_map_at_r"] == r["t2i_r_precision"] == pytest.approx(60.0)
+    # Not the ECCV Caption ground truth, so nothing is labelled ECCV.
+    assert not any(k.startswith("eccv") for k in r.metrics)
+    assert "ECCV Caption (COCO 5K" not in r.to_table()
     assert r.counts == {
         "num_images": 2, "num_texts": 5, "t2t_queries": 5, "t2t_skipped": 0,
     }  # fmt: skip
@@ -244,11 +246,18 @@ def test_explicit_ground_truth_in_evaluate_features():
     # Declare A3 a positive of B as well (a plausible match, as ECCV Caption does).
     gt = CaptionGroundTruth(i2t={0: [0, 1, 2], 1: [2, 3, 4]}, t2i={2: [0, 1]}, name="mine")
     r = evaluate_features(img, txt, of_text, image_ids=["A", "B"], eccv_gt=gt)
-    assert r.info["eccv_gt"] == "mine"
+    assert r.info["gt"] == "mine"
     # B: R=3, ranked A3, B1, B2 -> all hits.
-    assert r["eccv_i2t_r_precision"] == pytest.approx(100 * (2 / 3 + 1) / 2)
-    assert r["eccv_t2i_r1"] == 100.0
-    assert r.counts["eccv_t2i_queries"] == 1
+    assert r["gt_i2t_r_precision"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert r["gt_t2i_r1"] == 100.0
+    assert r.counts["gt_t2i_queries"] == 1
+    assert not any(k.startswith("eccv") for k in r.metrics)
+    assert "Explicit ground truth 'mine'" in r.to_table()
+    # A gallery restriction drops the other captions from the search (and from the positives):
+    # A searches A1 .995, B2 .958, A3 .100 -> R=2 (A1, A3), one hit in the top 2.
+    narrow = CaptionGroundTruth(i2t={0: [0, 1, 2]}, t2i={2: [0, 1]}, text_gallery=[0, 2, 4])
+    r_i2t, _ = ground_truth_metrics(img, txt, narrow)
+    assert r_i2t.r_precision == pytest.approx(50.0)
 
 
 # ---- errors -------------------------------------------------------------------------------
@@ -291,6 +300,7 @@ def test_report_round_trips_json_and_prints_a_table(tmp_path):
     assert back.metrics == pytest.approx(r.metrics) and back.info["model"] == "toy"
     table = r.to_table()
     assert "RSUM 510.00" in table and "mAP@R" in table and "t2t" in table
+    assert "on the dataset's own pairs (not ECCV Caption)" in table
     with pytest.raises(KeyError, match="no metric 'nope'"):
         r["nope"]
 
