@@ -1414,14 +1414,15 @@ def _load_checkpoint(
     path: str | os.PathLike, student: torch.nn.Module | None, device: str | torch.device | None
 ) -> tuple[torch.nn.Module, Any]:
     from cusa_train.config import TrainConfig
-    from cusa_train.student import build_student
+    from cusa_train.student import build_student_skeleton
     from cusa_train.trainer import load_checkpoint
     from cusa_train.wrapper import CusaModel
 
     ckpt = load_checkpoint(path)
     config = TrainConfig.from_dict(ckpt["config"])
     if student is None:
-        student = build_student(config.model.student, **config.model.student_options)
+        # The checkpoint holds the student's weights: no pretrained release is fetched first.
+        student = build_student_skeleton(config.model.student, **config.model.student_options)
     model = CusaModel(
         student,
         config.loss,

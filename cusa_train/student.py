@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -286,6 +287,19 @@ def build_student(name: str, **kwargs: Any) -> nn.Module:
         UnknownNameError: no student of that name (the message lists the known ones).
     """
     return STUDENTS.get(name)(**kwargs)
+
+
+def build_student_skeleton(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered student whose weights are about to be replaced by a checkpoint's.
+
+    Students with a ``pretrained`` option (the CLIP family) are built with ``pretrained=False``
+    unless the options say otherwise, so loading a trained checkpoint never downloads or reads
+    the pretrained release first.
+    """
+    factory = STUDENTS.get(name)
+    if "pretrained" in inspect.signature(factory).parameters:
+        kwargs.setdefault("pretrained", False)
+    return factory(**kwargs)
 
 
 def list_students() -> list[str]:
