@@ -26,20 +26,93 @@ app.add_typer(store_app, name="store")
 app.add_typer(teachers_app, name="teachers")
 
 
-def _fail(message: str, code: int = 2) -> None:
+# Exit codes of every `cusa` command (docs/reliability.md lists them with examples).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job ran, but samples failed beyond --max-failures / verify found problems
+EXIT_REFUSED = 2  # a CusaError: bad option, dataset, store or weights (and click's usage errors)
+EXIT_FILE = 3  # a file-system error: missing file, permission denied, read-only, disk full
+EXIT_MALFORMED = 4  # a file cusa read is malformed: invalid JSON/Parquet/text, nested too deep
+EXIT_DEVICE = 5  # the compute device or a library failed at run time (CUDA, torch)
+EXIT_REMOTE = 6  # remote storage: missing or refused credentials, network errors
+EXIT_MEMORY = 7  # out of memory
+EXIT_INTERNAL = 70  # anything else: a bug in cusa (re-run with -v for the traceback)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+_CLI_EXCEPTIONS = (typer.Exit, typer.Abort, typer.exceptions.TyperException)
+_REMOTE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "aiohttp", "requests")
+_MAX_MESSAGE = 600
+
+log = logging.getLogger("cusa.cli")
+
+
+def _fail(message: str, code: int = EXIT_REFUSED) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def classify_error(exc: BaseException) -> tuple[int, str]:
+    """The exit code and one-line message for an error that is not a :class:`CusaError`."""
+    names = {c.__module__.split(".")[0] for c in type(exc).__mro__}
+    what = f"{type(exc).__name__}: {_one_line(exc)}"
+    if names & set(_REMOTE_MODULES) or isinstance(exc, ConnectionError | TimeoutError):
+        return EXIT_REMOTE, (
+            f"remote storage failed ({what}); check the credentials (AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY or a profile), the endpoint (AWS_ENDPOINT_URL) and the network"
+        )
+    if isinstance(exc, MemoryError):
+        return EXIT_MEMORY, f"out of memory ({what}); lower --batch-size or use a bigger machine"
+    if isinstance(exc, OSError):
+        path = getattr(exc, "filename", None)
+        where = f" at {str(path)!r}" if path and str(path) not in what else ""
+        return EXIT_FILE, (
+            f"file system error{where} ({what}); check that the path exists, is the kind of "
+            "file expected (a directory for --to and --store) and is readable/writable"
+        )
+    if isinstance(exc, RecursionError):
+        return EXIT_MALFORMED, (
+            f"a file cusa read nests data too deeply to parse ({type(exc).__name__}); "
+            "regenerate it"
+        )
+    if isinstance(exc, ValueError):  # JSONDecodeError, UnicodeError, pyarrow's ArrowInvalid...
+        return EXIT_MALFORMED, f"a file cusa read is malformed ({what}); fix or regenerate it"
+    if isinstance(exc, RuntimeError):
+        return EXIT_DEVICE, (
+            f"the compute device or a library failed ({what}); try --device cpu, or check the "
+            "GPU driver and free GPU memory"
+        )
+    return EXIT_INTERNAL, (
+        f"unexpected internal error ({what}); re-run with -v for the traceback and report it"
+    )
+
+
 def friendly_errors(fn: Callable) -> Callable:
-    """Turn a CusaError into a one-line message and exit code 2."""
+    """Turn any error into one line on stderr and its exit code (see the ``EXIT_*`` codes).
+
+    A :class:`CusaError` exits 2 with its own message; other errors a user can cause (files,
+    malformed data, devices, remote storage, memory) get their own codes; ``-v`` logs the
+    traceback.
+    """
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except _CLI_EXCEPTIONS:  # exits and usage errors the CLI framework reports itself
+            raise
         except CusaError as exc:
+            log.debug("traceback", exc_info=exc)
             _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; re-run the same command to resume", EXIT_INTERRUPTED)
+        except Exception as exc:  # noqa: BLE001 - every error becomes one line and a code
+            log.debug("traceback", exc_info=exc)
+            code, message = classify_error(exc)
+            _fail(message, code)
 
     return wrapper
 
@@ -90,7 +163,8 @@ def store_info_cmd(
     if as_json:
         echo_json(info)
         return
-    typer.echo(f"store {info['store']} (layout v{info['layout_version']}): {len(info['groups'])} group(s)")
+    broken = f", {len(info['broken'])} broken (see below; `cusa store verify`)" if info["broken"] else ""
+    typer.echo(f"store {info['store']} (layout v{info['layout_version']}): {len(info['groups'])} group(s){broken}")
     for g in info["groups"]:
         typer.echo(
             f"  {g['dataset']}/{g['split']}  {g['teacher']}@{g['fingerprint']}  "
@@ -103,6 +177,8 @@ def store_info_cmd(
             f"    model={spec.get('model')} weights_sha256={str(spec.get('weights_sha256'))[:16]}… "
             f"output={spec.get('output_kind')} modality={spec.get('modality')}"
         )
+    for b in info["broken"]:
+        typer.echo(f"  BROKEN {b['path']}: {b['error']}")
 
 
 @store_app.command("verify")
@@ -307,6 +383,7 @@ def extract(
     max_failures: int = typer.Option(0, "--max-failures", help="Failed samples tolerated before exiting non-zero."),
     shard_size: int = typer.Option(None, "--shard-size", help="Images per shard for JSON datasets."),
     raw_captions: bool = typer.Option(False, "--raw-captions", help="Skip the official caption normalisation."),
+    allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Read dataset files outside the dataset root (absolute or ../ image paths, symlinks leading out, tars a manifest.json names elsewhere); refused by default."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     show_progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bars."),
 ) -> None:
@@ -321,7 +398,7 @@ def extract(
         image_teacher_weights=image_teacher_weights,
         allow_unofficial_weights=allow_unofficial_weights, dtype=dtype, batch_size=batch_size, device=device,
         runner=runner, ray_address=ray_address, actors_per_teacher=actors, max_failures=max_failures,
-        shard_size=shard_size, raw_captions=raw_captions,
+        shard_size=shard_size, raw_captions=raw_captions, allow_outside_root=allow_outside_root,
     )
     summary = run_extract(config, progress=RichProgress() if show_progress else NullProgress())
     if as_json:
@@ -359,6 +436,8 @@ def train_cmd(
     output_dir: str | None = typer.Option(None, "--output-dir", help="Same as --set run.output_dir=..."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Same as --set optim.max_steps=..."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    resume_anyway: bool = typer.Option(False, "--resume-anyway", help="Resume a checkpoint made with a different config (the old config.json is kept beside it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again in an output dir that holds a run made with a different config (the old run is moved to previous-<time>/)."),
 ) -> None:
     """Train a student with CUSA soft labels read from the feature store (DDP: run under torchrun)."""
     from cusa_train.config import TrainConfig, apply_overrides, load_mapping
@@ -371,6 +450,12 @@ def train_cmd(
         extra.append(f"optim.max_steps={max_steps}")
     if no_progress:
         extra.append("run.progress=false")
+    if resume_anyway and overwrite:
+        raise typer.BadParameter("--resume-anyway and --overwrite exclude each other; pick one")
+    if resume_anyway:
+        extra.append("run.on_config_change=resume-anyway")
+    if overwrite:
+        extra.append("run.on_config_change=overwrite")
     cfg = TrainConfig.from_dict(apply_overrides(load_mapping(config), extra))
     result = train(cfg)
     final = {k: v for k, v in result.final.items() if not k.endswith("_s")}

@@ -46,7 +46,9 @@ def summarize(log: dict[str, Any]) -> dict[str, Any]:
         if "outcome" in f:
             k.setdefault("outcomes", Counter())[f["outcome"]] += 1
         if "killed" in f:
-            k["killed_mid_run"] = k.get("killed_mid_run", 0) + int(bool(f["killed"]))
+            # Mid-run: killed before the last commit (trials record it; older logs only "killed").
+            mid = f.get("mid_run", f["killed"])
+            k["killed_mid_run"] = k.get("killed_mid_run", 0) + int(bool(mid))
     for k in by_kind.values():
         if "outcomes" in k:
             k["outcomes"] = dict(sorted(k["outcomes"].items()))

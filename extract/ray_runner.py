@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cusa.errors import ConfigError
+from cusa.errors import ConfigError, CusaError
 from cusa.extract.progress import ProgressSink
 from cusa.extract.readers.base import ShardRef
 from cusa.extract.work import (
@@ -35,6 +35,23 @@ from cusa.extract.work import (
 from cusa.extract.writer import ShardWriter
 
 log = logging.getLogger(__name__)
+
+
+class RayRunError(CusaError, RuntimeError):
+    """The Ray job failed; committed shards are kept and a re-run resumes after them."""
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The user-facing error inside a Ray task error (e.g. a DatasetError raised by a reader)."""
+    seen = 0
+    while seen < 8:
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None or inner is exc:
+            return exc
+        if isinstance(inner, CusaError) and not hasattr(inner, "cause"):
+            return inner
+        exc, seen = inner, seen + 1
+    return exc
 
 
 @dataclass(frozen=True)
@@ -60,14 +77,23 @@ def plan_resources(resources: dict[str, float], n_teachers: int, actors: int | N
     if gpus >= 1:
         per_gpu = 1.0 / n_teachers
         n = actors or max(1, int(gpus))
-        return ActorPlan(n, num_cpus=min(1.0, cpus / (2 * n * n_teachers)), num_gpus=per_gpu,
-                         read_cpus=0.5, torch_threads=max(1, int(cpus // (n * n_teachers + 1))))
+        return ActorPlan(
+            n,
+            num_cpus=min(1.0, cpus / (2 * n * n_teachers)),
+            num_gpus=per_gpu,
+            read_cpus=0.5,
+            torch_threads=max(1, int(cpus // (n * n_teachers + 1))),
+        )
     budget = cpus / 2
     n = actors or max(1, int(budget // n_teachers))
     share = budget / (n * n_teachers)
-    return ActorPlan(n, num_cpus=round(min(share, 1.0), 3), num_gpus=0.0,
-                     read_cpus=round(max(min(cpus / 4, 1.0), 0.25), 3),
-                     torch_threads=max(1, math.floor(cpus / (n * n_teachers))))
+    return ActorPlan(
+        n,
+        num_cpus=round(min(share, 1.0), 3),
+        num_gpus=0.0,
+        read_cpus=round(max(min(cpus / 4, 1.0), 0.25), 3),
+        torch_threads=max(1, math.floor(cpus / (n * n_teachers))),
+    )
 
 
 class _ReadPrepare:
@@ -148,8 +174,12 @@ def _init_ray(address: str | None) -> Any:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count(),
-                     logging_level=logging.WARNING)
+            ray.init(
+                include_dashboard=False,
+                log_to_driver=False,
+                num_cpus=os.cpu_count(),
+                logging_level=logging.WARNING,
+            )
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 
@@ -189,18 +219,33 @@ def run_ray(
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
         )
-    for row in ds.iter_rows():
-        kind, shard = str(row["kind"]), str(row["shard"])
-        if kind == END:
-            writer.add_end(shard, str(row["meta"]))
-            continue
-        feats = bytes_to_array(bytes(row["features"]))
-        ids = [str(i) for i in row["ids"]]
-        summary.add_stage(f"{kind} teacher", float(row["seconds"]), len(ids))
-        progress.advance(f"{kind} teacher", len(ids))
-        writer.add_features(shard, kind, int(row["seq"]), ids, feats)
+    try:
+        for row in ds.iter_rows():
+            kind, shard = str(row["kind"]), str(row["shard"])
+            if kind == END:
+                writer.add_end(shard, str(row["meta"]))
+                continue
+            feats = bytes_to_array(bytes(row["features"]))
+            ids = [str(i) for i in row["ids"]]
+            summary.add_stage(f"{kind} teacher", float(row["seconds"]), len(ids))
+            progress.advance(f"{kind} teacher", len(ids))
+            writer.add_features(shard, kind, int(row["seq"]), ids, feats)
+    except Exception as exc:
+        inner = _unwrap(exc)
+        if isinstance(inner, CusaError) and inner is not exc:
+            raise inner from None  # a reader's or the store's own one-line error
+        if isinstance(exc, CusaError) and not hasattr(exc, "cause"):
+            raise
+        first = " ".join(str(inner).split())[:300] or type(inner).__name__
+        raise RayRunError(
+            f"the Ray job failed after committing {summary.shards_done} shard(s) "
+            f"({type(inner).__name__}: {first}); committed shards are kept — re-run the same "
+            "command to resume (or use --runner local)"
+        ) from exc
     if writer.in_flight:
-        log.warning("%d shard(s) did not complete in this run; re-run to finish them", writer.in_flight)
+        log.warning(
+            "%d shard(s) did not complete in this run; re-run to finish them", writer.in_flight
+        )
 
 
 __all__ = ["ActorPlan", "plan_resources", "run_ray"]

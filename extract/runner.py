@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MODALITIES = (IMAGE, TEXT)
 RUNNERS = ("auto", "local", "ray")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class ExtractConfig:
         shard_size: images per shard for JSON datasets.
         raw_captions: encode captions as given, without the official normalisation.
         storage_options: fsspec options for a remote store.
+        allow_outside_root: read dataset files outside the dataset root (absolute or ``../``
+            image paths, symlinks leading out, tars a ``manifest.json`` names elsewhere); off
+            by default, so such samples are ledgered and such manifests refused.
     """
 
     dataset: str
@@ -76,6 +81,7 @@ class ExtractConfig:
     shard_size: int | None = None
     raw_captions: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
+    allow_outside_root: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - set(MODALITIES)
@@ -89,13 +95,21 @@ class ExtractConfig:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size} is invalid; it must be at least 1")
         if self.runner not in RUNNERS:
-            raise ConfigError(f"--runner {self.runner!r} is invalid; use one of {', '.join(RUNNERS)}")
+            raise ConfigError(
+                f"--runner {self.runner!r} is invalid; use one of {', '.join(RUNNERS)}"
+            )
         if self.max_failures < 0:
             raise ConfigError(f"--max-failures {self.max_failures} is invalid; it must be >= 0")
         if self.shard_size is not None and self.shard_size < 1:
             raise ConfigError(f"--shard-size {self.shard_size} is invalid; it must be at least 1")
         if self.actors_per_teacher is not None and self.actors_per_teacher < 1:
-            raise ConfigError(f"--actors {self.actors_per_teacher} is invalid; it must be at least 1")
+            raise ConfigError(
+                f"--actors {self.actors_per_teacher} is invalid; it must be at least 1"
+            )
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(
+                f"--device {self.device!r} is invalid; use auto, cpu, cuda, cuda:N or mps"
+            )
 
     def teacher_names(self) -> dict[str, str]:
         names = {IMAGE: self.image_teacher, TEXT: self.text_teacher}
@@ -175,9 +189,13 @@ def load_teachers(config: ExtractConfig, device: str | None = None) -> dict[str,
     from cusa.extract.teachers import get_teacher
 
     device = device or config.device
+    check_device(device)
     teachers: dict[str, Teacher] = {}
     for modality, name in config.teacher_names().items():
-        options: dict[str, Any] = {"device": None if device == "auto" else device, "dtype": config.dtype}
+        options: dict[str, Any] = {
+            "device": None if device == "auto" else device,
+            "dtype": config.dtype,
+        }
         if modality == IMAGE and config.image_teacher_weights:
             options["weights"] = config.image_teacher_weights
             if config.allow_unofficial_weights:
@@ -194,16 +212,46 @@ def load_teachers(config: ExtractConfig, device: str | None = None) -> dict[str,
     return teachers
 
 
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this machine does not have, before any model is loaded."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= count:
+        have = f"only {count} CUDA device(s) are visible" if count else "no CUDA GPU is visible"
+        raise ConfigError(
+            f"--device {device!r} is not available: {have} to this process; use --device cpu "
+            "(or auto), or check CUDA_VISIBLE_DEVICES and the driver"
+        )
+
+
 def open_groups(
     config: ExtractConfig, reader: Any, specs: dict[str, Any]
 ) -> tuple[FeatureStore, dict[str, FeatureGroup]]:
     """Open (or create) one store group per modality; refuses a differing spec or manifest."""
-    store = FeatureStore.open(config.store, create=True, storage_options=config.storage_options)
-    manifest_hash = reader.manifest_hash()
-    groups = {
-        kind: store.group(reader.name, reader.split, spec, manifest_hash, create=True)
-        for kind, spec in specs.items()
-    }
+    try:
+        store = FeatureStore.open(config.store, create=True, storage_options=config.storage_options)
+        groups = {}
+        for kind, spec in specs.items():
+            # Per modality: a caption edit concerns the text group only, not the image group.
+            info = reader.manifest_info(modality=kind) if hasattr(reader, "manifest_info") else None
+            manifest_hash = info["hash"] if info else reader.manifest_hash()
+            groups[kind] = store.group(
+                reader.name, reader.split, spec, manifest_hash, create=True, manifest_info=info
+            )
+    except StoreError:
+        raise
+    except OSError as exc:
+        if isinstance(exc, ConnectionError | TimeoutError):
+            raise
+        where = config.store or "the default store ($CUSA_HOME/store)"
+        raise StoreError(
+            f"cannot create or open the feature group in {where!r}: {exc}; check that the store "
+            "is writable (not read-only, enough space, permissions), or pass another --store"
+        ) from exc
     return store, groups
 
 
@@ -222,7 +270,14 @@ def extract(config: ExtractConfig, progress: ProgressSink | None = None) -> Extr
 
     t_start = time.perf_counter()
     progress = progress or NullProgress()
-    reader = open_dataset(config.dataset, root=config.root, split=config.split, shard_size=config.shard_size)
+    options: dict[str, Any] = {"allow_outside_root": True} if config.allow_outside_root else {}
+    reader = open_dataset(
+        config.dataset,
+        root=config.root,
+        split=config.split,
+        shard_size=config.shard_size,
+        **options,
+    )
     runner = config.resolved_runner()
     teachers = load_teachers(config, device="cpu" if runner == "ray" else None)
     store, groups = open_groups(config, reader, {k: t.spec for k, t in teachers.items()})
@@ -240,11 +295,22 @@ def extract(config: ExtractConfig, progress: ProgressSink | None = None) -> Extr
     )
     log.info(
         "%s/%s: %d shard(s), %d already committed, %d to do (runner=%s)",
-        reader.name, reader.split, len(shards), summary.shards_skipped, len(todo), runner,
+        reader.name,
+        reader.split,
+        len(shards),
+        summary.shards_skipped,
+        len(todo),
+        runner,
     )
     known = sum(s.num_samples or 0 for s in todo) if all(s.num_samples for s in todo) else None
-    progress.start({"read": known, "decode": known, **({f"{k} teacher": None for k in teachers}),
-                    "write": len(todo)})
+    progress.start(
+        {
+            "read": known,
+            "decode": known,
+            **({f"{k} teacher": None for k in teachers}),
+            "write": len(todo),
+        }
+    )
 
     def on_commit(stats: ShardStats) -> None:
         summary.record(stats)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ import numpy as np
 from cusa.errors import SampleError
 from cusa.extract.readers.base import ShardRef
 from cusa.extract.teachers.base import Teacher
+from cusa.store.feature_store import ledger_text
+
+log = logging.getLogger(__name__)
 
 IMAGE, TEXT, END = "image", "text", "end"
 
@@ -82,7 +86,68 @@ def bytes_to_array(data: bytes) -> np.ndarray:
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """A ledger reason: bounded, escaped, no file bytes (see :func:`ledger_text`)."""
+    return ledger_text(f"{type(exc).__name__}: {exc}")
+
+
+def is_utf8_text(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8 (no lone surrogates from undecodable bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_id(sample_id: str) -> str:
+    """A sample id that is not valid UTF-8, with its undecodable bytes escaped (``caf\\xe9``)."""
+    try:
+        raw = sample_id.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = sample_id.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+class OutputSizeGuard:
+    """Refuse an image whose *resized* size is over the pixel budget, from its header alone.
+
+    The decompression-bomb guard counts source pixels, but a 1 x 100,000 PNG of a few hundred
+    bytes passes it and then resizing its short side to 224 asks for 224 x 22,400,000 pixels
+    (~26 GB of RGB floats). The teacher's transform says how the short side is resized; images
+    whose output would exceed ``max_pixels`` are ledgered before any pixel is decoded.
+    """
+
+    def __init__(self, teacher: Any) -> None:
+        from cusa.extract.teachers.image_preprocess import default_max_pixels
+
+        prep = teacher.preparer() if hasattr(teacher, "preparer") else teacher
+        resize = getattr(getattr(prep, "transform", None), "resize", None)
+        self.resize = int(resize) if isinstance(resize, int) and resize > 0 else None
+        self.max_pixels = int(getattr(prep, "max_pixels", None) or default_max_pixels())
+
+    def check(self, data: bytes) -> None:
+        if self.resize is None:
+            return
+        import warnings
+
+        from PIL import Image
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                w, h = Image.open(io.BytesIO(data)).size
+        except Exception:  # noqa: BLE001 - undecodable headers are the teacher's to report
+            return
+        short, long = min(w, h), max(w, h)
+        if short <= 0:
+            return
+        out = self.resize * int(self.resize * long / short)
+        if out > self.max_pixels:
+            raise SampleError(
+                f"image is {w}x{h}; resizing its short side to {self.resize} would make "
+                f"{out:,} pixels, over the limit of {self.max_pixels:,} (extreme aspect ratio, "
+                "output-size guard); not decoded"
+            )
 
 
 def prepare_shard(
@@ -114,6 +179,20 @@ def prepare_shard(
         pending[kind] = ([], [])
         yield row
 
+    guard = OutputSizeGuard(image_teacher) if image_teacher is not None else None
+    # Ids ledgered or batched in this shard, per kind: a reader that reports one id twice (e.g.
+    # two escaping tar members of one name) must not make the commit fail on a duplicate id.
+    used: dict[str, set[str]] = {IMAGE: set(), TEXT: set()}
+
+    def fail(kind: str, sample_id: str, reason: str) -> None:
+        if sample_id in used[kind]:
+            log.warning(
+                "%s %r was already ledgered in shard %s: %s", kind, sample_id, shard.key, reason
+            )
+            return
+        used[kind].add(sample_id)
+        failures[kind].append((sample_id, ledger_text(reason)))
+
     samples = iter(reader.read(shard))
     while True:
         t0 = time.perf_counter()
@@ -125,30 +204,51 @@ def prepare_shard(
         t1 = time.perf_counter()
         timing["read_s"] += t1 - t0
         counts["read"] += 1
+        if not is_utf8_text(sample.image_id):
+            # zarr and Parquet store UTF-8 text only: ledger the sample under an escaped id.
+            shown = printable_id(sample.image_id)
+            why = (
+                f"DatasetError: image id {shown!r} is not valid UTF-8 (undecodable bytes shown "
+                "escaped); rename it to UTF-8 to extract it"
+            )
+            if image_teacher is not None:
+                fail(IMAGE, shown, why)
+            if text_teacher is not None:
+                fail(TEXT, f"{shown}#*", why)
+            timing["prepare_s"] += time.perf_counter() - t1
+            continue
         if image_teacher is not None:
             try:
                 if sample.image is None:
                     raise SampleError(sample.image_error or "no image data")
+                if sample.image_id in used[IMAGE]:
+                    raise SampleError(f"image id {sample.image_id!r} appears twice in shard")
+                if guard is not None:
+                    guard.check(sample.image)
                 pending[IMAGE][1].append(image_teacher.prepare(sample.image))
                 pending[IMAGE][0].append(sample.image_id)
+                used[IMAGE].add(sample.image_id)
                 counts[IMAGE] += 1
             except SampleError as exc:
-                failures[IMAGE].append((sample.image_id, _reason(exc)))
+                fail(IMAGE, sample.image_id, _reason(exc))
         if text_teacher is not None:
             if getattr(sample, "caption_error", None):
                 # The captions could not be read at all (e.g. malformed JSON in a tar).
-                failures[TEXT].append((f"{sample.image_id}#*", f"DatasetError: {sample.caption_error}"))
+                fail(TEXT, f"{sample.image_id}#*", f"DatasetError: {sample.caption_error}")
             elif not sample.captions and (sample.image_error or "").startswith("truncated tar"):
                 # A tar that broke off inside this sample lost its captions too; a text-only
                 # run must ledger that as well (the image ledger only exists with an image teacher).
-                failures[TEXT].append((f"{sample.image_id}#*", f"DatasetError: {sample.image_error}"))
+                fail(TEXT, f"{sample.image_id}#*", f"DatasetError: {sample.image_error}")
             for cid, caption in zip(sample.caption_ids, sample.captions, strict=True):
                 try:
+                    if cid in used[TEXT]:
+                        raise SampleError(f"caption id {cid!r} appears twice in shard")
                     pending[TEXT][1].append(text_teacher.prepare(caption))
                     pending[TEXT][0].append(cid)
+                    used[TEXT].add(cid)
                     counts[TEXT] += 1
                 except SampleError as exc:
-                    failures[TEXT].append((cid, _reason(exc)))
+                    fail(TEXT, cid, _reason(exc))
         timing["prepare_s"] += time.perf_counter() - t1
         for kind in (IMAGE, TEXT):
             if len(pending[kind][0]) >= batch_size:

@@ -56,12 +56,16 @@ class ShardWriter:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def add_features(self, shard: str, kind: str, seq: int, ids: list[str], feats: np.ndarray) -> ShardStats | None:
+    def add_features(
+        self, shard: str, kind: str, seq: int, ids: list[str], feats: np.ndarray
+    ) -> ShardStats | None:
         self._pending.setdefault(shard, _Pending()).batches[kind][seq] = (ids, feats)
         return self._maybe_commit(shard)
 
     def add_end(self, shard: str, meta: str | dict) -> ShardStats | None:
-        self._pending.setdefault(shard, _Pending()).meta = json.loads(meta) if isinstance(meta, str) else meta
+        self._pending.setdefault(shard, _Pending()).meta = (
+            json.loads(meta) if isinstance(meta, str) else meta
+        )
         return self._maybe_commit(shard)
 
     def _maybe_commit(self, shard: str) -> ShardStats | None:
@@ -88,9 +92,15 @@ class ShardWriter:
             feats = np.concatenate(parts) if parts else np.zeros((0, group.dim), np.float32)
             failures = [tuple(f) for f in p.meta["failures"][kind]]
             # A teacher that returns NaN/inf for a sample must not poison the store: ledger it.
-            bad = ~np.isfinite(feats.astype(group.dtype)).all(axis=1) if len(ids) else np.zeros(0, bool)
+            bad = (
+                ~np.isfinite(feats.astype(group.dtype)).all(axis=1)
+                if len(ids)
+                else np.zeros(0, bool)
+            )
             if bad.any():
-                failures += [(ids[i], "teacher produced non-finite features") for i in np.flatnonzero(bad)]
+                failures += [
+                    (ids[i], "teacher produced non-finite features") for i in np.flatnonzero(bad)
+                ]
                 keep = ~bad
                 ids = [i for i, k in zip(ids, keep, strict=True) if k]
                 feats = feats[keep]

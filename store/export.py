@@ -18,6 +18,7 @@ Layout written under ``to_dir``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cusa.errors import ConfigError, StoreError
-from cusa.store.feature_store import FeatureGroup
+from cusa.store.feature_store import FeatureGroup, Segment
 from cusa.store.lookup import FeatureLookup
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,19 @@ def export_group(
         A summary: paths written, ``rows``, ``dim``, ``dtype``, ``failed``.
 
     Raises:
-        StoreError: ``to_dir`` already holds an export and ``overwrite`` is False.
+        StoreError: ``to_dir`` already holds an export and ``overwrite`` is False, ``to_dir`` is
+            a file, or a chunk file does not match the SHA-256 recorded when it was written
+            (nothing is exported from a corrupt group).
     """
     out = Path(to_dir).expanduser()
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(
+                    f"cannot export to {str(out)!r}: {str(parent)!r} is a file, not a directory; "
+                    "pass --to a new or existing directory"
+                )
+            break
     out_dtype = np.dtype(dtype or group.dtype)
     if out_dtype.name not in ("float16", "float32"):
         raise ConfigError(f"export dtype must be float16 or float32, not {dtype!r}")
@@ -74,6 +85,7 @@ def export_group(
             "overwrite=True (--overwrite) or choose another directory"
         )
     lookup = FeatureLookup(group)
+    check_chunk_hashes(group, lookup._segments)
     if not group.sealed:
         log.warning(
             "exporting unsealed group %s: only the %d committed rows", group.rel, len(lookup)
@@ -140,6 +152,18 @@ def export_group(
     os.replace(tmp_spec, out / SPEC_FILE)
     log.info("exported %d rows of %s to %s", n, group.rel, out)
     return {**summary, "to": str(out)}
+
+
+def check_chunk_hashes(group: FeatureGroup, segments: list[Segment]) -> None:
+    """Refuse a group whose chunk files differ from the SHA-256 recorded at commit or seal."""
+    for seg in segments:
+        digest = hashlib.sha256(group.fs.read_bytes(seg.rel)).hexdigest()
+        if digest != seg.sha256:
+            raise StoreError(
+                f"chunk file {group.fs.path(seg.rel)!r} of {group.url!r} does not match the "
+                "SHA-256 recorded when it was written; its bytes changed, so nothing was "
+                "exported. Run `cusa store verify`, then re-extract the group"
+            )
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:

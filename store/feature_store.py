@@ -35,10 +35,11 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,9 @@ SEALED = "sealed.json"
 MANIFEST = "manifest.parquet"
 # A sealed chunk holds at most this many bytes, so one chunk file stays mmap- and zarr-friendly.
 MAX_CHUNK_BYTES = 2**31 - 1
+#: Sealing assembles the sorted rows this many bytes at a time (environment variable
+#: ``CUSA_SEAL_BLOCK_BYTES`` overrides it): seal memory is bounded by this setting, not by N.
+SEAL_BLOCK_BYTES = 64 * 2**20
 SEAL_ATTEMPTS = 3
 DTYPES = ("float16", "float32")
 MANIFEST_SCHEMA = pa.schema(
@@ -76,6 +80,43 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]")
+#: Longest failure reason kept in the ledger; longer ones are cut (a reason never holds a whole
+#: caption or file).
+MAX_REASON_CHARS = 500
+# Files a desktop or a sync tool drops into folders; never foreign content, never a group.
+_JUNK = re.compile(r"^(\.DS_Store|Thumbs\.db|desktop\.ini|\._.*|\.directory)$")
+_BYTES_LITERAL = re.compile(r"""\bb(['"])(?:\\.|(?!\1).)*\1""")
+
+
+class BrokenGroupError(StoreError):
+    """One group of a store is malformed; other groups stay readable."""
+
+
+def ledger_text(reason: str, limit: int = MAX_REASON_CHARS) -> str:
+    """A failure reason as the ledger keeps it: one line, escaped, bounded, no file bytes.
+
+    Byte-string literals (e.g. the first bytes of a file that is not an image) are withheld,
+    characters that are not printable (newlines, control codes, undecodable bytes) are escaped,
+    and the text is cut to ``limit`` characters.
+    """
+    text = _BYTES_LITERAL.sub("<bytes withheld>", str(reason))
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else _escape_char(c) for c in text)
+    if len(text) > limit:
+        text = f"{text[: limit - 30]}... [{len(text):,} chars, cut]"
+    return text
+
+
+def _escape_char(c: str) -> str:
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    return c.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def is_junk(name: str) -> bool:
+    """Whether ``name`` is a desktop/sync-tool file (``.DS_Store``...) to be ignored."""
+    return bool(_JUNK.match(name))
 
 
 def safe_name(name: str) -> str:
@@ -155,7 +196,12 @@ class FeatureStore:
         if not sfs.exists(MARKER):
             # Another writer may be creating this store right now: the temporary file of its
             # marker is not foreign content, and its marker may appear between our checks.
-            foreign = [n for n in sfs.ls("") if not (n.startswith(MARKER) and n.endswith(".partial"))]
+            # Desktop junk such as .DS_Store is not foreign content either.
+            foreign = [
+                n
+                for n in sfs.ls("")
+                if not (n.startswith(MARKER) and n.endswith(".partial")) and not is_junk(n)
+            ]
             if foreign and not sfs.exists(MARKER):
                 raise NotAStoreError(
                     f"{sfs.url!r} exists and is not a cusa store (no {MARKER}); "
@@ -167,15 +213,29 @@ class FeatureStore:
                         f"no cusa store at {sfs.url!r}; run `cusa extract` to create one, or "
                         "check the path"
                     )
-                marker = {"format": "cusa-store", "layout_version": LAYOUT_VERSION, "created": _now()}
+                marker = {
+                    "format": "cusa-store",
+                    "layout_version": LAYOUT_VERSION,
+                    "created": _now(),
+                }
                 if sfs.create_exclusive(MARKER, _json_bytes(marker)):
                     log.info("created cusa store at %s", sfs.url)
                     return cls(sfs)
         # The marker exists (possibly just created by a concurrent writer).
-        meta = sfs.read_json(MARKER)
-        if meta.get("format") != "cusa-store":
-            raise NotAStoreError(f"{sfs.url!r} has a {MARKER} that is not a cusa store marker")
-        version = int(meta.get("layout_version", 0))
+        good = {"format": "cusa-store", "layout_version": LAYOUT_VERSION}
+        try:
+            meta = sfs.read_json(MARKER)
+            version = int(meta.get("layout_version", 0)) if isinstance(meta, dict) else None
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise NotAStoreError(
+                f"the store marker {sfs.path(MARKER)!r} is unreadable ({type(exc).__name__}); if "
+                f"this is a cusa store, restore the file with the content {json.dumps(good)}"
+            ) from exc
+        if not isinstance(meta, dict) or meta.get("format") != "cusa-store" or version is None:
+            raise NotAStoreError(
+                f"{sfs.url!r} has a {MARKER} that is not a cusa store marker; if this is a cusa "
+                f"store, restore the file with the content {json.dumps(good)}"
+            )
         if version > LAYOUT_VERSION:
             raise StoreVersionError(
                 f"store {sfs.url!r} has layout version {version}, newer than this cusa "
@@ -197,16 +257,26 @@ class FeatureStore:
         manifest_hash: str | None = None,
         *,
         create: bool = False,
+        manifest_info: dict[str, Any] | None = None,
     ) -> FeatureGroup:
         """Open (or create) the group for ``(dataset, split, spec)``.
+
+        Args:
+            manifest_hash: the reader's dataset manifest hash; a group recorded with another
+                one is refused (the dataset's ids, captions or shard layout changed).
+            manifest_info: the reader's ``manifest_info()`` (content hash, shard size, counts),
+                recorded with the group so a refusal can say what changed and how to proceed.
 
         Raises:
             StoreSpecMismatchError: the group exists with a different spec or dataset manifest;
                 the message names the differing fields.
+            BrokenGroupError: the group exists but its metadata is malformed.
         """
         spec_d = _spec_dict(spec)
         fp = _fingerprint(spec_d)
         rel = self.group_path(dataset, split, spec_d["name"], fp)
+        if manifest_hash is None and manifest_info is not None:
+            manifest_hash = manifest_info.get("hash")
         attrs = {
             "layout_version": LAYOUT_VERSION,
             "dataset": dataset,
@@ -216,36 +286,64 @@ class FeatureStore:
             "manifest_hash": manifest_hash,
             "created": _now(),
         }
+        if manifest_info is not None:
+            attrs["dataset_manifest"] = dict(manifest_info)
         if not self.fs.exists(f"{rel}/zarr.json"):
             if not create:
-                raise StoreError(f"no group for teacher {spec_d['name']!r} ({fp}) of "
-                                 f"{dataset}/{split} in store {self.url!r}")
+                raise StoreError(
+                    f"no group for teacher {spec_d['name']!r} ({fp}) of "
+                    f"{dataset}/{split} in store {self.url!r}"
+                )
             meta = {"zarr_format": 3, "node_type": "group", "attributes": {"cusa": attrs}}
             self.fs.create_exclusive(f"{rel}/zarr.json", _json_bytes(meta))
         group = FeatureGroup(self, rel)
-        group.check_compatible(spec_d, manifest_hash)
+        group.check_compatible(spec_d, manifest_hash, manifest_info)
         return group
 
-    def groups(self) -> list[FeatureGroup]:
-        """Every group in the store, sorted by path."""
-        out = []
-        for dataset in self.fs.ls(""):
-            if dataset == MARKER:
+    def scan(self) -> tuple[list[FeatureGroup], list[BrokenGroup]]:
+        """Every group of the store, sorted by path: the readable ones and the broken ones.
+
+        Only ``<dataset>/<split>/<teacher>@<fp>/`` directories holding a ``zarr.json`` are
+        groups; stray files (``.DS_Store``...) and other folders are ignored. A group whose
+        metadata is malformed is returned in the second list with the reason, so one bad group
+        never makes the others unreadable.
+        """
+        good: list[FeatureGroup] = []
+        broken: list[BrokenGroup] = []
+        for dataset in self.fs.ls_dirs(""):
+            if dataset.startswith("."):
                 continue
-            for split in self.fs.ls(dataset):
-                for teacher in self.fs.ls(f"{dataset}/{split}"):
+            for split in self.fs.ls_dirs(dataset):
+                for teacher in self.fs.ls_dirs(f"{dataset}/{split}"):
                     rel = f"{dataset}/{split}/{teacher}"
-                    if "@" in teacher and self.fs.exists(f"{rel}/zarr.json"):
-                        out.append(FeatureGroup(self, rel))
-        return out
+                    if "@" not in teacher or not self.fs.exists(f"{rel}/zarr.json"):
+                        continue
+                    try:
+                        good.append(FeatureGroup(self, rel))
+                    except StoreError as exc:
+                        broken.append(BrokenGroup(rel, f"{self.url.rstrip('/')}/{rel}", str(exc)))
+        return good, broken
+
+    def groups(self) -> list[FeatureGroup]:
+        """Every readable group in the store, sorted by path (see :meth:`scan`)."""
+        good, broken = self.scan()
+        for b in broken:
+            log.warning("skipping broken group %s: %s", b.rel, b.error)
+        return good
+
+    def broken_groups(self) -> list[BrokenGroup]:
+        """Groups whose metadata is malformed, each with the reason (see :meth:`scan`)."""
+        return self.scan()[1]
 
     def find_group(self, dataset: str, split: str, teacher: str) -> FeatureGroup:
         """The group of ``teacher`` (a name, a fingerprint or ``name@fingerprint``).
 
         Raises:
             StoreError: no such group, or the name matches several fingerprints.
+            BrokenGroupError: the only matching group is malformed; the message says how.
         """
-        candidates = [g for g in self.groups() if g.dataset == dataset and g.split == split]
+        good, broken = self.scan()
+        candidates = [g for g in good if g.dataset == dataset and g.split == split]
         matches = [
             g
             for g in candidates
@@ -255,6 +353,11 @@ class FeatureStore:
             return matches[0]
         known = ", ".join(f"{g.spec['name']}@{g.fingerprint}" for g in candidates) or "(none)"
         if not matches:
+            prefix = f"{safe_name(dataset)}/{safe_name(split)}/"
+            for b in broken:
+                name, _, fp = b.rel.rsplit("/", 1)[-1].partition("@")
+                if b.rel.startswith(prefix) and teacher in (name, fp, f"{name}@{fp}"):
+                    raise BrokenGroupError(b.error)
             raise StoreError(
                 f"store {self.url!r} has no features of teacher {teacher!r} for {dataset}/{split}; "
                 f"teachers there: {known}. Run `cusa extract` for it first."
@@ -265,6 +368,15 @@ class FeatureStore:
         )
 
 
+@dataclass(frozen=True)
+class BrokenGroup:
+    """A group directory whose metadata cannot be read; ``error`` says what and how to fix it."""
+
+    rel: str
+    url: str
+    error: str
+
+
 class FeatureGroup:
     """Features of one teacher over one dataset split."""
 
@@ -272,11 +384,65 @@ class FeatureGroup:
         self.store = store
         self.fs = store.fs
         self.rel = rel
-        meta = self.fs.read_json(f"{rel}/zarr.json")
+        self.attrs: dict[str, Any] = self._load_attrs()
+
+    def _broken(self, what: str, fix: str | None = None) -> BrokenGroupError:
+        fix = fix or (
+            "restore it from a backup, or delete the group folder and re-extract it "
+            "(other groups are not affected)"
+        )
+        return BrokenGroupError(f"group {self.url!r} is broken: {what}; {fix}")
+
+    def _load_json(self, name: str) -> Any:
+        """A JSON file of this group; malformed content raises :class:`BrokenGroupError`."""
         try:
-            self.attrs: dict[str, Any] = meta["attributes"]["cusa"]
-        except KeyError as exc:
-            raise NotAStoreError(f"{self.url!r} is a Zarr group without cusa attributes") from exc
+            return self.fs.read_json(f"{self.rel}/{name}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise self._broken(f"{name} is not valid JSON ({type(exc).__name__}: {exc})") from exc
+
+    def _load_attrs(self) -> dict[str, Any]:
+        meta = self._load_json("zarr.json")
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+        cusa = attrs.get("cusa") if isinstance(attrs, dict) else None
+        if not isinstance(cusa, dict):
+            raise self._broken(
+                "zarr.json holds no cusa attributes (attributes['cusa'] must be an object)"
+            )
+        spec = cusa.get("spec")
+        if not isinstance(spec, dict):
+            raise self._broken(
+                f"the teacher spec in zarr.json is {type(spec).__name__}, not an object"
+            )
+        missing = [
+            k
+            for k in (
+                "name",
+                "model",
+                "weights_sha256",
+                "preprocessing",
+                "output_kind",
+                "dim",
+                "dtype",
+            )
+            if k not in spec
+        ]
+        if missing:
+            raise self._broken(f"the teacher spec in zarr.json lacks fields {missing}")
+        dim = spec["dim"]
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise self._broken(f"the teacher spec's dim is {dim!r}, not a positive integer")
+        if spec["dtype"] not in DTYPES:
+            raise self._broken(
+                f"the teacher spec's dtype is {spec['dtype']!r}, not one of {DTYPES}"
+            )
+        if not isinstance(spec["name"], str):
+            raise self._broken(f"the teacher spec's name is {spec['name']!r}, not a string")
+        for key in ("fingerprint", "dataset", "split"):
+            if not isinstance(cusa.get(key), str):
+                raise self._broken(
+                    f"attributes['cusa'][{key!r}] is {cusa.get(key)!r}, not a string"
+                )
+        return cusa
 
     def __repr__(self) -> str:
         return f"FeatureGroup({self.url!r})"
@@ -309,8 +475,17 @@ class FeatureGroup:
     def dtype(self) -> np.dtype:
         return np.dtype(self.spec["dtype"])
 
-    def check_compatible(self, spec: dict[str, Any], manifest_hash: str | None) -> None:
-        """Refuse a spec or manifest that differs from what the group recorded."""
+    def check_compatible(
+        self,
+        spec: dict[str, Any],
+        manifest_hash: str | None,
+        manifest_info: dict[str, Any] | None = None,
+    ) -> None:
+        """Refuse a spec or dataset manifest that differs from what the group recorded.
+
+        The message says what changed (the teacher spec's fields; the dataset's ids or captions;
+        or only its cut into shards) and how to proceed.
+        """
         from cusa.extract.teachers.spec import format_spec_diff, spec_diff
 
         diff = spec_diff(self.spec, spec)
@@ -321,12 +496,50 @@ class FeatureGroup:
                 f"({fields}); use another --store, or remove the group to re-extract"
             )
         recorded = self.attrs.get("manifest_hash")
-        if manifest_hash is not None and recorded is not None and recorded != manifest_hash:
-            raise StoreSpecMismatchError(
-                f"dataset manifest for {self.url!r} differs from the store's (manifest_hash: "
-                f"stored {recorded!r} != given {manifest_hash!r}); the dataset changed since "
-                "extraction — give it another --dataset name or remove the group to re-extract"
+        if manifest_hash is None or recorded is None or recorded == manifest_hash:
+            return
+        raise StoreSpecMismatchError(self._manifest_change(recorded, manifest_hash, manifest_info))
+
+    def _manifest_change(self, recorded: str, given: str, info: dict[str, Any] | None) -> str:
+        old = self.attrs.get("dataset_manifest")
+        old = old if isinstance(old, dict) else {}
+        new = info or {}
+        where = f"{self.dataset}/{self.split} in {self.url!r}"
+        redo = (
+            f"to re-extract, delete the group folder {self.url!r} and run the same command "
+            "again, or write to another --store"
+        )
+        same_content = old.get("content_hash") and old.get("content_hash") == new.get(
+            "content_hash"
+        )
+        if same_content and old.get("shard_size") != new.get("shard_size"):
+            return (
+                f"the dataset {where} is unchanged but cut into other shards: this group was "
+                f"written with --shard-size {old.get('shard_size')} ({old.get('shards')} shards), "
+                f"this run uses {new.get('shard_size')} ({new.get('shards')} shards); re-run with "
+                f"--shard-size {old.get('shard_size')} to resume it, or {redo}"
             )
+        if old.get("format") is None:
+            what = (
+                "this group was written by an older cusa whose manifest hash did not cover "
+                "captions, or the dataset's ids or shard layout changed since"
+            )
+        else:
+            counts = [
+                f"{k} {old.get(k)} -> {new.get(k)}"
+                for k in ("images", "captions", "shards")
+                if k in old and k in new and old.get(k) != new.get(k)
+            ]
+            what = (
+                "the dataset's image ids, captions or tars changed since this group was "
+                "extracted"
+                + (f" ({', '.join(counts)})" if counts else " (same counts, edited content)")
+            )
+        return (
+            f"dataset manifest of {where} differs from the one recorded (manifest_hash: stored "
+            f"{recorded!r} != given {given!r}): {what}. Resuming would mix features of "
+            f"the old and the new data, so cusa refuses; {redo}"
+        )
 
     # -- commits ----------------------------------------------------------------------------
 
@@ -337,21 +550,79 @@ class FeatureGroup:
         return self.fs.exists(self._commit_rel(shard))
 
     def commit_records(self) -> list[dict[str, Any]]:
-        """Every commit record, sorted by shard key."""
+        """Every commit record, sorted by shard key.
+
+        Raises:
+            BrokenGroupError: a record is not valid JSON or lacks its fields; the message names
+                the file and says to remove it and re-run the extraction for that shard.
+        """
         records = []
         for name in self.fs.ls(f"{self.rel}/commits"):
             if name.endswith(".json"):
-                records.append(self.fs.read_json(f"{self.rel}/commits/{name}"))
+                records.append(self._commit_record(name))
         return sorted(records, key=lambda r: r["shard"])
+
+    def _commit_record(self, name: str) -> dict[str, Any]:
+        fix = f"delete commits/{name} of the group and re-run the extraction to redo that shard"
+        try:
+            rec = self.fs.read_json(f"{self.rel}/commits/{name}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise self._broken(f"commit record commits/{name} is not valid JSON", fix) from exc
+        ok = (
+            isinstance(rec, dict)
+            and isinstance(rec.get("shard"), str)
+            and isinstance(rec.get("part"), str)
+            and safe_name(rec["part"]) == rec["part"]
+            and isinstance(rec.get("rows"), int)
+            and not isinstance(rec.get("rows"), bool)
+            and rec["rows"] >= 0
+            and isinstance(rec.get("features_sha256"), str)
+        )
+        if not ok:
+            raise self._broken(
+                f"commit record commits/{name} lacks a valid shard, part, rows or features_sha256",
+                fix,
+            )
+        return rec
 
     def committed_shards(self) -> list[str]:
         return [r["shard"] for r in self.commit_records()]
 
     @property
     def sealed(self) -> dict[str, Any] | None:
-        """The seal record, or None while shards are still being written."""
+        """The seal record, or None while shards are still being written.
+
+        Raises:
+            BrokenGroupError: ``sealed.json`` is malformed.
+        """
         rel = f"{self.rel}/{SEALED}"
-        return self.fs.read_json(rel) if self.fs.exists(rel) else None
+        if not self.fs.exists(rel):
+            return None
+        record = self._load_json(SEALED)
+        fix = (
+            f"delete {SEALED} and re-run the extraction (it re-seals from the commits if the "
+            "parts are still there), or delete the group folder and re-extract"
+        )
+        rows = record.get("chunk_rows") if isinstance(record, dict) else None
+        sums = record.get("chunk_sha256") if isinstance(record, dict) else None
+        ok = (
+            isinstance(record, dict)
+            and isinstance(record.get("rows"), int)
+            and isinstance(record.get("failed", 0), int)
+            and isinstance(record.get("shards", []), list)
+            and isinstance(rows, list)
+            and isinstance(sums, list)
+            and len(rows) == len(sums)
+            and all(isinstance(r, int) and r > 0 for r in rows)
+            and all(isinstance(h, str) for h in sums)
+            and sum(rows) == record.get("rows")
+        )
+        if not ok:
+            raise self._broken(
+                f"{SEALED} is not a seal record (rows, chunk_rows and chunk_sha256 that agree)",
+                fix,
+            )
+        return record
 
     def write_shard(
         self,
@@ -373,7 +644,7 @@ class FeatureGroup:
         Raises:
             StoreError: NaN/inf features, duplicate ids, or a shape that does not match the spec.
         """
-        failures = [(str(i), str(r)) for i, r in failures]
+        failures = [(str(i), ledger_text(str(r))) for i, r in failures]
         if self.is_committed(shard):
             return WriteResult(shard, "skipped", 0, 0)
         if self.sealed:
@@ -388,11 +659,12 @@ class FeatureGroup:
         part_rel = f"{self.rel}/parts/{part}"
         try:
             digest = self._write_part(part_rel, shard, ids, arr, failures, source)
-        except OSError:
-            # Never leave a half-written part behind (disk full, I/O error). A writer that
-            # committed this shard meanwhile may also have sealed and removed parts/ under us.
+        except BaseException as exc:
+            # Never leave a half-written part behind (disk full, I/O error, a value zarr or
+            # Parquet cannot store, an interrupt). A writer that committed this shard meanwhile
+            # may also have sealed and removed parts/ under us.
             self.fs.remove(part_rel)
-            if self.is_committed(shard):
+            if isinstance(exc, OSError) and self.is_committed(shard):
                 return WriteResult(shard, "lost-race", 0, 0)
             raise
         record = {
@@ -408,7 +680,9 @@ class FeatureGroup:
             "writer": f"{socket.gethostname()}:{os.getpid()}",
         }
         if not self.fs.create_exclusive(self._commit_rel(shard), _json_bytes(record)):
-            log.info("shard %s of %s was committed by another writer; dropping ours", shard, self.rel)
+            log.info(
+                "shard %s of %s was committed by another writer; dropping ours", shard, self.rel
+            )
             self.fs.remove(part_rel)
             return WriteResult(shard, "lost-race", 0, 0)
         return WriteResult(shard, "committed", len(ids), len(failures))
@@ -435,7 +709,18 @@ class FeatureGroup:
         seen: set[str] = set()
         for sid in [*ids, *(f for f, _ in failures)]:
             if sid in seen:
-                raise StoreError(f"shard {shard!r}: duplicate sample id {sid!r}; ids must be unique")
+                raise StoreError(
+                    f"shard {shard!r}: duplicate sample id {sid!r}; ids must be unique"
+                )
+            try:
+                sid.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = sid.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+                raise StoreError(
+                    f"shard {shard!r}: sample id {shown!r} is not valid UTF-8 text; zarr and "
+                    "Parquet store UTF-8 only — record such samples as failures under an "
+                    "escaped id"
+                ) from None
             seen.add(sid)
         return arr
 
@@ -453,14 +738,21 @@ class FeatureGroup:
         root = zarr.open_group(store=self.fs.zarr_store(part_rel), mode="w")
         if ids:
             feats = root.create_array(
-                "features", shape=arr.shape, chunks=arr.shape, dtype=arr.dtype,
-                compressors=None, filters=None, fill_value=0,
+                "features",
+                shape=arr.shape,
+                chunks=arr.shape,
+                dtype=arr.dtype,
+                compressors=None,
+                filters=None,
+                fill_value=0,
                 config={"write_empty_chunks": True},
             )
             feats[...] = arr
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # zarr warns that vlen strings are a v3 extension
-                sid = root.create_array("sample_id", shape=(len(ids),), chunks=(len(ids),), dtype=str)
+                sid = root.create_array(
+                    "sample_id", shape=(len(ids),), chunks=(len(ids),), dtype=str
+                )
             sid[...] = np.array(ids, dtype=object)
         table = _manifest_table(
             ids=[*ids, *(f for f, _ in failures)],
@@ -474,14 +766,30 @@ class FeatureGroup:
     # -- reading ----------------------------------------------------------------------------
 
     def manifest(self) -> pa.Table:
-        """Every sample of the committed shards: id, row, shard, status and error (the ledger)."""
+        """Every sample of the committed shards: id, row, shard, status and error (the ledger).
+
+        Raises:
+            BrokenGroupError: a manifest file is missing or not valid Parquet of the schema.
+        """
         if self.sealed:
-            return pq.read_table(io.BytesIO(self.fs.read_bytes(f"{self.rel}/{MANIFEST}")))
+            return self._read_manifest(f"{self.rel}/{MANIFEST}")
         tables = [
-            pq.read_table(io.BytesIO(self.fs.read_bytes(f"{self.rel}/parts/{r['part']}/{MANIFEST}")))
+            self._read_manifest(f"{self.rel}/parts/{r['part']}/{MANIFEST}")
             for r in self.commit_records()
         ]
         return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+
+    def _read_manifest(self, rel: str) -> pa.Table:
+        name = rel[len(self.rel) + 1 :]
+        try:
+            table = pq.read_table(io.BytesIO(self.fs.read_bytes(rel)))
+            return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+        except FileNotFoundError as exc:
+            raise self._broken(f"{name} is missing") from exc
+        except (pa.ArrowException, ValueError, KeyError) as exc:
+            raise self._broken(
+                f"{name} is not a valid ledger ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def failures(self) -> list[dict[str, Any]]:
         table = self.manifest()
@@ -492,13 +800,23 @@ class FeatureGroup:
         sealed = self.sealed
         if sealed:
             segs = []
-            for i, (rows, digest) in enumerate(zip(sealed["chunk_rows"], sealed["chunk_sha256"], strict=True)):
-                segs.append(Segment(f"{self.rel}/features/c/{i}/0", rows, digest,
-                                    f"{self.rel}/sample_id", i))
+            for i, (rows, digest) in enumerate(
+                zip(sealed["chunk_rows"], sealed["chunk_sha256"], strict=True)
+            ):
+                segs.append(
+                    Segment(
+                        f"{self.rel}/features/c/{i}/0", rows, digest, f"{self.rel}/sample_id", i
+                    )
+                )
             return segs
         return [
-            Segment(f"{self.rel}/parts/{r['part']}/features/c/0/0", r["rows"], r["features_sha256"],
-                    f"{self.rel}/parts/{r['part']}/sample_id", 0)
+            Segment(
+                f"{self.rel}/parts/{r['part']}/features/c/0/0",
+                r["rows"],
+                r["features_sha256"],
+                f"{self.rel}/parts/{r['part']}/sample_id",
+                0,
+            )
             for r in self.commit_records()
             if r["rows"] > 0
         ]
@@ -507,11 +825,23 @@ class FeatureGroup:
         """The sample ids of one segment."""
         import zarr
 
-        arr = zarr.open_array(store=self.fs.zarr_store(segment.ids_rel, read_only=True), mode="r")
-        if self.sealed:
-            start = sum(s.rows for s in self.segments()[: segment.index])
-            return [str(x) for x in arr[start : start + segment.rows]]
-        return [str(x) for x in arr[:]]
+        try:
+            arr = zarr.open_array(
+                store=self.fs.zarr_store(segment.ids_rel, read_only=True), mode="r"
+            )
+            if segment.ids_rel == f"{self.rel}/sample_id":  # a sealed chunk: its slice
+                start = sum(s.rows for s in self.segments()[: segment.index])
+                return [str(x) for x in arr[start : start + segment.rows]]
+            return [str(x) for x in arr[:]]
+        except BrokenGroupError:
+            raise
+        except FileNotFoundError:
+            raise  # a concurrent seal may have removed a part: callers retry from the seal
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            name = segment.ids_rel[len(self.rel) + 1 :]
+            raise self._broken(
+                f"the sample_id array {name} is unreadable ({type(exc).__name__})"
+            ) from exc
 
     def read_segment(self, segment: Segment) -> np.ndarray:
         """Read one segment's raw bytes (checked against its size) as an ``(rows, dim)`` array."""
@@ -526,6 +856,70 @@ class FeatureGroup:
         return np.frombuffer(data, dtype=self.dtype).reshape(segment.rows, self.dim)
 
     # -- sealing ----------------------------------------------------------------------------
+
+    def _local_segment_files(self, segs: list[Segment], stack: contextlib.ExitStack) -> list[str]:
+        """A local file per segment, each checked for its size, to memory-map while sealing.
+
+        Parts of an object store are copied to a temporary folder first (removed by ``stack``),
+        so sealing there needs local disk for the parts but no more memory than on a disk.
+        """
+        tmpdir = (
+            None
+            if self.fs.is_local
+            else stack.enter_context(tempfile.TemporaryDirectory(prefix="cusa-seal-"))
+        )
+        files = []
+        for i, seg in enumerate(segs):
+            if tmpdir is None:
+                path = self.fs.local_path(seg.rel)
+            else:
+                path = os.path.join(tmpdir, f"{i}.bin")
+                self.fs.fs.get_file(self.fs.path(seg.rel), path)
+            size, expected = os.path.getsize(path), seg.rows * self.dim * self.dtype.itemsize
+            if size != expected:
+                raise StoreError(
+                    f"chunk file {self.fs.path(seg.rel)!r} has {size} bytes, expected {expected} "
+                    f"({seg.rows} rows x {self.dim} x {self.dtype}); it is truncated or corrupt "
+                    "— run `cusa store verify` and re-extract the shard"
+                )
+            files.append(path)
+        return files
+
+    def _sorted_blocks(
+        self,
+        segs: list[Segment],
+        files: list[str],
+        order: np.ndarray,
+        offsets: np.ndarray,
+        start: int,
+        stop: int,
+        block: int,
+        digest: Any,
+    ) -> Iterator[np.ndarray]:
+        """Sorted rows ``start:stop`` in blocks of ``block`` rows, each added to ``digest``.
+
+        The two block buffers are reused (the consumer writes each block before asking for the
+        next), so no per-block allocation can fragment the heap.
+        """
+        size = min(block, stop - start)
+        out = np.empty((size, self.dim), dtype=self.dtype)
+        buf = np.empty((size, self.dim), dtype=self.dtype)
+        for b0 in range(start, stop, block):
+            src = order[b0 : min(b0 + block, stop)]  # global unsorted rows, in sorted-id order
+            seg_of = np.searchsorted(offsets, src, side="right") - 1
+            by_seg = np.argsort(seg_of, kind="stable")
+            present, firsts = np.unique(seg_of[by_seg], return_index=True)
+            for s, lo, hi in zip(present, firsts, [*firsts[1:], len(src)], strict=True):
+                pick = by_seg[lo:hi]
+                part = np.memmap(
+                    files[s], dtype=self.dtype, mode="r", shape=(segs[s].rows, self.dim)
+                )
+                # mode="clip" writes straight into buf (mode="raise" would buffer a copy first)
+                np.take(part, src[pick] - offsets[s], axis=0, out=buf[: len(pick)], mode="clip")
+                del part  # unmap now: only this block's pages are ever resident
+                out[pick] = buf[: len(pick)]
+            digest.update(out[: len(src)])
+            yield out[: len(src)]
 
     def seal(self, expected_shards: Iterable[str] | None = None) -> dict[str, Any]:
         """Consolidate every committed shard into group-level arrays sorted by sample id.
@@ -586,29 +980,36 @@ class FeatureGroup:
         row_bytes = max(dim * dtype.itemsize, 1)
         chunk = max(1, min(n, MAX_CHUNK_BYTES // row_bytes)) if n else 1
 
-        # Map global (unsorted) rows to their segment so each output chunk is assembled in RAM
-        # chunk by chunk: memory stays bounded by one chunk, not by the dataset.
+        # Map global (unsorted) rows to their segment. Each output chunk is streamed to its file
+        # block by block, and a block gathers its rows from memory maps of the parts that are
+        # unmapped again right after: memory stays bounded by the block setting, not by N.
         offsets = np.cumsum([0] + [s.rows for s in segs])
         order_arr = np.asarray(order, dtype=np.int64)
         chunk_rows, chunk_sha = [], []
         group_store = self.fs.zarr_store(self.rel)
         if n:
-            _seal_array(group_store, "features", shape=(n, dim), chunks=(chunk, dim), dtype=dtype,
-                        compressors=None, filters=None, fill_value=0)
-            cache: dict[int, np.ndarray] = {}
-            for ci, start in enumerate(range(0, n, chunk)):
-                src = order_arr[start : start + chunk]
-                seg_of = np.searchsorted(offsets, src, side="right") - 1
-                out = np.empty((len(src), dim), dtype=dtype)
-                for s in np.unique(seg_of):
-                    if s not in cache:
-                        cache = {s: self.read_segment(segs[s])}  # keep one segment in RAM
-                    sel = seg_of == s
-                    out[sel] = cache[s][src[sel] - offsets[s]]
-                data = out.tobytes()
-                self.fs.write_bytes_atomic(f"{self.rel}/features/c/{ci}/0", data)
-                chunk_rows.append(len(src))
-                chunk_sha.append(hashlib.sha256(data).hexdigest())
+            _seal_array(
+                group_store,
+                "features",
+                shape=(n, dim),
+                chunks=(chunk, dim),
+                dtype=dtype,
+                compressors=None,
+                filters=None,
+                fill_value=0,
+            )
+            block = max(1, seal_block_bytes() // row_bytes)
+            with contextlib.ExitStack() as stack:
+                local = self._local_segment_files(segs, stack)
+                for ci, start in enumerate(range(0, n, chunk)):
+                    stop = min(start + chunk, n)
+                    digest = hashlib.sha256()
+                    blocks = self._sorted_blocks(
+                        segs, local, order_arr, offsets, start, stop, block, digest
+                    )
+                    self.fs.write_stream_atomic(f"{self.rel}/features/c/{ci}/0", blocks)
+                    chunk_rows.append(stop - start)
+                    chunk_sha.append(digest.hexdigest())
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sid = _seal_array(group_store, "sample_id", shape=(n,), chunks=(n,), dtype=str)
@@ -672,6 +1073,27 @@ class Segment:
     index: int
 
 
+def seal_block_bytes() -> int:
+    """Bytes of sorted rows sealing holds at a time: ``CUSA_SEAL_BLOCK_BYTES`` or the default.
+
+    Raises:
+        ConfigError: the variable is not a positive integer.
+    """
+    raw = os.environ.get("CUSA_SEAL_BLOCK_BYTES", "").strip()
+    if not raw:
+        return SEAL_BLOCK_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(
+            f"CUSA_SEAL_BLOCK_BYTES={raw!r} is invalid; use a positive number of bytes "
+            f"(default {SEAL_BLOCK_BYTES})"
+        )
+    return value
+
+
 def _seal_array(store: Any, name: str, **kwargs: Any) -> Any:
     """The group-level array ``name``, created unless one of that shape already exists.
 
@@ -690,7 +1112,9 @@ def _seal_array(store: Any, name: str, **kwargs: Any) -> Any:
     return zarr.create_array(store=store, name=name, overwrite=True, **kwargs)
 
 
-def _manifest_table(ids: list[str], rows: list[int], shard: str, errors: list[str | None]) -> pa.Table:
+def _manifest_table(
+    ids: list[str], rows: list[int], shard: str, errors: list[str | None]
+) -> pa.Table:
     return pa.table(
         {
             "sample_id": ids,

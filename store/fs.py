@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +67,26 @@ class StoreFS:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
+    def ls_dirs(self, rel: str) -> list[str]:
+        """Names of the directories directly under ``rel`` (files such as ``.DS_Store`` skipped)."""
+        full = self.path(rel)
+        if self.is_local:
+            try:
+                with os.scandir(full) as entries:
+                    return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        self.fs.invalidate_cache(full)
+        try:
+            entries = self.fs.ls(full, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1]
+            for e in entries
+            if e.get("type") == "directory" and e["name"].rstrip("/") != full.rstrip("/")
+        )
+
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
 
@@ -80,6 +102,27 @@ class StoreFS:
                 raise
         else:
             self.fs.pipe_file(full, data)
+
+    def write_stream_atomic(self, rel: str, blocks: Iterable[bytes | memoryview]) -> None:
+        """Like :meth:`write_bytes_atomic`, from ``blocks``: the file is never whole in memory.
+
+        Object stores get a local temporary file, uploaded when complete (a PUT is atomic).
+        """
+        full = self.path(rel)
+        if self.is_local:
+            tmp = _write_partial(full, blocks)
+            try:
+                os.replace(tmp, full)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+            return
+        with tempfile.TemporaryDirectory(prefix="cusa-upload-") as tmpdir:
+            local = os.path.join(tmpdir, "data")
+            with open(local, "wb") as fh:
+                for block in blocks:
+                    fh.write(block)
+            self.fs.put_file(local, full)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create ``rel`` with ``data`` only if it does not exist yet. Returns True if we created it.
@@ -152,8 +195,9 @@ def _async_instance(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
     return AsyncFileSystemWrapper(fs, asynchronous=True)
 
 
-def _write_partial(full: str, data: bytes) -> str:
-    """Write ``data`` durably to a unique ``<full>.<token>.partial`` file and return its path.
+def _write_partial(full: str, data: bytes | Iterable[bytes | memoryview]) -> str:
+    """Write ``data`` (bytes, or an iterable of blocks) durably to a unique
+    ``<full>.<token>.partial`` file and return its path.
 
     A failed write (disk full, I/O error, interrupt) removes its temporary file.
     """
@@ -161,7 +205,8 @@ def _write_partial(full: str, data: bytes) -> str:
     tmp = f"{full}.{uuid.uuid4().hex[:8]}.partial"
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            for block in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+                fh.write(block)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:

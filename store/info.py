@@ -49,17 +49,26 @@ def group_info(group: FeatureGroup) -> dict[str, Any]:
 
 
 def store_info(store: FeatureStore) -> dict[str, Any]:
-    """Summary of every group in ``store``.
+    """Summary of every group in ``store``; broken groups are listed apart with the reason.
 
     Returns:
-        ``{"store": url, "layout_version": int, "groups": [group_info(...), ...]}``.
+        ``{"store": url, "layout_version": int, "groups": [group_info(...), ...],
+        "broken": [{"path", "url", "error"}, ...]}``.
     """
     marker = store.fs.read_json(MARKER)
+    good, broken = store.scan()
+    groups, bad = [], [{"path": b.rel, "url": b.url, "error": b.error} for b in broken]
+    for g in good:
+        try:
+            groups.append(group_info(g))
+        except StoreError as exc:  # a malformed seal or commit record: report, keep the rest
+            bad.append({"path": g.rel, "url": g.url, "error": str(exc)})
     return {
         "store": store.url,
         "layout_version": int(marker.get("layout_version", LAYOUT_VERSION)),
         "created": marker.get("created"),
-        "groups": [group_info(g) for g in store.groups()],
+        "groups": groups,
+        "broken": sorted(bad, key=lambda b: b["path"]),
     }
 
 

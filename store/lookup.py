@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cusa.errors import SampleNotFoundError, StoreError, StoreSpecMismatchError
+from cusa.errors import ConfigError, SampleNotFoundError, StoreError, StoreSpecMismatchError
 from cusa.paths import cusa_home
 from cusa.store.feature_store import FeatureGroup, FeatureStore, Segment
 
@@ -48,9 +48,14 @@ class FeatureLookup:
                 ids = self._read_all_ids()
                 self._maps: list[np.ndarray] | None = [self._map(s) for s in self._segments]
                 break
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
                 if attempt == 2 or not group.sealed:
-                    raise
+                    what = getattr(exc, "filename", None) or str(exc) or "a file"
+                    raise group._broken(
+                        f"{what!s} is missing",
+                        "run `cusa store verify` to see what else is wrong, then delete the "
+                        "group folder and re-extract it (other groups are not affected)",
+                    ) from exc
         self.ids: list[str] = ids
         self._index: dict[str, int] = {}
         for row, sid in enumerate(ids):
@@ -85,7 +90,11 @@ class FeatureLookup:
         if expected_spec is not None:
             from cusa.extract.teachers.spec import format_spec_diff, spec_diff
 
-            given = expected_spec.to_dict() if hasattr(expected_spec, "to_dict") else dict(expected_spec)
+            given = (
+                expected_spec.to_dict()
+                if hasattr(expected_spec, "to_dict")
+                else dict(expected_spec)
+            )
             diff = spec_diff(group.spec, given, subset=True)
             if diff:
                 fields = format_spec_diff(diff, "store", "expected")
@@ -108,6 +117,11 @@ class FeatureLookup:
 
     def rows(self, sample_ids: Sequence[str]) -> np.ndarray:
         """Row numbers of ``sample_ids``; precompute them once to skip the id lookup per batch."""
+        if isinstance(sample_ids, str | bytes):
+            raise ConfigError(
+                f"sample_ids must be a list of ids, got the single string {sample_ids[:80]!r}; "
+                f"pass [{sample_ids[:80]!r}]"
+            )
         n = len(sample_ids)
         try:
             if n == 0:
@@ -130,6 +144,7 @@ class FeatureLookup:
 
         Raises:
             SampleNotFoundError: an id is not in the store; the message names it.
+            ConfigError: ``sample_ids`` is a single string (which would be read as its letters).
         """
         return self.gather_rows(self.rows(sample_ids))
 
@@ -181,7 +196,9 @@ class FeatureLookup:
             target.parent.mkdir(parents=True, exist_ok=True)
             data = fs.read_bytes(seg.rel)
             if hashlib.sha256(data).hexdigest() != seg.sha256:
-                raise StoreError(f"segment {fs.path(seg.rel)!r} does not match its recorded SHA-256")
+                raise StoreError(
+                    f"segment {fs.path(seg.rel)!r} does not match its recorded SHA-256"
+                )
             tmp = target.with_suffix(f".{os.getpid()}.partial")
             tmp.write_bytes(data)
             os.replace(tmp, target)
@@ -191,14 +208,31 @@ class FeatureLookup:
         import zarr
 
         fs = self.group.fs
-        if self.group.sealed:
-            if not self._segments:
-                return []
-            arr = zarr.open_array(store=fs.zarr_store(self._segments[0].ids_rel, read_only=True), mode="r")
-            return [str(x) for x in arr[:]]
-        ids: list[str] = []
-        for seg in self._segments:
-            ids.extend(self.group.read_ids(seg))
+        if not self._segments:
+            return []
+        # Decide from the segments themselves, not by asking again: the group may have been
+        # sealed since they were listed (their parts then vanish, and __init__ retries).
+        if self._segments[0].ids_rel == f"{self.group.rel}/sample_id":
+            rel = self._segments[0].ids_rel
+            try:
+                arr = zarr.open_array(store=fs.zarr_store(rel, read_only=True), mode="r")
+                ids = [str(x) for x in arr[:]]
+            except FileNotFoundError:
+                raise
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise self.group._broken(
+                    f"the sealed sample_id array is unreadable ({type(exc).__name__})"
+                ) from exc
+        else:
+            ids = []
+            for seg in self._segments:
+                ids.extend(self.group.read_ids(seg))
+        rows = sum(seg.rows for seg in self._segments)
+        if len(ids) != rows:
+            raise self.group._broken(
+                f"its sample_id arrays hold {len(ids)} ids for {rows} feature rows",
+                "run `cusa store verify`, then delete the group folder and re-extract it",
+            )
         return ids
 
     # -- pickling for spawn-based DataLoader workers -------------------------------------------

@@ -2,8 +2,12 @@
 
 What is checked, for every group (see the layout in :mod:`cusa.store.feature_store`):
 
+* the group's metadata can be read at all (a malformed ``zarr.json``, seal or commit record is
+  reported for that group; the other groups are still verified);
 * the spec in the attributes still hashes to the fingerprint in the group's path (attributes
   edited to another teacher spec are caught), and commit records agree on ``dim``/``dtype``;
+* each array's own ``zarr.json`` agrees with the spec and the records: shape, ``data_type``,
+  chunk shape, and raw little-endian bytes with no compressor (what readers memory-map);
 * every commit record points at an existing part; parts nobody committed are *warnings*
   (a crashed or losing writer leaves them; they are invisible to readers);
 * every chunk file has the size and SHA-256 recorded in its commit or seal record;
@@ -11,6 +15,9 @@ What is checked, for every group (see the layout in :mod:`cusa.store.feature_sto
 * ids: every ``ok`` manifest entry has exactly its feature row, every feature row is in the
   manifest, and no sample id appears twice (within or across shards);
 * failed samples (the ledger) are listed with their reasons: they are missing by design.
+
+A group sealed by another process while it is being verified is verified again from its seal,
+so a concurrent seal never shows up as lost rows.
 """
 
 from __future__ import annotations
@@ -25,7 +32,15 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from cusa.store.feature_store import MANIFEST, SEALED, FeatureGroup, FeatureStore, Segment
+from cusa.errors import StoreError
+from cusa.store.feature_store import (
+    MANIFEST,
+    SEALED,
+    BrokenGroup,
+    FeatureGroup,
+    FeatureStore,
+    Segment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +114,25 @@ class _Unit:
     record: str  # where the size/hash were recorded, for messages
 
 
+# A group sealed by another writer while it is verified is verified again, at most this often.
+_SEAL_RACE_ATTEMPTS = 3
+
+
 def verify_store(store: FeatureStore, *, check_hashes: bool = True) -> list[VerifyReport]:
-    """Verify every group of ``store``; see :func:`verify_group`."""
-    return [verify_group(g, check_hashes=check_hashes) for g in store.groups()]
+    """Verify every group of ``store``, broken ones included; see :func:`verify_group`.
+
+    Stray files in the store (``.DS_Store``...) are ignored. A group whose metadata cannot be
+    read gets a report with that error, and the other groups are verified as usual.
+    """
+    good, broken = store.scan()
+    reports = [verify_group(g, check_hashes=check_hashes) for g in good]
+    reports += [broken_report(b) for b in broken]
+    return sorted(reports, key=lambda r: r.group)
+
+
+def broken_report(broken: BrokenGroup) -> VerifyReport:
+    """The report of a group whose metadata cannot be read."""
+    return VerifyReport(group=broken.rel, url=broken.url, errors=[broken.error])
 
 
 def verify_group(group: FeatureGroup, *, check_hashes: bool = True) -> VerifyReport:
@@ -114,18 +145,57 @@ def verify_group(group: FeatureGroup, *, check_hashes: bool = True) -> VerifyRep
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is False when anything is wrong.
     """
+    for _ in range(_SEAL_RACE_ATTEMPTS):
+        was_sealed = _sealed_state(group)
+        report = _verify_once(group, check_hashes)
+        if report.ok or was_sealed is not False or _sealed_state(group) is not True:
+            break
+        # Unsealed when we started and sealed now: the sealer removed the parts we were
+        # reading. Its seal holds the same rows; verify that instead of reporting them lost.
+        log.info("%s was sealed by another writer while verifying; verifying again", group.rel)
+    log.info(
+        "verified %s: %d error(s), %d warning(s)",
+        group.rel,
+        len(report.errors),
+        len(report.warnings),
+    )
+    return report
+
+
+def _sealed_state(group: FeatureGroup) -> bool | None:
+    """True/False when the group is sealed or not; None when the seal record is unreadable."""
+    try:
+        return group.sealed is not None
+    except StoreError:
+        return None
+
+
+def _verify_once(group: FeatureGroup, check_hashes: bool) -> VerifyReport:
     report = VerifyReport(group=group.rel, url=group.url)
+    try:
+        _verify_into(group, report, check_hashes)
+    except StoreError as exc:  # BrokenGroupError: a record or file of this group is malformed
+        report.errors.append(str(exc))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        report.errors.append(
+            f"{group.rel}: could not be read ({type(exc).__name__}: {exc}); delete the group "
+            "folder and re-extract it (other groups are not affected)"
+        )
+    return report
+
+
+def _verify_into(group: FeatureGroup, report: VerifyReport, check_hashes: bool) -> None:
     spec_ok = _check_spec(group, report)
     records = _commit_records(group, report)
     report.committed_shards = len(records)
     try:
         sealed = group.sealed
-    except ValueError as exc:
-        report.errors.append(f"{group.rel}: {SEALED} is unreadable ({exc}); re-seal the group")
-        return report
+    except StoreError as exc:
+        report.errors.append(str(exc))
+        return
     report.sealed = sealed is not None
     if not spec_ok:
-        return report  # dim/dtype are unknown, so nothing below can be read reliably
+        return  # dim/dtype are unknown, so nothing below can be read reliably
 
     if sealed is not None:
         units, manifest = _sealed_units(group, sealed, records, report)
@@ -136,19 +206,82 @@ def verify_group(group: FeatureGroup, *, check_hashes: bool = True) -> VerifyRep
     for unit in units:
         _check_unit(group, unit, report, check_hashes)
         report.rows += unit.segment.rows
+    if manifest is None:
+        return
     _check_ids(group, units, manifest, report)
     report.failed = [
         {"sample_id": m["sample_id"], "shard": m["shard"], "error": m["error"]}
         for m in manifest
         if m["status"] != "ok"
     ]
-    log.info(
-        "verified %s: %d error(s), %d warning(s)",
-        group.rel,
-        len(report.errors),
-        len(report.warnings),
+
+
+# -- array metadata ------------------------------------------------------------------------------
+
+
+def _check_array_meta(
+    group: FeatureGroup,
+    arr_rel: str,
+    report: VerifyReport,
+    where: str,
+    *,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...] | None,
+    data_type: str,
+    raw_bytes: bool,
+) -> None:
+    """Compare an array's own ``zarr.json`` with what the spec and the records say it holds."""
+    name = arr_rel[len(group.rel) + 1 :]
+    try:
+        meta = group.fs.read_json(f"{arr_rel}/zarr.json")
+    except FileNotFoundError:
+        report.errors.append(f"{where}: array metadata {name}/zarr.json is missing")
+        return
+    except (ValueError, UnicodeDecodeError) as exc:
+        report.errors.append(f"{where}: array metadata {name}/zarr.json is not valid JSON ({exc})")
+        return
+    if not isinstance(meta, dict):
+        report.errors.append(f"{where}: array metadata {name}/zarr.json is not an object")
+        return
+    problems = []
+    if meta.get("node_type") != "array":
+        problems.append(f"node_type {meta.get('node_type')!r} != 'array'")
+    if meta.get("data_type") != data_type:
+        problems.append(f"data_type {meta.get('data_type')!r} != {data_type!r}")
+    if meta.get("shape") != list(shape):
+        problems.append(f"shape {meta.get('shape')!r} != {list(shape)!r}")
+    grid = meta.get("chunk_grid")
+    got_chunks = (
+        grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
     )
-    return report
+    if chunks is not None and got_chunks != list(chunks):
+        problems.append(f"chunk_shape {got_chunks!r} != {list(chunks)!r}")
+    keys = meta.get("chunk_key_encoding")
+    if not (
+        isinstance(keys, dict)
+        and keys.get("name") == "default"
+        and keys.get("configuration", {}).get("separator", "/") == "/"
+    ):
+        problems.append(f"chunk_key_encoding {keys!r} is not the default '/' encoding")
+    if raw_bytes:
+        codecs = meta.get("codecs")
+        names = (
+            [c.get("name") for c in codecs]
+            if isinstance(codecs, list) and all(isinstance(c, dict) for c in codecs)
+            else None
+        )
+        endian = codecs[0].get("configuration", {}).get("endian") if names == ["bytes"] else None
+        if names != ["bytes"] or endian not in ("little", None):
+            problems.append(
+                f"codecs {names!r} are not raw little-endian bytes (no compressor), which "
+                "readers memory-map"
+            )
+    if problems:
+        report.errors.append(
+            f"{where}: array metadata {name}/zarr.json does not match the spec and records "
+            f"({'; '.join(problems)}); readers would misread its bytes — restore it or "
+            "re-extract the group"
+        )
 
 
 # -- spec ----------------------------------------------------------------------------------------
@@ -206,13 +339,11 @@ def _commit_records(group: FeatureGroup, report: VerifyReport) -> list[dict[str,
         if not name.endswith(".json"):
             continue
         try:
-            rec = fs.read_json(f"{rel}/commits/{name}")
-            rec["_file"] = f"commits/{name}"
-            for key in ("shard", "part", "rows", "features_sha256"):
-                rec[key]  # noqa: B018 -- presence check
-        except (ValueError, KeyError, TypeError) as exc:
-            report.errors.append(f"{rel}: commit record commits/{name} is unreadable ({exc!r})")
+            rec = dict(group._commit_record(name))
+        except StoreError as exc:
+            report.errors.append(str(exc))
             continue
+        rec["_file"] = f"commits/{name}"
         for key in ("dim", "dtype"):
             if key in rec and str(rec[key]) != str(group.spec.get(key)):
                 report.errors.append(
@@ -261,6 +392,16 @@ def _part_units(
             f"{part_rel}/sample_id",
             0,
         )
+        where = f"{rel}: shard {shard!r}"
+        dim, dtype = group.dim, group.spec["dtype"]
+        _check_array_meta(
+            group, f"{part_rel}/features", report, where, shape=(rec["rows"], dim),
+            chunks=(rec["rows"], dim), data_type=dtype, raw_bytes=True,
+        )  # fmt: skip
+        _check_array_meta(
+            group, f"{part_rel}/sample_id", report, where, shape=(rec["rows"],),
+            chunks=None, data_type="string", raw_bytes=False,
+        )  # fmt: skip
         try:
             ids = group.read_ids(seg)
         except (OSError, ValueError, KeyError) as exc:
@@ -272,7 +413,7 @@ def _part_units(
 
 def _sealed_units(
     group: FeatureGroup, sealed: dict[str, Any], records: list[dict[str, Any]], report: VerifyReport
-) -> tuple[list[_Unit], list[dict[str, Any]]]:
+) -> tuple[list[_Unit], list[dict[str, Any]] | None]:
     import zarr
 
     fs, rel = group.fs, group.rel
@@ -291,14 +432,27 @@ def _sealed_units(
         manifest = _read_manifest(group, f"{rel}/{MANIFEST}")
     except (OSError, ValueError) as exc:
         report.errors.append(f"{rel}: sealed manifest {MANIFEST} is missing or unreadable ({exc})")
-        manifest = []
+        manifest = None  # ids cannot be compared with it; the error above says why
     rows = int(sealed.get("rows", 0))
     if not rows:
         return [], manifest
+    chunk_rows = sealed["chunk_rows"]
+    where = f"{rel}: sealed arrays"
+    _check_array_meta(
+        group, f"{rel}/features", report, where, shape=(rows, group.dim),
+        chunks=(chunk_rows[0], group.dim) if chunk_rows else None,
+        data_type=group.spec["dtype"], raw_bytes=True,
+    )  # fmt: skip
+    if any(r != chunk_rows[0] for r in chunk_rows[:-1]) or chunk_rows[-1] > chunk_rows[0]:
+        report.errors.append(f"{where}: {SEALED} records uneven chunk rows {chunk_rows[:5]!r}")
+    _check_array_meta(
+        group, f"{rel}/sample_id", report, where, shape=(rows,), chunks=None,
+        data_type="string", raw_bytes=False,
+    )  # fmt: skip
     try:
         arr = zarr.open_array(store=fs.zarr_store(f"{rel}/sample_id", read_only=True), mode="r")
         all_ids = [str(x) for x in arr[:]]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         report.errors.append(f"{rel}: sealed sample_id array is missing or unreadable ({exc})")
         return [], manifest
     if len(all_ids) != rows:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,20 @@ from cusa.errors import ConfigError, DatasetError
 #: File extensions treated as images (lower case, without the dot).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
+#: Largest image file (or tar member) read, in bytes; bigger ones are ledgered, never read.
+MAX_IMAGE_BYTES = 256 * 2**20
+#: Largest dataset index file (JSON, JSONL, TSV, manifest.json) read, in bytes.
+MAX_INDEX_BYTES = 4 * 2**30
+
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for one-line messages."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 20]}...({len(text):,} chars)"
 
 
 def raw_caption(text: str) -> str | bytes:
@@ -41,17 +56,38 @@ def decode_caption(data: bytes) -> str | bytes:
         return data
 
 
-def load_json_file(path: Path) -> Any:
-    """Load a JSON file, keeping non-UTF-8 bytes recoverable (see :func:`raw_caption`)."""
+def load_json_file(path: Path, max_bytes: int | None = None) -> Any:
+    """Load a JSON index file, keeping non-UTF-8 bytes recoverable (see :func:`raw_caption`).
+
+    Only a regular file of at most ``max_bytes`` (default :data:`MAX_INDEX_BYTES`) is read, so a
+    FIFO or device named as the index cannot hang or exhaust memory; JSON nested too deeply for
+    the parser is refused instead of raising ``RecursionError``.
+    """
+    limit = MAX_INDEX_BYTES if max_bytes is None else max_bytes
+    data, reason = read_regular_file(path, limit, what="dataset file")
+    if data is None:
+        if reason is not None and "not found" in reason:
+            raise DatasetError(f"dataset file {str(path)!r} does not exist")
+        raise DatasetError(f"{reason}; point the dataset at a regular JSON file")
     try:
-        text = path.read_bytes().decode("utf-8", "surrogateescape")
-        return json.loads(text)
-    except FileNotFoundError as exc:
-        raise DatasetError(f"dataset file {str(path)!r} does not exist") from exc
+        return json.loads(data.decode("utf-8", "surrogateescape"))
     except json.JSONDecodeError as exc:
         raise DatasetError(
             f"dataset file {str(path)!r} is not valid JSON ({exc}); check that it is complete"
         ) from exc
+    except RecursionError as exc:
+        raise DatasetError(
+            f"dataset file {str(path)!r} nests JSON arrays/objects too deeply to parse; a "
+            "dataset index needs only a few levels — regenerate the file"
+        ) from exc
+
+
+def loads_json_member(text: str) -> Any:
+    """``json.loads`` that reports over-deep nesting as a ``ValueError`` like other bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply to parse") from exc
 
 
 def safe_key(name: str) -> str:
@@ -66,19 +102,36 @@ def safe_key(name: str) -> str:
     return cleaned
 
 
+#: Version of the dataset manifest hash; 2 covers captions as well as ids (1 covered ids only).
+MANIFEST_HASH_FORMAT = 2
+
+
+def captions_digest(captions: Sequence[str | bytes], ann_ids: Sequence[int | None] = ()) -> str:
+    """A short SHA-256 of an image's captions (exact text or bytes) and annotation ids."""
+    h = hashlib.sha256()
+    for caption in captions:
+        raw = caption if isinstance(caption, bytes) else caption.encode("utf-8", "surrogatepass")
+        h.update(b"\x03" + (b"b" if isinstance(caption, bytes) else b"s") + raw)
+    for ann in ann_ids:
+        h.update(b"\x04" + str(ann).encode())
+    return h.hexdigest()[:32]
+
+
 def layout_hash(
     kind: str,
     split: str,
     shards: Iterable[tuple[str, str, Sequence[str] | None]],
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """SHA-256 over a dataset's layout: reader kind, split, and per shard its key, source and ids.
+    """SHA-256 over a dataset's layout: reader kind, split, and per shard its key, source and items.
 
-    Sources must be location-independent (file names relative to the root), so moving a dataset
-    does not change its hash, while re-cutting it into other shards does.
+    An item is an image id, optionally followed by a digest of what its features depend on
+    (``"<id>\\x02<captions digest>"``). Sources must be location-independent (file names
+    relative to the root), so moving a dataset does not change its hash, while re-cutting it into
+    other shards, or editing, adding or removing a caption or an image, does.
     """
     h = hashlib.sha256()
-    head = {"format": 1, "kind": kind, "split": split, "extra": extra or {}}
+    head = {"format": MANIFEST_HASH_FORMAT, "kind": kind, "split": split, "extra": extra or {}}
     h.update(json.dumps(head, sort_keys=True).encode())
     for key, source, ids in shards:
         h.update(
@@ -90,16 +143,118 @@ def layout_hash(
     return h.hexdigest()
 
 
-def read_image_bytes(path: Path) -> tuple[bytes | None, str | None]:
-    """Raw bytes of an image file, or ``(None, reason)`` when it cannot be read."""
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """A human name for a non-regular file type (``"a FIFO (named pipe)"``...)."""
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_regular_file(
+    path: str | os.PathLike, max_bytes: int, *, what: str = "image file"
+) -> tuple[bytes | None, str | None]:
+    """Bytes of a *regular* file of at most ``max_bytes``, or ``(None, reason)``.
+
+    The file is opened non-blocking and checked with ``fstat`` before any byte is read, so a
+    FIFO never blocks the reader and ``/dev/zero`` is never read. The reason names the path and
+    the problem; it never holds file contents.
+    """
+    name = str(path)
     try:
-        return path.read_bytes(), None
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
-        return None, f"image file not found: {str(path)!r}"
+        return None, f"{what} not found: {name!r}"
     except IsADirectoryError:
-        return None, f"image path is a directory, not a file: {str(path)!r}"
+        return None, f"{what} path is a directory, not a file: {name!r}"
     except OSError as exc:
-        return None, f"cannot read image file {str(path)!r}: {exc}"
+        return None, f"cannot read {what} {name!r}: {exc.strerror or type(exc).__name__}"
+    except ValueError as exc:  # an embedded NUL byte, or text that is no file name at all
+        return None, f"{what} path {short_repr(name)} is not a valid file name ({exc})"
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return None, f"{what} path is a directory, not a file: {name!r}"
+        if not stat.S_ISREG(st.st_mode):
+            return None, (
+                f"{what} {name!r} is {file_kind(st.st_mode)}, not a regular file; not read"
+            )
+        if st.st_size > max_bytes:
+            return None, (
+                f"{what} {name!r} is {st.st_size:,} bytes, over the limit of {max_bytes:,}; "
+                "not read"
+            )
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:  # the file grew while we read it
+                return None, f"{what} {name!r} is over the limit of {max_bytes:,} bytes; not read"
+        return b"".join(chunks), None
+    except OSError as exc:
+        return None, f"cannot read {what} {name!r}: {exc.strerror or type(exc).__name__}"
+    finally:
+        os.close(fd)
+
+
+def is_inside(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> bool:
+    """Whether ``path`` (already resolved) lies inside one of the resolved ``roots``."""
+    target = os.fspath(path)
+    for root in roots:
+        base = os.fspath(root)
+        if target == base or target.startswith(base.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def read_dataset_file(
+    root: Path,
+    rel: str,
+    *,
+    allowed_roots: Sequence[str] | None = None,
+    allow_outside_root: bool = False,
+    max_bytes: int | None = None,
+) -> tuple[bytes | None, str | None]:
+    """Read ``root / rel`` as an image file of the dataset, or return ``(None, reason)``.
+
+    Symlinks are resolved first; unless ``allow_outside_root``, the resolved file must lie inside
+    ``root`` (or one of ``allowed_roots``, already resolved), so an absolute path, a ``../`` path
+    or a symlink to ``/etc/passwd`` in a dataset is ledgered instead of read.
+    """
+    path = root / rel
+    try:
+        real = os.path.realpath(path)
+    except ValueError as exc:  # an embedded NUL byte
+        return None, f"image path {short_repr(rel)} is not a valid file name ({exc})"
+    if not allow_outside_root:
+        roots = allowed_roots if allowed_roots is not None else [os.path.realpath(root)]
+        if not is_inside(real, roots):
+            how = "resolves" if real != os.path.abspath(path) else "lies"
+            return None, (
+                f"image path {rel!r} {how} outside the dataset root {str(root)!r}; not read "
+                "(pass --allow-outside-root to read files outside the dataset root)"
+            )
+    return read_regular_file(real, MAX_IMAGE_BYTES if max_bytes is None else max_bytes)
+
+
+def read_image_bytes(path: Path) -> tuple[bytes | None, str | None]:
+    """Raw bytes of an image file, or ``(None, reason)`` when it cannot be read.
+
+    Only regular files up to :data:`MAX_IMAGE_BYTES` are read (see :func:`read_regular_file`).
+    """
+    return read_regular_file(path, MAX_IMAGE_BYTES)
 
 
 def json_shard_ranges(n_items: int, shard_size: int) -> list[tuple[str, int, int]]:

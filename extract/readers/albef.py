@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 from cusa.errors import DatasetError
-from cusa.extract.readers._common import load_json_file, raw_caption
+from cusa.extract.readers._common import file_kind, load_json_file, raw_caption, short_repr
 from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE, IndexedReader, IndexItem
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class AlbefReader(IndexedReader):
         annotations: path of the JSON file when it is not ``<root>/new_{split}.json``.
         shard_size: images per shard.
         name: the dataset name reported by the reader.
+        allow_outside_root: read image paths that are absolute, climb out with ``../`` or are
+            symlinks leading outside ``root``; by default such a sample is ledgered, not read.
     """
 
     kind: ClassVar[str] = "albef"
@@ -45,8 +47,9 @@ class AlbefReader(IndexedReader):
         annotations: str | Path | None = None,
         shard_size: int = DEFAULT_SHARD_SIZE,
         name: str = "albef",
+        allow_outside_root: bool = False,
     ) -> None:
-        super().__init__(root, split, shard_size, name)
+        super().__init__(root, split, shard_size, name, allow_outside_root=allow_outside_root)
         self.annotations = (
             Path(annotations).expanduser() if annotations else self.root / f"new_{self.split}.json"
         )
@@ -54,6 +57,12 @@ class AlbefReader(IndexedReader):
             raise DatasetError(
                 f"dataset root {str(self.root)!r} is not a directory; pass --root pointing to the "
                 "folder holding new_{split}.json and the images"
+            )
+        if self.annotations.exists() and not self.annotations.is_file():
+            raise DatasetError(
+                f"ALBEF split file {str(self.annotations)!r} is "
+                f"{file_kind(self.annotations.stat().st_mode)}, not a regular file; point the "
+                "dataset at a regular JSON file"
             )
         if not self.annotations.is_file():
             have = albef_splits(self.root)
@@ -102,19 +111,20 @@ class AlbefReader(IndexedReader):
     def _parse(self, rec: Any, pos: int) -> tuple[str, str, list[str | bytes]]:
         if not isinstance(rec, dict):
             raise DatasetError(
-                f"record {pos} of {str(self.annotations)!r} is not an object: {rec!r}"
+                f"record {pos} of {str(self.annotations)!r} is not an object: {short_repr(rec)}"
             )
         path = rec.get("image_path", rec.get("image"))
         if not isinstance(path, str) or not path:
             raise DatasetError(
-                f"record {pos} of {str(self.annotations)!r} has no 'image_path' (or 'image'): {rec!r}"
+                f"record {pos} of {str(self.annotations)!r} has no 'image_path' (or 'image'): "
+                f"{short_repr(rec)}"
             )
         cap = rec.get("caption", [])
         caps = [cap] if isinstance(cap, str) else cap
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
             raise DatasetError(
                 f"record {pos} of {str(self.annotations)!r}: 'caption' must be a string or a "
-                f"list of strings, got {cap!r}"
+                f"list of strings, got {short_repr(cap)}"
             )
         rel = PurePosixPath(path.replace("\\", "/"))
         rel_str = str(rel)  # normalises './pics/x.jpg' -> 'pics/x.jpg'

@@ -16,13 +16,19 @@ image features are still extracted.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
 from cusa.errors import DatasetError
-from cusa.extract.readers._common import IMAGE_EXTENSIONS, decode_caption, raw_caption
+from cusa.extract.readers._common import (
+    IMAGE_EXTENSIONS,
+    MAX_INDEX_BYTES,
+    decode_caption,
+    loads_json_member,
+    raw_caption,
+    read_regular_file,
+)
 from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE, IndexedReader, IndexItem
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,8 @@ class FolderReader(IndexedReader):
         include_uncaptioned: also yield images that no caption line names. Default True.
         shard_size: images per shard.
         name: the dataset name reported by the reader.
+        allow_outside_root: read images that are symlinks leading outside ``root``; by default
+            such a sample is ledgered, not read.
     """
 
     kind: ClassVar[str] = "folder"
@@ -62,8 +70,9 @@ class FolderReader(IndexedReader):
         include_uncaptioned: bool = True,
         shard_size: int = DEFAULT_SHARD_SIZE,
         name: str = "folder",
+        allow_outside_root: bool = False,
     ) -> None:
-        super().__init__(root, split, shard_size, name)
+        super().__init__(root, split, shard_size, name, allow_outside_root=allow_outside_root)
         self.include_uncaptioned = bool(include_uncaptioned)
         if not self.root.is_dir():
             raise DatasetError(f"dataset folder {str(self.root)!r} is not a directory")
@@ -118,8 +127,14 @@ class FolderReader(IndexedReader):
             )
         return str(rel)
 
+    def _read_captions_file(self) -> bytes:
+        data, reason = read_regular_file(self.captions_file, MAX_INDEX_BYTES, what="captions file")
+        if data is None:
+            raise DatasetError(f"{reason}; the captions file must be a regular file")
+        return data
+
     def _read_tsv(self):
-        for line_no, line in enumerate(self.captions_file.read_bytes().split(b"\n"), start=1):
+        for line_no, line in enumerate(self._read_captions_file().split(b"\n"), start=1):
             line = line.removesuffix(b"\r")
             if not line.strip():
                 continue
@@ -138,12 +153,14 @@ class FolderReader(IndexedReader):
             yield self._image_key(image, line_no), [decode_caption(caption)], [None]
 
     def _read_jsonl(self):
-        raw = self.captions_file.read_bytes().decode("utf-8", "surrogateescape")
+        raw = self._read_captions_file().decode("utf-8", "surrogateescape")
         for line_no, line in enumerate(raw.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = loads_json_member(line)
+                if not isinstance(rec, dict):
+                    raise TypeError(f"expected an object, got {type(rec).__name__}")
                 image = rec["image"]
                 if "captions" in rec:
                     captions = list(rec["captions"])
@@ -156,7 +173,7 @@ class FolderReader(IndexedReader):
                 if len(ann_ids) != len(captions):
                     raise ValueError("'ann_ids' must have one entry per caption")
                 ann_ids = [None if a is None else int(a) for a in ann_ids]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
                 raise DatasetError(
                     f"{str(self.captions_file)!r} line {line_no} is not a caption record ({exc}); "
                     'expected {"image": "a.jpg", "caption": "..."} or '

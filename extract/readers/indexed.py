@@ -7,6 +7,7 @@ reader pickled to a Ray worker stays small and each worker parses the index at m
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -16,10 +17,12 @@ from typing import Any, ClassVar
 
 from cusa.errors import DatasetError
 from cusa.extract.readers._common import (
+    MANIFEST_HASH_FORMAT,
+    captions_digest,
     check_split,
     json_shard_ranges,
     layout_hash,
-    read_image_bytes,
+    read_dataset_file,
 )
 from cusa.extract.readers.base import Sample, ShardRef, caption_id
 
@@ -46,17 +49,31 @@ class IndexedReader:
     """Base of the JSON/TSV readers: the index is a list of images cut into fixed-size shards.
 
     Subclasses set ``kind`` and implement :meth:`_index_file` and :meth:`_build_index`.
+
+    Image files are read only when they are regular files inside the dataset root (symlinks
+    resolved); an absolute path, a ``../`` path or a symlink leading out is ledgered with its
+    reason unless ``allow_outside_root`` is set (``cusa extract --allow-outside-root``).
     """
 
     kind: ClassVar[str] = "indexed"
 
-    def __init__(self, root: str | Path, split: str, shard_size: int, name: str) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        shard_size: int,
+        name: str,
+        *,
+        allow_outside_root: bool = False,
+    ) -> None:
         self.root = Path(root).expanduser()
         self.split = check_split(split)
         self.shard_size = int(shard_size)
         self.name = name
+        self.allow_outside_root = bool(allow_outside_root)
         self._items: list[IndexItem] | None = None
         self._ranges: dict[str, tuple[int, int]] | None = None
+        self._manifest: dict[str | None, dict[str, Any]] | None = None
         json_shard_ranges(0, self.shard_size)  # validates shard_size early
 
     # -- to implement ---------------------------------------------------------------------------
@@ -71,6 +88,10 @@ class IndexedReader:
     def _options(self) -> dict[str, Any]:
         """Reader options that change which samples exist (part of the cache key and hash)."""
         return {}
+
+    def _allowed_roots(self) -> list[str]:
+        """Resolved folders image files may live in (the root; subclasses add explicit ones)."""
+        return [os.path.realpath(self.root)]
 
     # -- the DatasetReader protocol -------------------------------------------------------------
     def items(self) -> list[IndexItem]:
@@ -122,8 +143,14 @@ class IndexedReader:
                 f"with shard_size={self.shard_size} ({len(self._ranges)} shards); "
                 "list them with reader.shards()"
             ) from None
+        roots = self._allowed_roots()
         for item in items[start:stop]:
-            image, error = read_image_bytes(self.root / item.image_path)
+            image, error = read_dataset_file(
+                self.root,
+                item.image_path,
+                allowed_roots=roots,
+                allow_outside_root=self.allow_outside_root,
+            )
             yield Sample(
                 image_id=item.image_id,
                 image=image,
@@ -134,18 +161,55 @@ class IndexedReader:
                 shard=shard.key,
             )
 
+    def manifest_info(self, modality: str | None = None) -> dict[str, Any]:
+        """What the features of this split depend on, hashed (stored in each group's attributes).
+
+        Args:
+            modality: ``"image"`` hashes each image's id and path, ``"text"`` its id and exact
+                captions, ``None`` both. So editing a caption changes the text hash only, and a
+                resume re-extracts (or refuses) only what depends on it.
+
+        Returns:
+            ``hash`` (the layout, i.e. the cut into shards, plus that content), ``content_hash``
+            (the content alone, so a changed ``--shard-size`` can be told apart from a changed
+            dataset), ``shard_size``, ``shards``, ``images``, ``captions`` and ``modality``.
+        """
+        if self._manifest is None:
+            self._manifest = {}
+        if modality not in self._manifest:
+            items = self.items()
+            name = self._index_file().name
+
+            def entry(it: IndexItem) -> str:
+                parts = [it.image_id]
+                if modality in (None, "image"):
+                    parts.append(it.image_path)
+                if modality in (None, "text"):
+                    parts.append(captions_digest(it.captions, it.ann_ids))
+                return "\x02".join(parts)
+
+            entries = [entry(it) for it in items]
+            ranges = json_shard_ranges(len(items), self.shard_size)
+            extra = {**self._options(), **({"modality": modality} if modality else {})}
+            self._manifest[modality] = {
+                "format": MANIFEST_HASH_FORMAT,
+                "modality": modality,
+                "hash": layout_hash(
+                    self.kind,
+                    self.split,
+                    ((key, f"{name}[{a}:{b}]", entries[a:b]) for key, a, b in ranges),
+                    extra=extra,
+                ),
+                "content_hash": layout_hash(self.kind, self.split, [("", name, entries)], extra),
+                "shard_size": self.shard_size,
+                "shards": len(ranges),
+                "images": len(items),
+                "captions": sum(len(it.captions) for it in items),
+            }
+        return dict(self._manifest[modality])
+
     def manifest_hash(self) -> str:
-        items = self.items()
-        name = self._index_file().name
-        return layout_hash(
-            self.kind,
-            self.split,
-            (
-                (key, f"{name}[{start}:{stop}]", [it.image_id for it in items[start:stop]])
-                for key, start, stop in json_shard_ranges(len(items), self.shard_size)
-            ),
-            extra=self._options(),
-        )
+        return self.manifest_info()["hash"]
 
     def __len__(self) -> int:
         return len(self.items())
@@ -155,6 +219,7 @@ class IndexedReader:
         state = self.__dict__.copy()
         state["_items"] = None
         state["_ranges"] = None
+        state["_manifest"] = None
         return state
 
     def __repr__(self) -> str:

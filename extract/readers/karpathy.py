@@ -9,6 +9,7 @@ annotation id is ``sentid``.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,6 +44,8 @@ class KarpathyReader(IndexedReader):
         image_dir: folder of the images, relative to root or absolute; found automatically
             among ``.``, ``images`` and ``flickr30k-images`` when not given.
         shard_size: images per shard.
+        allow_outside_root: read image paths that climb out of ``root`` (and ``image_dir``)
+            with ``../`` or through symlinks; by default such a sample is ledgered, not read.
     """
 
     kind: ClassVar[str] = "karpathy"
@@ -58,10 +61,13 @@ class KarpathyReader(IndexedReader):
         image_dir: str | Path | None = None,
         shard_size: int = DEFAULT_SHARD_SIZE,
         name: str | None = None,
+        allow_outside_root: bool = False,
     ) -> None:
         if variant not in ("coco", "flickr30k"):
             raise DatasetError(f"unknown Karpathy variant {variant!r}; use 'coco' or 'flickr30k'")
-        super().__init__(root, split, shard_size, name or variant)
+        super().__init__(
+            root, split, shard_size, name or variant, allow_outside_root=allow_outside_root
+        )
         if self.split not in KARPATHY_SPLITS:
             raise DatasetError(
                 f"{self.name!r} has no split {split!r}; Karpathy splits are "
@@ -93,6 +99,12 @@ class KarpathyReader(IndexedReader):
             "include_restval": self.include_restval and self.split == "train",
             "image_dir": self.image_dir,
         }
+
+    def _allowed_roots(self) -> list[str]:
+        roots = super()._allowed_roots()
+        if self.image_dir is not None:  # given explicitly by the user, so trusted
+            roots.append(os.path.realpath(self.root / self.image_dir))
+        return roots
 
     def _wanted(self) -> set[str]:
         if self.split == "train" and self.include_restval:

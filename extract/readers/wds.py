@@ -15,7 +15,14 @@ Faults are never silent:
 
 - a key that reappears after another key in the same tar raises :class:`DatasetError` naming the
   tar and key (webdataset would silently split it into two samples);
-- a member whose path is absolute or contains ``..`` is skipped with a warning;
+- a member whose path is absolute or contains ``..`` is never read and is ledgered as
+  ``<shard>:<member>``;
+- a member that is not a regular file (symlink, hard link, device, FIFO), that is larger than
+  :data:`~cusa.extract.readers._common.MAX_IMAGE_BYTES`, or whose name appears twice in the tar is
+  never read: its sample's image (or captions, for a ``.json``/``.txt`` member) is ledgered with
+  the reason, so the sample cannot vanish and no copy silently wins;
+- ``manifest.json`` may only name tars inside its own folder (no ``/``, no ``..``, no symlink
+  leading out) unless ``allow_outside_root`` is set;
 - a truncated or corrupt tar yields every complete sample read before the fault, then one
   error sample whose ``image_error`` starts with ``"truncated tar"``; its ``image_id`` is the key
   that was being read (its members are discarded) or ``"<shard key>:truncated"``;
@@ -31,9 +38,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
+import os
 import posixpath
+import stat
 import subprocess
 import tarfile
 import zlib
@@ -46,13 +56,21 @@ from urllib.parse import quote, unquote, urlparse
 import braceexpand
 
 from cusa.errors import DatasetError
+from cusa.extract.readers import _common
 from cusa.extract.readers._common import (
     IMAGE_EXTENSIONS,
+    MANIFEST_HASH_FORMAT,
+    MAX_INDEX_BYTES,
     check_split,
     decode_caption,
+    file_kind,
+    is_inside,
     layout_hash,
+    loads_json_member,
     raw_caption,
+    read_regular_file,
     safe_key,
+    short_repr,
 )
 from cusa.extract.readers.base import Sample, ShardRef, caption_id
 
@@ -133,6 +151,20 @@ def _local_path(url: str) -> Path:
     return Path(urlparse(url).path if url.startswith("file://") else url).expanduser()
 
 
+def _open_regular(path: Path) -> Any:
+    """Open a local tar for reading; a FIFO or device is refused before anything is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"it is {file_kind(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class _PipeStream:
     """Read the stdout of a trusted shell command (a ``pipe:`` URL) and check its exit status."""
 
@@ -210,6 +242,32 @@ class _TrackingStream:
 class _Pending:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
+    # extension -> why that member was not read (a link, a device, too large, a duplicate name)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+_MEMBER_KINDS = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+}
+_CAPTION_EXTS = ("json", "txt")
+
+
+def member_problem(member: tarfile.TarInfo, max_bytes: int | None = None) -> str | None:
+    """Why a tar member must not be read, or None for a regular member within the size cap."""
+    max_bytes = _common.MAX_IMAGE_BYTES if max_bytes is None else max_bytes
+    if not member.isfile():
+        kind = _MEMBER_KINDS.get(member.type, f"of tar type {member.type!r}")
+        target = (
+            f" to {short_repr(member.linkname, 80)}" if member.issym() or member.islnk() else ""
+        )
+        return f"is {kind}{target}, not a regular file; cusa reads regular members only"
+    if member.size > max_bytes:
+        return f"is {member.size:,} bytes, over the limit of {max_bytes:,}"
+    return None
 
 
 def _caption_value(value: Any) -> str | bytes:
@@ -222,6 +280,12 @@ def _caption_value(value: Any) -> str | bytes:
 
 def _build_sample(pending: _Pending, shard: ShardRef) -> Sample:
     members = pending.members
+    refused_image = [
+        (ext, why)
+        for ext, why in pending.refused.items()
+        if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+    ]
+    refused_caption = [(ext, why) for ext, why in pending.refused.items() if ext in _CAPTION_EXTS]
     image_exts = [ext for ext in members if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
     image_exts.sort(key=lambda e: IMAGE_EXTENSIONS.index(e.rsplit(".", 1)[-1].lower()))
     if len(image_exts) > 1:
@@ -241,7 +305,7 @@ def _build_sample(pending: _Pending, shard: ShardRef) -> Sample:
     meta: Any = None
     if "json" in members:
         try:
-            meta = json.loads(members["json"].decode("utf-8", "surrogateescape"))
+            meta = loads_json_member(members["json"].decode("utf-8", "surrogateescape"))
             if isinstance(meta, list):
                 captions = [_caption_value(c) for c in meta]
             elif isinstance(meta, dict):
@@ -268,7 +332,16 @@ def _build_sample(pending: _Pending, shard: ShardRef) -> Sample:
             captions = [decode_caption(members["txt"])]
         elif isinstance(meta, dict) and isinstance(meta.get("caption"), str):
             captions = [raw_caption(meta["caption"])]
-    if not ann_ids:
+    if refused_caption:
+        ext, why = refused_caption[0]
+        caption_error = f"tar member {pending.key + '.' + ext!r} of {shard.source} {why}; not read"
+        captions, meta = [], None
+    if refused_image:
+        # The sample's image is unusable (or ambiguous): never fall back to another copy.
+        ext, why = refused_image[0]
+        image = None
+        image_error = f"tar member {pending.key + '.' + ext!r} of {shard.source} {why}; not read"
+    if not ann_ids or len(ann_ids) != len(captions):
         ann_ids = [None] * len(captions)
     if image is None and image_error is None:
         image_error = (
@@ -291,6 +364,40 @@ def _error_sample(image_id: str, shard: ShardRef, reason: str) -> Sample:
     return Sample(image_id=image_id, image=None, image_error=reason, shard=shard.key)
 
 
+def _check_manifest(data: dict[str, Any], url: str) -> None:
+    """Refuse a ``manifest.json`` whose structure is not what ``cusa shard`` writes."""
+
+    def bad(what: str) -> DatasetError:
+        return DatasetError(
+            f"{url!r} is a {MANIFEST_FORMAT} manifest but {what}; rewrite it with `cusa shard` "
+            "or remove it"
+        )
+
+    splits = data.setdefault("splits", {})
+    if not isinstance(splits, dict):
+        raise bad("'splits' is not an object")
+    for split_name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards", []), list):
+            raise bad(f"split {short_repr(split_name)} has no 'shards' list")
+        split.setdefault("shards", [])
+        for entry in split["shards"]:
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                raise bad(f"a shard of split {short_repr(split_name)} has no 'file' name")
+            ids = entry.get("image_ids")
+            if ids is not None and not (
+                isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+            ):
+                raise bad(f"'image_ids' of {short_repr(entry['file'])} is not a list of strings")
+            count = entry.get("samples")
+            if count is not None and (not isinstance(count, int) or count < 0):
+                raise bad(f"'samples' of {short_repr(entry['file'])} is not a count")
+            if not isinstance(entry.get("sha256", ""), str):
+                raise bad(f"'sha256' of {short_repr(entry['file'])} is not a string")
+        source = split.get("source")
+        if source is not None and not isinstance(source, dict):
+            raise bad(f"'source' of split {short_repr(split_name)} is not an object")
+
+
 # -- the reader -----------------------------------------------------------------------------
 class WebDatasetReader:
     """Reads webdataset tars given as a path, URL, brace pattern, list, or folder.
@@ -306,6 +413,8 @@ class WebDatasetReader:
         name: the dataset name reported by the reader; by default the source dataset's name
             recorded in ``manifest.json`` (so shards of ``coco`` read as ``coco``), else
             ``"webdataset"``.
+        allow_outside_root: let ``manifest.json`` name tars outside its folder (absolute paths,
+            ``../``, symlinks leading out); refused by default.
     """
 
     kind = "webdataset"
@@ -318,8 +427,10 @@ class WebDatasetReader:
         storage_options: dict[str, Any] | None = None,
         use_manifest: bool = True,
         name: str | None = None,
+        allow_outside_root: bool = False,
     ) -> None:
         self.spec = urls
+        self.allow_outside_root = bool(allow_outside_root)
         self.split = check_split(split)
         self.storage_options = dict(storage_options or {})
         self.use_manifest = use_manifest
@@ -346,6 +457,12 @@ class WebDatasetReader:
         if not expanded:
             raise DatasetError(f"no shards in {urls!r}")
         for url in expanded:
+            if _is_local(url) and _local_path(url).exists() and not _local_path(url).is_file():
+                raise DatasetError(
+                    f"webdataset shard {url!r} is {file_kind(_local_path(url).stat().st_mode)}, "
+                    "not a regular file; cusa reads tars from regular files only (stream one "
+                    "with a pipe: URL if you must)"
+                )
             if _is_local(url) and not _local_path(url).is_file():
                 raise DatasetError(
                     f"webdataset shard {url!r} does not exist; check the path or brace pattern "
@@ -356,13 +473,13 @@ class WebDatasetReader:
     def _resolve_folder(self, folder: Path) -> list[str]:
         manifest = self._manifest_for(str(folder / MANIFEST_NAME))
         if manifest is not None:
-            splits = manifest.get("splits", {})
+            splits = manifest["splits"]
             if self.split not in splits:
                 raise DatasetError(
                     f"{str(folder / MANIFEST_NAME)!r} has no split {self.split!r}; it has "
                     f"{', '.join(sorted(splits)) or '(none)'}"
                 )
-            return [str(folder / s["file"]) for s in splits[self.split]["shards"]]
+            return [self._manifest_tar(folder, e["file"]) for e in splits[self.split]["shards"]]
         tars = sorted(folder.glob(f"{self.split}-*.tar")) or sorted(folder.glob("*.tar"))
         if not tars:
             raise DatasetError(
@@ -370,29 +487,53 @@ class WebDatasetReader:
             )
         return [str(p) for p in tars]
 
+    def _manifest_tar(self, folder: Path, name: str) -> str:
+        """The path of a tar that ``manifest.json`` names; it must stay inside ``folder``."""
+        path = folder / name
+        plain = (
+            name not in ("", ".", "..") and "/" not in name and "\\" not in name and ":" not in name
+        )
+        inside = plain and is_inside(os.path.realpath(path), [os.path.realpath(folder)])
+        if not inside and not self.allow_outside_root:
+            raise DatasetError(
+                f"{str(folder / MANIFEST_NAME)!r} names shard file {short_repr(name)}, which is "
+                f"outside {str(folder)!r}; cusa reads only tars inside the manifest's folder. "
+                "Move the tars there, or pass --allow-outside-root if you trust this manifest"
+            )
+        return str(path)
+
     def _manifest_for(self, manifest_url: str) -> dict[str, Any] | None:
         if not self.use_manifest:
             return None
         if manifest_url in self._manifests:
             return self._manifests[manifest_url]
         data = None
-        try:
-            if _is_local(manifest_url):
-                path = _local_path(manifest_url)
-                raw = path.read_bytes() if path.is_file() else None
-            else:
+        raw: bytes | None = None
+        if _is_local(manifest_url):
+            path = _local_path(manifest_url)
+            if path.exists() or path.is_symlink():
+                raw, reason = read_regular_file(path, MAX_INDEX_BYTES, what="manifest")
+                if raw is None:
+                    raise DatasetError(f"{reason}; remove it or replace it with a regular file")
+        else:
+            try:
                 import fsspec
 
                 fs, path = fsspec.core.url_to_fs(manifest_url, **self.storage_options)
                 raw = fs.cat_file(path) if fs.exists(path) else None
-            if raw is not None:
-                data = json.loads(raw)
-                if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-                    log.warning("ignoring %s: not a %s manifest", manifest_url, MANIFEST_FORMAT)
-                    data = None
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable %s: %s", manifest_url, exc)
-            data = None
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring unreadable %s: %s", manifest_url, exc)
+        if raw is not None:
+            try:
+                data = loads_json_member(raw.decode("utf-8", "surrogateescape"))
+            except ValueError as exc:
+                log.warning("ignoring unreadable %s: %s", manifest_url, exc)
+                data = None
+            if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+                log.warning("ignoring %s: not a %s manifest", manifest_url, MANIFEST_FORMAT)
+                data = None
+            else:
+                _check_manifest(data, manifest_url)
         self._manifests[manifest_url] = data
         return data
 
@@ -404,9 +545,9 @@ class WebDatasetReader:
         manifest = self._manifest_for(posixpath.join(parent, MANIFEST_NAME))
         if manifest is None:
             return None
-        for split in manifest.get("splits", {}).values():
-            for entry in split.get("shards", []):
-                if entry.get("file") == base:
+        for split in manifest["splits"].values():
+            for entry in split["shards"]:
+                if entry["file"] == base:
                     return split, entry
         return None
 
@@ -441,7 +582,13 @@ class WebDatasetReader:
             self._refs = refs
         return list(self._refs)
 
-    def manifest_hash(self) -> str:
+    def manifest_info(self, modality: str | None = None) -> dict[str, Any]:
+        """What the features depend on, hashed (see ``IndexedReader.manifest_info``).
+
+        Per tar: its file name and, from ``manifest.json``, its SHA-256 and image ids (which
+        cover every caption byte); for a local tar without a manifest, its size. Tars are their
+        own shards, so the layout and the content hash are the same.
+        """
         rows = []
         for ref in self.shards():
             entry = self._manifest_entry(ref.source)
@@ -450,14 +597,28 @@ class WebDatasetReader:
             if entry is not None:
                 source = f"{entry['file']}@{entry.get('sha256', '')}"
                 ids = entry.get("image_ids")
+            elif _is_local(ref.source):
+                with contextlib.suppress(OSError):
+                    source += f":{_local_path(ref.source).stat().st_size}"
             rows.append((ref.key, source, ids))
-        return layout_hash(self.kind, self.split, rows)
+        digest = layout_hash(self.kind, self.split, rows)
+        return {
+            "format": MANIFEST_HASH_FORMAT,
+            "modality": None,  # a tar's identity covers its images and captions alike
+            "hash": digest,
+            "content_hash": digest,
+            "shard_size": None,
+            "shards": len(rows),
+        }
+
+    def manifest_hash(self) -> str:
+        return self.manifest_info()["hash"]
 
     def _open(self, url: str) -> Any:
         if url.startswith("pipe:"):
             return _PipeStream(url[5:])
         if _is_local(url):
-            return open(_local_path(url), "rb")  # noqa: SIM115 - closed by read()
+            return _open_regular(_local_path(url))
         import fsspec
 
         return fsspec.open(url, "rb", **self.storage_options).open()
@@ -500,13 +661,21 @@ class WebDatasetReader:
                             shard=shard.key,
                         )
                         continue
-                    if not member.isfile():
-                        if member.issym() or member.islnk():
-                            log.warning("skipping link member %r of %s", name, shard.source)
+                    if member.isdir():
                         continue
+                    problem = member_problem(member)
                     key, ext = split_member_name(name)
                     if key is None or ext is None:
-                        log.debug("skipping member %r of %s: no extension", name, shard.source)
+                        if problem is not None:
+                            # No sample to attach it to: ledger the member itself.
+                            log.warning("member %r of %s %s", name, shard.source, problem)
+                            yield _error_sample(
+                                f"{shard.key}:{name}",
+                                shard,
+                                f"tar member {name!r} of {shard.source} {problem}; not read",
+                            )
+                        else:
+                            log.debug("skipping member %r of %s: no extension", name, shard.source)
                         continue
                     if pending is not None and key != pending.key:
                         sample = _build_sample(pending, shard)
@@ -523,6 +692,18 @@ class WebDatasetReader:
                                 "members together (e.g. re-shard with 'cusa shard')"
                             )
                         pending = _Pending(key)
+                    if ext in pending.members or ext in pending.refused:
+                        log.warning("member %r appears twice in %s", name, shard.source)
+                        pending.members.pop(ext, None)
+                        pending.refused[ext] = (
+                            "appears more than once in the tar, so which copy is meant is "
+                            "ambiguous; re-shard with unique member names"
+                        )
+                        continue
+                    if problem is not None:
+                        log.warning("member %r of %s %s", name, shard.source, problem)
+                        pending.refused[ext] = problem
+                        continue
                     fileobj = tar.extractfile(member)
                     data = fileobj.read() if fileobj is not None else b""
                     if len(data) != member.size:

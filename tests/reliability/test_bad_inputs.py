@@ -1,6 +1,7 @@
 """Bad inputs, each rejected or recorded with a clear message; good samples are untouched.
 
-A small ALBEF-layout dataset is built in a temporary folder from real COCO images. Its ``clean``
+A small ALBEF-layout dataset is built in a temporary folder from the real COCO images of the
+embedded ``coco-sample`` (so a fresh clone runs these tests, without ``../shared``). Its ``clean``
 split holds only good samples; its ``train`` split holds the same good samples plus every bad
 image and caption. Both are extracted with ``cusa extract`` (typer's CliRunner) at batch size 1,
 so each good sample is computed alone and its features must be byte-identical in both runs.
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 
 from cusa.cli import app
 from cusa.errors import StoreError, StoreSpecMismatchError, WeightsError
+from cusa.extract.readers import coco_sample_root
 from cusa.store import FeatureLookup, FeatureStore
 
 GOOD = 4
@@ -81,6 +83,12 @@ def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def coco_example() -> Path:
+    """Real COCO images and captions inside the package (shadows the ../shared fixture)."""
+    return coco_sample_root()
 
 
 @pytest.fixture(scope="module")

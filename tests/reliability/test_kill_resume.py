@@ -1,11 +1,16 @@
 """kill -9 at random points of a real extraction, then resume: nothing lost, nothing extra.
 
-Each trial is seeded. A ``local`` trial SIGKILLs the ``cusa extract`` process after a random
-number of commits plus a random delay (from model loading to sealing). A ``ray`` trial SIGKILLs
-one of the Ray teacher actor processes (``ray::MapWorker(MapBatches(_TeacherActor))``) a random
-time after it starts; the driver must then recover (actor restart + task retry) or fail cleanly. Either
-way a re-run resumes, and the final store must equal an uninterrupted run: same ids, same bytes,
-no duplicates, no missing rows, ``verify`` clean, no temporary files or leftover parts.
+Each trial is seeded and must kill *mid-run*: before the last shard was committed, which the
+trial checks after the kill (a kill that came too late is retried with a fresh store, at most
+twice, and the trial fails if it never lands mid-run). A ``local`` trial SIGKILLs the
+``cusa extract`` process after a random number of whole shards were committed (0 = while
+importing or loading models) plus a random delay. A ``ray`` trial SIGKILLs a Ray teacher actor
+process (``ray::MapWorker(MapBatches(_TeacherActor))``) while the driver is still committing;
+the driver's outcome is asserted: it recovers by itself (Ray restarts the actor and retries the
+task; exit 0 and a complete store without any re-run), or it fails cleanly (exit 2, one line)
+and a re-run *with the Ray runner* completes the store. The final store must equal an
+uninterrupted run: same ids, same bytes, no duplicates, no missing rows, ``verify`` clean, no
+temporary files or leftover parts.
 """
 
 from __future__ import annotations
@@ -60,40 +65,61 @@ def _check_store(store, reference, log, kind: str, trial: str, **detail) -> None
         assert len(set(g.committed_shards())) == SAMPLE_SHARDS
 
 
-def _kill_local_trial(seed, tmp_path, sample_reference, log) -> None:
-    rng = random.Random(seed)
-    _, reference = sample_reference
-    store = tmp_path / "store"
-    # After `target` commits (0 = while importing / loading models, TOTAL = while sealing).
-    target = rng.randint(0, TOTAL_COMMITS)
-    delay = rng.uniform(0.0, 4.0) if target == 0 else rng.uniform(0.0, 0.3)
+ATTEMPTS = 3
+
+
+def _kill_local_once(rng: random.Random, store, log_path, first: bool) -> dict:
+    """One kill of the local runner; returns what happened (``mid_run``: before the last commit)."""
+    # After `shards` whole shards (image + text commit each; 0 = while importing / loading
+    # models), plus a random delay that is short next to encoding one more shard.
+    shards = rng.randint(0, SAMPLE_SHARDS - 1)
+    target = 2 * shards
+    delay = (rng.uniform(0.0, 4.0) if shards == 0 else rng.uniform(0.0, 0.3)) if first else 0.0
     cmd = cusa_command(
         *extract_args("coco-sample", str(store), runner="local", **sample_cli_options())
     )
-    proc = start(cmd, tmp_path / "killed.log")
+    proc = start(cmd, log_path)
     try:
         wait_until(lambda: len(commit_files(store)) >= target, timeout=300, proc=proc)
         time.sleep(delay)
         killed = proc.poll() is None
-        commits_at_kill = len(commit_files(store))
         if killed:
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         stop_group(proc)
+    after = len(commit_files(store))  # nothing can commit after SIGKILL: this is the truth
+    return {
+        "killed": killed,
+        "mid_run": killed and after < TOTAL_COMMITS,
+        "commits_at_kill": after,
+        "target_commits": target,
+        "delay_s": round(delay, 3),
+    }
+
+
+def _kill_local_trial(seed, tmp_path, sample_reference, log) -> None:
+    rng = random.Random(seed)
+    _, reference = sample_reference
+    for attempt in range(1, ATTEMPTS + 1):
+        store = tmp_path / f"store{attempt}"
+        kill = _kill_local_once(rng, store, tmp_path / f"killed{attempt}.log", attempt == 1)
+        if kill["mid_run"]:
+            break
+    assert kill["mid_run"], f"seed {seed}: no kill landed before the last commit: {kill}"
     summary = extract(sample_config(store))
     assert summary.ok and summary.sealed
     assert summary.shards_done == SAMPLE_SHARDS - summary.shards_skipped
+    assert summary.shards_done >= 1  # the kill left work to do
     _check_store(
         store,
         reference,
         log,
         "kill -9 local runner",
         f"seed {seed}",
-        killed=killed,
-        commits_at_kill=commits_at_kill,
-        target_commits=target,
+        attempts=attempt,
         resumed_shards=summary.shards_done,
+        **kill,
     )
 
 
@@ -108,49 +134,82 @@ def test_kill_local_runner_then_resume_slow(seed, tmp_path, sample_reference, re
     _kill_local_trial(seed, tmp_path, sample_reference, reliability_log)
 
 
-def _kill_actor_trial(seed, tmp_path, sample_reference, log) -> None:
-    rng = random.Random(seed)
-    _, reference = sample_reference
-    store = tmp_path / "store"
-    # Ray streams every shard through the actors before most commits land, so the kill point is
-    # a random time after the actor process appears (model loading, then encoding).
-    delay = rng.uniform(0.0, 8.0)
-    cmd = cusa_command(
+def _ray_cmd(store) -> list[str]:
+    return cusa_command(
         *extract_args("coco-sample", str(store), runner="ray", actors=1, **sample_cli_options())
     )
-    proc = start(cmd, tmp_path / "driver.log")
+
+
+def _kill_actor_once(rng: random.Random, store, log_path) -> dict:
+    """Kill a teacher actor while the driver still has shards to commit; wait for the driver."""
+    # Ray streams every shard through the actors before most commits land, so the kill point is
+    # a random time after the actor process appears (model loading, then encoding), cut short
+    # when the driver is about to commit its last shard.
+    delay = rng.uniform(0.0, 6.0)
+    proc = start(_ray_cmd(store), log_path)
+    victim, commits_at_kill = None, None
     try:
         assert wait_until(lambda: bool(pids_matching(ACTOR)), timeout=300, proc=proc), (
-            "no Ray teacher actor process appeared; driver log:\n"
-            + (tmp_path / "driver.log").read_text()[-3000:]
+            "no Ray teacher actor process appeared; driver log:\n" + log_path.read_text()[-3000:]
         )
-        time.sleep(delay)
+        wait_until(lambda: len(commit_files(store)) >= TOTAL_COMMITS - 2, timeout=delay, proc=proc)
         actors = pids_matching(ACTOR)
-        commits_at_kill = len(commit_files(store))
-        victim = rng.choice(actors) if actors and proc.poll() is None else None
-        if victim is not None:
+        if actors and proc.poll() is None:
+            victim = rng.choice(actors)
             try:
                 os.kill(victim, signal.SIGKILL)
             except ProcessLookupError:
                 victim = None
+        commits_at_kill = len(commit_files(store))
         rc = proc.wait(timeout=400)
     finally:
         stop_group(proc)
-    outcome = "recovered" if rc == 0 else "failed cleanly"
-    summary = extract(sample_config(store))  # the re-run (local runner: same bits as Ray)
-    assert summary.ok and summary.sealed
+    return {
+        "killed": victim is not None,
+        "mid_run": victim is not None and commits_at_kill < TOTAL_COMMITS,
+        "commits_at_kill": commits_at_kill,
+        "delay_s": round(delay, 2),
+        "driver_exit": rc,
+    }
+
+
+def _kill_actor_trial(seed, tmp_path, sample_reference, log) -> None:
+    rng = random.Random(seed)
+    _, reference = sample_reference
+    for attempt in range(1, ATTEMPTS + 1):
+        store = tmp_path / f"store{attempt}"
+        driver_log = tmp_path / f"driver{attempt}.log"
+        kill = _kill_actor_once(rng, store, driver_log)
+        if kill["mid_run"]:
+            break
+    assert kill["mid_run"], f"seed {seed}: no actor kill landed before the last commit: {kill}"
+    rc = kill["driver_exit"]
+    text = driver_log.read_text()
+    if rc == 0:
+        # Recovered by itself: the store is already complete and sealed, with no re-run.
+        outcome, rerun_exit = "recovered", None
+        assert all(g.sealed for g in FeatureStore.open(store).groups()), text[-3000:]
+    else:
+        # Failed cleanly: exit 2 with one line, committed shards kept; the Ray runner resumes.
+        outcome = "failed cleanly, Ray re-run recovered"
+        errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
+        assert rc == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+        rerun = start(_ray_cmd(store), tmp_path / "rerun.log")
+        try:
+            rerun_exit = rerun.wait(timeout=400)
+        finally:
+            stop_group(rerun)
+        assert rerun_exit == 0, (tmp_path / "rerun.log").read_text()[-3000:]
     _check_store(
         store,
         reference,
         log,
         "kill -9 Ray teacher actor",
         f"seed {seed}",
-        killed=victim is not None,
-        commits_at_kill=commits_at_kill,
-        delay_s=round(delay, 2),
-        driver_exit=rc,
+        attempts=attempt,
         outcome=outcome,
-        resumed_shards=summary.shards_done,
+        rerun_exit=rerun_exit,
+        **kill,
     )
 
 

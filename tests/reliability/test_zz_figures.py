@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from reliability_common import BAD_INPUTS, FAULT_KINDS, MIN_KILL_TRIALS
+from reliability_common import BAD_INPUTS, FAULT_KINDS, KILL_KINDS, MIN_BAD_INPUTS, MIN_KILL_TRIALS
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results" / "reliability.json"
@@ -56,8 +56,15 @@ def test_committed_figures_hold_their_claims(committed):
         + f["by_kind"]["kill -9 Ray teacher actor"]["injected"]
     )
     assert kills >= MIN_KILL_TRIALS
+    for kind in KILL_KINDS:  # every kill trial killed before the last commit
+        k = f["by_kind"][kind]
+        assert k["killed_mid_run"] == k["injected"] == k["survived"], (kind, k)
+    assert all(t.get("mid_run") for t in committed["trials"] if t["kind"] in KILL_KINDS)
+    ray = f["by_kind"]["kill -9 Ray teacher actor"]
+    assert sum(ray["outcomes"].values()) == ray["injected"]  # the driver's outcome, each trial
     assert len(committed["trials"]) == f["injected"]
-    assert b["caught"] == b["tried"] == len(BAD_INPUTS)
+    assert b["caught"] == b["tried"] == len(BAD_INPUTS) >= MIN_BAD_INPUTS
+    assert len(set(BAD_INPUTS)) == len(BAD_INPUTS)
     assert sorted(i["name"] for i in b["items"]) == sorted(BAD_INPUTS)
     # The figures are a pure function of the trials (nothing edited by hand).
     bench = _bench()
@@ -87,4 +94,7 @@ def test_fresh_run_matches_committed_figures(committed, reliability_log):
         assert set(k) <= set(committed["faults"]["by_kind"][kind]) | {"outcomes"}, kind
     assert fresh["faults"]["samples_lost"] == 0
     assert fresh["faults"]["survived"] == fresh["faults"]["injected"]
+    for kind in set(KILL_KINDS) & set(fresh["faults"]["by_kind"]):
+        k = fresh["faults"]["by_kind"][kind]
+        assert k["killed_mid_run"] == k["injected"], (kind, k)
     assert fresh["bad_inputs"]["caught"] == fresh["bad_inputs"]["tried"]
