@@ -645,6 +645,13 @@ class RunConfig:
             averaging yields exactly the gradient of the global-batch loss. ``"official"``: the
             official ``AllGather`` backward (no scaling), whose backbone gradient is
             ``world_size`` times smaller than the global-batch loss's; for parity only.
+        on_config_change: what a rerun into an ``output_dir`` whose checkpoint was made with a
+            different config does: ``"refuse"`` (default; the message names every differing
+            field), ``"resume-anyway"`` (continue; the old ``config.json`` is kept as
+            ``config-before-step-<N>.json``) or ``"overwrite"`` (start again; the old checkpoints
+            and metrics are moved to ``previous-<time>/``). Settings that do not change the result
+            (``run.progress``, ``run.log_every``, ``run.checkpoint_every``, ``run.device``,
+            ``data.num_workers``, ``optim.max_steps``, ``eval.batch_size``) may always differ.
     """
 
     output_dir: str = "runs/cusa"
@@ -655,6 +662,7 @@ class RunConfig:
     resume: bool = True
     progress: bool = True
     all_gather: Literal["off", "on", "official"] = "on"
+    on_config_change: Literal["refuse", "resume-anyway", "overwrite"] = "refuse"
 
     def __post_init__(self) -> None:
         if self.log_every < 1:

@@ -347,22 +347,41 @@ def _train(
     seed_everything(config.run.seed + rank)
     out_dir = Path(config.run.output_dir)
     is_main = rank == 0
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    # Everything cheap is checked before a student is built (and its weights downloaded).
+    _check_resume(config, out_dir, is_main)
+    if student is None:
+        from cusa_train.student import STUDENTS
+
+        student_factory = STUDENTS.get(config.model.student)  # an unknown name fails here
+    if reader is None and dataset is None:
+        reader = _open_split(config, config.data.split)
+    needs_teachers = any(
+        term.enabled and term.weight > 0 for term in (config.loss.csa, config.loss.usa)
+    )
+    if teachers is None and needs_teachers:
+        teachers = TeacherFeatures.open(
+            config.data.store,
+            dataset=config.data.store_dataset
+            or (reader.name if reader is not None else config.data.dataset),
+            split=config.data.split,
+            image_teacher=config.teachers.image,
+            text_teacher=config.teachers.text,
+            image_spec=config.teachers.image_spec or None,
+            text_spec=config.teachers.text_spec or None,
+        )
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
     # -- student, data, soft labels
     if student is None:
-        from cusa_train.student import build_student
-
-        student = build_student(config.model.student, **config.model.student_options)
+        student = student_factory(**config.model.student_options)
     preprocess = getattr(student, "preprocess_image", None)
     if preprocess is None and dataset is None:
         raise ConfigError(
             f"student {type(student).__name__!r} has no preprocess_image(bytes) -> (3, H, W) tensor; add one"
         )
-    if reader is None and dataset is None:
-        reader = _open_split(config, config.data.split)
     model = CusaModel(
         student,
         config.loss,
@@ -374,17 +393,6 @@ def _train(
         kept = load_init_weights(model, config.model.init_from)
         logger.info(
             "initialised from %s (%d keys kept their values)", config.model.init_from, len(kept)
-        )
-    if teachers is None and model.needs_teachers:
-        teachers = TeacherFeatures.open(
-            config.data.store,
-            dataset=config.data.store_dataset
-            or (reader.name if reader is not None else config.data.dataset),
-            split=config.data.split,
-            image_teacher=config.teachers.image,
-            text_teacher=config.teachers.text,
-            image_spec=config.teachers.image_spec or None,
-            text_spec=config.teachers.text_spec or None,
         )
     caption_transform = _caption_transform(config)
     if dataset is None:
@@ -432,7 +440,6 @@ def _train(
         )
 
     # -- resume
-    ckpt_path = out_dir / CHECKPOINT_NAME
     best_path = out_dir / BEST_CHECKPOINT_NAME
     step, resumed_from = 0, None
     best: dict[str, Any] | None = None
@@ -607,6 +614,84 @@ def _train(
         evaluations=evaluations,
         best=best,
     )
+
+
+#: Config fields that may differ between a checkpoint and its resumed run (no effect on results).
+RESUME_SAFE_FIELDS = frozenset(
+    {
+        "run.progress",
+        "run.log_every",
+        "run.checkpoint_every",
+        "run.device",
+        "run.resume",
+        "run.on_config_change",
+        "data.num_workers",
+        "optim.max_steps",
+        "eval.batch_size",
+    }
+)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if (
+            isinstance(value, dict)
+            and value
+            and key not in ("student_options", "image_spec", "text_spec")
+        ):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, current)}`` for the fields that differ and matter for the result."""
+    try:
+        before = _flatten(TrainConfig.from_dict(saved).to_dict())
+    except ConfigError:  # a checkpoint of an older config layout: compare what it has
+        before = _flatten(saved)
+    now = _flatten(current.to_dict())
+    return {
+        k: (before.get(k), now.get(k))
+        for k in sorted(set(before) | set(now))
+        if k not in RESUME_SAFE_FIELDS and before.get(k) != now.get(k)
+    }
+
+
+def _check_resume(config: TrainConfig, out_dir: Path, is_main: bool) -> None:
+    """Refuse to resume a checkpoint made with a different config, unless told what to do."""
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    if not (config.run.resume and ckpt_path.is_file()):
+        return
+    changes = config_changes(load_checkpoint(ckpt_path)["config"], config)
+    if not changes:
+        return
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    mode = config.run.on_config_change
+    if mode == "refuse":
+        raise ConfigError(
+            f"{str(out_dir)!r} holds a checkpoint made with another config ({listed}); "
+            "use another --output-dir, or pass --resume-anyway to continue with the new config, "
+            "or --overwrite to start again (the old run is moved aside)"
+        )
+    if not is_main:
+        return
+    step = int(load_checkpoint(ckpt_path)["step"])
+    if mode == "resume-anyway":
+        old = out_dir / "config.json"
+        if old.is_file():
+            os.replace(old, out_dir / f"config-before-step-{step}.json")
+        logger.warning("resuming %s at step %d with a changed config: %s", out_dir, step, listed)
+    else:  # overwrite: move the old run aside, never delete it
+        aside = out_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+        aside.mkdir()
+        for name in (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, METRICS_NAME, "config.json"):
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, aside / name)
+        logger.warning("moved the previous run in %s to %s; starting again", out_dir, aside)
 
 
 def _open_split(config: TrainConfig, split: str) -> Any:

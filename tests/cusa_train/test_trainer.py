@@ -228,3 +228,40 @@ def test_eval_metric_must_exist(sample_store, tmp_path):
     )
     with pytest.raises(ConfigError, match="eval.metric='accuracy' is not in the report"):
         train(cfg, student=student())
+
+
+def test_resuming_with_a_changed_config_is_refused_unless_told(sample_store, tmp_path):
+    out = tmp_path / "run"
+    first = make_config(sample_store, out)
+    assert train(first, student=student()).steps == 4
+    changed = make_config(sample_store, out, lr=2e-3, max_steps=6)
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.002.*--resume-anyway.*--overwrite"):
+        train(changed, student=student())
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 1e-3  # untouched
+    # Settings that do not change the result may differ (here max_steps: the run goes on).
+    longer = make_config(sample_store, out, max_steps=5)
+    assert train(longer, student=student()).resumed_from == 4
+
+    anyway = changed.replace(run=changed.run.__class__(
+        **{**changed.run.__dict__, "on_config_change": "resume-anyway"}))  # fmt: skip
+    result = train(anyway, student=student())
+    assert result.resumed_from == 5 and result.steps == 6
+    assert json.loads((out / "config-before-step-5.json").read_text())["optim"]["lr"] == 1e-3
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 2e-3
+
+    fresh = make_config(sample_store, out, lr=5e-4)
+    fresh = fresh.replace(run=fresh.run.__class__(
+        **{**fresh.run.__dict__, "on_config_change": "overwrite"}))  # fmt: skip
+    result = train(fresh, student=student())
+    assert result.resumed_from is None and result.steps == 4
+    (aside,) = out.glob("previous-*")
+    assert load_checkpoint(aside / CHECKPOINT_NAME)["step"] == 6
+
+
+def test_cli_resume_flags_exclude_each_other(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 1.0e-4}\n")
+    result = CliRunner().invoke(
+        app, ["train", "--config", str(path), "--resume-anyway", "--overwrite"]
+    )
+    assert result.exit_code == 2 and "exclude each other" in result.output
