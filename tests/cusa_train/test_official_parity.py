@@ -107,7 +107,9 @@ def _fill_store(path: Path, data: dict) -> None:
     text = store.group(
         DATASET, "train", _spec(TEXT_TEACHER, "text", data["teacher_text"].shape[1]), create=True
     )
-    image.write_shard("all", img_ids, data["teacher_image"][[first_row[i] for i in img_ids]].numpy())
+    image.write_shard(
+        "all", img_ids, data["teacher_image"][[first_row[i] for i in img_ids]].numpy()
+    )
     text.write_shard("all", [it["caption_id"] for it in items], data["teacher_text"].numpy())
     image.seal()
     text.seal()
@@ -187,15 +189,25 @@ def test_training_matches_the_official_loop_step_for_step(case, golden, tmp_path
     ]
     assert [r["step"] for r in records] == [s["step"] + 1 for s in want["steps"]]
     names = {"itr": "contrastive_loss", "csa": "cross_modal_loss", "usa": "uni_modal_loss"}
-    temps = {"itr": "tau", "csa": "cross_tau", "usa_image": "uni_tau_image", "usa_text": "uni_tau_text"}
+    temps = {
+        "itr": "tau",
+        "csa": "cross_tau",
+        "usa_image": "uni_tau_image",
+        "usa_text": "uni_tau_text",
+    }
     for ours, theirs in zip(records, want["steps"], strict=True):
         assert ours["lr"] == theirs["lr"][0] == theirs["lr"][1]
         assert ours["epoch"] == theirs["epoch"]
         for key, name in (*names.items(), ("loss", "loss")):
-            assert ours[key] == pytest.approx(theirs[name], rel=1e-5, abs=1e-12), (theirs["step"], key)
+            assert ours[key] == pytest.approx(theirs[name], rel=1e-5, abs=1e-12), (
+                theirs["step"],
+                key,
+            )
         for key, name in temps.items():
             if name in theirs["taus_after_step"]:
-                assert ours[f"tau/{key}"] == pytest.approx(theirs["taus_after_step"][name], rel=1e-5)
+                assert ours[f"tau/{key}"] == pytest.approx(
+                    theirs["taus_after_step"][name], rel=1e-5
+                )
 
     # -- the optimiser: official parameter groups, by name; torch AdamW defaults
     official_names = _our_to_official_names(want["initial_state_dict"], result.model)
@@ -208,7 +220,9 @@ def test_training_matches_the_official_loop_step_for_step(case, golden, tmp_path
         assert sorted(official_names[n] for n in ours["param_names"]) == sorted(theirs["params"])
         assert tuple(ours["betas"]) == tuple(want["optimizer"]["defaults"]["betas"])
         assert ours["eps"] == want["optimizer"]["defaults"]["eps"]
-    frozen = {official_names.get(n, n) for n, p in result.model.named_parameters() if not p.requires_grad}
+    frozen = {
+        official_names.get(n, n) for n, p in result.model.named_parameters() if not p.requires_grad
+    }
     in_groups = {official_names[n] for g in groups for n in g["param_names"]}
     assert set(want["optimizer"]["not_in_optimizer"]).isdisjoint(in_groups)
     assert not frozen  # the frozen soft-label temperature is a buffer here, not a parameter

@@ -45,7 +45,9 @@ def golden() -> dict:
 def _open_clip_model(golden: dict) -> torch.nn.Module:
     """The fixture's tiny CLIP through open_clip's OpenAI loader (the README's two extra steps)."""
     sd = golden["cases"]["cusa"]["initial_state_dict"]
-    openai = {k.removeprefix("clip_model."): v for k, v in sd.items() if k.startswith("clip_model.")}
+    openai = {
+        k.removeprefix("clip_model."): v for k, v in sd.items() if k.startswith("clip_model.")
+    }
     openai["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # open_clip requires the key
     model = open_clip.model.build_model_from_openai_state_dict(dict(openai))
     model = model.float()
@@ -64,7 +66,11 @@ def test_open_clip_and_native_clip_compute_the_official_features(golden):
     student = OpenClipStudent(_open_clip_model(golden))
     with torch.no_grad():
         for ours, theirs, want in (
-            (native.encode_image(images), student.encode_image(images), step0["clip_image_features"]),
+            (
+                native.encode_image(images),
+                student.encode_image(images),
+                step0["clip_image_features"],
+            ),
             (native.encode_text(tokens), student.encode_text(tokens), step0["clip_text_features"]),
         ):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
@@ -81,10 +87,16 @@ def test_cusa_model_around_open_clip_trains_the_official_steps(golden, tmp_path)
     student = OpenClipStudent(_open_clip_model(golden))
     student.model.train()
     # The official heads and temperatures come from model.init_from; the student is open_clip's.
-    result = train(config.replace(model=config.model.__class__(
-        **{**config.model.__dict__, "student": "unused"}
-    )), student=student, dataset=GoldenPairs(data))
-    records = [json.loads(line) for line in (result.output_dir / METRICS_NAME).read_text().splitlines()]
+    result = train(
+        config.replace(
+            model=config.model.__class__(**{**config.model.__dict__, "student": "unused"})
+        ),
+        student=student,
+        dataset=GoldenPairs(data),
+    )
+    records = [
+        json.loads(line) for line in (result.output_dir / METRICS_NAME).read_text().splitlines()
+    ]
     for ours, theirs in zip(records, want["steps"], strict=True):
         assert ours["lr"] == theirs["lr"][0]
         for key, name in (("itr", "contrastive_loss"), ("csa", "cross_modal_loss"),

@@ -74,9 +74,7 @@ def official_config(golden: dict, arch: str, dataset: str, case: str) -> dict:
 
 
 CASES = [
-    (arch, dataset, case)
-    for arch, dataset in DIFFERENCES
-    for case in ("cusa", "only_contrastive")
+    (arch, dataset, case) for arch, dataset in DIFFERENCES for case in ("cusa", "only_contrastive")
 ]
 
 
@@ -105,7 +103,10 @@ def test_preset_equals_the_official_config(golden, arch, dataset, case):
 def test_official_30_epoch_schedule_is_reproduced_exactly(golden):
     want = golden["cases"]["cusa"]["scheduler"]["official_config_lr_per_epoch"]
     o = TrainConfig.from_file(PAPER / "vitb32-coco-cusa.yaml").optim
-    got = [epoch_cosine_lr(e, o.lr, o.final_lr, o.epochs, o.warmup_epochs, o.warmup_lr) for e in range(30)]
+    got = [
+        epoch_cosine_lr(e, o.lr, o.final_lr, o.epochs, o.warmup_epochs, o.warmup_lr)
+        for e in range(30)
+    ]
     assert got == want
 
 

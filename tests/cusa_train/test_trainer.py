@@ -235,7 +235,9 @@ def test_resuming_with_a_changed_config_is_refused_unless_told(sample_store, tmp
     first = make_config(sample_store, out)
     assert train(first, student=student()).steps == 4
     changed = make_config(sample_store, out, lr=2e-3, max_steps=6)
-    with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.002.*--resume-anyway.*--overwrite"):
+    with pytest.raises(
+        ConfigError, match=r"optim.lr: 0.001 -> 0.002.*--resume-anyway.*--overwrite"
+    ):
         train(changed, student=student())
     assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 1e-3  # untouched
     # Settings that do not change the result may differ (here max_steps: the run goes on).
