@@ -114,7 +114,6 @@ def _fill_store(path: Path, data: dict) -> None:
     image.seal()
     text.seal()
 
-
 def _config(case: str, golden: dict, tmp_path: Path) -> TrainConfig:
     data = golden["data"]
     official = golden["cases"][case]["config"]  # the official YAML with the fixture's overrides

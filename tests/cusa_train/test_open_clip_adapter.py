@@ -26,15 +26,15 @@ open_clip = pytest.importorskip(
     exc_type=ImportError,
 )
 
-from cusa_train.adapters import OpenClipStudent  # noqa: E402
-from cusa_train.clip import build_model_from_openai_state_dict  # noqa: E402
-
 from test_official_parity import (  # noqa: E402
     GOLDEN,
     GoldenPairs,
     _config,
     _fill_store,
 )
+
+from cusa_train.adapters import OpenClipStudent  # noqa: E402
+from cusa_train.clip import build_model_from_openai_state_dict  # noqa: E402
 
 
 @pytest.fixture(scope="module")
