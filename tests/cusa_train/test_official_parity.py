@@ -114,8 +114,8 @@ def _fill_store(path: Path, data: dict) -> None:
     image.seal()
     text.seal()
 
+
 def _config(case: str, golden: dict, tmp_path: Path) -> TrainConfig:
-    data = golden["data"]
     official = golden["cases"][case]["config"]  # the official YAML with the fixture's overrides
     sd = golden["cases"][case]["initial_state_dict"]
     clip_weights = tmp_path / "tiny-clip-openai-format.pt"
