@@ -62,6 +62,12 @@ def test_two_rank_gloo_ddp_matches_the_single_process_full_batch(tmp_path):
     # ... and DDP's averaged gradients equal the full-batch gradients, for every parameter.
     assert r0["n_params"] > 10
     assert r0["max_rel_grad_diff"] < 1e-8, r0["worst_param"]
+    # run.all_gather=off (the official configs) and =official (the official AllGather backward).
+    modes = json.loads((tmp_path / "modes.json").read_text())
+    assert modes["off_max_rel_grad_diff"] < 1e-8
+    assert modes["official_max_rel_grad_diff"] < 1e-8
+    assert modes["n_temperatures"] >= 3
+    assert modes["official_vs_scaled_backbone_ratio"] == pytest.approx(0.5)  # 1 / world size
 
 
 @pytest.mark.timeout(180)
