@@ -292,6 +292,8 @@ def teachers_list_cmd(
             f"{r['name']:<{width}}  {r['modality']:<8}  {r['dim']:>6}  {r['default_dtype']:<7}  "
             f"{flag:<9}  {r['weights_source']}{tag}"
         )
+        if r.get("description"):
+            typer.echo(f"{'':<{width}}  {r['description']}")
 
 
 @teachers_app.command("fetch")
