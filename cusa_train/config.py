@@ -881,6 +881,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r}; each key may appear once per section")
+        seen[key] = value
+    return seen
+
+
+def _unique_key_loader(yaml: Any) -> type:
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    line = key_node.start_mark.line + 1
+                    raise ConfigError(
+                        f"duplicate key {key!r} at line {line}; each key may appear once per section"
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML, JSON or TOML file into a dict, with errors naming the file."""
     p = Path(path)
@@ -898,9 +926,9 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
                 raise ConfigError(
                     f"reading {str(p)!r} needs pyyaml; pip install pyyaml, or use JSON/TOML"
                 ) from exc
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader(yaml))  # noqa: S506 (a SafeLoader)
         elif suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
         elif suffix == ".toml":
             try:
                 import tomllib

@@ -229,7 +229,8 @@ class CrossModalSoftLabelLoss(nn.Module):
         csa = CrossModalSoftLabelLoss()
         t_img = cosine_similarity_matrix(teacher_image_features)
         t_txt = cosine_similarity_matrix(teacher_text_features)
-        loss = csa(sim, t_img, t_txt, 0.45, 0.45, 1.0, 1.0)
+        loss = csa(sim, t_img, t_txt, tau_i2t=0.45, tau_t2i=0.45,
+                   teacher_tau_image=1.0, teacher_tau_text=1.0)
     """
 
     def __init__(
@@ -250,6 +251,7 @@ class CrossModalSoftLabelLoss(nn.Module):
         similarity: Tensor,
         teacher_image_sim: Tensor,
         teacher_text_sim: Tensor,
+        *,
         tau_i2t: Tensor | float,
         tau_t2i: Tensor | float,
         teacher_tau_image: Tensor | float,
@@ -299,7 +301,8 @@ class UniModalSoftLabelLoss(nn.Module):
 
         usa = UniModalSoftLabelLoss()
         loss = usa(cosine_similarity_matrix(uni_img), cosine_similarity_matrix(uni_txt),
-                   t_img, t_txt, 0.45, 0.45, 1.0, 1.0)
+                   t_img, t_txt, tau_image=0.45, tau_text=0.45,
+                   teacher_tau_image=1.0, teacher_tau_text=1.0)
     """
 
     def __init__(self, objective: SoftObjective = "kl", mode: ItrMode = "mean") -> None:
@@ -314,6 +317,7 @@ class UniModalSoftLabelLoss(nn.Module):
         student_text_sim: Tensor,
         teacher_image_sim: Tensor,
         teacher_text_sim: Tensor,
+        *,
         tau_image: Tensor | float,
         tau_text: Tensor | float,
         teacher_tau_image: Tensor | float,
@@ -480,10 +484,10 @@ class CusaLoss(nn.Module):
                     similarity,
                     t_img,
                     t_txt,
-                    _require(temperatures.csa_i2t, "csa_i2t"),
-                    _require(temperatures.csa_t2i, "csa_t2i"),
-                    _require(temperatures.csa_teacher_image, "csa_teacher_image"),
-                    _require(temperatures.csa_teacher_text, "csa_teacher_text"),
+                    tau_i2t=_require(temperatures.csa_i2t, "csa_i2t"),
+                    tau_t2i=_require(temperatures.csa_t2i, "csa_t2i"),
+                    teacher_tau_image=_require(temperatures.csa_teacher_image, "csa_teacher_image"),
+                    teacher_tau_text=_require(temperatures.csa_teacher_text, "csa_teacher_text"),
                 )
                 out["csa"] = self.csa_weight * csa
             if self.usa_weight > 0:
@@ -494,10 +498,10 @@ class CusaLoss(nn.Module):
                     cosine_similarity_matrix(uni_text_embeds),  # (B, B)
                     t_img,
                     t_txt,
-                    _require(temperatures.usa_image, "usa_image"),
-                    _require(temperatures.usa_text, "usa_text"),
-                    _require(temperatures.usa_teacher_image, "usa_teacher_image"),
-                    _require(temperatures.usa_teacher_text, "usa_teacher_text"),
+                    tau_image=_require(temperatures.usa_image, "usa_image"),
+                    tau_text=_require(temperatures.usa_text, "usa_text"),
+                    teacher_tau_image=_require(temperatures.usa_teacher_image, "usa_teacher_image"),
+                    teacher_tau_text=_require(temperatures.usa_teacher_text, "usa_teacher_text"),
                 )
                 out["usa"] = self.usa_weight * usa
         return {"loss": out["itr"] + out["csa"] + out["usa"], **out}

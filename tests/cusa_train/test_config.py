@@ -173,3 +173,14 @@ def test_official_mapping_clamps_init_and_maps_every_official_objective():
     del official["contrastive"]
     with pytest.raises(ConfigError, match="missing key 'contrastive'"):
         LossConfig.from_official(official)
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    (tmp_path / "dup.yaml").write_text("optim:\n  lr: 1.0e-4\n  lr: 3.0e-4\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lr' at line 3"):
+        load_mapping(tmp_path / "dup.yaml")
+    (tmp_path / "dup.json").write_text('{"run": {"seed": 1, "seed": 2}}')
+    with pytest.raises(ConfigError, match="duplicate key 'seed'"):
+        load_mapping(tmp_path / "dup.json")
+    (tmp_path / "ok.yaml").write_text("optim: {lr: 3e-4}\nrun: {seed: 1}\n")
+    assert TrainConfig.from_file(tmp_path / "ok.yaml").optim.lr == 3e-4  # YAML 1.1 string

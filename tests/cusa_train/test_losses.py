@@ -131,10 +131,10 @@ def test_official_parity_of_bare_loss_modules(golden, cfg, mode):
         sim,
         t_img,
         t_txt,
-        tau("cross_tau", "image", rng["image"]),
-        tau("cross_tau", "text", rng["text"]),
-        tau("cross_the_softlabel_tau", "image", srng["image"]),
-        tau("cross_the_softlabel_tau", "text", srng["text"]),
+        tau_i2t=tau("cross_tau", "image", rng["image"]),
+        tau_t2i=tau("cross_tau", "text", rng["text"]),
+        teacher_tau_image=tau("cross_the_softlabel_tau", "image", srng["image"]),
+        teacher_tau_text=tau("cross_the_softlabel_tau", "text", srng["text"]),
     )
     assert (csa * cs["rate"]).item() == pytest.approx(case["cross_modal_loss"], rel=1e-5)
 
@@ -160,10 +160,10 @@ def test_official_parity_of_bare_loss_modules(golden, cfg, mode):
         uni_txt,
         t_img,
         t_txt,
-        tau("uni_tau", "image", (us["image_tau_min"], us["image_tau_max"])),
-        tau("uni_tau", "text", (us["text_tau_min"], us["text_tau_max"])),
-        st_img,
-        st_txt,
+        tau_image=tau("uni_tau", "image", (us["image_tau_min"], us["image_tau_max"])),
+        tau_text=tau("uni_tau", "text", (us["text_tau_min"], us["text_tau_max"])),
+        teacher_tau_image=st_img,
+        teacher_tau_text=st_txt,
     )
     assert (usa * us["rate"]).item() == pytest.approx(case["uni_modal_loss"], rel=1e-5)
 
@@ -222,11 +222,13 @@ def test_soft_label_losses_vanish_when_student_matches_teacher():
     t_txt = cosine_similarity_matrix(torch.randn(5, 9))
     # Student i2t similarities equal to the image teacher's and t2i equal to the text teacher's
     # cannot both hold for one matrix unless the teachers agree; so use agreeing teachers.
-    csa = CrossModalSoftLabelLoss("each")(t_img, t_img, t_img, 0.5, 0.5, 0.5, 0.5)
+    taus = {"teacher_tau_image": 0.5, "teacher_tau_text": 0.5}
+    csa = CrossModalSoftLabelLoss("each")(t_img, t_img, t_img, tau_i2t=0.5, tau_t2i=0.5, **taus)
     assert csa.item() == pytest.approx(0.0, abs=1e-6)
-    usa = UniModalSoftLabelLoss()(t_img, t_txt, t_img, t_txt, 0.3, 0.3, 0.3, 0.3)
+    uni = {"tau_image": 0.3, "tau_text": 0.3, "teacher_tau_image": 0.3, "teacher_tau_text": 0.3}
+    usa = UniModalSoftLabelLoss()(t_img, t_txt, t_img, t_txt, **uni)
     assert usa.item() == pytest.approx(0.0, abs=1e-6)
-    assert UniModalSoftLabelLoss()(t_txt, t_img, t_img, t_txt, 0.3, 0.3, 0.3, 0.3).item() > 0.01
+    assert UniModalSoftLabelLoss()(t_txt, t_img, t_img, t_txt, **uni).item() > 0.01
 
 
 def test_csa_combine_modes():
