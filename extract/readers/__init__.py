@@ -12,7 +12,14 @@ folder, or webdataset tars) and read it shard by shard::
 from __future__ import annotations
 
 from cusa.extract.readers.albef import AlbefReader
-from cusa.extract.readers.base import DatasetReader, Sample, ShardRef, caption_id
+from cusa.extract.readers.base import (
+    CAPTION_ID_SEP,
+    DatasetReader,
+    Sample,
+    ShardRef,
+    caption_id,
+    split_caption_id,
+)
 from cusa.extract.readers.folder import FolderReader
 from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE
 from cusa.extract.readers.karpathy import KarpathyReader
@@ -27,6 +34,7 @@ from cusa.extract.readers.registry import (
 from cusa.extract.readers.wds import WebDatasetReader, decode_key, encode_key
 
 __all__ = [
+    "CAPTION_ID_SEP",
     "DATASETS",
     "DEFAULT_SHARD_SIZE",
     "AlbefReader",
@@ -44,4 +52,5 @@ __all__ = [
     "list_datasets",
     "open_dataset",
     "sniff_dataset",
+    "split_caption_id",
 ]

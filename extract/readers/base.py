@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from cusa.errors import DatasetError
+
 
 @dataclass(frozen=True)
 class ShardRef:
@@ -43,9 +45,26 @@ class Sample:
     caption_error: str | None = None
 
 
+CAPTION_ID_SEP = "#"
+
+
 def caption_id(image_id: str, k: int) -> str:
     """The id of the k-th caption of an image: ``<image_id>#<k>``."""
-    return f"{image_id}#{k}"
+    return f"{image_id}{CAPTION_ID_SEP}{k}"
+
+
+def split_caption_id(sample_id: str) -> tuple[str, int]:
+    """``"<image_id>#<k>"`` -> ``("<image_id>", k)``, the inverse of :func:`caption_id`.
+
+    The image id may itself hold ``#``: only the last one separates ``k``.
+
+    Raises:
+        DatasetError: ``sample_id`` is not of that form.
+    """
+    head, sep, tail = str(sample_id).rpartition(CAPTION_ID_SEP)
+    if not sep or not head or not tail.isdigit():
+        raise DatasetError(f"caption id {sample_id!r} is not of the form '<image_id>#<k>'")
+    return head, int(tail)
 
 
 @runtime_checkable
