@@ -33,7 +33,7 @@ _EXPORTS = {
     "SoftLabelCollate": "cusa_train.data",
     "SoftLabelStage": "cusa_train.data",
     "TeacherFeatures": "cusa_train.data",
-    "EvalReport": "cusa_train.evaluate",
+    "EvalReport": "cusa_train.eval_report",
     "evaluate_checkpoint": "cusa_train.evaluate",
     "evaluate_model": "cusa_train.evaluate",
     "CrossModalSoftLabelLoss": "cusa_train.losses",
@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from cusa_train.clip import ClipStudent
     from cusa_train.config import LossConfig, TrainConfig
     from cusa_train.data import PairDataset, SoftLabelCollate, SoftLabelStage, TeacherFeatures
-    from cusa_train.evaluate import EvalReport, evaluate_checkpoint, evaluate_model
+    from cusa_train.eval_report import EvalReport
+    from cusa_train.evaluate import evaluate_checkpoint, evaluate_model
     from cusa_train.losses import (
         CrossModalSoftLabelLoss,
         CusaLoss,

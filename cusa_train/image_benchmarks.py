@@ -19,18 +19,28 @@ cars       ``cars/cars_annos.mat``                                    classes 99
 ``inshop/``, ``inaturalist/`` and ``cars/``); the benchmark's own folder is accepted too.
 Every problem with a file (missing, malformed line) is a one-line :class:`DatasetError` that
 names the file.
+
+:func:`evaluate_image_benchmarks` encodes each split through every head of a model and scores
+rank-1 (:func:`cusa_train.metrics.nearest_neighbour_rank1`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from cusa.errors import ConfigError, DatasetError
 from cusa.registry import Registry
+from cusa_train.eval_data import read_lines
+from cusa_train.eval_encoding import EvalEncoder, HeadEncoder
+from cusa_train.eval_report import USA, EvalReport
+from cusa_train.metrics import nearest_neighbour_rank1
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +172,6 @@ def parse_benchmark_names(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 # ---- loaders ----------------------------------------------------------------------------------
 
 
-def _read_lines(path: Path, title: str) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"{title}: {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{title}: cannot read {str(path)!r}: {exc}") from exc
-
-
 def _load_cub(folder: Path) -> ImageRetrievalSet:
     """``torchvision.datasets.ImageFolder(images)``: labels are sorted class-folder indices;
     the eval split is labels 100-199; files whose name starts with ``._`` are skipped."""
@@ -198,7 +199,7 @@ def _load_sop(folder: Path) -> ImageRetrievalSet:
     """``Ebay_test.txt``: a header, then ``image_id class_id super_class_id path``; eval classes
     are ``class_id - 1`` in 11318..22633."""
     index = folder / "Ebay_test.txt"
-    lines = _read_lines(index, "Stanford Online Products")
+    lines = read_lines(index, "Stanford Online Products file")
     paths: list[Path] = []
     labels: list[int] = []
     for lineno, line in enumerate(lines[1:], 2):
@@ -224,7 +225,7 @@ def _load_inshop(folder: Path) -> ImageRetrievalSet:
     evaluation_status``), then one image per line; query and gallery labels are the item
     numbers (``id_00000001`` -> 1). Images live under ``Img/``."""
     index = folder / "Eval" / "list_eval_partition.txt"
-    lines = _read_lines(index, "In-Shop")
+    lines = read_lines(index, "In-Shop file")
     header = lines[1].split() if len(lines) > 1 else []
     if header[:3] != ["image_name", "item_id", "evaluation_status"]:
         raise DatasetError(
@@ -268,7 +269,7 @@ def _load_inat(folder: Path) -> ImageRetrievalSet:
     index = folder / "Inat_dataset_splits" / "Inaturalist_test_set1.txt"
     paths: list[Path] = []
     labels: list[int] = []
-    for lineno, line in enumerate(_read_lines(index, "iNaturalist"), 1):
+    for lineno, line in enumerate(read_lines(index, "iNaturalist file"), 1):
         rel = line.strip()
         if not rel:
             continue
@@ -345,3 +346,81 @@ for _bench in (
     ),
 ):  # fmt: skip
     register_image_benchmark(_bench)
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+
+def evaluate_image_benchmarks(
+    model: EvalEncoder,
+    names: str | Sequence[str],
+    root: str | os.PathLike,
+    *,
+    batch_size: int = 128,
+    workers: int | None = None,
+    chunk_size: int = 1024,
+    info: Mapping[str, Any] | None = None,
+) -> EvalReport:
+    """Rank-1 image retrieval on the paper's benchmarks (Table 3), official layout and protocol.
+
+    Each benchmark is read by its registered loader, encoded through every head
+    of ``model`` and scored with :func:`cusa_train.metrics.nearest_neighbour_rank1`
+    (Euclidean nearest neighbour on L2-normalised features; the query excluded; In-Shop:
+    queries against the gallery).
+
+    Args:
+        model: the model (a CusaModel gives the USA column, the official one).
+        names: benchmark names (``cub``, ``sop``, ``inshop``, ``inat``, ``cars``), a
+            comma-separated string, or ``"all"`` (the paper's four).
+        root: the folder holding ``cub/``, ``sop/``, ``inshop/``, ``inaturalist/``, ``cars/``
+            (or, for a single benchmark, its own folder).
+        batch_size: images encoded at once.
+        workers: threads decoding images.
+        chunk_size: queries scored at once.
+        info: extra metadata recorded in the report.
+
+    Returns:
+        Metrics ``{name}_r1`` (cross-modal head), ``{name}_r1_usa`` (USA head) and, for two or
+        more benchmarks, ``image_avg_r1`` (+ ``_usa``), the mean as the official script prints it.
+    """
+    benches = [get_image_benchmark(n) for n in parse_benchmark_names(names)]
+    splits = [b.open(root) for b in benches]  # read every index before encoding anything
+    enc = HeadEncoder(model, workers=workers)
+    metrics: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for bench, split in zip(benches, splits, strict=True):
+        log.info("%s: encoding %d images", bench.title, split.num_images)
+        feats = enc.encode_images(split.all_paths(), batch_size)
+        nq = len(split.query_paths)
+        for head, x in feats.items():
+            sfx = USA if head == "usa" else ""
+            gallery = None if split.gallery_paths is None else x[nq:]
+            res = nearest_neighbour_rank1(
+                x[:nq], split.query_labels, gallery, split.gallery_labels,
+                chunk_size=chunk_size, device=enc.device,
+            )  # fmt: skip
+            metrics[f"{bench.name}_r1{sfx}"] = res.r1
+        counts[f"{bench.name}_queries"] = nq
+        counts[f"{bench.name}_gallery"] = len(split.gallery_paths or split.query_paths) - (
+            0 if split.gallery_paths else 1
+        )
+        counts[f"{bench.name}_classes"] = split.num_classes
+    if len(benches) > 1:
+        for sfx in ("", USA) if "usa" in enc.heads else ("",):
+            metrics[f"image_avg_r1{sfx}"] = float(
+                np.mean([metrics[f"{b.name}_r1{sfx}"] for b in benches])
+            )
+    return EvalReport(
+        metrics,
+        counts,
+        {
+            "task": "image-retrieval",
+            "root": str(root),
+            "heads": enc.note,
+            "image_benchmarks": [b.name for b in benches],
+            "image_benchmark_titles": {b.name: b.title for b in benches},
+            "protocols": {b.name: b.protocol for b in benches},
+            "sources": {s.name: s.source for s in splits},
+            **dict(info or {}),
+        },
+    )

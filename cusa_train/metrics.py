@@ -140,18 +140,25 @@ def _accumulate(
     acc.n += int(keep.sum())
 
 
-def _as_tensor(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
+def as_features(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
+    """Check a ``(rows, dim)`` feature (or similarity) matrix and return it as float32 on CPU.
+
+    The one validation every evaluation input goes through.
+
+    Raises:
+        DatasetError: not 2-D, no rows or no columns, or a non-finite value (the row is named).
+    """
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach().cpu())
     if t.ndim != 2:
         raise DatasetError(f"{name} must be a 2-D (rows, dim) array, got shape {tuple(t.shape)}")
-    if t.shape[0] == 0:
+    if t.shape[0] == 0 or t.shape[1] == 0:
         raise DatasetError(
             f"{name} is empty (shape {tuple(t.shape)}); there is nothing to evaluate"
         )
     t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t).all(dim=1)).nonzero()[0])
-        raise DatasetError(f"{name} has non-finite values (first in row {bad}); re-encode it")
+        raise DatasetError(f"{name} row {bad} has non-finite values; re-encode that sample")
     return t
 
 
@@ -179,7 +186,7 @@ def similarity_metrics(
         The scores; queries without any positive are skipped and counted.
     """
     ks = _check_ks(ks)
-    s = _as_tensor(sim, "sim")
+    s = as_features(sim, "sim")
     p = torch.as_tensor(np.asarray(positive_mask)).to(torch.bool)
     if p.shape != s.shape:
         raise DatasetError(f"positive_mask has shape {tuple(p.shape)} but sim has {tuple(s.shape)}")
@@ -225,8 +232,8 @@ def label_retrieval_metrics(
         The scores; queries without any positive (e.g. a class seen once) are skipped and counted.
     """
     ks = _check_ks(ks)
-    q = _as_tensor(queries, "queries")
-    g = _as_tensor(gallery, "gallery")
+    q = as_features(queries, "queries")
+    g = as_features(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
         raise DatasetError(
             f"queries have dimension {q.shape[1]} but the gallery has {g.shape[1]}; "
@@ -294,7 +301,7 @@ def cross_modal_recall(
         ``(i2t, t2i)``. An i2t hit at K means any caption of the image is in the top K.
     """
     t2i_idx = np.asarray(text_to_image)
-    n_img = int(_as_tensor(image_features, "image_features").shape[0])
+    n_img = int(as_features(image_features, "image_features").shape[0])
     if t2i_idx.ndim != 1 or not np.issubdtype(t2i_idx.dtype, np.integer):
         raise DatasetError("text_to_image must be a 1-D array of integer image row indices")
     if t2i_idx.size and (t2i_idx.min() < 0 or t2i_idx.max() >= n_img):
@@ -459,7 +466,7 @@ def sts_spearman(
     gold: Sequence[float] | np.ndarray,
 ) -> float:
     """Spearman correlation between the cosine similarity of paired embeddings and gold scores."""
-    e1, e2 = _as_tensor(emb1, "emb1"), _as_tensor(emb2, "emb2")
+    e1, e2 = as_features(emb1, "emb1"), as_features(emb2, "emb2")
     if e1.shape != e2.shape:
         raise DatasetError(
             f"paired embeddings differ in shape: {tuple(e1.shape)} vs {tuple(e2.shape)}"
@@ -519,11 +526,11 @@ def nearest_neighbour_rank1(
     Raises:
         DatasetError: shapes or label counts do not match.
     """
-    q = _as_tensor(queries, "queries")
+    q = as_features(queries, "queries")
     same = gallery is None
     if same != (gallery_labels is None):
         raise ConfigError("give both gallery and gallery_labels, or neither")
-    g = q if same else _as_tensor(gallery, "gallery")
+    g = q if same else as_features(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
         raise DatasetError(
             f"queries have dimension {q.shape[1]} but the gallery has {g.shape[1]}; "

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from cusa.errors import ConfigError
+from cusa_train.evaluate import load_checkpoint_model
 
 HEADS = ("usa", "cross")
 
@@ -85,8 +86,6 @@ class CusaMtebEncoder:
     ) -> CusaMtebEncoder:
         """Load a ``cusa train`` checkpoint; the name is ``cusa/<file stem>``, the revision
         the first 12 hex digits of the file's SHA-256."""
-        from cusa_train.evaluate import load_checkpoint_model
-
         model = load_checkpoint_model(path, student=student)
         if device is not None:
             model = model.to(device)

@@ -20,20 +20,27 @@ Layout under ``<root>`` (SentEval's ``data`` folder; its ``downstream`` folder w
     downstream/STS/STS13-en-test/ ... STS16-en-test/
     downstream/STS/STSBenchmark/sts-test.csv
     downstream/SICK/SICK_test_annotated.txt
+
+:func:`evaluate_sts_benchmarks` encodes every distinct sentence once through every text head of
+a model and scores each task as above.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from cusa.errors import ConfigError, DatasetError
+from cusa_train.eval_data import read_lines
+from cusa_train.eval_encoding import EvalEncoder, HeadEncoder
+from cusa_train.eval_report import USA, EvalReport
 from cusa_train.metrics import StsPairs, l2_normalize, spearman
 
 log = logging.getLogger(__name__)
@@ -123,15 +130,6 @@ def senteval_downstream(root: str | os.PathLike) -> Path:
     )
 
 
-def _lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"STS file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read STS file {str(path)!r}: {exc}") from exc
-
-
 def _tok(sentence: str) -> str:
     # SentEval splits on whitespace and the batcher joins the tokens back with one space.
     return " ".join(sentence.split())
@@ -148,7 +146,7 @@ def _score(text: str, path: Path, lineno: int) -> float:
 
 def _load_year_subset(folder: Path, subset: str) -> StsPairs:
     inp, gs = folder / f"STS.input.{subset}.txt", folder / f"STS.gs.{subset}.txt"
-    inputs, golds = _lines(inp), _lines(gs)
+    inputs, golds = read_lines(inp, "STS file"), read_lines(gs, "STS file")
     if len(inputs) != len(golds):
         raise DatasetError(
             f"{str(gs)!r} has {len(golds)} lines but {str(inp)!r} has {len(inputs)}; they must "
@@ -171,7 +169,7 @@ def _load_year_subset(folder: Path, subset: str) -> StsPairs:
 
 def _load_columns(path: Path, cols: tuple[int, int, int], skip_header: bool) -> StsPairs:
     s1, s2, scores = [], [], []
-    lines = _lines(path)
+    lines = read_lines(path, "STS file")
     for lineno, line in enumerate(lines[1:] if skip_header else lines, 2 if skip_header else 1):
         fields = line.strip().split("\t")
         if len(fields) <= max(cols):
@@ -259,3 +257,69 @@ def official_average(values: Sequence[float]) -> float:
     if not values:
         raise DatasetError("no STS task was scored, so there is no average")
     return float(np.mean([float(f"{v:.2f}") for v in values]))
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+
+def evaluate_sts_benchmarks(
+    model: EvalEncoder,
+    root: str | os.PathLike,
+    *,
+    tasks: str | Sequence[str] | None = None,
+    batch_size: int = 128,
+    info: Mapping[str, Any] | None = None,
+) -> EvalReport:
+    """SentEval STS12-16, STS-B and SICK-R (paper Table 4) through every text head of ``model``.
+
+    Args:
+        model: the model (a CusaModel gives the USA column, the official one).
+        root: SentEval's data folder (holding ``downstream/STS`` and ``downstream/SICK``).
+        tasks: a subset, e.g. ``"STS12,STSBenchmark"``; default all seven.
+        batch_size: sentences encoded at once.
+        info: extra metadata recorded in the report.
+
+    Returns:
+        Spearman x 100 per task (``sts12`` ... ``sickr``) and ``sts_avg``, as the official
+        script prints them (see the module docstring), plus ``_usa`` twins.
+    """
+    chosen = parse_sts_tasks(tasks)
+    data = {t.name: load_sts_task(root, t) for t in chosen}  # every file before any encoding
+    unique = sorted(
+        {s for d in data.values() for p in d.values() for s in (*p.sentence1, *p.sentence2)}
+    )
+    enc = HeadEncoder(model)
+    feats = enc.encode_texts(unique, batch_size)  # each distinct sentence once
+    row = {s: i for i, s in enumerate(unique)}
+    metrics: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    details: dict[str, Any] = {}
+    for head, x in feats.items():
+        sfx = USA if head == "usa" else ""
+
+        def embed(sentences: list[str], x: np.ndarray = x) -> np.ndarray:
+            return x[[row[s] for s in sentences]]
+
+        scores = {t.name: score_sts_task(t, data[t.name], embed) for t in chosen}
+        for t in chosen:
+            metrics[f"{t.key}{sfx}"] = scores[t.name].spearman
+            counts[f"{t.key}_pairs"] = scores[t.name].num_pairs
+        metrics[f"sts_avg{sfx}"] = official_average([scores[t.name].spearman for t in chosen])
+        details[head] = {
+            t.name: {"subsets": s.subsets, "mean": s.mean, "wmean": s.wmean}
+            for t, s in ((t, scores[t.name]) for t in chosen)
+        }
+    return EvalReport(
+        metrics,
+        counts,
+        {
+            "task": "sts",
+            "root": str(root),
+            "heads": enc.note,
+            "sts_tasks": [(t.key, t.name) for t in chosen],
+            "sts_aggregation": "STS12-16: Spearman over all pairs of the year's subsets "
+            "('all'); STS-B, SICK-R: the test split; Avg.: mean of the %.2f-rounded values",
+            "sts_details": details,
+            **dict(info or {}),
+        },
+    )

@@ -7,19 +7,15 @@ the best ``eval.metric`` on ``eval.select_on``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
-from cusa.errors import DatasetError, SampleError
+from cusa_train.eval_encoding import HeadEncoder
+from cusa_train.eval_scores import evaluate_features
 
-logger = logging.getLogger(__name__)
 
-
-@torch.no_grad()
 def evaluate_split(
     model: Any,
     reader: Any,
@@ -31,9 +27,11 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Encode every image and caption of ``reader`` with ``model`` and score retrieval.
 
-    Images are encoded through the model's cross-modal heads (``model.encode_image``), captions
-    after ``caption_transform`` (the same normalisation as training). A sample whose image cannot
-    be decoded is an error here, not a skip: a score over a silently smaller set is not comparable.
+    Images and captions (after ``caption_transform``, the same normalisation as training) are
+    encoded through the model's cross-modal heads by
+    :meth:`cusa_train.eval_encoding.HeadEncoder.encode_reader`, the path ``cusa eval`` takes too.
+    A sample whose image cannot be decoded is an error here, not a skip: a score over a silently
+    smaller set is not comparable.
 
     Args:
         model: a :class:`cusa_train.wrapper.CusaModel` (or anything with ``encode_image`` /
@@ -46,62 +44,20 @@ def evaluate_split(
 
     Returns:
         The retrieval metrics (``i2t_r1`` ... ``rsum``, ``r_mean``) of
-        :func:`cusa_train.evaluate.evaluate_features`, cross-modal only.
+        :func:`cusa_train.eval_scores.evaluate_features`, cross-modal only.
 
     Raises:
         SampleError: an image cannot be read or decoded (the message names it).
         DatasetError: the split has no images.
     """
-    from cusa_train.evaluate import evaluate_features
-
-    was_training = model.training
-    model.eval()
-    image_ids: list[str] = []
-    captions: list[str] = []
-    image_ids_of_texts: list[str] = []
-    image_rows: list[np.ndarray] = []
-    pending: list[torch.Tensor] = []
-
-    def flush_images() -> None:
-        if pending:
-            image_rows.append(model.encode_image(torch.stack(pending)).float().cpu().numpy())
-            pending.clear()
-
-    try:
-        for shard in reader.shards():
-            for sample in reader.read(shard):
-                if max_images is not None and len(image_ids) >= max_images:
-                    break
-                if sample.image is None:
-                    raise SampleError(
-                        f"cannot evaluate image {sample.image_id!r} of {reader!r}: {sample.image_error}"
-                    )
-                pending.append(preprocess_image(sample.image))
-                image_ids.append(sample.image_id)
-                for caption in sample.captions:
-                    text = (
-                        caption.decode("utf-8", errors="replace")
-                        if isinstance(caption, bytes)
-                        else caption
-                    )
-                    captions.append(caption_transform(text) if caption_transform else text)
-                    image_ids_of_texts.append(sample.image_id)
-                if len(pending) >= batch_size:
-                    flush_images()
-        flush_images()
-        if not image_ids or not captions:
-            raise DatasetError(f"{reader!r} has no images with captions to evaluate")
-        text_rows = [
-            model.encode_text(captions[s : s + batch_size]).float().cpu().numpy()
-            for s in range(0, len(captions), batch_size)
-        ]
-    finally:
-        model.train(was_training)
+    split = HeadEncoder(model, heads=("cross",), preprocess=preprocess_image).encode_reader(
+        reader, batch_size=batch_size, max_images=max_images, caption_transform=caption_transform
+    )
     report = evaluate_features(
-        np.concatenate(image_rows),
-        np.concatenate(text_rows),
-        image_ids_of_texts,
-        image_ids=image_ids,
+        split.images["cross"],
+        split.texts["cross"],
+        split.image_ids_of_texts,
+        image_ids=split.image_ids,
         unimodal=False,
     )
     return dict(report.metrics)

@@ -22,7 +22,7 @@ from cusa.extract.readers.base import (
 )
 from cusa.extract.readers.folder import FolderReader
 from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE
-from cusa.extract.readers.karpathy import KarpathyReader
+from cusa.extract.readers.karpathy import KARPATHY_SPLITS, KarpathyReader
 from cusa.extract.readers.registry import (
     DATASETS,
     DatasetEntry,
@@ -37,6 +37,7 @@ __all__ = [
     "CAPTION_ID_SEP",
     "DATASETS",
     "DEFAULT_SHARD_SIZE",
+    "KARPATHY_SPLITS",
     "AlbefReader",
     "DatasetEntry",
     "DatasetReader",

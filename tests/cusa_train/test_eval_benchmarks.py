@@ -291,7 +291,7 @@ def test_sts_errors_name_the_file(tmp_path):
 def _karpathy_coco_test(tmp_path, extra_caption: bool = True):
     """A Karpathy dataset_coco.json whose test split is the real COCO 5K ids (from the
     eccv-caption package); captions are placeholders, images are not needed to detect it."""
-    from cusa_train.evaluate import _eccv_json
+    from cusa_train.eccv import _eccv_json
 
     i2t = _eccv_json("original_image_to_caption.json")
     images = []

@@ -178,6 +178,20 @@ def test_evaluate_model_restores_training_mode_and_uses_the_model_device():
     assert HeadEncoder(model).device == torch.device("cpu")
 
 
+def test_the_trainer_and_cusa_eval_score_a_reader_alike():
+    """Per-epoch evaluation (cusa_train.validation) and evaluate_model share one encoding path."""
+    from cusa.extract.readers import open_dataset
+    from cusa_train.validation import evaluate_split
+
+    model = tiny_model()
+    reader = open_dataset("coco-sample", split="val")
+    per_epoch = evaluate_split(
+        model, reader, preprocess_image=model.student.preprocess_image, batch_size=3
+    )
+    report = evaluate_model(model, reader, batch_size=5)
+    assert "rsum" in per_epoch and per_epoch == pytest.approx({k: report[k] for k in per_epoch})
+
+
 # ---- checkpoint + CLI ---------------------------------------------------------------------
 
 
@@ -247,6 +261,58 @@ def test_cli_bad_input_exits_2_with_one_line(checkpoint, image_root, tmp_path, a
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_cli_evaluates_every_kind_of_dataset_extract_reads(checkpoint, tmp_path):
+    """`cusa eval --data` takes what `cusa extract --dataset` takes: the same images and
+    captions as webdataset tars (from `cusa shard`), a brace pattern, a plain folder or a
+    registered name with --root score exactly as the caption file does."""
+    from cusa.extract.readers import open_dataset
+
+    runner = CliRunner()
+
+    def report(*data_args: str) -> dict:
+        res = runner.invoke(app, ["eval", "--checkpoint", str(checkpoint), "--json", *data_args])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)
+
+    want = report("--data", str(coco_sample_root() / "new_val.json"))
+    assert want["counts"]["num_images"] >= 5 and "t2t_r1_usa" in want["metrics"]
+
+    shards = tmp_path / "shards"
+    res = runner.invoke(app, ["shard", "--dataset", "coco-sample", "--split", "val",
+                              "--out", str(shards), "--max-count", "3"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    tars = sorted(shards.glob("val-*.tar"))
+    assert len(tars) >= 2
+    pattern = str(shards / f"val-{{000000..{len(tars) - 1:06d}}}.tar")
+
+    folder = tmp_path / "folder"  # images + captions_val.jsonl (some captions hold newlines)
+    lines = []
+    for shard in (reader := open_dataset("coco-sample", split="val")).shards():
+        for sample in reader.read(shard):
+            (folder / "pics").mkdir(parents=True, exist_ok=True)
+            (folder / "pics" / sample.image_id).write_bytes(sample.image)
+            lines.append(json.dumps({"image": f"pics/{sample.image_id}",
+                                     "captions": sample.captions}))  # fmt: skip
+    (folder / "captions_val.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    for args in (
+        ["--data", str(shards), "--split", "val"],
+        ["--data", pattern, "--split", "val"],
+        ["--data", str(folder), "--split", "val"],
+        ["--data", "albef", "--root", str(coco_sample_root()), "--split", "val"],
+        ["--data", "coco-sample", "--split", "val"],
+    ):
+        got = report(*args)
+        assert got["metrics"] == pytest.approx(want["metrics"]), args
+        assert got["counts"] == want["counts"], args
+
+    res = runner.invoke(app, ["eval", "--checkpoint", str(checkpoint), "--data", str(shards),
+                              "--image-root", str(folder)])  # fmt: skip
+    assert res.exit_code == 2 and "--image-root is for a .json caption file" in res.output
+    res = runner.invoke(app, ["eval", "--checkpoint", str(checkpoint), "--data", "coco-sample"])
+    assert res.exit_code == 2 and "new_test.json' (splits found there: train, val)" in res.output
 
 
 def test_checkpoint_captions_default_to_how_the_student_was_trained(tmp_path):
