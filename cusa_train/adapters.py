@@ -25,6 +25,14 @@ OPEN_CLIP_HINT = "pip install open_clip_torch torchvision"
 HF_HINT = "pip install transformers"
 
 
+def hf_tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
+    """A Hugging Face tokenizer over a batch of captions: padded to the longest, truncated."""
+    enc = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 def _features(out: Any) -> Tensor:
     """transformers 4 returns a tensor from get_*_features, transformers 5 an output object."""
     return out if isinstance(out, Tensor) else out.pooler_output
@@ -157,13 +165,7 @@ class HFClipStudent(nn.Module):
                 raise ConfigError(
                     "HFClipStudent got strings but has no tokenizer; pass tokenizer= or token ids"
                 )
-            texts = self.tokenizer(
-                list(texts),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
+            texts = hf_tokenize(self.tokenizer, texts, self.max_length)
         inputs = {
             k: v.to(self.device) for k, v in texts.items() if k in ("input_ids", "attention_mask")
         }

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from cusa.errors import ConfigError, WeightsError
 from cusa.registry import Registry
+from cusa_train.adapters import HFClipStudent, hf_tokenize
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +194,7 @@ class MobileNetV2MiniLMStudent(nn.Module):
             )
         if len(texts) == 0:
             raise ConfigError("tokenize got an empty list of captions")
-        enc = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return hf_tokenize(self.tokenizer, texts, self.max_length)
 
     def encode_text(self, texts: Sequence[str] | Mapping[str, Tensor]) -> Tensor:
         """Captions (or a :meth:`tokenize` batch) -> ``(B, 384)`` mean-pooled MiniLM features."""
@@ -275,8 +269,6 @@ def _clip_checkpoint(*, weights: str | os.PathLike, freeze: Freeze = "none") -> 
 @STUDENTS.register("hf-clip")
 def _hf_clip(*, name_or_path: str, **kwargs: Any) -> nn.Module:
     """A Hugging Face ``CLIPModel`` (hub name or local folder) through :class:`HFClipStudent`."""
-    from cusa_train.adapters import HFClipStudent
-
     return HFClipStudent.from_pretrained(name_or_path, **kwargs)
 
 

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cusa.errors import ConfigError
+from cusa_train.checkpoints import load_checkpoint, save_checkpoint
 from cusa_train.config import TrainConfig
 from cusa_train.data import (
     PairDataset,
@@ -216,33 +217,6 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary name, then rename (a crash never leaves half a file)."""
-    tmp = path.with_suffix(f".{os.getpid()}.partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a trainer checkpoint with ``weights_only=True`` (no code runs from the file).
-
-    Raises:
-        ConfigError: missing or unreadable file, or not a trainer checkpoint.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"checkpoint {str(p)!r} does not exist")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several kinds for a bad file
-        raise ConfigError(f"cannot read checkpoint {str(p)!r}: {exc}") from exc
-    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
-        raise ConfigError(
-            f"{str(p)!r} is not a cusa trainer checkpoint (needs keys model, config, step)"
-        )
-    return ckpt
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cusa.errors import ConfigError
+from cusa_train.checkpoints import read_torch_file
 from cusa_train.config import LossConfig, TemperatureConfig, TemperaturePairConfig
 from cusa_train.distributed import (
     all_gather_no_grad,
@@ -407,12 +408,7 @@ def load_init_weights(model: CusaModel, path: str | os.PathLike) -> list[str]:
             tensor of another shape.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"model.init_from={str(p)!r} does not exist; give a state-dict file")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several kinds for a bad file
-        raise ConfigError(f"cannot read model.init_from={str(p)!r}: {exc}") from exc
+    obj = read_torch_file(p, "model.init_from")
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError(f"model.init_from={str(p)!r} holds no state dict of tensors")
