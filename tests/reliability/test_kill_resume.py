@@ -145,15 +145,23 @@ def _kill_actor_once(rng: random.Random, store, log_path) -> dict:
     # Ray streams every shard through the actors before most commits land, so the kill point is
     # a random time after the actor process appears (model loading, then encoding), cut short
     # when the driver is about to commit its last shard.
-    delay = rng.uniform(0.0, 6.0)
+    delay = rng.uniform(0.0, 2.5)
+    # Actor processes of an earlier driver (a previous attempt or trial) may linger for a few
+    # seconds after it was stopped: wait for them, and never count or kill one.
+    wait_until(lambda: not pids_matching(ACTOR), timeout=60)
+    stale = set(pids_matching(ACTOR))
     proc = start(_ray_cmd(store), log_path)
     victim, commits_at_kill = None, None
+
+    def ours() -> list[int]:
+        return [pid for pid in pids_matching(ACTOR) if pid not in stale]
+
     try:
-        assert wait_until(lambda: bool(pids_matching(ACTOR)), timeout=300, proc=proc), (
+        assert wait_until(lambda: bool(ours()), timeout=300, proc=proc), (
             "no Ray teacher actor process appeared; driver log:\n" + log_path.read_text()[-3000:]
         )
         wait_until(lambda: len(commit_files(store)) >= TOTAL_COMMITS - 2, timeout=delay, proc=proc)
-        actors = pids_matching(ACTOR)
+        actors = ours()
         if actors and proc.poll() is None:
             victim = rng.choice(actors)
             try:
