@@ -13,9 +13,13 @@ and the driver can reach (shared filesystem or object storage).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,7 +164,37 @@ def _only(config: Any, modality: str) -> Any:
     return replace(config, modalities=(modality,))
 
 
+@contextlib.contextmanager
+def _stderr_to_log(quiet: bool) -> Iterator[None]:
+    """Keep what Ray's C++ core prints straight to file descriptor 2 while it starts (e.g.
+    ``Set ray log level ...``) out of cusa's output; it is logged at DEBUG instead."""
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace").strip()
+            if text:
+                log.debug("Ray start-up output:\n%s", text)
+
+
 def _init_ray(address: str | None) -> Any:
+    """Start (or join) Ray with its own messages kept out of cusa's output.
+
+    Ray's Python loggers are set to ERROR (its token-authentication notice and Ray Data's
+    "Progress bars disabled" are warnings) and its C++ core to FATAL (it prints notices about
+    actor restarts straight to stderr); failures still reach the user as one-line errors. With
+    ``-v`` (DEBUG logging) Ray keeps its usual verbosity. ``RAY_BACKEND_LOG_LEVEL`` set by the
+    user is respected.
+    """
     try:
         import ray
         import ray.data  # noqa: F401  (Ray Data is an extra of ray: ray[data])
@@ -168,19 +202,25 @@ def _init_ray(address: str | None) -> Any:
         raise ConfigError(
             "--runner ray needs Ray Data: pip install 'cusa[ray]' (or use --runner local)"
         ) from exc
-    # Ray Data logs every execution plan at INFO; our own summary and progress say enough.
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    quiet = not log.isEnabledFor(logging.DEBUG)
+    level = logging.ERROR if quiet else logging.WARNING
+    if quiet:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    logging.getLogger("ray").setLevel(level)
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            ray.init(
-                include_dashboard=False,
-                log_to_driver=False,
-                num_cpus=os.cpu_count(),
-                logging_level=logging.WARNING,
-            )
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+        with _stderr_to_log(quiet):
+            if address:
+                ray.init(address=address, log_to_driver=False, logging_level=level)
+            else:
+                ray.init(
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    num_cpus=os.cpu_count(),
+                    logging_level=level,
+                )
+    # Ray Data logs every execution plan at INFO; our own summary and progress say enough.
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(level)
     return ray
 
 

@@ -13,7 +13,9 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cusa.errors import ConfigError, StoreError
@@ -29,7 +31,12 @@ log = logging.getLogger(__name__)
 
 MODALITIES = (IMAGE, TEXT)
 RUNNERS = ("auto", "local", "ray")
+DTYPES = ("float16", "float32")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+#: ``--runner auto`` picks Ray on a GPU machine only from this many images on: below it, starting
+#: Ray, its actors and a second copy of each teacher costs more than parallel decoding saves
+#: (measured in ``benchmarks/runner_auto.py`` -> ``benchmarks/results/runner_auto.json``).
+RAY_MIN_IMAGES = 20_000
 
 
 @dataclass(frozen=True)
@@ -37,9 +44,14 @@ class ExtractConfig:
     """Options of one extraction job; validated on construction.
 
     Args:
-        dataset: a registered dataset name (``coco``, ``coco-sample``...) or a path/URL.
-        root: dataset root directory for registered names that need one.
-        split: dataset split.
+        dataset: a registered dataset name (``coco``, ``coco-sample``...) or a path/URL (a
+            folder, its index file such as ``new_test.json``, tars, ``s3://``, ``pipe:``).
+        root: dataset root directory (or its index file) for registered names that need one.
+        split: dataset split; ``None``: the split an index file names (``new_test.json`` ->
+            ``test``), else ``train``.
+        name: the dataset's name in the store (``<store>/<name>/<split>/...``); default: the
+            reader's own (``albef``, ``coco``, the source named by a ``manifest.json``). Two
+            folders of one layout need different names to share a split in one store.
         store: store directory or URL (default ``$CUSA_HOME/store``).
         image_teacher / text_teacher: registered teacher names; the defaults are the paper's
             teachers, named in :mod:`cusa.extract.teachers.defaults`.
@@ -50,7 +62,7 @@ class ExtractConfig:
         dtype: stored feature dtype (``float16`` or ``float32``).
         batch_size: teacher batch size.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        runner: ``auto`` (Ray when installed), ``local`` or ``ray``.
+        runner: ``auto`` (see :func:`choose_runner`), ``local`` or ``ray``.
         ray_address: join this Ray cluster instead of starting a local one.
         actors_per_teacher: Ray actor pool size per teacher (default: from cluster resources).
         max_failures: failed samples tolerated before the job reports failure.
@@ -64,7 +76,7 @@ class ExtractConfig:
 
     dataset: str
     root: str | None = None
-    split: str = "train"
+    split: str | None = "train"
     store: str | None = None
     image_teacher: str = DEFAULT_IMAGE_TEACHER
     text_teacher: str = DEFAULT_TEXT_TEACHER
@@ -82,6 +94,7 @@ class ExtractConfig:
     raw_captions: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     allow_outside_root: bool = False
+    name: str | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - set(MODALITIES)
@@ -90,7 +103,7 @@ class ExtractConfig:
                 f"--modalities {','.join(self.modalities)!r} is invalid; use a comma-separated "
                 f"subset of {','.join(MODALITIES)}"
             )
-        if self.dtype not in ("float16", "float32"):
+        if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is invalid; use float16 or float32")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size} is invalid; it must be at least 1")
@@ -110,19 +123,136 @@ class ExtractConfig:
             raise ConfigError(
                 f"--device {self.device!r} is invalid; use auto, cpu, cuda, cuda:N or mps"
             )
+        if self.name is not None:
+            from cusa.extract.readers.registry import check_dataset_name
+
+            check_dataset_name(self.name)
 
     def teacher_names(self) -> dict[str, str]:
         names = {IMAGE: self.image_teacher, TEXT: self.text_teacher}
         return {m: names[m] for m in MODALITIES if m in self.modalities}
 
-    def resolved_runner(self) -> str:
-        if self.runner != "auto":
-            return self.runner
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            return "local"
-        return "ray"
+    def resolved_runner(self, num_images: int | None = None) -> str:
+        """The runner this job uses; ``auto`` is decided by :func:`choose_runner`."""
+        return choose_runner(self, num_images).runner
+
+
+@dataclass(frozen=True)
+class RunnerChoice:
+    """Which runner a job uses and why (printed by the CLI, kept in the summary)."""
+
+    runner: str
+    reason: str
+
+
+def _ray_installed() -> bool:
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def visible_gpus(device: str = "auto") -> int:
+    """CUDA devices this job may use: none for ``--device cpu``/``mps``, else what torch sees."""
+    if device in ("cpu", "mps"):
+        return 0
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def choose_runner(
+    config: ExtractConfig,
+    num_images: int | None,
+    *,
+    gpus: int | None = None,
+    ray_installed: bool | None = None,
+) -> RunnerChoice:
+    """Decide ``--runner auto``: local unless a cluster is given or Ray pays off.
+
+    - ``--runner local|ray``: as given.
+    - ``--ray-address``: Ray (the job is meant for that cluster).
+    - Ray not installed, no GPU visible (or ``--device cpu``), or fewer than
+      :data:`RAY_MIN_IMAGES` images: local. On one machine's CPUs the teachers are the
+      bottleneck, torch already uses every core in-process, and Ray only adds its start-up, a
+      second copy of each teacher and fractional-CPU actors (``benchmarks/results/runner_auto.json``).
+    - Otherwise (GPUs and a large or unknown-size job): Ray, whose parallel CPU read tasks keep
+      the GPUs fed where the local runner's single reader thread would not.
+
+    Args:
+        num_images: images in the job (``None`` when unknown, e.g. bare tars).
+        gpus / ray_installed: override the probes (for tests).
+    """
+    if config.runner != "auto":
+        return RunnerChoice(config.runner, f"--runner {config.runner} was given")
+    ray_ok = _ray_installed() if ray_installed is None else ray_installed
+    if config.ray_address:
+        if not ray_ok:
+            raise ConfigError(
+                f"--ray-address {config.ray_address!r} needs Ray Data: pip install 'cusa[ray]', "
+                "or drop --ray-address to run locally"
+            )
+        return RunnerChoice("ray", f"--ray-address {config.ray_address} was given")
+    if not ray_ok:
+        return RunnerChoice("local", "Ray is not installed (pip install 'cusa[ray]' for clusters)")
+    if config.device in ("cpu", "mps"):
+        n_gpus = 0
+    else:
+        n_gpus = visible_gpus(config.device) if gpus is None else gpus
+    if n_gpus == 0:
+        why = "--device cpu was given" if config.device == "cpu" else "no GPU is visible"
+        return RunnerChoice(
+            "local",
+            f"{why} and no cluster (--ray-address) was given: on one machine's CPUs the local "
+            "runner is faster than Ray; pass --runner ray to force it",
+        )
+    if num_images is not None and num_images < RAY_MIN_IMAGES:
+        return RunnerChoice(
+            "local",
+            f"a small job ({num_images:,} images, under {RAY_MIN_IMAGES:,}): starting Ray costs "
+            "more than it saves; pass --runner ray to force it",
+        )
+    size = "an unknown number of" if num_images is None else f"{num_images:,}"
+    return RunnerChoice(
+        "ray",
+        f"{n_gpus} GPU(s) and {size} images: Ray decodes in parallel CPU tasks while the "
+        "teachers run on the GPUs; pass --runner local to avoid Ray",
+    )
+
+
+def job_images(shards: list[ShardRef]) -> int | None:
+    """Images in ``shards`` when every shard knows its size, else ``None``."""
+    if all(s.num_samples is not None for s in shards):
+        return sum(int(s.num_samples or 0) for s in shards)
+    return None
+
+
+def dataset_source(config: ExtractConfig, reader: Any) -> dict[str, Any]:
+    """How to open this dataset again (recorded in each group for ``cusa report``).
+
+    Local paths are made absolute; names, URLs and ``pipe:`` commands are kept as given.
+    """
+
+    def absolute(value: str | None) -> str | None:
+        if value is None or "://" in value or value.startswith("pipe:") or "{" in value:
+            return value
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() else value
+
+    from cusa.extract.readers import DATASETS
+
+    spec = config.dataset if config.dataset in DATASETS else absolute(config.dataset)
+    return {
+        "dataset": spec,
+        "root": absolute(config.root),
+        "split": reader.split,
+        "shard_size": config.shard_size,
+        "reader": type(reader).__name__,
+    }
 
 
 @dataclass
@@ -134,6 +264,7 @@ class ExtractSummary:
     runner: str
     store: str
     groups: dict[str, str]
+    runner_reason: str = ""
     shards_total: int = 0
     shards_done: int = 0
     shards_skipped: int = 0
@@ -235,12 +366,19 @@ def open_groups(
     try:
         store = FeatureStore.open(config.store, create=True, storage_options=config.storage_options)
         groups = {}
+        source = dataset_source(config, reader)
         for kind, spec in specs.items():
             # Per modality: a caption edit concerns the text group only, not the image group.
             info = reader.manifest_info(modality=kind) if hasattr(reader, "manifest_info") else None
             manifest_hash = info["hash"] if info else reader.manifest_hash()
             groups[kind] = store.group(
-                reader.name, reader.split, spec, manifest_hash, create=True, manifest_info=info
+                reader.name,
+                reader.split,
+                spec,
+                manifest_hash,
+                create=True,
+                manifest_info=info,
+                source=source,
             )
     except StoreError:
         raise
@@ -260,8 +398,16 @@ def pending_shards(shards: list[ShardRef], groups: dict[str, FeatureGroup]) -> l
     return [s for s in shards if not all(g.is_committed(s.key) for g in groups.values())]
 
 
-def extract(config: ExtractConfig, progress: ProgressSink | None = None) -> ExtractSummary:
+def extract(
+    config: ExtractConfig,
+    progress: ProgressSink | None = None,
+    on_runner: Callable[[RunnerChoice], None] | None = None,
+) -> ExtractSummary:
     """Run the extraction job described by ``config``.
+
+    Args:
+        progress: receives progress events (the CLI draws them).
+        on_runner: called once with the runner chosen and why, before any model is loaded.
 
     Returns:
         The run summary. Per-sample failures are in each group's ledger, never dropped.
@@ -276,17 +422,23 @@ def extract(config: ExtractConfig, progress: ProgressSink | None = None) -> Extr
         root=config.root,
         split=config.split,
         shard_size=config.shard_size,
+        name=config.name,
         **options,
     )
-    runner = config.resolved_runner()
+    shards = reader.shards()
+    choice = choose_runner(config, job_images(shards))
+    runner = choice.runner
+    log.info("runner: %s (%s)", runner, choice.reason)
+    if on_runner is not None:
+        on_runner(choice)
     teachers = load_teachers(config, device="cpu" if runner == "ray" else None)
     store, groups = open_groups(config, reader, {k: t.spec for k, t in teachers.items()})
-    shards = reader.shards()
     todo = pending_shards(shards, groups)
     summary = ExtractSummary(
         dataset=reader.name,
         split=reader.split,
         runner=runner,
+        runner_reason=choice.reason,
         store=store.url,
         groups={k: g.url for k, g in groups.items()},
         shards_total=len(shards),

@@ -3,7 +3,8 @@
 Layout of a store rooted at ``ROOT`` (a directory or an fsspec URL)::
 
     ROOT/cusa_store.json                       marker: format name and layout version
-    ROOT/<dataset>/<split>/<teacher>@<fp>/     one Zarr v3 group
+    ROOT/<dataset>/<split>/<teacher>@<fp>/     one Zarr v3 group (float16 features; float32
+                                               ones live beside it in <teacher>@<fp>-float32/)
         zarr.json                              attributes["cusa"]: teacher spec, manifest hash...
         parts/<shard>.<token>/                 one committed shard: a Zarr group holding
             features  (n, D)                       uncompressed, one chunk
@@ -70,6 +71,9 @@ MAX_CHUNK_BYTES = 2**31 - 1
 SEAL_BLOCK_BYTES = 64 * 2**20
 SEAL_ATTEMPTS = 3
 DTYPES = ("float16", "float32")
+#: Groups of this dtype keep the plain ``<teacher>@<fp>`` folder; others add ``-<dtype>``, so
+#: features of one teacher in several dtypes live side by side and old stores keep their paths.
+PLAIN_DTYPE = "float16"
 MANIFEST_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
@@ -142,6 +146,25 @@ def _spec_dict(spec: Any) -> dict[str, Any]:
     if d["dtype"] not in DTYPES:
         raise ConfigError(f"unsupported feature dtype {d['dtype']!r}; use one of {DTYPES}")
     return d
+
+
+def group_leaf(teacher: str, fingerprint: str, dtype: str = PLAIN_DTYPE) -> str:
+    """The folder name of a group: ``<teacher>@<fp>``, plus ``-<dtype>`` unless float16."""
+    leaf = f"{safe_name(teacher)}@{fingerprint}"
+    return leaf if dtype == PLAIN_DTYPE else f"{leaf}-{dtype}"
+
+
+def parse_group_leaf(leaf: str) -> tuple[str, str, str | None]:
+    """``(teacher, fingerprint, dtype)`` of a group folder name; dtype None when not suffixed.
+
+    A folder without a suffix holds float16 features, or float32 ones written by cusa before
+    dtypes could live side by side.
+    """
+    name, _, rest = leaf.partition("@")
+    fp, sep, dtype = rest.rpartition("-")
+    if sep and dtype in DTYPES and dtype != PLAIN_DTYPE:
+        return name, fp, dtype
+    return name, rest, None
 
 
 def _fingerprint(spec: dict[str, Any]) -> str:
@@ -246,8 +269,49 @@ class FeatureStore:
     # -- groups -----------------------------------------------------------------------------
 
     @staticmethod
-    def group_path(dataset: str, split: str, teacher: str, fingerprint: str) -> str:
-        return f"{safe_name(dataset)}/{safe_name(split)}/{safe_name(teacher)}@{fingerprint}"
+    def group_path(
+        dataset: str, split: str, teacher: str, fingerprint: str, dtype: str = PLAIN_DTYPE
+    ) -> str:
+        """``<dataset>/<split>/<teacher>@<fp>`` (float16) or ``...@<fp>-<dtype>``."""
+        return f"{safe_name(dataset)}/{safe_name(split)}/{group_leaf(teacher, fingerprint, dtype)}"
+
+    def _group_rel(self, dataset: str, split: str, spec_d: dict[str, Any], fp: str) -> str:
+        """Where the group of this spec lives; refuses a legacy folder of another dtype.
+
+        Before dtypes could live side by side, a float32 group used the plain folder that float16
+        now uses. Such a group is still found (and resumed) by float32 runs; a float16 run is told
+        how to make room for it.
+        """
+        dtype = spec_d["dtype"]
+        rel = self.group_path(dataset, split, spec_d["name"], fp, dtype)
+        plain = self.group_path(dataset, split, spec_d["name"], fp)
+        legacy_dtype = self._recorded_dtype(plain)
+        if (
+            dtype != PLAIN_DTYPE
+            and legacy_dtype == dtype
+            and not self.fs.exists(f"{rel}/zarr.json")
+        ):
+            return plain  # a float32 group written by an older cusa: keep using it
+        if dtype == PLAIN_DTYPE and legacy_dtype not in (None, PLAIN_DTYPE):
+            moved = self.group_path(dataset, split, spec_d["name"], fp, legacy_dtype)
+            raise StoreSpecMismatchError(
+                f"{self.url.rstrip('/')}/{plain} holds {legacy_dtype} features of teacher "
+                f"{spec_d['name']!r}, written by an older cusa in the folder that {PLAIN_DTYPE} "
+                f"features now use. To keep both, rename that folder to "
+                f"{self.url.rstrip('/')}/{moved} (cusa reads it there) and run again; or extract "
+                f"with --dtype {legacy_dtype} to resume it"
+            )
+        return rel
+
+    def _recorded_dtype(self, rel: str) -> str | None:
+        """The dtype recorded by the group at ``rel``, or None when there is none (or unreadable)."""
+        if not self.fs.exists(f"{rel}/zarr.json"):
+            return None
+        try:
+            meta = self.fs.read_json(f"{rel}/zarr.json")
+            return str(meta["attributes"]["cusa"]["spec"]["dtype"])
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+            return None  # malformed: FeatureGroup reports it with the fix
 
     def group(
         self,
@@ -258,14 +322,20 @@ class FeatureStore:
         *,
         create: bool = False,
         manifest_info: dict[str, Any] | None = None,
+        source: dict[str, Any] | None = None,
     ) -> FeatureGroup:
         """Open (or create) the group for ``(dataset, split, spec)``.
+
+        Features of one teacher in float16 and float32 are two groups side by side
+        (``<teacher>@<fp>`` and ``<teacher>@<fp>-float32``).
 
         Args:
             manifest_hash: the reader's dataset manifest hash; a group recorded with another
                 one is refused (the dataset's ids, captions or shard layout changed).
             manifest_info: the reader's ``manifest_info()`` (content hash, shard size, counts),
                 recorded with the group so a refusal can say what changed and how to proceed.
+            source: how to open the dataset again (``dataset``, ``root``, ``split``...), recorded
+                in a new group so ``cusa report`` can find its pictures.
 
         Raises:
             StoreSpecMismatchError: the group exists with a different spec or dataset manifest;
@@ -274,7 +344,7 @@ class FeatureStore:
         """
         spec_d = _spec_dict(spec)
         fp = _fingerprint(spec_d)
-        rel = self.group_path(dataset, split, spec_d["name"], fp)
+        rel = self._group_rel(dataset, split, spec_d, fp)
         if manifest_hash is None and manifest_info is not None:
             manifest_hash = manifest_info.get("hash")
         attrs = {
@@ -288,6 +358,8 @@ class FeatureStore:
         }
         if manifest_info is not None:
             attrs["dataset_manifest"] = dict(manifest_info)
+        if source is not None:
+            attrs["dataset_source"] = dict(source)
         if not self.fs.exists(f"{rel}/zarr.json"):
             if not create:
                 raise StoreError(
@@ -335,36 +407,41 @@ class FeatureStore:
         """Groups whose metadata is malformed, each with the reason (see :meth:`scan`)."""
         return self.scan()[1]
 
-    def find_group(self, dataset: str, split: str, teacher: str) -> FeatureGroup:
-        """The group of ``teacher`` (a name, a fingerprint or ``name@fingerprint``).
+    def find_group(
+        self, dataset: str, split: str, teacher: str, dtype: str | None = None
+    ) -> FeatureGroup:
+        """The group of ``teacher`` (a name, a fingerprint, ``name@fingerprint`` or the group's
+        folder name such as ``name@fingerprint-float32``).
+
+        Args:
+            dtype: only groups of this dtype, when a teacher is stored in several.
 
         Raises:
-            StoreError: no such group, or the name matches several fingerprints.
+            StoreError: no such group, or the name matches several groups.
             BrokenGroupError: the only matching group is malformed; the message says how.
         """
         good, broken = self.scan()
         candidates = [g for g in good if g.dataset == dataset and g.split == split]
-        matches = [
-            g
-            for g in candidates
-            if teacher in (g.spec["name"], g.fingerprint, f"{g.spec['name']}@{g.fingerprint}")
-        ]
-        if len(matches) == 1:
-            return matches[0]
-        known = ", ".join(f"{g.spec['name']}@{g.fingerprint}" for g in candidates) or "(none)"
+        matches = [g for g in candidates if g.matches(teacher) and dtype in (None, g.spec["dtype"])]
+        exact = [g for g in matches if g.leaf == teacher]  # a folder name names one group
+        if len(matches) == 1 or len(exact) == 1:
+            return (exact or matches)[0]
+        known = ", ".join(g.label for g in candidates) or "(none)"
         if not matches:
             prefix = f"{safe_name(dataset)}/{safe_name(split)}/"
             for b in broken:
-                name, _, fp = b.rel.rsplit("/", 1)[-1].partition("@")
-                if b.rel.startswith(prefix) and teacher in (name, fp, f"{name}@{fp}"):
+                name, fp, _ = parse_group_leaf(b.rel.rsplit("/", 1)[-1])
+                leaf = b.rel.rsplit("/", 1)[-1]
+                if b.rel.startswith(prefix) and teacher in (name, fp, f"{name}@{fp}", leaf):
                     raise BrokenGroupError(b.error)
+            wanted = f"teacher {teacher!r}" + (f" in {dtype}" if dtype else "")
             raise StoreError(
-                f"store {self.url!r} has no features of teacher {teacher!r} for {dataset}/{split}; "
+                f"store {self.url!r} has no features of {wanted} for {dataset}/{split}; "
                 f"teachers there: {known}. Run `cusa extract` for it first."
             )
         raise StoreError(
             f"teacher {teacher!r} matches several groups for {dataset}/{split} in {self.url!r}: "
-            f"{known}; pass name@fingerprint"
+            f"{', '.join(g.label for g in matches)}; pass one of these names"
         )
 
 
@@ -464,6 +541,29 @@ class FeatureGroup:
         return self.attrs["dataset"]
 
     @property
+    def leaf(self) -> str:
+        """The group's folder name: ``<teacher>@<fp>`` or ``<teacher>@<fp>-<dtype>``."""
+        return self.rel.rsplit("/", 1)[-1]
+
+    @property
+    def label(self) -> str:
+        """How commands name this group: its folder name, with the dtype when not in it."""
+        return (
+            self.leaf if parse_group_leaf(self.leaf)[2] else f"{self.leaf} ({self.spec['dtype']})"
+        )
+
+    def matches(self, teacher: str) -> bool:
+        """Whether ``teacher`` names this group: name, fingerprint, ``name@fp`` or folder name."""
+        name, fp = self.spec["name"], self.fingerprint
+        return teacher in (name, fp, f"{name}@{fp}", self.leaf)
+
+    @property
+    def source(self) -> dict[str, Any] | None:
+        """How the dataset was opened when this group was created (None for older groups)."""
+        src = self.attrs.get("dataset_source")
+        return src if isinstance(src, dict) else None
+
+    @property
     def split(self) -> str:
         return self.attrs["split"]
 
@@ -507,7 +607,8 @@ class FeatureGroup:
         where = f"{self.dataset}/{self.split} in {self.url!r}"
         redo = (
             f"to re-extract, delete the group folder {self.url!r} and run the same command "
-            "again, or write to another --store"
+            "again; to keep both, give this dataset its own name in the store with --name NAME, "
+            "or write to another --store"
         )
         same_content = old.get("content_hash") and old.get("content_hash") == new.get(
             "content_hash"
@@ -1018,16 +1119,11 @@ class FeatureGroup:
             for name in ("features", "sample_id"):
                 self.fs.remove(f"{self.rel}/{name}")
 
-        manifest = self.manifest().to_pylist()
-        row_of = {sid: i for i, sid in enumerate(sorted_ids)}
-        for m in manifest:
-            m["row"] = row_of.get(m["sample_id"], -1) if m["status"] == "ok" else -1
-        manifest.sort(key=lambda m: (m["status"] != "ok", m["sample_id"]))
-        table = pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA)
+        table = _sealed_manifest(self.manifest(), sorted_ids)
         self.fs.write_bytes_atomic(f"{self.rel}/{MANIFEST}", _parquet_bytes(table))
         record = {
             "rows": n,
-            "failed": sum(1 for m in manifest if m["status"] != "ok"),
+            "failed": _failed_count(table),
             "shards": [r["shard"] for r in records],
             "chunk_rows": chunk_rows,
             "chunk_sha256": chunk_sha,
@@ -1125,6 +1221,31 @@ def _manifest_table(
         },
         schema=MANIFEST_SCHEMA,
     )
+
+
+def _sealed_manifest(manifest: pa.Table, sorted_ids: list[str]) -> pa.Table:
+    """The merged ledger with each ok sample's sealed row, ok samples first, each part by id.
+
+    Vectorised in Arrow: a million-row ledger as Python dicts would cost about 0.5 GB while sealing.
+    Both sorts are stable, and UTF-8 byte order is code point order, as in Python.
+    """
+    import pyarrow.compute as pc
+
+    ok = pc.fill_null(pc.equal(manifest["status"], "ok"), False)
+    found = pc.index_in(manifest["sample_id"], value_set=pa.array(sorted_ids, pa.string()))
+    rows = pc.if_else(ok, pc.fill_null(found.cast(pa.int64()), -1), pa.scalar(-1, pa.int64()))
+    table = manifest.set_column(manifest.schema.get_field_index("row"), "row", rows)
+    table = table.append_column("_failed", pc.invert(ok))
+    table = table.sort_by([("_failed", "ascending"), ("sample_id", "ascending")])
+    return table.drop_columns(["_failed"]).cast(MANIFEST_SCHEMA)
+
+
+def _failed_count(table: pa.Table) -> int:
+    """Ledger entries whose status is not ``ok``."""
+    import pyarrow.compute as pc
+
+    failed = pc.fill_null(pc.not_equal(table["status"], "ok"), True)
+    return int(pc.sum(failed.cast(pa.int64())).as_py() or 0)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

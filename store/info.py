@@ -73,38 +73,45 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
 
 
 def resolve_group(
-    store: FeatureStore, teacher: str, dataset: str | None = None, split: str | None = None
+    store: FeatureStore,
+    teacher: str,
+    dataset: str | None = None,
+    split: str | None = None,
+    dtype: str | None = None,
 ) -> FeatureGroup:
-    """The one group of ``teacher`` (name, fingerprint or ``name@fp``); dataset/split optional.
+    """The one group of ``teacher`` (name, fingerprint, ``name@fp`` or the group's folder name);
+    dataset, split and dtype optional.
 
-    Dataset and split may be left out when the teacher has features for only one of each.
+    Dataset and split may be left out when the teacher has features for only one of each; dtype
+    when it is stored in one dtype only.
 
     Raises:
         StoreError: no group matches, or several do; the message lists the candidates.
     """
     if dataset is not None and split is not None:
-        return store.find_group(dataset, split, teacher)
+        return store.find_group(dataset, split, teacher, dtype=dtype)
     groups = [
         g
         for g in store.groups()
-        if teacher in (g.spec["name"], g.fingerprint, f"{g.spec['name']}@{g.fingerprint}")
+        if g.matches(teacher)
         and dataset in (None, g.dataset)
         and split in (None, g.split)
+        and dtype in (None, g.spec["dtype"])
     ]
-    if len(groups) == 1:
-        return groups[0]
+    exact = [g for g in groups if g.leaf == teacher]  # a folder name names one group per split
+    if len(groups) == 1 or len(exact) == 1:
+        return (exact or groups)[0]
     if not groups:
-        known = sorted(
-            {f"{g.spec['name']}@{g.fingerprint} ({g.dataset}/{g.split})" for g in store.groups()}
-        )
+        known = sorted({f"{g.label} ({g.dataset}/{g.split})" for g in store.groups()})
         raise StoreError(
             f"store {store.url!r} has no features of teacher {teacher!r}"
             + (f" for dataset {dataset!r}" if dataset else "")
             + (f" split {split!r}" if split else "")
+            + (f" in {dtype}" if dtype else "")
             + f"; groups there: {', '.join(known) or '(none)'}"
         )
-    where = ", ".join(f"{g.spec['name']}@{g.fingerprint} ({g.dataset}/{g.split})" for g in groups)
+    where = ", ".join(f"{g.label} ({g.dataset}/{g.split})" for g in groups)
     raise StoreError(
         f"teacher {teacher!r} matches several groups in {store.url!r}: {where}; "
-        "pass --dataset and --split (or name@fingerprint) to choose one"
+        "pass --dataset and --split, or one of these names as --teacher, to choose one"
     )

@@ -8,6 +8,7 @@ on one machine share the same page-cache pages instead of holding per-process co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -77,16 +78,20 @@ class FeatureLookup:
         teacher: str,
         expected_spec: Any | None = None,
         cache_dir: str | os.PathLike | None = None,
+        dtype: str | None = None,
     ) -> FeatureLookup:
-        """Open the features of ``teacher`` (name, fingerprint or ``name@fp``) for a split.
+        """Open the features of ``teacher`` for a split.
 
         Args:
+            teacher: a name, a fingerprint, ``name@fp``, or the group's folder name
+                (``name@fp-float32``) when the teacher is stored in several dtypes.
             expected_spec: when given (a TeacherSpec or dict), refuse a store whose recorded spec
                 differs, naming the fields.
             cache_dir: where segments of a remote store are copied before mapping.
+            dtype: pick the group of this dtype when the teacher is stored in several.
         """
         fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        group = fs.find_group(dataset, split, teacher)
+        group = fs.find_group(dataset, split, teacher, dtype=dtype)
         if expected_spec is not None:
             from cusa.extract.teachers.spec import format_spec_diff, spec_diff
 
@@ -192,7 +197,11 @@ class FeatureLookup:
             return fs.local_path(seg.rel)
         # Object storage: copy each immutable segment once, named by its content hash.
         target = self._cache_dir / f"{seg.sha256}.bin"
-        if not target.exists():
+        if target.exists():
+            # Mark it used now, so `cusa cache clean --older-than` keeps what is still read.
+            with contextlib.suppress(OSError):
+                os.utime(target)
+        else:
             target.parent.mkdir(parents=True, exist_ok=True)
             data = fs.read_bytes(seg.rel)
             if hashlib.sha256(data).hexdigest() != seg.sha256:

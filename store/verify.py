@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 # |‖x‖ - 1| allowed for normalised features. fp16 keeps 11 significant bits, so each element
 # carries a relative rounding error up to 2**-11 and a 768-d norm drifts by ~1e-3 at worst.
 NORM_TOLERANCE = {"float16": 1e-2, "float32": 1e-3}
-# Rows checked per step, so verifying a large group needs bounded float32 scratch memory.
-_BLOCK_ROWS = 65536
+# Bytes of float32 scratch per step (rows = this // (dim * 4)): verifying a group reads each chunk
+# file block by block, so its memory is bounded by this, not by the chunk (up to 2 GiB) or N.
+_BLOCK_BYTES = 64 * 2**20
 # How many sample ids an error message lists before it says "and N more".
 _PREVIEW = 5
 
@@ -299,7 +300,14 @@ def _check_spec(group: FeatureGroup, report: VerifyReport) -> bool:
     if missing:
         report.errors.append(f"{rel}: teacher spec in the attributes lacks fields {missing}")
         return False
-    path_name, _, path_fp = rel.rsplit("/", 1)[-1].partition("@")
+    from cusa.store.feature_store import parse_group_leaf
+
+    path_name, path_fp, path_dtype = parse_group_leaf(rel.rsplit("/", 1)[-1])
+    if path_dtype is not None and spec.get("dtype") != path_dtype:
+        report.errors.append(
+            f"{rel}: spec/attrs mismatch: the path names dtype {path_dtype!r} but the "
+            f"attributes record {spec.get('dtype')!r}"
+        )
     recomputed = spec_fingerprint(spec)
     if recomputed != path_fp or attrs.get("fingerprint") != path_fp:
         report.errors.append(
@@ -506,26 +514,39 @@ def _check_unit(group: FeatureGroup, unit: _Unit, report: VerifyReport, check_ha
             f"{_preview(unit.ids)} are unreadable — re-extract the shard"
         )
         return
-    data = fs.read_bytes(seg.rel)
-    if check_hashes and hashlib.sha256(data).hexdigest() != seg.sha256:
-        report.errors.append(
-            f"{where}: chunk file {fs.path(seg.rel)!r} does not match the SHA-256 recorded in "
-            f"{unit.record}; its bytes changed after the commit"
-        )
-    arr = np.frombuffer(data, dtype=group.dtype).reshape(seg.rows, group.dim)
     ids = unit.ids if len(unit.ids) == seg.rows else [f"row {i}" for i in range(seg.rows)]
     nonfinite: list[str] = []
     off_norm: list[tuple[str, float]] = []
     normalized = bool(group.spec.get("normalized", False))
     tol = NORM_TOLERANCE.get(group.dtype.name, 1e-3)
-    for start in range(0, seg.rows, _BLOCK_ROWS):
-        block = arr[start : start + _BLOCK_ROWS].astype(np.float32)  # (b, D)
-        finite = np.isfinite(block).all(axis=1)
-        nonfinite += [ids[start + i] for i in np.flatnonzero(~finite)]
-        if normalized:
-            norms = np.linalg.norm(np.where(np.isfinite(block), block, 0), axis=1)
-            bad = np.flatnonzero(finite & (np.abs(norms - 1.0) > tol))
-            off_norm += [(ids[start + i], float(norms[i])) for i in bad]
+    row_bytes = group.dim * group.dtype.itemsize
+    block_rows = max(1, _BLOCK_BYTES // (group.dim * 4))
+    digest = hashlib.sha256()
+    with fs.fs.open(fs.path(seg.rel), "rb") as fh:  # streamed: never the whole chunk in memory
+        for start in range(0, seg.rows, block_rows):
+            n = min(block_rows, seg.rows - start)
+            raw = fh.read(n * row_bytes)
+            if len(raw) != n * row_bytes:
+                report.errors.append(
+                    f"{where}: chunk file {fs.path(seg.rel)!r} ended after {start * row_bytes + len(raw)} "
+                    f"of {expected} bytes while it was read; it is truncated — re-extract the shard"
+                )
+                return
+            digest.update(raw)
+            block = np.frombuffer(raw, dtype=group.dtype).reshape(n, group.dim).astype(np.float32)
+            finite = np.isfinite(block).all(axis=1)  # (b,)
+            nonfinite += [ids[start + i] for i in np.flatnonzero(~finite)]
+            if normalized:
+                with np.errstate(all="ignore"):  # rows with NaN/inf are reported above
+                    norms = np.linalg.norm(block, axis=1)
+                bad = np.flatnonzero(finite & (np.abs(norms - 1.0) > tol))
+                off_norm += [(ids[start + i], float(norms[i])) for i in bad]
+            del raw, block
+    if check_hashes and digest.hexdigest() != seg.sha256:
+        report.errors.append(
+            f"{where}: chunk file {fs.path(seg.rel)!r} does not match the SHA-256 recorded in "
+            f"{unit.record}; its bytes changed after the commit"
+        )
     if nonfinite:
         report.errors.append(
             f"{where}: NaN/inf features for {len(nonfinite)} sample(s): {_preview(nonfinite)}"

@@ -53,7 +53,9 @@ def heatmaps(
         ax.set_xlabel("target", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
         if annotate_diagonal and b <= 64:
-            ax.plot(np.arange(b), np.arange(b), "s", mfc="none", mec="white", ms=max(2, 80 / b), mew=0.6)
+            ax.plot(
+                np.arange(b), np.arange(b), "s", mfc="none", mec="white", ms=max(2, 80 / b), mew=0.6
+            )
     fig.tight_layout()
     return figure_png(fig)
 
@@ -82,7 +84,9 @@ def label_distributions(
         ax.set_xticks(np.arange(series[0][1].shape[1]))
     axes[0, 0].set_ylabel("probability", fontsize=8)
     handles, names = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, names, fontsize=7, ncol=len(series), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.legend(
+        handles, names, fontsize=7, ncol=len(series), loc="lower center", bbox_to_anchor=(0.5, 1.0)
+    )
     fig.tight_layout()
     return figure_png(fig)
 
@@ -106,7 +110,7 @@ def curves(
     ncols = max(1, min(ncols, len(names)))
     nrows = (len(names) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False)
-    for ax in axes.flat[len(names):]:
+    for ax in axes.flat[len(names) :]:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, names, strict=False):
         positive = True
@@ -142,11 +146,20 @@ def embedding_scatter(
         colors = np.array([cmap(order[g] % 20) for g in groups]).reshape(-1, 4)
         cap = np.asarray(is_caption, dtype=bool)
         if (~cap).any():
-            ax.scatter(xy[~cap, 0], xy[~cap, 1], c=colors[~cap], marker="o", s=36,
-                       edgecolors="black", linewidths=0.5, label="image")
+            ax.scatter(
+                xy[~cap, 0],
+                xy[~cap, 1],
+                c=colors[~cap],
+                marker="o",
+                s=36,
+                edgecolors="black",
+                linewidths=0.5,
+                label="image",
+            )
         if cap.any():
-            ax.scatter(xy[cap, 0], xy[cap, 1], c=colors[cap], marker="^", s=18, alpha=0.85,
-                       label="caption")
+            ax.scatter(
+                xy[cap, 0], xy[cap, 1], c=colors[cap], marker="^", s=18, alpha=0.85, label="caption"
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -68,6 +68,8 @@ class ReportOptions:
         max_index_rows: above this many rows a group's kNN index holds a random subset.
         tsne_points: rows at most in each t-SNE panel.
         thumb_side: thumbnail size in pixels.
+        find_dataset: without ``dataset``, open the dataset the store recorded at extraction
+            (False: show sample ids only).
     """
 
     batch_size: int = 16
@@ -81,14 +83,24 @@ class ReportOptions:
     max_index_rows: int = 200_000
     tsne_points: int = 1500
     thumb_side: int = THUMB_SIDE
+    find_dataset: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
-            raise ConfigError(f"batch_size={self.batch_size!r}: a soft-label batch needs at least 2 images")
+            raise ConfigError(
+                f"batch_size={self.batch_size!r}: a soft-label batch needs at least 2 images"
+            )
         if not self.tau > 0:
             raise ConfigError(f"tau={self.tau!r} must be > 0 (soft labels are softmax(cos / tau))")
-        for name in ("pool_size", "false_negatives", "queries", "neighbours", "max_index_rows",
-                     "tsne_points", "thumb_side"):
+        for name in (
+            "pool_size",
+            "false_negatives",
+            "queries",
+            "neighbours",
+            "max_index_rows",
+            "tsne_points",
+            "thumb_side",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
         if self.pool_size < self.batch_size:
@@ -119,7 +131,9 @@ def build_report(
         store: a store path/URL, an open :class:`FeatureStore`, or None for the default store.
         out_html: the page to write (its folder is created).
         dataset: dataset name or path for :func:`cusa.extract.readers.open_dataset`; it supplies
-            thumbnails and caption text. Without it the page shows sample ids only and says why.
+            thumbnails and caption text. Default: the dataset the store's groups recorded when
+            they were extracted (name, or path with root and split), when it can be opened here;
+            otherwise the page shows sample ids only and says why.
         split: the split to show; default: the store's only split for the dataset, else ``train``.
         run: a run directory (with ``metrics.jsonl``) or JSONL file; several as a list or
             ``{label: path}`` to overlay them (``"LABEL=PATH"`` strings also carry a label).
@@ -144,8 +158,9 @@ def build_report(
     from dataclasses import replace
 
     base = options or ReportOptions()
-    opts = replace(base, batch_size=batch_size, seed=seed, tau=tau,
-                   pool_size=max(base.pool_size, batch_size))
+    opts = replace(
+        base, batch_size=batch_size, seed=seed, tau=tau, pool_size=max(base.pool_size, batch_size)
+    )
     runs = as_labelled(run, "run")
     evals = as_labelled(eval_json, "eval JSON")
     embeds = as_labelled(embeddings, "features file")
@@ -263,8 +278,11 @@ class _Page:
     batch: list[str] = field(default_factory=list)  # image ids of the soft-label batch
     batch_captions: list[str] = field(default_factory=list)  # one caption id per batch image
     training: str = ""
-    _caption_ids: dict[str, list[str]] = field(default_factory=dict)  # image -> caption ids with text feats
+    _caption_ids: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # image -> caption ids with text feats
     _bodies: dict[str, str] = field(default_factory=dict)
+    _unreachable: str = ""  # why the dataset the store records could not be opened
 
     # -- data -------------------------------------------------------------------------------
 
@@ -289,7 +307,9 @@ class _Page:
         else:
             pairs = sorted({(g.dataset, g.split) for g in groups if split in (None, g.split)})
             if split is not None and groups and not pairs:
-                raise ConfigError(f"store {self.fs.url!r} has no split {split!r}; it holds {self._pairs(groups)}")
+                raise ConfigError(
+                    f"store {self.fs.url!r} has no split {split!r}; it holds {self._pairs(groups)}"
+                )
             if pairs:
                 self.dataset, split = pairs[0]
                 if len(pairs) > 1:
@@ -299,6 +319,7 @@ class _Page:
                         "<code>--dataset</code>/<code>--split</code> to choose another."
                     )
             chosen = [g for g in groups if (g.dataset, g.split) == (self.dataset, split)]
+            reader = self._recorded_reader(chosen) if self.opts.find_dataset else None
         self.split = split
         for g in chosen:
             lookup = FeatureLookup(g)
@@ -314,24 +335,76 @@ class _Page:
 
         if reader is not None:
             self.view = DatasetView.from_reader(
-                reader, self.opts.pool_size, self.opts.seed, keep=with_features or None,
+                reader,
+                self.opts.pool_size,
+                self.opts.seed,
+                keep=with_features or None,
                 max_side=self.opts.thumb_side,
             )
         else:
+            if self._unreachable:
+                why = self._unreachable + " "
+            elif self.opts.find_dataset and self.info.get("groups"):
+                why = "No dataset was given and the store records none that can be opened here, "
+            else:
+                why = "No dataset was given, "
             self.view = DatasetView.without_dataset(
-                "No dataset was given, so this page shows sample ids instead of thumbnails and "
-                "caption text. Pass <code>--dataset NAME_OR_PATH</code> (and <code>--root DIR</code> "
-                "for datasets that need one) to see the pictures; they are made from the dataset "
-                "and embedded, originals are never copied."
+                why + "so this page shows sample ids instead of thumbnails and caption text. Pass "
+                "<code>--dataset NAME_OR_PATH</code> (and <code>--root DIR</code> for datasets "
+                "that need one) to see the pictures; they are made from the dataset and "
+                "embedded, originals are never copied."
             )
             rng = np.random.default_rng(self.opts.seed)
             ids = sorted(with_features)
             take = min(len(ids), self.opts.pool_size)
-            self.view.pool = [ids[i] for i in rng.choice(len(ids), take, replace=False)] if take else []
+            self.view.pool = (
+                [ids[i] for i in rng.choice(len(ids), take, replace=False)] if take else []
+            )
         if not self.text_teachers:
             # No text features: captions come from the dataset, when one was given.
             self._caption_ids = {i: list(c) for i, c in self.view.image_captions.items()}
         self._choose_batch()
+
+    def _recorded_reader(self, groups: Sequence[FeatureGroup]) -> Any:
+        """The dataset the store recorded for these groups, opened again; None when it cannot be.
+
+        Groups written since the dataset source is recorded name it (the registered name or the
+        absolute path, root and split of ``cusa extract``). Older groups of a registered dataset
+        that needs no root (``coco-sample``) are opened by name.
+        """
+        from cusa.errors import CusaError
+        from cusa.extract.readers import DATASETS, open_dataset
+
+        sources = [g.source for g in groups if g.source]
+        if sources:
+            src = sources[0]
+            spec, root, split = src.get("dataset"), src.get("root"), src.get("split")
+            if str(spec).startswith("pipe:") or str(root).startswith("pipe:"):
+                # Never run a shell command read from a (shared, writable) store's attributes.
+                self._unreachable = (
+                    f"The store records the dataset as the shell command <code>{_e(spec)}</code>, "
+                    "which a report does not run by itself,"
+                )
+                return None
+            try:
+                reader = open_dataset(str(spec), root=root, split=split)
+                log.info("report: images from the recorded dataset %s (root %s)", spec, root)
+                return reader
+            except (CusaError, OSError) as exc:
+                where = f"{spec}" + (f" (root {root})" if root else "")
+                self._unreachable = (
+                    f"The store records the dataset as <code>{_e(where)}</code>, but it cannot "
+                    f"be opened here ({_e(str(exc)[:300])}),"
+                )
+                return None
+        if groups:
+            name = groups[0].dataset
+            if name in DATASETS and not DATASETS.get(name).needs_root:
+                try:
+                    return open_dataset(name, split=groups[0].split)
+                except (CusaError, OSError):
+                    return None
+        return None
 
     @staticmethod
     def _pairs(groups: Sequence[FeatureGroup]) -> str:
@@ -339,7 +412,9 @@ class _Page:
 
     @staticmethod
     def _default_split(groups: Sequence[FeatureGroup], dataset: str) -> str:
-        splits = sorted({g.split for g in groups if g.dataset == dataset}) or sorted({g.split for g in groups})
+        splits = sorted({g.split for g in groups if g.dataset == dataset}) or sorted(
+            {g.split for g in groups}
+        )
         if len(splits) == 1:
             return splits[0]
         return "train" if "train" in splits or not splits else splits[0]
@@ -376,7 +451,12 @@ class _Page:
         if not self.view.has_images:
             return f'<div class="{cls} nothumb" title="{_e(image_id)}">{_e(_short(image_id))}</div>'
         reason = self.view.thumb_errors.get(image_id)
-        return _img(self.view.thumb(image_id), image_id, cls, title=f"{image_id}: {reason}" if reason else image_id)
+        return _img(
+            self.view.thumb(image_id),
+            image_id,
+            cls,
+            title=f"{image_id}: {reason}" if reason else image_id,
+        )
 
     # -- sections -----------------------------------------------------------------------------
 
@@ -399,22 +479,29 @@ class _Page:
             "</dl>",
         ]
         if not groups:
-            out.append(_note("This store holds no features yet. Fill it with "
-                             "<code>cusa extract --dataset NAME --store PATH</code>.", "warn"))
+            out.append(
+                _note(
+                    "This store holds no features yet. Fill it with "
+                    "<code>cusa extract --dataset NAME --store PATH</code>.",
+                    "warn",
+                )
+            )
             return "\n".join(out)
-        out.append('<table class="data"><thead><tr><th>dataset / split</th><th>teacher</th>'
-                   "<th>modality</th><th>rows</th><th>dim</th><th>dtype</th><th>failed</th>"
-                   "<th>state</th><th>size</th></tr></thead><tbody>")
+        out.append(
+            '<table class="data"><thead><tr><th>dataset / split</th><th>teacher</th>'
+            "<th>modality</th><th>rows</th><th>dim</th><th>dtype</th><th>failed</th>"
+            "<th>state</th><th>size</th></tr></thead><tbody>"
+        )
         for g in groups:
             state = "sealed" if g["sealed"] else f"{g['committed_shards']} shard(s) committed"
             failed_cls = ' class="bad"' if g["failed"] else ""
             out.append(
                 f"<tr><td>{_e(g['dataset'])}/{_e(g['split'])}</td>"
-                f"<td><b>{_e(g['teacher'])}</b><br><span class=\"id\">@{_e(g['fingerprint'])}</span></td>"
-                f"<td>{_e(g['modality'] or '?')}</td><td class=\"num\">{g['rows']:,}</td>"
-                f"<td class=\"num\">{g['dim']}</td><td>{_e(g['dtype'])}</td>"
-                f"<td class=\"num\"{failed_cls}>{g['failed']:,}</td><td>{_e(state)}</td>"
-                f"<td class=\"num\">{_size(g['size_bytes'])}</td></tr>"
+                f'<td><b>{_e(g["teacher"])}</b><br><span class="id">@{_e(g["fingerprint"])}</span></td>'
+                f'<td>{_e(g["modality"] or "?")}</td><td class="num">{g["rows"]:,}</td>'
+                f'<td class="num">{g["dim"]}</td><td>{_e(g["dtype"])}</td>'
+                f'<td class="num"{failed_cls}>{g["failed"]:,}</td><td>{_e(state)}</td>'
+                f'<td class="num">{_size(g["size_bytes"])}</td></tr>'
             )
         out.append("</tbody></table>")
 
@@ -428,51 +515,76 @@ class _Page:
             spec = dict(g["spec"])
             pre = spec.pop("preprocessing", {})
             versions = spec.pop("library_versions", {})
-            rows = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in spec.items())
+            rows = "".join(
+                f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in spec.items()
+            )
             out.append(
                 f'<details class="spec"><summary><b>{_e(g["teacher"])}</b> '
                 f'<span class="id">@{_e(g["fingerprint"])}</span> — {_e(spec.get("model", ""))}, '
                 f"{_e(spec.get('dim'))}-d {_e(spec.get('output_kind', ''))}</summary>"
                 f'<table class="kv">{rows}</table>'
                 f"<p>Preprocessing</p><pre>{_e(json.dumps(pre, indent=2, sort_keys=True))}</pre>"
-                + (f"<p>Library versions</p><pre>{_e(json.dumps(versions, sort_keys=True))}</pre>" if versions else "")
+                + (
+                    f"<p>Library versions</p><pre>{_e(json.dumps(versions, sort_keys=True))}</pre>"
+                    if versions
+                    else ""
+                )
                 + "</details>"
             )
 
         out.append("<h3>Failure ledger</h3>")
-        failed_groups = [g for g in self.fs.groups() if g.url in {x["url"] for x in groups if x["failed"]}]
+        failed_groups = [
+            g for g in self.fs.groups() if g.url in {x["url"] for x in groups if x["failed"]}
+        ]
         if not failed_groups:
-            out.append(_note("No failures: every sample read produced features for every teacher.", "ok"))
+            out.append(
+                _note("No failures: every sample read produced features for every teacher.", "ok")
+            )
         limit = 50
         for group in failed_groups:
             fails = group.failures()
-            out.append(f"<p><b>{_e(group.spec['name'])}</b> on {_e(group.dataset)}/{_e(group.split)}: "
-                       f"{len(fails):,} sample(s) without features</p>")
-            out.append('<table class="data"><thead><tr><th>sample id</th><th>shard</th><th>reason</th>'
-                       "</tr></thead><tbody>")
+            out.append(
+                f"<p><b>{_e(group.spec['name'])}</b> on {_e(group.dataset)}/{_e(group.split)}: "
+                f"{len(fails):,} sample(s) without features</p>"
+            )
+            out.append(
+                '<table class="data"><thead><tr><th>sample id</th><th>shard</th><th>reason</th>'
+                "</tr></thead><tbody>"
+            )
             for f in fails[:limit]:
-                out.append(f"<tr><td><code>{_e(f['sample_id'])}</code></td><td>{_e(f['shard'])}</td>"
-                           f"<td>{_e(f['error'] or '')}</td></tr>")
+                out.append(
+                    f"<tr><td><code>{_e(f['sample_id'])}</code></td><td>{_e(f['shard'])}</td>"
+                    f"<td>{_e(f['error'] or '')}</td></tr>"
+                )
             out.append("</tbody></table>")
             if len(fails) > limit:
-                out.append(_note(f"…and {len(fails) - limit:,} more; see <code>cusa store info</code>."))
+                out.append(
+                    _note(f"…and {len(fails) - limit:,} more; see <code>cusa store info</code>.")
+                )
         return "\n".join(out)
 
     def soft_label_section(self) -> str:
         if not (self.image_teachers or self.text_teachers):
-            return _note("No features for this dataset split, so there are no soft labels to show.", "warn")
+            return _note(
+                "No features for this dataset split, so there are no soft labels to show.", "warn"
+            )
         if len(self.batch) < 2:
-            return _note(f"Only {len(self.batch)} image(s) have features from every teacher; a batch "
-                         "needs at least 2.", "warn")
+            return _note(
+                f"Only {len(self.batch)} image(s) have features from every teacher; a batch "
+                "needs at least 2.",
+                "warn",
+            )
         tau = self.opts.tau
         b = len(self.batch)
-        out = [_note(
-            f"A random batch of {b} image-caption pairs (seed {self.opts.seed}). Soft labels are "
-            f"<code>softmax(cos / τ)</code> over the teacher's in-batch cosine similarities with "
-            f"τ = {tau:g}; CSA aligns the student's image-to-text distribution with them and USA its "
-            "image-to-image and text-to-text ones. The dataset's own labels are one-hot (the outlined "
-            "diagonal)."
-        )]
+        out = [
+            _note(
+                f"A random batch of {b} image-caption pairs (seed {self.opts.seed}). Soft labels are "
+                f"<code>softmax(cos / τ)</code> over the teacher's in-batch cosine similarities with "
+                f"τ = {tau:g}; CSA aligns the student's image-to-text distribution with them and USA its "
+                "image-to-image and text-to-text ones. The dataset's own labels are one-hot (the outlined "
+                "diagonal)."
+            )
+        ]
         sims, labels = [], [("one-hot (dataset)", np.eye(b, dtype=np.float32))]
         stats = []
         if self.image_teachers:
@@ -492,13 +604,17 @@ class _Page:
         cells = []
         for k, (i, c) in enumerate(zip(self.batch, self.batch_captions, strict=True)):
             cap = self.caption(c) if c else '<span class="id">(no caption)</span>'
-            cells.append(f'<figure class="cell"><span class="idx">{k}</span>{self.thumb(i)}'
-                         f"<figcaption>{cap}</figcaption></figure>")
+            cells.append(
+                f'<figure class="cell"><span class="idx">{k}</span>{self.thumb(i)}'
+                f"<figcaption>{cap}</figcaption></figure>"
+            )
         out.append(f'<div class="grid">{"".join(cells)}</div>')
         out.append("<h3>Labels: one-hot and soft</h3>")
         out.append(_plot(plots.heatmaps(labels, cmap="viridis"), "one-hot and soft labels"))
         rows = [0, 1, 2][: min(3, b)]
-        out.append(_plot(plots.label_distributions(rows, labels), "label distributions of three queries"))
+        out.append(
+            _plot(plots.label_distributions(rows, labels), "label distributions of three queries")
+        )
         items = []
         for name, cos, lab in stats:
             off = cos[~np.eye(b, dtype=bool)]
@@ -510,9 +626,13 @@ class _Page:
             )
         out.append(f"<ul>{''.join(items)}</ul>")
         if not self.image_teachers:
-            out.append(_note("No image teacher in this store: only the text-side soft labels are shown."))
+            out.append(
+                _note("No image teacher in this store: only the text-side soft labels are shown.")
+            )
         if not self.text_teachers:
-            out.append(_note("No text teacher in this store: only the image-side soft labels are shown."))
+            out.append(
+                _note("No text teacher in this store: only the image-side soft labels are shown.")
+            )
         return "\n".join(out)
 
     def false_negative_section(self) -> str:
@@ -523,11 +643,17 @@ class _Page:
         images = [i for i in self._eligible() if self._caption_ids.get(i) or tt is None]
         caps = [c for i in images for c in self._caption_ids.get(i, [])]
         if len(images) < 2:
-            return _note(f"Only {len(images)} image(s) in the pool have the features needed; "
-                         "false negatives need at least 2.", "warn")
+            return _note(
+                f"Only {len(images)} image(s) in the pool have the features needed; "
+                "false negatives need at least 2.",
+                "warn",
+            )
         if not caps:
-            return _note("The store has no text features and no dataset was given, so the images "
-                         "have no captions to pair with. Pass <code>--dataset</code>.", "warn")
+            return _note(
+                "The store has no text features and no dataset was given, so the images "
+                "have no captions to pair with. Pass <code>--dataset</code>.",
+                "warn",
+            )
         n, m = len(images), len(caps)
         col = {i: k for k, i in enumerate(images)}
         owner = np.array([col[_image_of(c)] for c in caps])  # (m,) image index of each caption
@@ -538,8 +664,10 @@ class _Page:
             s = f @ f.T  # (n, n) image-image cosine under the image teacher
             img_score = s[:, owner].T  # (m, n): image i vs the image of caption c
             parts.append(img_score)
-            used.append(f"the image teacher <b>{_e(it.name)}</b> rates image <i>i</i> close to the image "
-                        "that caption <i>c</i> belongs to")
+            used.append(
+                f"the image teacher <b>{_e(it.name)}</b> rates image <i>i</i> close to the image "
+                "that caption <i>c</i> belongs to"
+            )
         if tt is not None:
             t = tt.feats(caps)  # (m, d)
             mean = np.zeros((n, t.shape[1]), dtype=np.float32)
@@ -547,8 +675,10 @@ class _Page:
             mean /= np.bincount(owner, minlength=n)[:, None]
             txt_score = t @ mean.T  # (m, n): mean cosine of caption c to the captions of image i
             parts.append(txt_score)
-            used.append(f"the text teacher <b>{_e(tt.name)}</b> rates caption <i>c</i> close to the "
-                        "captions of image <i>i</i>")
+            used.append(
+                f"the text teacher <b>{_e(tt.name)}</b> rates caption <i>c</i> close to the "
+                "captions of image <i>i</i>"
+            )
         score = np.mean(parts, axis=0)  # (m, n)
         score[np.arange(m), owner] = -np.inf  # the dataset's own pairs are not negatives
         order = np.argsort(-score, axis=None)
@@ -567,16 +697,22 @@ class _Page:
             picks.append((c, i))
             if len(picks) >= self.opts.false_negatives:
                 break
-        out = [_note(
-            f"Pairs (image <i>i</i>, caption <i>c</i>) that the dataset labels as non-matching, "
-            f"scored over {n} pooled images and {m} captions: {' and '.join(used)}"
-            + (" (score = mean of both cosines)" if len(parts) == 2 else "")
-            + ". The best caption per image pair is shown, highest score first. These are the "
-              "missing inter-modal matches that soft labels recover."
-        )]
+        out = [
+            _note(
+                f"Pairs (image <i>i</i>, caption <i>c</i>) that the dataset labels as non-matching, "
+                f"scored over {n} pooled images and {m} captions: {' and '.join(used)}"
+                + (" (score = mean of both cosines)" if len(parts) == 2 else "")
+                + ". The best caption per image pair is shown, highest score first. These are the "
+                "missing inter-modal matches that soft labels recover."
+            )
+        ]
         if len(parts) == 1:
             which = "text" if tt is None else "image"
-            out.append(_note(f"This store has no {which} teacher, so pairs are ranked by one teacher only."))
+            out.append(
+                _note(
+                    f"This store has no {which} teacher, so pairs are ranked by one teacher only."
+                )
+            )
         cards = []
         for rank, (c, i) in enumerate(picks, 1):
             j = images[owner[c]]
@@ -593,7 +729,11 @@ class _Page:
                 f'<p class="meta">labelled as a caption of {self.thumb(j, "mini")} '
                 f'<span class="id">{_e(j)}</span></p>'
                 f'<p class="meta">scores: {" · ".join(scores)}</p>'
-                + (f'<p class="meta">image\'s own caption: {self.caption(own[0])}</p>' if own else "")
+                + (
+                    f'<p class="meta">image\'s own caption: {self.caption(own[0])}</p>'
+                    if own
+                    else ""
+                )
                 + "</div></div>"
             )
         out.append(f'<div class="fns">{"".join(cards)}</div>')
@@ -602,7 +742,9 @@ class _Page:
     def neighbour_section(self) -> str:
         teachers = self.image_teachers + self.text_teachers
         if not teachers:
-            return _note("No features for this dataset split, so there are no neighbours to show.", "warn")
+            return _note(
+                "No features for this dataset split, so there are no neighbours to show.", "warn"
+            )
         k = self.opts.neighbours
         rng = np.random.default_rng(self.opts.seed + 1)
         blocks, needed = [], set()
@@ -612,20 +754,29 @@ class _Page:
             else:
                 cands = [c for c in self.batch_captions if c and c in t.lookup]
                 if not cands:
-                    cands = [c for i in self.view.pool for c in self._caption_ids.get(i, [])[:1] if c in t.lookup]
+                    cands = [
+                        c
+                        for i in self.view.pool
+                        for c in self._caption_ids.get(i, [])[:1]
+                        if c in t.lookup
+                    ]
             q = min(self.opts.queries, len(cands))
-            queries = [cands[x] for x in sorted(rng.choice(len(cands), q, replace=False))] if q else []
+            queries = (
+                [cands[x] for x in sorted(rng.choice(len(cands), q, replace=False))] if q else []
+            )
             index, note = self._index(t, queries)
             hits = index.search_ids(queries, k) if queries else []
             blocks.append((t, queries, hits, note))
             for qid, row in zip(queries, hits, strict=True):
                 needed.update(_image_of(x) for x in [qid, *(h for h, _ in row)])
         self.view.ensure(needed, self.opts.max_scan)
-        out = [_note(
-            f"For {self.opts.queries} query images and captions, their {k} nearest neighbours within "
-            "the same modality under each teacher (cosine similarity, exact faiss search). "
-            "Neighbours from the query's own image are marked."
-        )]
+        out = [
+            _note(
+                f"For {self.opts.queries} query images and captions, their {k} nearest neighbours within "
+                "the same modality under each teacher (cosine similarity, exact faiss search). "
+                "Neighbours from the query's own image are marked."
+            )
+        ]
         for t, queries, hits, note in blocks:
             out.append(f"<h3>{_e(t.modality)} teacher {_e(t.name)}</h3>")
             if note:
@@ -635,19 +786,27 @@ class _Page:
             for qid, row in zip(queries, hits, strict=True):
                 out.append('<div class="nn-row">')
                 if t.modality == "image":
-                    out.append(f'<figure class="cell query">{self.thumb(qid)}'
-                               "<figcaption><b>query</b></figcaption></figure>")
+                    out.append(
+                        f'<figure class="cell query">{self.thumb(qid)}'
+                        "<figcaption><b>query</b></figcaption></figure>"
+                    )
                     for hid, score in row:
-                        out.append(f'<figure class="cell">{self.thumb(hid)}'
-                                   f"<figcaption>{score:.3f}</figcaption></figure>")
+                        out.append(
+                            f'<figure class="cell">{self.thumb(hid)}'
+                            f"<figcaption>{score:.3f}</figcaption></figure>"
+                        )
                 else:
-                    out.append(f'<div class="tq"><b>query</b> {self.thumb(_image_of(qid), "mini")} '
-                               f"“{self.caption(qid)}”</div><ol class=\"tn\">")
+                    out.append(
+                        f'<div class="tq"><b>query</b> {self.thumb(_image_of(qid), "mini")} '
+                        f'“{self.caption(qid)}”</div><ol class="tn">'
+                    )
                     for hid, score in row:
                         same = _image_of(hid) == _image_of(qid)
                         badge = ' <span class="badge">same image</span>' if same else ""
-                        out.append(f"<li>{self.thumb(_image_of(hid), 'mini')} “{self.caption(hid)}” "
-                                   f'<span class="score">{score:.3f}</span>{badge}</li>')
+                        out.append(
+                            f"<li>{self.thumb(_image_of(hid), 'mini')} “{self.caption(hid)}” "
+                            f'<span class="score">{score:.3f}</span>{badge}</li>'
+                        )
                     out.append("</ol>")
                 out.append("</div>")
         return "\n".join(out)
@@ -659,9 +818,12 @@ class _Page:
 
             return build_index(t.lookup, metric="ip", use_gpu=False), ""
         rng = np.random.default_rng(self.opts.seed)
-        rows = np.union1d(rng.choice(n, self.opts.max_index_rows, replace=False), t.lookup.rows(queries))
+        rows = np.union1d(
+            rng.choice(n, self.opts.max_index_rows, replace=False), t.lookup.rows(queries)
+        )
         return _SubsetIndex(t.lookup, rows), (
-            f"Searched among a random {len(rows):,} of the {n:,} rows (max_index_rows).")
+            f"Searched among a random {len(rows):,} of the {n:,} rows (max_index_rows)."
+        )
 
     # -- page -------------------------------------------------------------------------------
 
@@ -674,8 +836,12 @@ class _Page:
             "training": self.training or _note("No training run given."),
         }
         header = [
-            f"<p class=\"lead\">Feature store <code>{_e(self.fs.url)}</code>"
-            + (f", dataset <b>{_e(self.dataset)}</b> split <b>{_e(self.split)}</b>" if self.dataset else "")
+            f'<p class="lead">Feature store <code>{_e(self.fs.url)}</code>'
+            + (
+                f", dataset <b>{_e(self.dataset)}</b> split <b>{_e(self.split)}</b>"
+                if self.dataset
+                else ""
+            )
             + ".</p>"
         ]
         if self.selection_note:
@@ -683,12 +849,18 @@ class _Page:
         if self.view.missing_reason:
             header.append(_note(self.view.missing_reason, "warn"))
         elif self.view.has_images:
-            header.append(_note(
-                f"Thumbnails: {len(self.view.thumbs)} made from the dataset ({self.view.scanned} images "
-                f"read, at most {self.opts.thumb_side}px, originals not copied)"
-                + (f"; {len(self.view.thumb_errors)} could not be decoded" if self.view.thumb_errors else "")
-                + "."
-            ))
+            header.append(
+                _note(
+                    f"Thumbnails: {len(self.view.thumbs)} made from the dataset ({self.view.scanned} images "
+                    f"read, at most {self.opts.thumb_side}px, originals not copied)"
+                    + (
+                        f"; {len(self.view.thumb_errors)} could not be decoded"
+                        if self.view.thumb_errors
+                        else ""
+                    )
+                    + "."
+                )
+            )
         nav = " ".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
         sections = "\n".join(
             f'<section id="{sid}" data-section="{sid}"><h2>{_e(title)}</h2>\n{bodies[sid]}\n</section>'
@@ -703,7 +875,9 @@ class _Page:
             nav=nav,
             header="\n".join(header),
             sections=sections,
-            footer=_e(f"Made by cusa {version} on {stamp}; seed {self.opts.seed}, τ {self.opts.tau:g}."),
+            footer=_e(
+                f"Made by cusa {version} on {stamp}; seed {self.opts.seed}, τ {self.opts.tau:g}."
+            ),
         )
 
 
@@ -724,19 +898,28 @@ class _SubsetIndex:
         scores, rows = self.index.search(q, min(k + 1, len(self.ids)))  # (Q, k+1)
         out = []
         for sid, rr, ss in zip(sample_ids, rows, scores, strict=True):
-            out.append([(self.ids[r], float(s)) for r, s in zip(rr, ss, strict=True) if r >= 0 and self.ids[r] != sid][:k])
+            out.append(
+                [
+                    (self.ids[r], float(s))
+                    for r, s in zip(rr, ss, strict=True)
+                    if r >= 0 and self.ids[r] != sid
+                ][:k]
+            )
         return out
 
 
 def _short(sample_id: str, n: int = 28) -> str:
-    return sample_id if len(sample_id) <= n else "…" + sample_id[-(n - 1):]
+    return sample_id if len(sample_id) <= n else "…" + sample_id[-(n - 1) :]
 
 
 # ---- training -----------------------------------------------------------------------------------
 
 
 def _training_section(
-    runs: Mapping[str, Path], evals: Mapping[str, Path], embeds: Mapping[str, Path], opts: ReportOptions
+    runs: Mapping[str, Path],
+    evals: Mapping[str, Path],
+    embeds: Mapping[str, Path],
+    opts: ReportOptions,
 ) -> str:
     if not (runs or evals or embeds):
         return _note(
@@ -785,13 +968,16 @@ def _training_section(
             present = [v for v in vals if v is not None]
             best = max(present) if len(present) > 1 else None
             cells = "".join(
-                "<td class=\"num\"></td>" if v is None else
-                f"<td class=\"num{' best' if best is not None and v == best else ''}\">{v:.2f}</td>"
+                '<td class="num"></td>'
+                if v is None
+                else f'<td class="num{" best" if best is not None and v == best else ""}">{v:.2f}</td>'
                 for v in vals
             )
             rows.append(f"<tr><th>{_e(key)}</th>{cells}</tr>")
-        out.append(f'<table class="data metrics"><thead><tr><th>metric</th>{head}</tr></thead>'
-                   f"<tbody>{''.join(rows)}</tbody></table>")
+        out.append(
+            f'<table class="data metrics"><thead><tr><th>metric</th>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
     if embeds:
         out.append("<h3>Student features in 2-D (t-SNE)</h3>")
         out.append(_tsne_block(embeds, opts))
@@ -803,7 +989,9 @@ def _tsne_block(embeds: Mapping[str, Path], opts: ReportOptions) -> str:
         from sklearn.manifold import TSNE
         from threadpoolctl import threadpool_limits
     except ImportError:
-        return _note("The t-SNE needs scikit-learn: <code>pip install 'cusa[report]'</code>.", "warn")
+        return _note(
+            "The t-SNE needs scikit-learn: <code>pip install 'cusa[report]'</code>.", "warn"
+        )
 
     tables = [read_embeddings(p, label) for label, p in embeds.items()]
     # Show the same images in every panel, so runs (with / without USA) compare like for like.
@@ -819,7 +1007,10 @@ def _tsne_block(embeds: Mapping[str, Path], opts: ReportOptions) -> str:
     for t in tables:
         rows = [r for r, g in enumerate(t.groups) if g in keep][: opts.tsne_points]
         if len(rows) < 5:
-            return _note(f"Too few rows in common between the feature files ({len(rows)}) for a t-SNE.", "warn")
+            return _note(
+                f"Too few rows in common between the feature files ({len(rows)}) for a t-SNE.",
+                "warn",
+            )
         x = _normalized(t.features[rows])
         perplexity = float(min(30.0, max(2.0, (len(rows) - 1) / 3)))
         # One thread: a few thousand points take ~1 s, while OpenMP threads competing with other
@@ -827,14 +1018,19 @@ def _tsne_block(embeds: Mapping[str, Path], opts: ReportOptions) -> str:
         with threadpool_limits(1):
             tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=opts.seed)
             xy = tsne.fit_transform(x)
-        panels.append((f"{t.label} ({len(rows)} rows)", xy, [t.groups[r] for r in rows],
-                       [t.is_caption[r] for r in rows]))
-    return (
-        _note(f"{len(keep)} images and their captions, the same in every panel; colour = image, "
-              "circle = image feature, triangle = caption feature. USA should pull an image's "
-              "captions together (paper Fig. 4).")
-        + _plot(plots.embedding_scatter(panels), "t-SNE of student features")
-    )
+        panels.append(
+            (
+                f"{t.label} ({len(rows)} rows)",
+                xy,
+                [t.groups[r] for r in rows],
+                [t.is_caption[r] for r in rows],
+            )
+        )
+    return _note(
+        f"{len(keep)} images and their captions, the same in every panel; colour = image, "
+        "circle = image feature, triangle = caption feature. USA should pull an image's "
+        "captions together (paper Fig. 4)."
+    ) + _plot(plots.embedding_scatter(panels), "t-SNE of student features")
 
 
 # ---- template -----------------------------------------------------------------------------------

@@ -142,7 +142,9 @@ def read_run(path: PathLike, label: str | None = None) -> RunLog:
                 xs.append(float(step))
                 ys.append(float(value))
     if not raw:
-        raise ConfigError(f"metrics log {str(f)!r} holds no numeric values ({run.lines} lines read)")
+        raise ConfigError(
+            f"metrics log {str(f)!r} holds no numeric values ({run.lines} lines read)"
+        )
     if run.skipped_lines:
         log.warning("skipped %d unreadable line(s) of %s", run.skipped_lines, f)
     run.series = {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in raw.items()}

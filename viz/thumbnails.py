@@ -139,10 +139,14 @@ class DatasetView:
         if sample.image_id in self.thumbs or sample.image_id in self.thumb_errors:
             return
         if sample.image is None:
-            self.thumb_errors[sample.image_id] = sample.image_error or "the dataset has no image bytes"
+            self.thumb_errors[sample.image_id] = (
+                sample.image_error or "the dataset has no image bytes"
+            )
             return
         try:
-            self.thumbs[sample.image_id] = data_uri(make_thumbnail(sample.image, self.max_side), "image/jpeg")
+            self.thumbs[sample.image_id] = data_uri(
+                make_thumbnail(sample.image, self.max_side), "image/jpeg"
+            )
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             self.thumb_errors[sample.image_id] = f"cannot decode image: {exc}"
 
@@ -171,7 +175,9 @@ class DatasetView:
                 if not wanted:
                     break
         if wanted:
-            log.info("no thumbnails for %d image(s) after scanning %d images", len(wanted), self.scanned)
+            log.info(
+                "no thumbnails for %d image(s) after scanning %d images", len(wanted), self.scanned
+            )
 
     def thumb(self, image_id: str) -> str | None:
         return self.thumbs.get(image_id)

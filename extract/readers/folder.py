@@ -58,6 +58,8 @@ class FolderReader(IndexedReader):
         name: the dataset name reported by the reader.
         allow_outside_root: read images that are symlinks leading outside ``root``; by default
             such a sample is ledgered, not read.
+        captions: the captions file, when it is not one of the names above (it must lie in
+            ``root``, since image paths are relative to it).
     """
 
     kind: ClassVar[str] = "folder"
@@ -71,12 +73,18 @@ class FolderReader(IndexedReader):
         shard_size: int = DEFAULT_SHARD_SIZE,
         name: str = "folder",
         allow_outside_root: bool = False,
+        captions: str | Path | None = None,
     ) -> None:
         super().__init__(root, split, shard_size, name, allow_outside_root=allow_outside_root)
         self.include_uncaptioned = bool(include_uncaptioned)
         if not self.root.is_dir():
             raise DatasetError(f"dataset folder {str(self.root)!r} is not a directory")
-        captions = find_captions_file(self.root, self.split)
+        if captions is not None:
+            captions = Path(captions).expanduser()
+            if not captions.is_file():
+                raise DatasetError(f"captions file {str(captions)!r} is not a file")
+        else:
+            captions = find_captions_file(self.root, self.split)
         if captions is None:
             raise DatasetError(
                 f"no captions file in {str(self.root)!r}: expected captions.tsv "

@@ -7,6 +7,7 @@ name a :class:`DatasetEntry` or a factory ``(root, split, shard_size, **options)
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -63,7 +64,10 @@ def coco_sample_root() -> Path:
 
 def _need_root(name: str, root: str | None, expected: str) -> Path:
     if root is None:
-        raise DatasetError(f"dataset {name!r} needs --root DIR: the folder holding {expected}")
+        raise DatasetError(
+            f"dataset {name!r} needs --root DIR (data.root in a training config): the folder "
+            f"holding {expected}, or that index file"
+        )
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DatasetError(
@@ -72,43 +76,88 @@ def _need_root(name: str, root: str | None, expected: str) -> Path:
     return path
 
 
+def _root_and_file(name: str, root: str | None, expected: str) -> tuple[Path, Path | None]:
+    """``--root`` as a folder, or as the dataset's index file (its folder is then the root)."""
+    if root is not None and Path(root).expanduser().is_file():
+        path = Path(root).expanduser()
+        return path.parent, path
+    return _need_root(name, root, expected), None
+
+
+#: Index file names that say their split: ``new_test.json`` (ALBEF/CUSA), ``captions_val.tsv``
+#: (plain folder), and ALBEF's own ``coco_karpathy_test.json`` / ``flickr30k_train.json``.
+_SPLIT_IN_NAME = re.compile(
+    r"^(?:new|captions)_(?P<split>[A-Za-z0-9+-]+)$|_(?P<known>train|val|test|restval|dev)$"
+)
+
+
+def split_from_file_name(path: Path) -> str | None:
+    """The split an index file names (``new_test.json`` -> ``test``), or None."""
+    m = _SPLIT_IN_NAME.search(path.stem)
+    return (m.group("split") or m.group("known")) if m else None
+
+
+def _split_for(index: Path | None, split: str | None) -> str:
+    if split is not None:
+        return split
+    return (split_from_file_name(index) if index is not None else None) or "train"
+
+
 def _karpathy(variant: str) -> Factory:
-    def factory(root: str | None, split: str, shard_size: int, **options: Any) -> DatasetReader:
-        path = _need_root(variant, root, f"dataset_{variant}.json and the images")
+    def factory(
+        root: str | None, split: str | None, shard_size: int, **options: Any
+    ) -> DatasetReader:
+        folder, index = _root_and_file(variant, root, f"dataset_{variant}.json and the images")
         return KarpathyReader(
-            path, split, variant=variant, shard_size=shard_size, name=variant, **options
+            folder,
+            split or "train",
+            variant=variant,
+            shard_size=shard_size,
+            name=variant,
+            annotations=index,
+            **options,
         )
 
     return factory
 
 
-def _albef(root: str | None, split: str, shard_size: int, **options: Any) -> DatasetReader:
-    path = _need_root("albef", root, "new_{split}.json and the images it references")
-    return AlbefReader(path, split, shard_size=shard_size, **options)
+def _albef(root: str | None, split: str | None, shard_size: int, **options: Any) -> DatasetReader:
+    folder, index = _root_and_file("albef", root, "new_{split}.json and the images it references")
+    return AlbefReader(
+        folder, _split_for(index, split), annotations=index, shard_size=shard_size, **options
+    )
 
 
-def _coco_sample(root: str | None, split: str, shard_size: int, **options: Any) -> DatasetReader:
+def _coco_sample(
+    root: str | None, split: str | None, shard_size: int, **options: Any
+) -> DatasetReader:
     if root is not None:
         raise DatasetError(
             f"dataset 'coco-sample' is embedded in the package and takes no --root (got {root!r})"
         )
     return AlbefReader(
-        coco_sample_root(), split, shard_size=shard_size, name="coco-sample", **options
+        coco_sample_root(), split or "train", shard_size=shard_size, name="coco-sample", **options
     )
 
 
-def _folder(root: str | None, split: str, shard_size: int, **options: Any) -> DatasetReader:
-    path = _need_root("folder", root, "the images and captions.tsv or captions.jsonl")
-    return FolderReader(path, split, shard_size=shard_size, **options)
+def _folder(root: str | None, split: str | None, shard_size: int, **options: Any) -> DatasetReader:
+    folder, index = _root_and_file("folder", root, "the images and captions.tsv or captions.jsonl")
+    return FolderReader(
+        folder, _split_for(index, split), shard_size=shard_size, captions=index, **options
+    )
 
 
-def _webdataset(root: str | None, split: str, shard_size: int, **options: Any) -> DatasetReader:
+def _webdataset(
+    root: str | None, split: str | None, shard_size: int, **options: Any
+) -> DatasetReader:
     if root is None:
         raise DatasetError(
             "dataset 'webdataset' needs --root: a folder of tars, a tar path, a brace pattern "
             "or an s3:// / pipe: URL (or pass that directly as --dataset)"
         )
-    return WebDatasetReader(root, split, **options)
+    if Path(root).expanduser().name == MANIFEST_NAME:
+        root = str(Path(root).expanduser().parent)
+    return WebDatasetReader(root, split or "train", **options)
 
 
 DATASETS.register(
@@ -145,6 +194,7 @@ DATASETS.register(
     DatasetEntry("webdataset", _webdataset, "webdataset tars (folder, pattern, s3://, pipe:)"),
 )
 
+_BUILTIN = frozenset(DATASETS.list())
 _entry_points_loaded = False
 
 
@@ -191,23 +241,80 @@ def sniff_dataset(path: Path, split: str) -> str:
     )
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
+
+
+def check_dataset_name(name: str) -> str:
+    """Refuse a dataset name that is not one plain path component of the store.
+
+    Raises:
+        DatasetError: the name is empty, starts with a dot or holds other characters than
+            letters, digits, ``.``, ``_``, ``+``, ``=`` and ``-``.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > 200:
+        raise DatasetError(
+            f"--name {name!r} is invalid: a dataset name is stored as one folder of the store, "
+            "so use letters, digits, '.', '_', '+', '=' or '-', starting with a letter or digit "
+            "(e.g. --name coco-lab-b)"
+        )
+    return name
+
+
+def _open_index_file(
+    path: Path, root: str | None, split: str | None, shard_size: int, **options: Any
+) -> DatasetReader:
+    """A dataset given by its index file: the file's folder is the dataset root."""
+    if root is not None:
+        raise DatasetError(
+            f"--dataset {str(path)!r} is a file, so --root {root!r} is not used; drop --root"
+        )
+    name = path.name
+    if name == MANIFEST_NAME:
+        return WebDatasetReader(str(path.parent), split or "train", **options)
+    for variant in ("coco", "flickr30k"):
+        if name == f"dataset_{variant}.json":
+            return DATASETS.get(variant).factory(str(path), split, shard_size, **options)
+    if path.suffix in (".tsv", ".jsonl"):
+        return _folder(str(path), split, shard_size, **options)
+    if path.suffix == ".json":
+        with open(path, "rb") as fh:  # a regular file (checked above), so this cannot block
+            head = fh.read(4096).lstrip()
+        if head.startswith(b"["):  # a list of caption records: the ALBEF/CUSA layout
+            return _albef(str(path), split, shard_size, **options)
+        raise DatasetError(
+            f"--dataset {str(path)!r} is a JSON object, not the ALBEF list of caption records; "
+            "if it is a Karpathy split file, pass --dataset coco (or flickr30k) "
+            f"--root {str(path)!r}"
+        )
+    raise DatasetError(
+        f"--dataset {str(path)!r} is a file cusa cannot read as a dataset; pass a *.tar shard, "
+        "an index file (new_{split}.json, dataset_coco.json, dataset_flickr30k.json, "
+        "captions.tsv/.jsonl, manifest.json) or the folder holding one"
+    )
+
+
 def open_dataset(
     spec: str,
     root: str | None = None,
-    split: str = "train",
+    split: str | None = "train",
     shard_size: int | None = None,
+    name: str | None = None,
     **options: Any,
 ) -> DatasetReader:
-    """Open a dataset by registered name, folder, tar path, brace pattern or URL.
+    """Open a dataset by registered name, folder, index file, tar path, brace pattern or URL.
 
     Args:
         spec: a registered name (see :func:`list_datasets`), a local folder (its layout is
-            sniffed), or webdataset tars: ``*.tar``, ``shard-{000000..000009}.tar``,
-            ``s3://bucket/shard-{0..9}.tar`` or ``pipe:<command>``.
-        root: the dataset folder, for registered names that need one.
-        split: the split to read.
+            sniffed), an index file inside one (``new_test.json``, ``dataset_coco.json``,
+            ``captions.tsv``, a webdataset ``manifest.json``), or webdataset tars: ``*.tar``,
+            ``shard-{000000..000009}.tar``, ``s3://bucket/shard-{0..9}.tar`` or ``pipe:<command>``.
+        root: the dataset folder (or its index file), for registered names that need one.
+        split: the split to read; ``None`` means the split an index file names
+            (``new_test.json`` -> ``test``), else ``train``.
         shard_size: images per shard for JSON-indexed datasets (tars are their own shards);
             None means ``DEFAULT_SHARD_SIZE`` (1000).
+        name: the dataset's name in the store instead of the reader's own (``albef``,
+            ``coco``...), so two folders of one layout can share a split in one store.
         **options: passed to the reader (e.g. ``include_restval=False`` for Karpathy COCO,
             ``storage_options={...}`` for webdataset).
 
@@ -216,35 +323,53 @@ def open_dataset(
 
     Raises:
         UnknownNameError: ``spec`` is neither a registered name nor an existing path/URL.
-        DatasetError: the dataset's files are missing or malformed.
+        DatasetError: the dataset's files are missing or malformed, or ``name`` is invalid.
     """
     _load_plugins()
-    shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
+    if name is not None:
+        check_dataset_name(name)
+    reader = _open(spec, root, split, DEFAULT_SHARD_SIZE if shard_size is None else shard_size,
+                   **options)  # fmt: skip
+    if name is not None:
+        reader.name = name
+    return reader
+
+
+def _open(
+    spec: str, root: str | None, split: str | None, shard_size: int, **options: Any
+) -> DatasetReader:
     if spec in DATASETS:
-        entry = DATASETS.get(spec)
-        return entry.factory(root, split, shard_size, **options)
+        # The built-in factories infer a split from an index file given as --root; a plugin's
+        # factory gets the documented default.
+        split = split if spec in _BUILTIN else (split or "train")
+        return DATASETS.get(spec).factory(root, split, shard_size, **options)
     if looks_like_webdataset(spec):
         if root is not None:
             raise DatasetError(f"--root is not used with the webdataset URL {spec!r}; drop it")
-        return WebDatasetReader(spec, split, **options)
+        return WebDatasetReader(spec, split or "train", **options)
     path = Path(spec).expanduser()
     if path.is_dir():
         if root is not None:
-            raise DatasetError(f"--dataset {spec!r} is a folder, so --root {root!r} is not used")
+            raise DatasetError(
+                f"--dataset {spec!r} is a folder, so --root {root!r} is not used; drop --root"
+            )
+        split = split or "train"
         kind = sniff_dataset(path, split)
         if kind == "webdataset":
             return WebDatasetReader(str(path), split, **options)
         log.info("dataset %s looks like %r", path, kind)
         return DATASETS.get(kind).factory(str(path), split, shard_size, **options)
+    if path.is_file():
+        return _open_index_file(path, root, split, shard_size, **options)
     if path.exists():
         raise DatasetError(
-            f"--dataset {spec!r} is a file but not a tar; pass the folder that holds it "
-            "(with --root) or a registered name"
+            f"--dataset {spec!r} is not a regular file or folder; pass the dataset's folder, its "
+            "index file or its tars"
         )
     if "/" in spec or spec.startswith((".", "~")):
         raise DatasetError(f"dataset path {spec!r} does not exist")
     known = ", ".join(DATASETS.list())
     raise UnknownNameError(
-        f"unknown dataset {spec!r}; known datasets: {known}; or pass a folder, a *.tar path, "
-        "a brace pattern, an s3:// URL or a pipe: command"
+        f"unknown dataset {spec!r}; known datasets: {known}; or pass a folder, an index file "
+        "(new_{split}.json...), a *.tar path, a brace pattern, an s3:// URL or a pipe: command"
     )

@@ -372,3 +372,74 @@ def test_readers_pickle_small_and_read_the_same():
     assert [(s.image_id, s.captions, s.image) for s in after] == [
         (s.image_id, s.captions, s.image) for s in before
     ]
+
+
+# -- index files wherever their folder is accepted, and --name ---------------------------------
+
+
+def test_an_albef_index_file_opens_its_folder():
+    root = coco_sample_root()
+    folder = open_dataset(str(root), split="val")
+    by_file = open_dataset(str(root / "new_val.json"), split=None)
+    as_root = open_dataset("albef", root=str(root / "new_val.json"), split=None)
+    for reader in (by_file, as_root):
+        assert isinstance(reader, AlbefReader) and reader.split == "val"
+        assert reader.items() == folder.items()
+        assert reader.manifest_hash() == folder.manifest_hash()  # the same group resumes
+    assert open_dataset(str(root / "new_val.json"), split="holdout").split == "holdout"
+
+
+def test_split_from_index_file_names(tmp_path):
+    from cusa.extract.readers.registry import split_from_file_name
+
+    assert split_from_file_name(Path("new_test.json")) == "test"
+    assert split_from_file_name(Path("coco_karpathy_val.json")) == "val"
+    assert split_from_file_name(Path("captions_train.jsonl")) == "train"
+    assert split_from_file_name(Path("my_caps.tsv")) is None
+    assert split_from_file_name(Path("dataset_coco.json")) is None
+
+
+def test_a_karpathy_file_opens_by_name_or_as_root(karpathy_coco):
+    index = karpathy_coco / "dataset_coco.json"
+    folder = open_dataset(str(karpathy_coco), split="val")
+    for reader in (
+        open_dataset(str(index), split="val"),
+        open_dataset("coco", root=str(index), split="val"),
+    ):
+        assert reader.name == "coco" and reader.items() == folder.items()
+    assert open_dataset(str(index), split=None).split == "train"
+
+
+def test_a_captions_file_opens_the_folder_reader(folder_dataset):
+    (folder_dataset / "captions.tsv").rename(folder_dataset / "my_caps.tsv")
+    reader = open_dataset(str(folder_dataset / "my_caps.tsv"), split=None)
+    assert reader.split == "train" and [i.image_id for i in reader.items()][:2] == [
+        "a.jpg",
+        "sub/b.jpg",
+    ]
+    assert (
+        open_dataset("folder", root=str(folder_dataset / "my_caps.tsv")).items() == reader.items()
+    )
+
+
+def test_files_that_are_no_index_say_what_to_pass(tmp_path, karpathy_coco):
+    obj = tmp_path / "other.json"
+    obj.write_text('{"images": []}')
+    with pytest.raises(DatasetError, match=r"pass --dataset coco \(or flickr30k\) --root"):
+        open_dataset(str(obj))
+    txt = tmp_path / "notes.txt"
+    txt.write_text("x")
+    with pytest.raises(DatasetError, match="pass a \\*.tar shard, an index file"):
+        open_dataset(str(txt))
+    with pytest.raises(DatasetError, match="is a file, so --root .* is not used; drop --root"):
+        open_dataset(str(karpathy_coco / "dataset_coco.json"), root=str(tmp_path))
+
+
+def test_name_sets_the_dataset_name_and_is_checked(karpathy_coco):
+    assert open_dataset("coco-sample", name="lab-a").name == "lab-a"
+    assert open_dataset(str(karpathy_coco), name="coco.v2").name == "coco.v2"
+    for bad in ("", "../x", "a/b", ".hidden", "sp ace"):
+        with pytest.raises(
+            DatasetError, match="is invalid: a dataset name is stored as one folder"
+        ):
+            open_dataset("coco-sample", name=bad)

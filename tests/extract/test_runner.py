@@ -16,8 +16,17 @@ from cusa.store import FeatureLookup, FeatureStore
 
 
 def _config(store: Path, **kw) -> ExtractConfig:
-    base = dict(dataset="coco-sample", split="train", store=str(store), image_teacher=IMAGE_T,
-                text_teacher=TEXT_T, runner="local", batch_size=8, shard_size=8, device="cpu")
+    base = dict(
+        dataset="coco-sample",
+        split="train",
+        store=str(store),
+        image_teacher=IMAGE_T,
+        text_teacher=TEXT_T,
+        runner="local",
+        batch_size=8,
+        shard_size=8,
+        device="cpu",
+    )
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -58,7 +67,9 @@ def test_shuffled_resume_gives_identical_store(reference_store, tmp_path):
     from cusa.extract import runner as runner_mod
 
     real_pending = runner_mod.pending_shards
-    runner_mod.pending_shards = lambda shards, groups: list(reversed(real_pending(shards, groups)))[:1]
+    runner_mod.pending_shards = lambda shards, groups: list(reversed(real_pending(shards, groups)))[
+        :1
+    ]
     try:
         first = extract(cfg)
     finally:
@@ -70,10 +81,16 @@ def test_shuffled_resume_gives_identical_store(reference_store, tmp_path):
 
 
 def test_spec_mismatch_on_resume_is_refused(reference_store, tmp_path):
+    # A recorded spec field outside the fingerprint that differs (another dtype is not one any
+    # more: it gets its own group, see test_float16_and_float32_of_one_teacher_live_side_by_side).
     store = tmp_path / "store"
     shutil.copytree(reference_store, store)
-    with pytest.raises(StoreSpecMismatchError, match="dtype"):
-        extract(_config(store, dtype="float32", modalities=("image",)))
+    (meta_path,) = (store / "coco-sample" / "train").glob(f"{IMAGE_T}@*/zarr.json")
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["cusa"]["spec"]["normalized"] = False
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreSpecMismatchError, match="normalized: stored False != given True"):
+        extract(_config(store, modalities=("image",)))
 
 
 def test_bad_options_are_refused():
@@ -94,11 +111,28 @@ def test_cli_extract_then_info(tmp_path):
     from cusa.cli import app
 
     store = tmp_path / "store"
-    result = CliRunner().invoke(app, [
-        "extract", "--dataset", "coco-sample", "--split", "val", "--store", str(store),
-        "--image-teacher", IMAGE_T, "--text-teacher", TEXT_T, "--runner", "local",
-        "--device", "cpu", "--no-progress", "--json",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--dataset",
+            "coco-sample",
+            "--split",
+            "val",
+            "--store",
+            str(store),
+            "--image-teacher",
+            IMAGE_T,
+            "--text-teacher",
+            TEXT_T,
+            "--runner",
+            "local",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["sealed"] and summary["rows"]["image"] == 8
@@ -125,3 +159,24 @@ def test_extract_from_shards_equals_extract_from_root(reference_store, tmp_path)
     assert summary.ok and summary.sealed
     ours, ref = store_snapshot(store), store_snapshot(reference_store)
     assert sorted(ours.values()) == sorted(ref.values())
+
+
+def test_float16_and_float32_of_one_teacher_live_side_by_side(reference_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(reference_store, store)
+    summary = extract(_config(store, dtype="float32", modalities=("text",)))
+    assert summary.ok and summary.sealed
+    groups = sorted(p.name for p in (store / "coco-sample" / "train").iterdir())
+    text16 = next(g for g in groups if g.startswith(TEXT_T) and "-" not in g.split("@")[1])
+    assert f"{text16}-float32" in groups and len(groups) == 3
+    half = FeatureLookup.open(
+        store, dataset="coco-sample", split="train", teacher=TEXT_T, dtype="float16"
+    )
+    full = FeatureLookup.open(
+        store, dataset="coco-sample", split="train", teacher=f"{text16}-float32"
+    )
+    ids = sorted(half.ids)[:10]
+    assert half.gather(ids).dtype == np.float16 and full.gather(ids).dtype == np.float32
+    np.testing.assert_allclose(half.gather(ids).astype(np.float32), full.gather(ids), atol=2e-3)
+    # The float16 groups were not touched.
+    assert store_snapshot(reference_store).items() <= store_snapshot(store).items()

@@ -40,11 +40,11 @@ def cli_store(tmp_path):
 
 def test_info_text_and_json(cli_store):
     store, text, image = cli_store
-    res = _run("store", "info", store.url)
+    res = _run("store", "info", "--store", store.url)
     assert res.exit_code == 0, res.output
     assert f"toy-text@{text.group.fingerprint}" in res.output and "sealed" in res.output
     assert f"N={len(text.expected)}" in res.output and "NOT sealed" in res.output  # image group
-    res = _run("store", "info", store.url, "--json")
+    res = _run("store", "info", "--store", store.url, "--json")
     info = json.loads(res.output)
     groups = {g["teacher"]: g for g in info["groups"]}
     assert groups["toy-text"]["rows"] == len(text.expected)
@@ -66,16 +66,16 @@ def test_default_store_comes_from_cusa_home():
 
 def test_verify_clean_exits_0_and_corrupt_exits_1(cli_store):
     store, text, _ = cli_store
-    res = _run("store", "verify", store.url)
+    res = _run("store", "verify", "--store", store.url)
     assert res.exit_code == 0, res.output
     assert "all clean" in res.output and "failed sample" in res.output  # the ledger is listed
     path = store.fs.local_path(text.group.segments()[0].rel)
     with open(path, "r+b") as fh:
         fh.truncate(50)
-    res = _run("store", "verify", store.url)
+    res = _run("store", "verify", "--store", store.url)
     assert res.exit_code == 1
     assert "truncated or corrupt: 50 bytes" in res.output and text.group.rel in res.output
-    res = _run("store", "verify", store.url, "--json")
+    res = _run("store", "verify", "--store", store.url, "--json")
     assert res.exit_code == 1
     payload = json.loads(res.output)
     assert payload["ok"] is False and any(not g["ok"] for g in payload["groups"])
@@ -85,7 +85,17 @@ def test_knn(cli_store):
     store, text, _ = cli_store
     query = sorted(text.expected)[0]
     res = _run(
-        "store", "knn", store.url, "--teacher", "toy-text", "--id", query, "-k", "3", "--json"
+        "store",
+        "knn",
+        "--store",
+        store.url,
+        "--teacher",
+        "toy-text",
+        "--id",
+        query,
+        "-k",
+        "3",
+        "--json",
     )
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
@@ -97,6 +107,7 @@ def test_knn(cli_store):
     res = _run(
         "store",
         "knn",
+        "--store",
         store.url,
         "-t",
         "toy-text",
@@ -115,12 +126,12 @@ def test_knn(cli_store):
 def test_export(cli_store, tmp_path):
     store, text, _ = cli_store
     out = tmp_path / "exported"
-    res = _run("store", "export", store.url, "--teacher", "toy-text", "--to", str(out))
+    res = _run("store", "export", "--store", store.url, "--teacher", "toy-text", "--to", str(out))
     assert res.exit_code == 0, res.output
     assert f"exported {len(text.expected)} x 16 float16" in res.output
     emb = np.load(out / "emb" / "0.npy", allow_pickle=False)
     assert emb.shape == (len(text.expected), 16)
-    res = _run("store", "export", store.url, "--teacher", "toy-text", "--to", str(out))
+    res = _run("store", "export", "--store", store.url, "--teacher", "toy-text", "--to", str(out))
     assert res.exit_code == 2 and "already holds an export" in res.output
 
 
@@ -130,29 +141,42 @@ def test_bad_input_gets_a_clear_message_and_exit_2(cli_store, tmp_path):
     not_a_store.mkdir()
     (not_a_store / "a.jpg").write_bytes(b"x")
     for cmd in (["info"], ["verify"], ["knn", "--teacher", "t", "--id", "x"]):
-        res = _run("store", cmd[0], str(not_a_store), *cmd[1:])
+        res = _run("store", cmd[0], "--store", str(not_a_store), *cmd[1:])
         assert res.exit_code == 2, res.output
         assert "error:" in res.output and "is not a cusa store" in res.output
 
-    res = _run("store", "knn", store.url, "--teacher", "nobody", "--id", "x")
+    res = _run("store", "knn", "--store", store.url, "--teacher", "nobody", "--id", "x")
     assert res.exit_code == 2
     assert "no features of teacher 'nobody'" in res.output and "toy-text@" in res.output
 
-    res = _run("store", "knn", store.url, "--teacher", "toy-text", "--id", "no-such-sample")
+    res = _run(
+        "store", "knn", "--store", store.url, "--teacher", "toy-text", "--id", "no-such-sample"
+    )
     assert res.exit_code == 2
     assert "sample id 'no-such-sample' is not in" in res.output and store.url in res.output
 
-    res = _run("store", "export", store.url, "--teacher", "nobody", "--to", str(tmp_path / "o"))
+    res = _run(
+        "store", "export", "--store", store.url, "--teacher", "nobody", "--to", str(tmp_path / "o")
+    )
     assert res.exit_code == 2 and "no features of teacher 'nobody'" in res.output
 
 
 def test_ambiguous_teacher_asks_for_dataset_and_split(cli_store):
     store, _, _ = cli_store
     fill_group(store.group("coco", "val", toy_spec(), create=True), shards=1, prefix="v")
-    res = _run("store", "knn", store.url, "--teacher", "toy-text", "--id", "s000_000")
+    res = _run("store", "knn", "--store", store.url, "--teacher", "toy-text", "--id", "s000_000")
     assert res.exit_code == 2
     assert "matches several groups" in res.output and "--dataset and --split" in res.output
     res = _run(
-        "store", "knn", store.url, "--teacher", "toy-text", "--id", "s000_000", "--split", "train"
+        "store",
+        "knn",
+        "--store",
+        store.url,
+        "--teacher",
+        "toy-text",
+        "--id",
+        "s000_000",
+        "--split",
+        "train",
     )
     assert res.exit_code == 0, res.output

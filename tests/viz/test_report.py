@@ -56,7 +56,11 @@ class _Page(HTMLParser):
             self.sections[self._current] += data
 
     def images_in(self, section: str, mime: str | None = None) -> list[dict[str, str]]:
-        return [a for s, a in self.images if s == section and (mime is None or a["src"].startswith(f"data:{mime}"))]
+        return [
+            a
+            for s, a in self.images
+            if s == section and (mime is None or a["src"].startswith(f"data:{mime}"))
+        ]
 
 
 def _decode(uri: str) -> Image.Image:
@@ -67,22 +71,35 @@ def _decode(uri: str) -> Image.Image:
 
 def _self_contained(page: _Page) -> None:
     for link in page.links:
-        assert link.startswith(("data:", "#")), f"page refers to something outside itself: {link[:80]}"
+        assert link.startswith(("data:", "#")), (
+            f"page refers to something outside itself: {link[:80]}"
+        )
 
 
 def test_full_report_on_real_store(coco_store, tmp_path):
     from cusa.extract.readers import coco_sample_root
 
-    out = build_report(coco_store, tmp_path / "r" / "report.html", dataset="coco-sample", split="train")
+    out = build_report(
+        coco_store, tmp_path / "r" / "report.html", dataset="coco-sample", split="train"
+    )
     text = out.read_text(encoding="utf-8")
     page = _Page(text)
     assert list(page.sections) == list(SECTIONS)
     _self_contained(page)
 
     summary = page.sections["summary"]
-    for expected in ("coco-sample/train", IMAGE_TEACHER, TEXT_TEACHER, "No failures", "Size on disk", "sealed"):
+    for expected in (
+        "coco-sample/train",
+        IMAGE_TEACHER,
+        TEXT_TEACHER,
+        "No failures",
+        "Size on disk",
+        "sealed",
+    ):
         assert expected in summary
-    assert '<td class="num">120</td>' in text and '<td class="num">24</td>' in text  # caption, image rows
+    assert (
+        '<td class="num">120</td>' in text and '<td class="num">24</td>' in text
+    )  # caption, image rows
 
     # Soft labels: two similarity heatmaps, the label heatmaps and the bar charts, plus 16 thumbnails.
     assert len(page.images_in("soft-labels", "image/png")) == 3
@@ -112,7 +129,9 @@ def test_full_report_on_real_store(coco_store, tmp_path):
 
 
 def test_report_without_dataset_says_why(coco_store, tmp_path):
-    out = build_report(coco_store, tmp_path / "report.html")
+    out = build_report(
+        coco_store, tmp_path / "report.html", options=ReportOptions(find_dataset=False)
+    )
     page = _Page(out.read_text(encoding="utf-8"))
     assert list(page.sections) == list(SECTIONS)
     assert "No dataset was given" in out.read_text(encoding="utf-8")
@@ -121,6 +140,77 @@ def test_report_without_dataset_says_why(coco_store, tmp_path):
     assert ".jpg" in page.sections["false-negatives"] and "#1" in page.sections["false-negatives"]
     assert len(page.images_in("soft-labels", "image/png")) == 3
     assert f"text teacher {TEXT_TEACHER}" in page.sections["neighbours"]
+
+
+def _thumbnails(page: _Page) -> set[str]:
+    return {a["src"] for _, a in page.images if a["src"].startswith("data:image/jpeg")}
+
+
+def test_report_finds_the_dataset_the_store_records(coco_store, tmp_path):
+    """Without --dataset, the store's recorded dataset and split give the same pictures."""
+    auto = _Page(build_report(coco_store, tmp_path / "auto.html").read_text(encoding="utf-8"))
+    named = build_report(coco_store, tmp_path / "named.html", dataset="coco-sample", split="train")
+    named_page = _Page(named.read_text(encoding="utf-8"))
+    assert 16 <= len(_thumbnails(auto)) <= 24
+    assert _thumbnails(auto) == _thumbnails(named_page)
+    assert len(auto.images_in("soft-labels", "image/jpeg")) == 16
+    assert "No dataset was given" not in auto.sections["soft-labels"]
+
+
+def _set_source(store: Path, source: dict | None) -> None:
+    for meta_path in (store / "coco-sample" / "train").glob("*@*/zarr.json"):
+        meta = json.loads(meta_path.read_text())
+        if source is None:
+            meta["attributes"]["cusa"].pop("dataset_source", None)
+        else:
+            meta["attributes"]["cusa"]["dataset_source"] = source
+        meta_path.write_text(json.dumps(meta))
+
+
+def test_report_finds_a_recorded_folder_and_says_when_it_is_gone(copy_store, tmp_path):
+    import shutil
+
+    from cusa.extract.readers import coco_sample_root
+
+    data = tmp_path / "moved"
+    shutil.copytree(coco_sample_root(), data)
+    store = copy_store()
+    _set_source(store, {"dataset": str(data), "root": None, "split": "train"})
+    page = _Page(build_report(store, tmp_path / "a.html").read_text(encoding="utf-8"))
+    assert len(page.images_in("soft-labels", "image/jpeg")) == 16
+
+    shutil.rmtree(data)
+    text = build_report(store, tmp_path / "b.html").read_text(encoding="utf-8")
+    assert f"records the dataset as <code>{data}</code>, but it cannot be opened here" in text
+    assert "dataset path" in text and "does not exist" in text
+    assert not _thumbnails(_Page(text))
+
+
+def test_report_never_runs_a_recorded_pipe_command(copy_store, tmp_path):
+    marker = tmp_path / "ran"
+    store = copy_store()
+    _set_source(
+        store, {"dataset": f"pipe:touch {marker}; cat x.tar", "root": None, "split": "train"}
+    )
+    text = build_report(store, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert not marker.exists()
+    assert "which a report does not run by itself" in text and not _thumbnails(_Page(text))
+
+
+def test_report_of_an_older_store_opens_an_embedded_dataset_by_name(copy_store, tmp_path):
+    store = copy_store()
+    _set_source(store, None)  # groups written before the source was recorded
+    page = _Page(build_report(store, tmp_path / "r.html").read_text(encoding="utf-8"))
+    assert len(page.images_in("soft-labels", "image/jpeg")) == 16
+
+
+def test_cli_report_needs_no_dataset_flag(coco_store, tmp_path):
+    out = tmp_path / "cli.html"
+    res = CliRunner().invoke(app, ["report", "--store", str(coco_store), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert len(_Page(out.read_text(encoding="utf-8")).images_in("soft-labels", "image/jpeg")) == 16
+    old = CliRunner().invoke(app, ["report", str(coco_store), "--out", str(out)])
+    assert old.exit_code == 0 and "positional STORE is deprecated; use --store" in old.output
 
 
 def test_text_only_store(copy_store, tmp_path):
@@ -136,7 +226,9 @@ def test_text_only_store(copy_store, tmp_path):
     assert "#8" in page.sections["false-negatives"]
     nn = page.sections["neighbours"]
     assert "image teacher" not in nn and f"text teacher {TEXT_TEACHER}" in nn
-    assert len(page.images_in("soft-labels", "image/jpeg")) == 16  # thumbnails come from the dataset
+    assert (
+        len(page.images_in("soft-labels", "image/jpeg")) == 16
+    )  # thumbnails come from the dataset
 
 
 def test_image_only_store(copy_store, tmp_path):
@@ -152,7 +244,11 @@ def test_image_only_store(copy_store, tmp_path):
 
 
 def test_image_only_store_without_dataset_has_no_captions(copy_store, tmp_path):
-    out = build_report(copy_store(drop=(TEXT_TEACHER,)), tmp_path / "report.html")
+    out = build_report(
+        copy_store(drop=(TEXT_TEACHER,)),
+        tmp_path / "report.html",
+        options=ReportOptions(find_dataset=False),
+    )
     page = _Page(out.read_text(encoding="utf-8"))
     assert "no captions to pair with" in page.sections["false-negatives"]
     assert len(page.images_in("soft-labels", "image/png")) == 3
@@ -189,11 +285,21 @@ def _write_run(path: Path, usa: bool, steps: int = 40) -> Path:
     with (path / "metrics.jsonl").open("w") as fh:
         for s in range(steps):
             decay = np.exp(-s / 15)
-            rec = {"step": s, "epoch": s // 20, "loss": 4 * decay + 0.5, "itr": 3 * decay + 0.3,
-                   "csa": 0.5 * decay + 0.1 + 0.01 * rng.random(), "lr": 1e-4,
-                   "usa": 0.4 * decay + 0.1 if usa else 0.0,
-                   "tau/itr": 0.05 + 0.001 * s, "tau/csa": 1.0, "tau/csa_teacher": 1.0,
-                   "step_time_s": 0.1, "data_time_s": 0.01, "pairs_per_s": 80.0}
+            rec = {
+                "step": s,
+                "epoch": s // 20,
+                "loss": 4 * decay + 0.5,
+                "itr": 3 * decay + 0.3,
+                "csa": 0.5 * decay + 0.1 + 0.01 * rng.random(),
+                "lr": 1e-4,
+                "usa": 0.4 * decay + 0.1 if usa else 0.0,
+                "tau/itr": 0.05 + 0.001 * s,
+                "tau/csa": 1.0,
+                "tau/csa_teacher": 1.0,
+                "step_time_s": 0.1,
+                "data_time_s": 0.01,
+                "pairs_per_s": 80.0,
+            }
             fh.write(json.dumps(rec, sort_keys=True) + "\n")
         fh.write('{"step": 41, "loss": 0.')  # a line cut short by a crash is skipped
     return path
@@ -202,15 +308,22 @@ def _write_run(path: Path, usa: bool, steps: int = 40) -> Path:
 def test_training_section(coco_store, tmp_path):
     from cusa_train.evaluate import EvalReport
 
-    runs = {"with USA": _write_run(tmp_path / "usa", True), "without USA": _write_run(tmp_path / "base", False)}
+    runs = {
+        "with USA": _write_run(tmp_path / "usa", True),
+        "without USA": _write_run(tmp_path / "base", False),
+    }
     evals = {}
     for label, r1 in (("with USA", 44.1), ("without USA", 41.7)):
         p = tmp_path / f"{label}.json"
-        EvalReport({"i2t_r1": r1, "t2i_r1": r1 - 10, "rsum": 400.0 + r1}, {"num_images": 24}).to_json(p)
+        EvalReport(
+            {"i2t_r1": r1, "t2i_r1": r1 - 10, "rsum": 400.0 + r1}, {"num_images": 24}
+        ).to_json(p)
         evals[label] = p
     # Student features: real caption features (all-MiniLM-L6-v2) of the 24 images, and the same
     # pulled towards each image's caption mean, as USA does.
-    lookup = FeatureLookup.open(coco_store, dataset="coco-sample", split="train", teacher=TEXT_TEACHER)
+    lookup = FeatureLookup.open(
+        coco_store, dataset="coco-sample", split="train", teacher=TEXT_TEACHER
+    )
     ids = list(lookup.ids)
     feats = lookup.gather(ids).astype(np.float32)
     owner = np.array([i.rsplit("#", 1)[0] for i in ids])
@@ -218,8 +331,13 @@ def test_training_section(coco_store, tmp_path):
     np.savez(tmp_path / "base.npz", features=feats, ids=np.array(ids))
     np.savez(tmp_path / "usa.npz", features=0.3 * feats + 0.7 * means, ids=np.array(ids))
 
-    out = build_report(coco_store, tmp_path / "report.html", run=runs, eval_json=evals,
-                       embeddings={"with USA": tmp_path / "usa.npz", "without USA": tmp_path / "base.npz"})
+    out = build_report(
+        coco_store,
+        tmp_path / "report.html",
+        run=runs,
+        eval_json=evals,
+        embeddings={"with USA": tmp_path / "usa.npz", "without USA": tmp_path / "base.npz"},
+    )
     page = _Page(out.read_text(encoding="utf-8"))
     training = page.sections["training"]
     for heading in ("Loss terms", "Temperatures", "Evaluation", "t-SNE", "(40 lines)"):
@@ -242,7 +360,9 @@ def test_run_log_parsing(tmp_path):
     steps, values = run.series["tau/itr"]
     np.testing.assert_allclose(steps, np.arange(40))
     np.testing.assert_allclose(values, 0.05 + 0.001 * np.arange(40))
-    assert is_loss_key("train/csa") and not is_loss_key("eval/loss") and is_temperature_key("temp_csa")
+    assert (
+        is_loss_key("train/csa") and not is_loss_key("eval/loss") and is_temperature_key("temp_csa")
+    )
 
 
 def test_read_eval_flat_and_report(tmp_path):
@@ -292,18 +412,34 @@ def test_bad_input(coco_store, tmp_path):
 def test_cli_report(coco_store, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli.html"
-    result = runner.invoke(app, ["report", str(coco_store), "--out", str(out), "--dataset", "coco-sample",
-                                 "--batch-size", "8", "--tau", "0.1"])
+    result = runner.invoke(
+        app,
+        [
+            "report",
+            "--store",
+            str(coco_store),
+            "--out",
+            str(out),
+            "--dataset",
+            "coco-sample",
+            "--batch-size",
+            "8",
+            "--tau",
+            "0.1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "report written to" in result.output
     page = _Page(out.read_text(encoding="utf-8"))
     assert len(page.images_in("soft-labels", "image/jpeg")) == 8
     assert "seed 0, τ 0.1." in out.read_text(encoding="utf-8")
 
-    bad = runner.invoke(app, ["report", str(tmp_path / "missing"), "--out", str(out)])
+    bad = runner.invoke(app, ["report", "--store", str(tmp_path / "missing"), "--out", str(out)])
     assert bad.exit_code == 2
     assert "no cusa store" in bad.output
-    bad = runner.invoke(app, ["report", str(coco_store), "--out", str(out), "--split", "test"])
+    bad = runner.invoke(
+        app, ["report", "--store", str(coco_store), "--out", str(out), "--split", "test"]
+    )
     assert bad.exit_code == 2 and "has no split 'test'" in bad.output
 
 
@@ -325,14 +461,25 @@ def test_real_training_runs(coco_store, tmp_path):
     data = load_caption_json(coco_sample_root() / "new_train.json")
     runs, evals, embeds = {}, {}, {}
     for label, usa in (("with USA", True), ("without USA", False)):
-        cfg = TrainConfig.from_dict({
-            "model": {"student": "tiny", "embed_dim": 16},
-            "loss": {"usa": {"enabled": usa}},
-            "teachers": {"image": IMAGE_TEACHER, "text": TEXT_TEACHER, "text_spec": {"dim": 384}},
-            "data": {"dataset": "coco-sample", "split": "train", "store": str(coco_store), "batch_size": 8},
-            "optim": {"lr": 1e-3, "warmup_steps": 2, "max_steps": 6},
-            "run": {"output_dir": str(tmp_path / label), "seed": 3, "progress": False},
-        })
+        cfg = TrainConfig.from_dict(
+            {
+                "model": {"student": "tiny", "embed_dim": 16},
+                "loss": {"usa": {"enabled": usa}},
+                "teachers": {
+                    "image": IMAGE_TEACHER,
+                    "text": TEXT_TEACHER,
+                    "text_spec": {"dim": 384},
+                },
+                "data": {
+                    "dataset": "coco-sample",
+                    "split": "train",
+                    "store": str(coco_store),
+                    "batch_size": 8,
+                },
+                "optim": {"lr": 1e-3, "warmup_steps": 2, "max_steps": 6},
+                "run": {"output_dir": str(tmp_path / label), "seed": 3, "progress": False},
+            }
+        )
         torch.manual_seed(0)
         result = train(cfg, student=TinyDualEncoder())
         runs[label] = result.output_dir
@@ -345,13 +492,27 @@ def test_real_training_runs(coco_store, tmp_path):
             cap_ids.append(f"{iid}#{counts.setdefault(iid, 0)}")
             counts[iid] += 1
         embeds[label] = tmp_path / f"{label}.npz"
-        np.savez(embeds[label], features=np.concatenate([img, txt]), ids=np.array([*data.image_ids, *cap_ids]))
+        np.savez(
+            embeds[label],
+            features=np.concatenate([img, txt]),
+            ids=np.array([*data.image_ids, *cap_ids]),
+        )
 
-    out = build_report(coco_store, tmp_path / "report.html", dataset="coco-sample", run=runs,
-                       eval_json=evals, embeddings=embeds)
+    out = build_report(
+        coco_store,
+        tmp_path / "report.html",
+        dataset="coco-sample",
+        run=runs,
+        eval_json=evals,
+        embeddings=embeds,
+    )
     page = _Page(out.read_text(encoding="utf-8"))
     training = page.sections["training"]
-    assert "(6 lines)" in training and "rsum" in training and "24 images and their captions" in training
+    assert (
+        "(6 lines)" in training
+        and "rsum" in training
+        and "24 images and their captions" in training
+    )
     assert len(page.images_in("training", "image/png")) == 4  # losses, temperatures, other, t-SNE
 
 
@@ -368,7 +529,9 @@ def test_dataset_view_pools_and_fetches_more_thumbnails():
     others = [i for i in all_ids if i not in view.pool][:5]
     view.ensure(others, max_scan=1000)
     assert set(others) <= set(view.thumbs)
-    assert all(max(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).size) <= 64
-               for u in view.thumbs.values())
+    assert all(
+        max(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).size) <= 64
+        for u in view.thumbs.values()
+    )
     # Captions of every image read come along, keyed by caption id.
     assert all(view.caption_image[c] == i for i in view.pool for c in view.image_captions[i])

@@ -23,14 +23,24 @@ CHROMIUM = Path("/usr/bin/chromium")
 DOCS_SHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "report.png"
 # The environment notes' flags: without the background-networking ones chromium keeps trying
 # (and failing) to reach the network.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs headless chromium at {CHROMIUM} "
-                       "(Debian: apt-get install chromium)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason=f"needs headless chromium at {CHROMIUM} (Debian: apt-get install chromium)",
+    ),
 ]
 
 # Injected into a copy of the page only: the report itself carries no script.
@@ -53,7 +63,10 @@ def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
     return subprocess.run(
         [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=180, check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
 
 
@@ -68,13 +81,21 @@ def test_report_renders_in_chromium(coco_store, tmp_path):
     match = re.search(r'<pre id="cusa-probe">(.*?)</pre>', result.stdout, re.S)
     assert match, f"the page did not finish loading in chromium: {result.stderr[-2000:]}"
     state = json.loads(match.group(1).replace("&quot;", '"'))
-    assert state["sections"] == ["summary", "soft-labels", "false-negatives", "neighbours", "training"]
+    assert state["sections"] == [
+        "summary",
+        "soft-labels",
+        "false-negatives",
+        "neighbours",
+        "training",
+    ]
     assert state["images"] >= 16 + 3 + 8 + 18  # batch, plots, gallery, image neighbours
     assert state["loaded"] == state["images"], state
 
     shot = tmp_path / "report.png"
     height = min(int(state["height"]), 3000)
-    result = _chromium([f"--screenshot={shot}", f"--window-size=1280,{height}", page.as_uri()], tmp_path)
+    result = _chromium(
+        [f"--screenshot={shot}", f"--window-size=1280,{height}", page.as_uri()], tmp_path
+    )
     assert shot.is_file(), result.stderr[-2000:]
     with Image.open(shot) as im:
         assert im.size == (1280, height)
