@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cusa.errors import DatasetError, StoreSpecMismatchError
+from cusa.errors import DatasetError, SampleNotFoundError, StoreSpecMismatchError
 from cusa.extract.teachers.spec import format_spec_diff, spec_diff
 from cusa.store import FeatureLookup, FeatureStore
 
@@ -36,6 +36,9 @@ IMAGE_ID_KEY = "image_id"
 CAPTION_ID_KEY = "caption_id"
 TEACHER_IMAGE_KEY = "teacher_image"
 TEACHER_TEXT_KEY = "teacher_text"
+#: Why :class:`PairDataset` left a sample out when the store has no features for it.
+IMAGE_NOT_IN_STORE = "image not in the image teacher's features"
+CAPTION_NOT_IN_STORE = "caption not in the text teacher's features"
 
 
 def check_spec(lookup: FeatureLookup, modality: str, expected: Mapping[str, Any] | None) -> None:
@@ -120,6 +123,14 @@ class TeacherFeatures:
             caption_ids, dtype=dtype
         )
 
+    def ledgered_ids(self) -> set[str]:
+        """Ids the extraction recorded as failed (the failure ledger of both groups)."""
+        return {
+            str(row["sample_id"])
+            for lookup in (self.image, self.text)
+            for row in lookup.group.failures()
+        }
+
     def __repr__(self) -> str:
         return f"TeacherFeatures(image={self.image!r}, text={self.text!r})"
 
@@ -195,6 +206,34 @@ class SoftLabelCollate:
         return apply_text_transform(batch, self.text_transform)
 
 
+def check_left_out(dataset: PairDataset, teachers: TeacherFeatures) -> None:
+    """Accept samples left out because extraction ledgered them; refuse any other missing id.
+
+    An id the dataset has but the store neither holds nor ledgered means the store was made from
+    other data (an edited or extended dataset): training on it would be silently wrong.
+
+    Raises:
+        SampleNotFoundError: names the first ids and how to fix the store.
+    """
+    missing = [
+        i for i, why in dataset.skipped.items() if why in (IMAGE_NOT_IN_STORE, CAPTION_NOT_IN_STORE)
+    ]
+    if not missing:
+        return
+    unexplained = sorted(set(missing) - teachers.ledgered_ids())
+    if unexplained:
+        raise SampleNotFoundError(
+            f"{len(unexplained)} sample(s) of the dataset have no teacher features in "
+            f"{teachers.image.group.url!r} / {teachers.text.group.url!r} and are not in its failure "
+            f"ledger, e.g. {unexplained[:3]}; the store was made from other data: run `cusa extract` "
+            "on this dataset again (or train on the dataset the store was made from)"
+        )
+    logger.warning(
+        "left out %d sample(s) that extraction recorded as failed (see `cusa store verify`)",
+        len(missing),
+    )
+
+
 class PairDataset(Dataset):
     """(image, caption) training pairs from a dataset reader, one pair per caption.
 
@@ -237,12 +276,12 @@ class PairDataset(Dataset):
                 self.skipped[sample.image_id] = f"unreadable image: {sample.image_error}"
                 continue
             if image_ok is not None and sample.image_id not in image_ok:
-                self.skipped[sample.image_id] = "image not in the image teacher's features"
+                self.skipped[sample.image_id] = IMAGE_NOT_IN_STORE
                 continue
             kept = 0
             for cid, caption in zip(sample.caption_ids, sample.captions, strict=True):
                 if text_ok is not None and cid not in text_ok:
-                    self.skipped[cid] = "caption not in the text teacher's features"
+                    self.skipped[cid] = CAPTION_NOT_IN_STORE
                     continue
                 text = (
                     caption.decode("utf-8", errors="replace")

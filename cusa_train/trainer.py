@@ -47,6 +47,7 @@ from cusa_train.data import (
     SoftLabelCollate,
     TeacherFeatures,
     apply_text_transform,
+    check_left_out,
     pair_collate,
 )
 from cusa_train.distributed import rank as dist_rank
@@ -377,6 +378,8 @@ def _train(
             require_ids=(teachers.image.ids, teachers.text.ids) if teachers is not None else None,
             caption_transform=caption_transform,
         )
+        if teachers is not None:
+            check_left_out(dataset, teachers)
     batch_size = config.data.batch_size
     per_rank = len(dataset) // world
     steps_per_epoch = per_rank // batch_size

@@ -267,3 +267,35 @@ def test_cli_resume_flags_exclude_each_other(tmp_path):
         app, ["train", "--config", str(path), "--resume-anyway", "--overwrite"]
     )
     assert result.exit_code == 2 and "exclude each other" in result.output
+
+
+def test_a_store_made_from_other_data_is_refused(sample_store, tmp_path):
+    """Captions added to the dataset after extraction: their ids are neither in the store nor in
+    its failure ledger, so training refuses instead of silently skipping them."""
+    import json as _json
+    import shutil
+
+    from cusa.errors import SampleNotFoundError
+    from cusa.extract.readers import coco_sample_root
+
+    src = coco_sample_root()
+    dest = tmp_path / "edited"
+    shutil.copytree(src, dest)
+    records = _json.loads((dest / "new_train.json").read_text())
+    records.append({**records[0], "caption": "a caption added after extraction"})
+    (dest / "new_train.json").write_text(_json.dumps(records))
+    base = make_config(sample_store, tmp_path / "run")
+    cfg = TrainConfig.from_dict(
+        {
+            **base.to_dict(),
+            "data": {
+                **base.to_dict()["data"],
+                "dataset": str(dest),
+                "store_dataset": "coco-sample",
+            },
+        }
+    )
+    with pytest.raises(SampleNotFoundError, match=r"not in its failure ledger.*run `cusa extract`"):
+        train(cfg, student=student())
+    # The store's own dataset trains: the one caption it ledgered is left out with a warning.
+    assert train(base, student=student()).steps == 4
