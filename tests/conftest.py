@@ -12,8 +12,28 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
-def coco_example() -> Path:
-    """The 801-image real COCO subset in ../shared; skipped with a reason when absent."""
+def coco_example(tmp_path_factory) -> Path:
+    """Real COCO images and captions inside the repository, in the ALBEF/CUSA layout.
+
+    The embedded sample (``cusa.extract.readers.coco_sample_root()``: 32 images, ``new_train.json``
+    and ``new_val.json``) plus the few images in ``tests/fixtures/coco_pics`` that tests name
+    (two dogs, two pizzas; copied from ``../shared/data/coco-example``). A fresh clone runs every
+    test that uses it; only benchmarks and ``slow`` tests read ``../shared`` (``coco_example_large``).
+    """
+    import shutil
+
+    from cusa.extract.readers import coco_sample_root
+
+    root = tmp_path_factory.mktemp("coco_example") / "coco-example"
+    shutil.copytree(coco_sample_root(), root)
+    for image in (FIXTURES / "coco_pics").glob("*.jpg"):
+        shutil.copy(image, root / "pics" / image.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def coco_example_large() -> Path:
+    """The 801-image real COCO subset in ../shared, for ``slow`` tests; skipped when absent."""
     if not (COCO_EXAMPLE / "new_train.json").exists():
         pytest.skip(f"real COCO example data not found at {COCO_EXAMPLE} (it lives in ../shared)")
     return COCO_EXAMPLE
