@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cusa.extract.teachers.spec import TeacherSpec
+from cusa.store.spec import TeacherSpec
 from cusa.store import FeatureLookup, FeatureStore
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from cusa.errors import ConfigError
+from cusa.extract.teachers import clip_transform
 
 OPEN_CLIP_HINT = "pip install open_clip_torch torchvision"
 HF_HINT = "pip install transformers"
@@ -147,8 +148,6 @@ class HFClipStudent(nn.Module):
     def preprocess_image(self, data: bytes) -> Tensor:
         """CLIP eval transform (bicubic resize, center crop, CLIP mean/std) with PIL, no torchvision."""
         if self._transform is None:
-            from cusa.extract.teachers.image_preprocess import clip_transform
-
             self._transform = clip_transform(self.image_size)
         return torch.from_numpy(self._transform.from_bytes(data))
 

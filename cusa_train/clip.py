@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cusa.errors import ConfigError, WeightsError
-from cusa.extract.teachers.weights import (
+from cusa.extract.teachers import (
+    clip_transform,
     download_with_sha256,
     file_lock,
     load_state_dict,
@@ -524,8 +525,6 @@ class ClipStudent(nn.Module):
             SampleError: the bytes are not a decodable image.
         """
         if self._transform is None:
-            from cusa.extract.teachers.image_preprocess import clip_transform
-
             self._transform = clip_transform(self.input_resolution)
         return torch.from_numpy(self._transform.from_bytes(data))
 

@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cusa.errors import DatasetError, SampleNotFoundError, StoreSpecMismatchError
-from cusa.extract.teachers.spec import format_spec_diff, spec_diff
+from cusa.errors import DatasetError, SampleNotFoundError
 from cusa.store import FeatureLookup, FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -39,25 +38,6 @@ TEACHER_TEXT_KEY = "teacher_text"
 #: Why :class:`PairDataset` left a sample out when the store has no features for it.
 IMAGE_NOT_IN_STORE = "image not in the image teacher's features"
 CAPTION_NOT_IN_STORE = "caption not in the text teacher's features"
-
-
-def check_spec(lookup: FeatureLookup, modality: str, expected: Mapping[str, Any] | None) -> None:
-    """Refuse ``lookup`` when its recorded teacher spec is of another modality or differs from
-    ``expected`` (a full spec or any subset of its fields).
-
-    Raises:
-        StoreSpecMismatchError: the message names every differing field.
-    """
-    recorded = lookup.spec
-    wanted = {"modality": modality, **dict(expected or {})}
-    diff = spec_diff(recorded, wanted, subset=True)
-    if diff:
-        fields = format_spec_diff(diff, "store", "configured")
-        raise StoreSpecMismatchError(
-            f"the {modality} teacher features in {lookup.group.url!r} ({recorded.get('name')!r}) do not "
-            f"match the configured teacher ({fields}); re-extract with the configured teacher or "
-            "change teachers.* in the training config to the stored one"
-        )
 
 
 class TeacherFeatures:
@@ -97,10 +77,20 @@ class TeacherFeatures:
             StoreSpecMismatchError: a recorded spec differs from the configured one.
         """
         fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        image = FeatureLookup.open(fs, dataset=dataset, split=split, teacher=image_teacher)
-        text = FeatureLookup.open(fs, dataset=dataset, split=split, teacher=text_teacher)
-        check_spec(image, "image", _as_dict(image_spec))
-        check_spec(text, "text", _as_dict(text_spec))
+        image, text = (
+            FeatureLookup.open(
+                fs,
+                dataset=dataset,
+                split=split,
+                teacher=teacher,
+                expected_spec={"modality": modality, **(_as_dict(spec) or {})},
+                expected_label="configured",
+            )
+            for teacher, modality, spec in (
+                (image_teacher, "image", image_spec),
+                (text_teacher, "text", text_spec),
+            )
+        )
         return cls(image, text)
 
     @property

@@ -28,7 +28,7 @@ from cusa.extract.readers import (
     caption_id,
     open_dataset,
 )
-from cusa.extract.teachers.text import pre_caption
+from cusa.extract.teachers import pre_caption
 
 CAPTION_MODES = ("raw", "pre_caption")
 DEFAULT_SPLIT = "test"

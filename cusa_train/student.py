@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from cusa.errors import ConfigError, WeightsError
+from cusa.extract.teachers import imagenet_transform, mobilenet_v2
 from cusa.registry import Registry
 from cusa_train.adapters import HFClipStudent, hf_tokenize
 
@@ -122,10 +123,7 @@ class MobileNetV2MiniLMStudent(nn.Module):
             raise ConfigError(f"freeze must be one of {_FREEZE}, got {freeze!r}")
         if not 1 <= max_length <= 512:
             raise ConfigError(f"max_length must be in 1..512, got {max_length!r}")
-        from transformers import AutoModel, AutoTokenizer
-
-        from cusa.extract.teachers.image_preprocess import imagenet_transform
-        from cusa.extract.teachers.mobilenet import mobilenet_v2
+        from transformers import AutoModel, AutoTokenizer  # optional heavy import, at use
 
         try:
             self.image_tower = mobilenet_v2(pretrained=True, weights=mobilenet_weights)

@@ -40,6 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cusa.errors import ConfigError
+from cusa.extract.readers import open_dataset
+from cusa.extract.teachers import pre_caption
 from cusa_train.checkpoints import load_checkpoint, save_checkpoint
 from cusa_train.config import TrainConfig
 from cusa_train.data import (
@@ -302,8 +304,6 @@ def train(
 
 def _caption_transform(config: TrainConfig) -> Any:
     if config.data.captions == "pre_caption":
-        from cusa.extract.teachers.text import pre_caption
-
         return pre_caption
     return None
 
@@ -672,8 +672,6 @@ def _check_resume(config: TrainConfig, out_dir: Path, is_main: bool) -> None:
 
 
 def _open_split(config: TrainConfig, split: str) -> Any:
-    from cusa.extract.readers.registry import open_dataset
-
     return open_dataset(config.data.dataset, root=config.data.root, split=split)
 
 

@@ -34,6 +34,7 @@ from cusa.extract.work import (
     array_to_bytes,
     bytes_to_array,
     encode_row,
+    load_teachers,
     prepare_shard,
 )
 from cusa.extract.writer import ShardWriter
@@ -121,8 +122,6 @@ class _TeacherActor:
 
     def __init__(self, config: Any, modality: str, torch_threads: int) -> None:
         import torch
-
-        from cusa.extract.runner import load_teachers
 
         torch.set_num_threads(torch_threads)
         self.modality = modality

@@ -23,7 +23,14 @@ from cusa.extract.progress import NullProgress, ProgressSink
 from cusa.extract.readers.base import ShardRef
 from cusa.extract.teachers.base import Teacher
 from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
-from cusa.extract.work import END, IMAGE, TEXT, encode_row, prepare_shard
+from cusa.extract.work import (
+    END,
+    IMAGE,
+    TEXT,
+    encode_row,
+    load_teachers,
+    prepare_shard,
+)
 from cusa.extract.writer import ShardStats, ShardWriter
 from cusa.store import FeatureGroup, FeatureStore
 
@@ -313,50 +320,6 @@ class ExtractSummary:
         """Add busy time and items to a stage (read, decode, image/text teacher, write)."""
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         self.stage_items[stage] = self.stage_items.get(stage, 0) + items
-
-
-def load_teachers(config: ExtractConfig, device: str | None = None) -> dict[str, Teacher]:
-    """Build the configured teachers; refuses a teacher of the wrong modality."""
-    from cusa.extract.teachers import get_teacher
-
-    device = device or config.device
-    check_device(device)
-    teachers: dict[str, Teacher] = {}
-    for modality, name in config.teacher_names().items():
-        options: dict[str, Any] = {
-            "device": None if device == "auto" else device,
-            "dtype": config.dtype,
-        }
-        if modality == IMAGE and config.image_teacher_weights:
-            options["weights"] = config.image_teacher_weights
-            if config.allow_unofficial_weights:
-                options["allow_unofficial"] = True
-        if modality == TEXT and config.raw_captions:
-            options["normalize_captions"] = False
-        teacher = get_teacher(name, **options)
-        if teacher.modality != modality:
-            raise ConfigError(
-                f"--{modality}-teacher {name!r} is a {teacher.modality} teacher; "
-                f"see `cusa teachers list` for {modality} teachers"
-            )
-        teachers[modality] = teacher
-    return teachers
-
-
-def check_device(device: str) -> None:
-    """Refuse a CUDA device this machine does not have, before any model is loaded."""
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
-    if index >= count:
-        have = f"only {count} CUDA device(s) are visible" if count else "no CUDA GPU is visible"
-        raise ConfigError(
-            f"--device {device!r} is not available: {have} to this process; use --device cpu "
-            "(or auto), or check CUDA_VISIBLE_DEVICES and the driver"
-        )
 
 
 def open_groups(

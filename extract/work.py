@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from cusa.errors import SampleError
+from cusa.errors import ConfigError, SampleError
 from cusa.extract.readers.base import ShardRef
+from cusa.extract.teachers import get_teacher
 from cusa.extract.teachers.base import Teacher
 from cusa.store.feature_store import ledger_text
 
@@ -271,3 +272,49 @@ def encode_row(row: WorkRow, teacher: Teacher) -> tuple[np.ndarray, float]:
     batch: Any = row.images() if row.kind == IMAGE else list(row.texts)
     feats = np.asarray(teacher.encode(batch), dtype=np.float32)
     return feats, time.perf_counter() - t0
+
+
+def load_teachers(config: Any, device: str | None = None) -> dict[str, Teacher]:
+    """Build the teachers an ``ExtractConfig`` names; refuses a teacher of the wrong modality.
+
+    It lives here, beside the other pieces both runners share, so that the Ray actors build
+    teachers exactly as the local runner does without importing the runner.
+    """
+    device = device or config.device
+    check_device(device)
+    teachers: dict[str, Teacher] = {}
+    for modality, name in config.teacher_names().items():
+        options: dict[str, Any] = {
+            "device": None if device == "auto" else device,
+            "dtype": config.dtype,
+        }
+        if modality == IMAGE and config.image_teacher_weights:
+            options["weights"] = config.image_teacher_weights
+            if config.allow_unofficial_weights:
+                options["allow_unofficial"] = True
+        if modality == TEXT and config.raw_captions:
+            options["normalize_captions"] = False
+        teacher = get_teacher(name, **options)
+        if teacher.modality != modality:
+            raise ConfigError(
+                f"--{modality}-teacher {name!r} is a {teacher.modality} teacher; "
+                f"see `cusa teachers list` for {modality} teachers"
+            )
+        teachers[modality] = teacher
+    return teachers
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this machine does not have, before any model is loaded."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= count:
+        have = f"only {count} CUDA device(s) are visible" if count else "no CUDA GPU is visible"
+        raise ConfigError(
+            f"--device {device!r} is not available: {have} to this process; use --device cpu "
+            "(or auto), or check CUDA_VISIBLE_DEVICES and the driver"
+        )

@@ -57,6 +57,7 @@ from cusa.errors import (
 )
 from cusa.paths import default_store
 from cusa.store.fs import StoreFS
+from cusa.store.spec import format_spec_diff, spec_diff, spec_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,6 @@ def parse_group_leaf(leaf: str) -> tuple[str, str, str | None]:
 
 
 def _fingerprint(spec: dict[str, Any]) -> str:
-    from cusa.extract.teachers.spec import spec_fingerprint
-
     return spec_fingerprint(spec)
 
 
@@ -586,8 +585,6 @@ class FeatureGroup:
         The message says what changed (the teacher spec's fields; the dataset's ids or captions;
         or only its cut into shards) and how to proceed.
         """
-        from cusa.extract.teachers.spec import format_spec_diff, spec_diff
-
         diff = spec_diff(self.spec, spec)
         if diff:
             fields = format_spec_diff(diff)

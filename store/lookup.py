@@ -22,6 +22,7 @@ import numpy as np
 from cusa.errors import ConfigError, SampleNotFoundError, StoreError, StoreSpecMismatchError
 from cusa.paths import cusa_home
 from cusa.store.feature_store import FeatureGroup, FeatureStore, Segment
+from cusa.store.spec import format_spec_diff, spec_diff
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +80,26 @@ class FeatureLookup:
         expected_spec: Any | None = None,
         cache_dir: str | os.PathLike | None = None,
         dtype: str | None = None,
+        expected_label: str = "expected",
     ) -> FeatureLookup:
         """Open the features of ``teacher`` for a split.
 
         Args:
             teacher: a name, a fingerprint, ``name@fp``, or the group's folder name
                 (``name@fp-float32``) when the teacher is stored in several dtypes.
-            expected_spec: when given (a TeacherSpec or dict), refuse a store whose recorded spec
+            expected_spec: when given (a TeacherSpec, or a dict of any subset of its fields, e.g.
+                ``{"modality": "image", "dim": 768}``), refuse a store whose recorded spec
                 differs, naming the fields.
             cache_dir: where segments of a remote store are copied before mapping.
             dtype: pick the group of this dtype when the teacher is stored in several.
+            expected_label: how the message names the expectation (e.g. ``"configured"``).
+
+        Raises:
+            StoreSpecMismatchError: the recorded spec differs from ``expected_spec``.
         """
         fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         group = fs.find_group(dataset, split, teacher, dtype=dtype)
         if expected_spec is not None:
-            from cusa.extract.teachers.spec import format_spec_diff, spec_diff
-
             given = (
                 expected_spec.to_dict()
                 if hasattr(expected_spec, "to_dict")
@@ -102,10 +107,12 @@ class FeatureLookup:
             )
             diff = spec_diff(group.spec, given, subset=True)
             if diff:
-                fields = format_spec_diff(diff, "store", "expected")
+                fields = format_spec_diff(diff, "store", expected_label)
                 raise StoreSpecMismatchError(
-                    f"features in {group.url!r} were made by a different teacher spec ({fields}); "
-                    "re-extract with the configured teacher or configure the stored one"
+                    f"the {group.spec.get('modality')} teacher features in {group.url!r} "
+                    f"({group.spec.get('name')!r}) do not match the {expected_label} teacher "
+                    f"({fields}); re-extract with the {expected_label} teacher, or configure "
+                    "the stored one"
                 )
         return cls(group, cache_dir=cache_dir)
 

@@ -40,7 +40,10 @@ from cusa.store.feature_store import (
     FeatureGroup,
     FeatureStore,
     Segment,
+    parse_group_leaf,
+    safe_name,
 )
+from cusa.store.spec import FINGERPRINT_FIELDS, spec_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +292,6 @@ def _check_array_meta(
 
 
 def _check_spec(group: FeatureGroup, report: VerifyReport) -> bool:
-    from cusa.extract.teachers.spec import FINGERPRINT_FIELDS, spec_fingerprint
-
     attrs, rel = group.attrs, group.rel
     spec = attrs.get("spec")
     if not isinstance(spec, dict):
@@ -300,8 +301,6 @@ def _check_spec(group: FeatureGroup, report: VerifyReport) -> bool:
     if missing:
         report.errors.append(f"{rel}: teacher spec in the attributes lacks fields {missing}")
         return False
-    from cusa.store.feature_store import parse_group_leaf
-
     path_name, path_fp, path_dtype = parse_group_leaf(rel.rsplit("/", 1)[-1])
     if path_dtype is not None and spec.get("dtype") != path_dtype:
         report.errors.append(
@@ -316,8 +315,6 @@ def _check_spec(group: FeatureGroup, report: VerifyReport) -> bool:
             f"{spec.get('model')!r}) hashes to {recomputed!r}; the attributes were edited to "
             "another teacher spec — restore them or re-extract the group"
         )
-    from cusa.store.feature_store import safe_name
-
     if safe_name(spec["name"]) != path_name:
         report.errors.append(
             f"{rel}: spec/attrs mismatch: the path names teacher {path_name!r} but the "

@@ -33,7 +33,7 @@ def _file(path: Path, size: int, age_days: float) -> Path:
 
 
 def _group(store_root: Path, dataset: str, *, seal: bool, age_days: float) -> None:
-    from cusa.extract.teachers.spec import TeacherSpec
+    from cusa.store.spec import TeacherSpec
     from cusa.store import FeatureStore
 
     spec = TeacherSpec("toy", "text", "tests/toy", "ab" * 32, {}, "sentence", 4)

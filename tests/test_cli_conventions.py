@@ -28,7 +28,7 @@ def store(tmp_path):
     """A small sealed store: one 8-d toy text group of 2 shards x 3 ids (i0..i5)."""
     import numpy as np
 
-    from cusa.extract.teachers.spec import TeacherSpec
+    from cusa.store.spec import TeacherSpec
     from cusa.store import FeatureStore
 
     spec = TeacherSpec("toy-text", "text", "tests/toy", "ab" * 32, {}, "sentence", 8)

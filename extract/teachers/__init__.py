@@ -6,11 +6,20 @@ Public API::
 
     teacher = get_teacher("unicom-vit-b32", weights="FP16-ViT-B-32.pt")
     feats = teacher.encode([teacher.prepare(jpeg_bytes)])   # (1, 512) float32
+
+Also public, for students and tools that must see inputs exactly as the teachers do: the image
+transforms (``clip_transform``, ``imagenet_transform``), the official caption normalisation
+(``pre_caption``), the MobileNetV2 backbone (``mobilenet_v2``), the paper's teacher names
+(``DEFAULT_IMAGE_TEACHER``, ``DEFAULT_TEXT_TEACHER``) and the checked-download helpers of
+:mod:`cusa.extract.teachers.weights`.
 """
 
 from __future__ import annotations
 
 from cusa.extract.teachers.base import Teacher
+from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from cusa.extract.teachers.image_preprocess import clip_transform, imagenet_transform
+from cusa.extract.teachers.mobilenet import mobilenet_v2
 from cusa.extract.teachers.registry import (
     ENTRY_POINT_GROUP,
     TEACHERS,
@@ -21,17 +30,36 @@ from cusa.extract.teachers.registry import (
     list_teachers,
     register_teacher,
 )
-from cusa.extract.teachers.spec import TeacherSpec
+from cusa.extract.teachers.text import pre_caption
+from cusa.extract.teachers.weights import (
+    download_with_sha256,
+    file_lock,
+    load_state_dict,
+    offline_requested,
+    sha256_file,
+)
+from cusa.store.spec import TeacherSpec
 
 __all__ = [
+    "DEFAULT_IMAGE_TEACHER",
+    "DEFAULT_TEXT_TEACHER",
     "ENTRY_POINT_GROUP",
     "TEACHERS",
     "Teacher",
     "TeacherEntry",
     "TeacherInfo",
     "TeacherSpec",
+    "clip_transform",
+    "download_with_sha256",
     "fetch_teacher",
+    "file_lock",
     "get_teacher",
+    "imagenet_transform",
     "list_teachers",
+    "load_state_dict",
+    "mobilenet_v2",
+    "offline_requested",
+    "pre_caption",
     "register_teacher",
+    "sha256_file",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from cusa.extract.teachers.spec import Modality, TeacherSpec
+from cusa.store.spec import Modality, TeacherSpec
 
 
 @runtime_checkable

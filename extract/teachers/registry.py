@@ -22,8 +22,8 @@ from typing import Any
 
 from cusa.errors import ConfigError
 from cusa.extract.teachers.base import Teacher
-from cusa.extract.teachers.spec import Modality
 from cusa.registry import Registry, load_entry_points
+from cusa.store.spec import Modality
 
 ENTRY_POINT_GROUP = "cusa.teachers"
 

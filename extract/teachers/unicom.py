@@ -42,7 +42,6 @@ from torch import nn
 from cusa.errors import ConfigError, WeightsError
 from cusa.extract.teachers.base import ImageTeacherBase
 from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, clip_transform
-from cusa.extract.teachers.spec import TeacherSpec, library_versions
 from cusa.extract.teachers.weights import (
     download_with_sha256,
     file_lock,
@@ -50,6 +49,7 @@ from cusa.extract.teachers.weights import (
     offline_requested,
     sha256_file,
 )
+from cusa.store.spec import TeacherSpec, library_versions
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from cusa.errors import DatasetError, SampleNotFoundError, StoreError, StoreSpecMismatchError
 from cusa.extract.readers.registry import open_dataset
-from cusa.extract.teachers.spec import TeacherSpec
+from cusa.store.spec import TeacherSpec
 from cusa.store import FeatureStore
 from cusa_train.data import (
     PairDataset,

@@ -401,7 +401,7 @@ def test_load_caption_json_keeps_variable_captions(coco_example):
 
 
 def _spec(name: str, dim: int):
-    from cusa.extract.teachers.spec import TeacherSpec
+    from cusa.store.spec import TeacherSpec
 
     return TeacherSpec(
         name=name, modality="image" if "image" in name else "text", model=f"student-{name}",

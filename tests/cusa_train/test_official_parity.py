@@ -28,7 +28,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from cusa.extract.teachers.spec import TeacherSpec
+from cusa.store.spec import TeacherSpec
 from cusa.store import FeatureStore
 from cusa_train.config import TrainConfig, apply_overrides, load_mapping
 from cusa_train.trainer import CHECKPOINT_NAME, METRICS_NAME, EpochSampler, train

@@ -65,7 +65,7 @@ class _ConstTeacher:
     modality = "text"
 
     def __init__(self, dim: int = 3) -> None:
-        from cusa.extract.teachers.spec import TeacherSpec
+        from cusa.store.spec import TeacherSpec
 
         self._spec = TeacherSpec("const", "text", "const", "0" * 64, {}, "sentence", dim)
 
@@ -249,7 +249,7 @@ def test_cli_extract_without_teacher_options_uses_the_papers(monkeypatch):
 
     seen = {}
 
-    def fake_extract(config, progress=None):
+    def fake_extract(config, progress=None, **_):
         seen["config"] = config
         raise ConfigError("stopped before any work")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from cusa.extract.teachers.spec import TeacherSpec
+from cusa.store.spec import TeacherSpec
 from cusa.store import FeatureGroup, FeatureStore
 
 DIM = 16

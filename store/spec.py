@@ -75,10 +75,14 @@ def spec_diff(
     """
     keys = set(given) if subset else set(recorded) | set(given)
     keys -= set(IGNORED_ON_COMPARE)
-    return {k: (recorded.get(k), given.get(k)) for k in sorted(keys) if recorded.get(k) != given.get(k)}
+    return {
+        k: (recorded.get(k), given.get(k)) for k in sorted(keys) if recorded.get(k) != given.get(k)
+    }
 
 
-def format_spec_diff(diff: dict[str, tuple[Any, Any]], ours: str = "stored", theirs: str = "given") -> str:
+def format_spec_diff(
+    diff: dict[str, tuple[Any, Any]], ours: str = "stored", theirs: str = "given"
+) -> str:
     """``"dtype: stored 'float16' != given 'float32'; ..."`` for error messages."""
     return "; ".join(f"{k}: {ours} {a!r} != {theirs} {b!r}" for k, (a, b) in diff.items())
 
