@@ -33,8 +33,8 @@ def _file(path: Path, size: int, age_days: float) -> Path:
 
 
 def _group(store_root: Path, dataset: str, *, seal: bool, age_days: float) -> None:
-    from cusa.store.spec import TeacherSpec
     from cusa.store import FeatureStore
+    from cusa.store.spec import TeacherSpec
 
     spec = TeacherSpec("toy", "text", "tests/toy", "ab" * 32, {}, "sentence", 4)
     fs = FeatureStore.open(store_root, create=True)

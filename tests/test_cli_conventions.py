@@ -28,8 +28,8 @@ def store(tmp_path):
     """A small sealed store: one 8-d toy text group of 2 shards x 3 ids (i0..i5)."""
     import numpy as np
 
-    from cusa.store.spec import TeacherSpec
     from cusa.store import FeatureStore
+    from cusa.store.spec import TeacherSpec
 
     spec = TeacherSpec("toy-text", "text", "tests/toy", "ab" * 32, {}, "sentence", 8)
     fs = FeatureStore.open(tmp_path / "store", create=True)

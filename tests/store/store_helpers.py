@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from cusa.store.spec import TeacherSpec
 from cusa.store import FeatureGroup, FeatureStore
+from cusa.store.spec import TeacherSpec
 
 DIM = 16
 

@@ -260,8 +260,8 @@ def test_seal_refuses_an_id_committed_by_two_shards(tmp_path):
     import pytest
 
     from cusa.errors import StoreError
-    from cusa.store.spec import TeacherSpec
     from cusa.store import FeatureStore
+    from cusa.store.spec import TeacherSpec
 
     spec = TeacherSpec(
         name="t",
