@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from cusa.errors import ConfigError
 from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from cusa_train.clip_catalog import CLIP_STUDENTS
 
 C = TypeVar("C")
 
@@ -779,8 +780,6 @@ OFFICIAL_PRINT_FREQ = 50
 
 
 def _from_official(cfg: dict[str, Any], dataset: str | None) -> TrainConfig:
-    from cusa_train.student import CLIP_STUDENTS  # student name -> official ``clip_model``
-
     students = {arch: name for name, arch in CLIP_STUDENTS.items()}
     clip_name = cfg["clip_model"]
     if clip_name not in students:

@@ -42,6 +42,8 @@ from cusa.errors import ConfigError, WeightsError
 from cusa.extract.teachers import imagenet_transform, mobilenet_v2
 from cusa.registry import Registry
 from cusa_train.adapters import HFClipStudent, hf_tokenize
+from cusa_train.clip import load_clip
+from cusa_train.clip_catalog import CLIP_STUDENTS
 
 log = logging.getLogger(__name__)
 
@@ -212,19 +214,6 @@ def _mobilenetv2_minilm(**kwargs: Any) -> MobileNetV2MiniLMStudent:
 
 # -- OpenAI CLIP students (cusa_train.clip) ------------------------------------------------
 
-# Student name -> official OpenAI architecture (``clip.load`` names).
-CLIP_STUDENTS: dict[str, str] = {
-    "clip-rn50": "RN50",
-    "clip-rn101": "RN101",
-    "clip-rn50x4": "RN50x4",
-    "clip-rn50x16": "RN50x16",
-    "clip-rn50x64": "RN50x64",
-    "clip-vit-b32": "ViT-B/32",
-    "clip-vit-b16": "ViT-B/16",
-    "clip-vit-l14": "ViT-L/14",
-    "clip-vit-l14-336": "ViT-L/14@336px",
-}
-
 
 def _clip_factory(arch: str) -> Callable[..., nn.Module]:
     def build(
@@ -235,8 +224,6 @@ def _clip_factory(arch: str) -> Callable[..., nn.Module]:
         cache_dir: str | os.PathLike | None = None,
         download: bool | None = None,
     ) -> nn.Module:
-        from cusa_train.clip import load_clip
-
         return load_clip(
             arch,
             weights,
@@ -259,8 +246,6 @@ for _name, _arch in CLIP_STUDENTS.items():
 @STUDENTS.register("clip-checkpoint")
 def _clip_checkpoint(*, weights: str | os.PathLike, freeze: Freeze = "none") -> nn.Module:
     """Any OpenAI-format CLIP checkpoint; the architecture is inferred from its shapes."""
-    from cusa_train.clip import load_clip
-
     return load_clip(None, weights, freeze=freeze)
 
 

@@ -55,6 +55,7 @@ from cusa_train.data import (
 from cusa_train.distributed import rank as dist_rank
 from cusa_train.distributed import world_size as dist_world_size
 from cusa_train.losses import LOSS_KEYS
+from cusa_train.student import STUDENTS
 from cusa_train.validation import evaluate_split
 from cusa_train.wrapper import CusaModel, load_init_weights
 
@@ -326,8 +327,6 @@ def _train(
     # Everything cheap is checked before a student is built (and its weights downloaded).
     _check_resume(config, out_dir, is_main)
     if student is None:
-        from cusa_train.student import STUDENTS
-
         student_factory = STUDENTS.get(config.model.student)  # an unknown name fails here
     if reader is None and dataset is None:
         reader = _open_split(config, config.data.split)

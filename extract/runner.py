@@ -20,7 +20,10 @@ from typing import Any
 
 from cusa.errors import ConfigError, StoreError
 from cusa.extract.progress import NullProgress, ProgressSink
+from cusa.extract.ray_runner import run_ray
+from cusa.extract.readers import DATASETS, open_dataset
 from cusa.extract.readers.base import ShardRef
+from cusa.extract.readers.registry import check_dataset_name
 from cusa.extract.teachers.base import Teacher
 from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from cusa.extract.work import (
@@ -131,8 +134,6 @@ class ExtractConfig:
                 f"--device {self.device!r} is invalid; use auto, cpu, cuda, cuda:N or mps"
             )
         if self.name is not None:
-            from cusa.extract.readers.registry import check_dataset_name
-
             check_dataset_name(self.name)
 
     def teacher_names(self) -> dict[str, str]:
@@ -249,8 +250,6 @@ def dataset_source(config: ExtractConfig, reader: Any) -> dict[str, Any]:
             return value
         path = Path(value).expanduser()
         return str(path.resolve()) if path.exists() else value
-
-    from cusa.extract.readers import DATASETS
 
     spec = config.dataset if config.dataset in DATASETS else absolute(config.dataset)
     return {
@@ -375,8 +374,6 @@ def extract(
     Returns:
         The run summary. Per-sample failures are in each group's ledger, never dropped.
     """
-    from cusa.extract.readers import open_dataset
-
     t_start = time.perf_counter()
     progress = progress or NullProgress()
     options: dict[str, Any] = {"allow_outside_root": True} if config.allow_outside_root else {}
@@ -438,8 +435,6 @@ def extract(
     try:
         if todo:
             if runner == "ray":
-                from cusa.extract.ray_runner import run_ray
-
                 run_ray(config, reader, todo, teachers, writer, summary, progress)
             else:
                 run_local(config, reader, todo, teachers, writer, summary, progress)

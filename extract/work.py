@@ -22,6 +22,7 @@ from cusa.errors import ConfigError, SampleError
 from cusa.extract.readers.base import ShardRef
 from cusa.extract.teachers import get_teacher
 from cusa.extract.teachers.base import Teacher
+from cusa.extract.teachers.image_preprocess import default_max_pixels
 from cusa.store.feature_store import ledger_text
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,6 @@ class OutputSizeGuard:
     """
 
     def __init__(self, teacher: Any) -> None:
-        from cusa.extract.teachers.image_preprocess import default_max_pixels
-
         prep = teacher.preparer() if hasattr(teacher, "preparer") else teacher
         resize = getattr(getattr(prep, "transform", None), "resize", None)
         self.resize = int(resize) if isinstance(resize, int) and resize > 0 else None

@@ -30,9 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from cusa.errors import ConfigError
+from cusa import __version__ as version
+from cusa.errors import ConfigError, CusaError
+from cusa.extract.readers import DATASETS, open_dataset
 from cusa.store.feature_store import FeatureGroup, FeatureStore
 from cusa.store.info import store_info
+from cusa.store.knn import build_index
 from cusa.store.lookup import FeatureLookup
 from cusa.viz import plots
 from cusa.viz.runs import as_labelled, read_embeddings, read_eval, read_run
@@ -291,8 +294,6 @@ class _Page:
         groups = self.fs.groups()
         reader = None
         if dataset is not None:
-            from cusa.extract.readers import open_dataset
-
             split = split or self._default_split(groups, dataset)
             reader = open_dataset(dataset, root=root, split=split)
             names = {dataset, getattr(reader, "name", dataset)}
@@ -372,9 +373,6 @@ class _Page:
         absolute path, root and split of ``cusa extract``). Older groups of a registered dataset
         that needs no root (``coco-sample``) are opened by name.
         """
-        from cusa.errors import CusaError
-        from cusa.extract.readers import DATASETS, open_dataset
-
         sources = [g.source for g in groups if g.source]
         if sources:
             src = sources[0]
@@ -814,8 +812,6 @@ class _Page:
     def _index(self, t: _Teacher, queries: list[str]) -> tuple[Any, str]:
         n = len(t.lookup)
         if n <= self.opts.max_index_rows:
-            from cusa.store.knn import build_index
-
             return build_index(t.lookup, metric="ip", use_gpu=False), ""
         rng = np.random.default_rng(self.opts.seed)
         rows = np.union1d(
@@ -866,8 +862,6 @@ class _Page:
             f'<section id="{sid}" data-section="{sid}"><h2>{_e(title)}</h2>\n{bodies[sid]}\n</section>'
             for sid, title in SECTIONS
         )
-        from cusa import __version__ as version
-
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         return _TEMPLATE.format(
             title=_e(f"cusa report: {self.dataset or 'store'}"),

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from cusa.errors import ConfigError
+from cusa_train.stored_features import load_features
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,5 @@ class Embeddings:
 
 def read_embeddings(path: PathLike, label: str) -> Embeddings:
     """Read a feature file (``.npz``/``.npy``+ids/``.parquet``) for the embedding plot."""
-    from cusa_train.evaluate import load_features
-
     table = load_features(path)
     return Embeddings(label, list(table.ids), np.asarray(table.features, dtype=np.float32))

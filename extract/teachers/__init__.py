@@ -40,6 +40,9 @@ from cusa.extract.teachers.weights import (
 )
 from cusa.store.spec import TeacherSpec
 
+# Registers the built-in teachers; the registry itself never imports it (no cycle).
+from cusa.extract.teachers import builtin as _builtin  # noqa: E402, F401  isort: skip
+
 __all__ = [
     "DEFAULT_IMAGE_TEACHER",
     "DEFAULT_TEXT_TEACHER",

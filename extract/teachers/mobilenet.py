@@ -27,6 +27,7 @@ from cusa.extract.teachers.weights import (
     load_state_dict,
     verify_sha256,
 )
+from cusa.paths import models_dir
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,6 @@ class MobileNetV2(nn.Module):
 
 def mobilenet_v2_weights_path() -> Path:
     """Where the verified checkpoint is kept: ``models_dir()/mobilenet_v2-b0353104.pth``."""
-    from cusa.paths import models_dir
-
     return models_dir() / MOBILENET_V2_FILENAME
 
 

@@ -136,8 +136,6 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True
-    from cusa.extract.teachers import builtin  # noqa: F401  (registers the built-in teachers)
-
     load_entry_points(ENTRY_POINT_GROUP, TEACHERS, loader=_from_entry_point)
 
 

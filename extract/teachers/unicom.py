@@ -443,7 +443,6 @@ class UnicomImageTeacher(ImageTeacherBase):
         max_pixels: decompression-bomb limit (default: PIL's).
     """
 
-
     def __init__(
         self,
         arch: str = "ViT-B/32",
