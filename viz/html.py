@@ -1,0 +1,63 @@
+"""HTML fragments of the report, and the page around them.
+
+The page skeleton and its style live in ``templates/report.html`` (``string.Template``
+placeholders such as ``${title}``) and ``templates/report.css``; they ship as package data.
+"""
+
+from __future__ import annotations
+
+import html
+from functools import cache
+from importlib import resources
+from string import Template
+from typing import Any
+
+from cusa.viz.thumbnails import data_uri
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _img(uri: str | None, alt: str, cls: str = "thumb", title: str | None = None) -> str:
+    if uri is None:
+        return f'<div class="{cls} nothumb" title="{_e(title or alt)}">no image</div>'
+    return f'<img class="{cls}" src="{uri}" alt="{_e(alt)}" title="{_e(title or alt)}">'
+
+
+def _plot(png: bytes, alt: str) -> str:
+    return f'<img class="plot" src="{data_uri(png, "image/png")}" alt="{_e(alt)}">'
+
+
+def _note(text: str, kind: str = "note") -> str:
+    return f'<p class="{kind}">{text}</p>'
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _short(sample_id: str, n: int = 28) -> str:
+    return sample_id if len(sample_id) <= n else "…" + sample_id[-(n - 1) :]
+
+
+@cache
+def _template(name: str) -> str:
+    return resources.files("cusa.viz").joinpath("templates").joinpath(name).read_text("utf-8")
+
+
+def render_page(*, title: str, header: str, nav: str, sections: str, footer: str) -> str:
+    """The whole page: the already-escaped pieces in ``templates/report.html`` with its CSS."""
+    return Template(_template("report.html")).substitute(
+        title=title,
+        css=_template("report.css"),
+        header=header,
+        nav=nav,
+        sections=sections,
+        footer=footer,
+    )
