@@ -42,7 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -389,14 +389,34 @@ def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
     )
 
 
-def build_model(cfg: ExperimentConfig, variant: str, data: SplitFeatures, seed: int) -> CusaModel:
-    """The student + CUSA model of one variant; same seed -> same adapter and cross-head init."""
+#: Builds the student of a run from the experiment config and the split (default:
+#: :class:`StoredFeatureStudent` over the stored tower features).
+StudentFactory = Callable[[ExperimentConfig, SplitFeatures], nn.Module]
+
+
+def build_model(
+    cfg: ExperimentConfig,
+    variant: str,
+    data: SplitFeatures,
+    seed: int,
+    *,
+    loss: LossConfig | None = None,
+    student_factory: StudentFactory | None = None,
+) -> CusaModel:
+    """The student + CUSA model of one variant; same seed -> same adapter and cross-head init.
+
+    ``loss`` replaces the variant's official loss (the sensitivity study varies it), and
+    ``student_factory`` the default student over stored features.
+    """
     torch.manual_seed(seed)
-    image_in, text_in = data.towers.dims
-    student = StoredFeatureStudent(
-        image_in, text_in, cfg.adapter, cfg.adapter_hidden, cfg.embed_dim
-    )
-    return CusaModel(student, loss_config(variant), embed_dim=cfg.embed_dim, gather=False)
+    if student_factory is None:
+        image_in, text_in = data.towers.dims
+        student: nn.Module = StoredFeatureStudent(
+            image_in, text_in, cfg.adapter, cfg.adapter_hidden, cfg.embed_dim
+        )
+    else:
+        student = student_factory(cfg, data)
+    return CusaModel(student, loss or loss_config(variant), embed_dim=cfg.embed_dim, gather=False)
 
 
 def epoch_batches(
@@ -436,10 +456,17 @@ def train_variant(
     data: SplitFeatures,
     seed: int,
     schedule: Schedule | None = None,
+    *,
+    loss: LossConfig | None = None,
+    student_factory: StudentFactory | None = None,
 ) -> TrainRun:
-    """Train the heads (and adapter) of one variant on ``data`` with the stored soft labels."""
+    """Train the heads (and adapter) of one variant on ``data`` with the stored soft labels.
+
+    ``loss`` and ``student_factory`` are passed to :func:`build_model`; with the same seed the
+    batch order is the same whatever the loss, so runs pair up seed by seed.
+    """
     sched = schedule or cfg.schedule
-    model = build_model(cfg, variant, data, seed)
+    model = build_model(cfg, variant, data, seed, loss=loss, student_factory=student_factory)
     # Batch order: independent of the model, the same for every variant.
     rng = np.random.default_rng(seed)
     steps_per_epoch = len(epoch_batches(data, np.random.default_rng(0), sched.batch_size))
@@ -565,22 +592,36 @@ def soft_label_stats(data: SplitFeatures, batch_size: int, tau: float = 1.0) -> 
 # ---- schedule choice on held-out train images --------------------------------------------------
 
 
-def choose_schedule(cfg: ExperimentConfig, train: SplitFeatures) -> dict[str, Any]:
+def holdout_split(
+    cfg: ExperimentConfig, train: SplitFeatures
+) -> tuple[SplitFeatures, SplitFeatures]:
+    """The seeded (fit, held-out) split of the train images used to choose the schedule."""
+    rng = np.random.default_rng(12345)
+    perm = rng.permutation(len(train.image_ids))
+    n_hold = max(2, round(len(perm) * cfg.holdout_fraction))
+    return train.subset(np.sort(perm[n_hold:])), train.subset(np.sort(perm[:n_hold]))
+
+
+def choose_schedule(
+    cfg: ExperimentConfig,
+    train: SplitFeatures,
+    *,
+    student_factory: StudentFactory | None = None,
+) -> dict[str, Any]:
     """Pick ``lr`` and ``epochs`` for InfoNCE on a held-out part of the train split.
 
     The train images are split once (seeded) into fit / held-out; InfoNCE is trained on the fit
     part for each grid point with seed 0, scored by RSUM on the held-out part, and the best point
     becomes the schedule of every variant. The eval split plays no part.
     """
-    rng = np.random.default_rng(12345)
-    perm = rng.permutation(len(train.image_ids))
-    n_hold = max(2, round(len(perm) * cfg.holdout_fraction))
-    hold, fit = train.subset(np.sort(perm[:n_hold])), train.subset(np.sort(perm[n_hold:]))
+    fit, hold = holdout_split(cfg, train)
     grid = []
     for lr in cfg.tune_lrs:
         for epochs in cfg.tune_epochs:
             sched = replace(cfg.schedule, lr=lr, epochs=epochs)
-            run = train_variant(cfg, "infonce", fit, seed=0, schedule=sched)
+            run = train_variant(
+                cfg, "infonce", fit, seed=0, schedule=sched, student_factory=student_factory
+            )
             rsum = evaluate_model(run.model, hold)["rsum"]
             grid.append(
                 {
