@@ -79,12 +79,22 @@ def _local_pipeline(config: ExtractConfig, reader, teachers) -> tuple[float, Ext
     return n / elapsed, summary
 
 
-def bench_image(data: Path, teacher_name: str, weights: str | None, batch_size: int, tmp: Path,
-                ray_too: bool) -> dict:
-    cfg = ExtractConfig(dataset=str(data), split="val", store=str(tmp / f"img-{teacher_name}"),
-                        image_teacher=teacher_name, modalities=("image",), batch_size=batch_size,
-                        device="cpu", runner="local", image_teacher_weights=weights,
-                        allow_unofficial_weights=weights is not None, shard_size=64)
+def bench_image(
+    data: Path, teacher_name: str, weights: str | None, batch_size: int, tmp: Path, ray_too: bool
+) -> dict:
+    cfg = ExtractConfig(
+        dataset=str(data),
+        split="val",
+        store=str(tmp / f"img-{teacher_name}"),
+        image_teacher=teacher_name,
+        modalities=("image",),
+        batch_size=batch_size,
+        device="cpu",
+        runner="local",
+        image_teacher_weights=weights,
+        allow_unofficial_weights=weights is not None,
+        shard_size=64,
+    )
     reader = open_dataset(cfg.dataset, split=cfg.split, shard_size=cfg.shard_size)
     teachers = load_teachers(cfg)
     bare = _bare_image_rate(cfg, reader, teachers["image"])
@@ -99,25 +109,41 @@ def bench_image(data: Path, teacher_name: str, weights: str | None, batch_size: 
     }
     if ray_too:
         for actors in (1, 2):
-            ray_cfg = replace(cfg, runner="ray", store=str(tmp / f"ray{actors}-{teacher_name}"),
-                              actors_per_teacher=actors)
+            ray_cfg = replace(
+                cfg,
+                runner="ray",
+                store=str(tmp / f"ray{actors}-{teacher_name}"),
+                actors_per_teacher=actors,
+            )
             t0 = time.perf_counter()
             s = extract(ray_cfg)
             total = time.perf_counter() - t0
             busy = s.stage_seconds.get("image teacher", 0.0)
             out[f"ray_{actors}_actor_images_per_s_end_to_end"] = round(s.rows["image"] / total, 2)
             out[f"ray_{actors}_actor_wall_s_incl_startup"] = round(total, 1)
-            out[f"ray_{actors}_actor_teacher_busy_images_per_s"] = round(s.rows["image"] / busy, 2) if busy else None
+            out[f"ray_{actors}_actor_teacher_busy_images_per_s"] = (
+                round(s.rows["image"] / busy, 2) if busy else None
+            )
         out["ray_ratio_1_actor"] = round(out["ray_1_actor_images_per_s_end_to_end"] / bare, 3)
         out["ray_scaling_2_vs_1"] = round(
-            out["ray_2_actor_images_per_s_end_to_end"] / out["ray_1_actor_images_per_s_end_to_end"], 3)
+            out["ray_2_actor_images_per_s_end_to_end"] / out["ray_1_actor_images_per_s_end_to_end"],
+            3,
+        )
     return out
 
 
 def bench_text(data: Path, teacher_name: str, batch_size: int, tmp: Path) -> dict:
-    cfg = ExtractConfig(dataset=str(data), split="val", store=str(tmp / f"txt-{teacher_name}"),
-                        text_teacher=teacher_name, modalities=("text",), batch_size=batch_size,
-                        device="cpu", runner="local", shard_size=64)
+    cfg = ExtractConfig(
+        dataset=str(data),
+        split="val",
+        store=str(tmp / f"txt-{teacher_name}"),
+        text_teacher=teacher_name,
+        modalities=("text",),
+        batch_size=batch_size,
+        device="cpu",
+        runner="local",
+        shard_size=64,
+    )
     reader = open_dataset(cfg.dataset, split=cfg.split, shard_size=cfg.shard_size)
     teachers = load_teachers(cfg)
     teacher = teachers["text"]
@@ -126,7 +152,9 @@ def bench_text(data: Path, teacher_name: str, batch_size: int, tmp: Path) -> dic
     teacher.encode_bare(normalised[:batch_size])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(captions), batch_size):
-        teacher.model.encode(captions[i : i + batch_size], batch_size=batch_size, show_progress_bar=False)
+        teacher.model.encode(
+            captions[i : i + batch_size], batch_size=batch_size, show_progress_bar=False
+        )
     bare = len(captions) / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     for i in range(0, len(normalised), batch_size):
@@ -149,15 +177,26 @@ def bench_text(data: Path, teacher_name: str, batch_size: int, tmp: Path) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="An ALBEF/CUSA-layout dataset (val split is used).")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="An ALBEF/CUSA-layout dataset (val split is used).",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="Skip the Ray runs and the ViT.")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "gpu": torch.cuda.is_available()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "gpu": torch.cuda.is_available(),
+        },
         "data": str(args.data),
         "image": [],
         "text": [],
@@ -167,12 +206,19 @@ def main() -> None:
         if not args.quick:
             weights = str(_random_unicom_weights(tmp / "random-vit-b32.pt"))
             results["image"].append(
-                bench_image(args.data, "unicom-vit-b32", weights, args.batch_size, tmp, ray_too=True)
-                | {"note": "official ViT-B/32 shape with random weights (real weights are not reachable here): same compute"}
+                bench_image(
+                    args.data, "unicom-vit-b32", weights, args.batch_size, tmp, ray_too=True
+                )
+                | {
+                    "note": "official ViT-B/32 shape with random weights (real weights are not reachable here): same compute"
+                }
             )
         _save(args.out, results)
-        results["image"].append(bench_image(args.data, "efficientnet-lite0", None, args.batch_size, tmp,
-                                            ray_too=not args.quick))
+        results["image"].append(
+            bench_image(
+                args.data, "efficientnet-lite0", None, args.batch_size, tmp, ray_too=not args.quick
+            )
+        )
         _save(args.out, results)
         results["text"].append(bench_text(args.data, "all-MiniLM-L6-v2", args.batch_size, tmp))
         from cusa.extract.teachers.registry import get_teacher_entry

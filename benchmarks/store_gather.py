@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cusa.store.spec import TeacherSpec
 from cusa.store import FeatureLookup, FeatureStore
+from cusa.store.spec import TeacherSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 from cusa.errors import DatasetError, SampleNotFoundError, StoreError, StoreSpecMismatchError
 from cusa.extract.readers.registry import open_dataset
-from cusa.store.spec import TeacherSpec
 from cusa.store import FeatureStore
+from cusa.store.spec import TeacherSpec
 from cusa_train.data import (
     PairDataset,
     SoftLabelCollate,

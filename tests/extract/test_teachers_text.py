@@ -212,7 +212,9 @@ def test_mpnet_paper_teacher():
 
 def test_assembly_is_done_once():
     if not mpnet_assembled():
-        pytest.skip("all-mpnet-base-v2 is not assembled here (cusa teachers fetch all-mpnet-base-v2)")
+        pytest.skip(
+            "all-mpnet-base-v2 is not assembled here (cusa teachers fetch all-mpnet-base-v2)"
+        )
     import time
 
     from cusa.extract.teachers.text import assemble_mpnet, mpnet_dir

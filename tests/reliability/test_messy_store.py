@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from cusa.cli import app
 from cusa.errors import ConfigError, NotAStoreError, StoreError
-from cusa.store.spec import TeacherSpec
 from cusa.store import FeatureLookup, FeatureStore
+from cusa.store.spec import TeacherSpec
 from cusa.store.verify import verify_group, verify_store
 
 
