@@ -107,6 +107,8 @@ class SweepConfig:
             the other factors.
         tau_variants: variants of the one-factor τ sweep.
         size_taus: more soft-label τ (CUSA, α and β official) for the training-set-size sweep.
+        train_threads: torch threads for training, set after extraction (the teachers set their
+            own); None keeps what extraction left (all cores).
         finetune_tune_lrs, finetune_tune_epochs: schedule grid of the fine-tuned student.
         quick: a subset (``--quick``), recorded for the reader.
     """
@@ -132,6 +134,7 @@ class SweepConfig:
     finetune: bool = True
     tau_variants: tuple[str, ...] = ("csa", "usa", "cusa")
     size_taus: tuple[float, ...] = ()
+    train_threads: int | None = None
     finetune_tune_lrs: tuple[float, ...] = (3e-4, 1e-3)
     finetune_tune_epochs: tuple[int, ...] = (10,)
     quick: bool = False
@@ -767,6 +770,8 @@ def run_sweep(cfg: SweepConfig, store: str) -> dict[str, Any]:
         train_split = f"{base.train_split}quick"
     try:
         extraction = extract_all(cfg, store, train, train_split)
+        if cfg.train_threads:
+            torch.set_num_threads(cfg.train_threads)
         sweep = Sweep(cfg, store, train, train_split)
         return _run_factors(cfg, sweep, extraction, t_start, load_start, train, train_split)
     finally:
@@ -1305,7 +1310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-finetune", action="store_true", help="skip the fine-tuned student")
     ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/...)")
     ap.add_argument("--img-dir", default=str(IMG_DIR), help="where the plots go")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads for training (default: all)"
+    )
     ap.add_argument(
         "--report", default=None, help="only print the markdown tables of a results file"
     )
@@ -1338,7 +1345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         cfg = SweepConfig(base=base)
     cfg = replace(
-        cfg, seeds=tuple(range(args.seeds)), finetune=cfg.finetune and not args.no_finetune
+        cfg,
+        seeds=tuple(range(args.seeds)),
+        finetune=cfg.finetune and not args.no_finetune,
+        train_threads=args.threads,
     )
     suffix = "_quick" if args.quick else "_size" if args.size_by_tau else ""
     out = Path(args.out or RESULTS_DIR / f"cusa_sensitivity{suffix}.json")
