@@ -32,6 +32,7 @@ from cusa.extract.teachers.registry import (
 )
 from cusa.extract.teachers.text import pre_caption
 from cusa.extract.teachers.weights import (
+    cached_release,
     download_with_sha256,
     file_lock,
     load_state_dict,
@@ -52,6 +53,7 @@ __all__ = [
     "TeacherEntry",
     "TeacherInfo",
     "TeacherSpec",
+    "cached_release",
     "clip_transform",
     "download_with_sha256",
     "fetch_teacher",

@@ -43,10 +43,8 @@ from cusa.errors import ConfigError, WeightsError
 from cusa.extract.teachers.base import ImageTeacherBase
 from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, clip_transform
 from cusa.extract.teachers.weights import (
-    download_with_sha256,
-    file_lock,
+    cached_release,
     load_state_dict,
-    offline_requested,
     sha256_file,
 )
 from cusa.store.spec import TeacherSpec, library_versions
@@ -337,26 +335,16 @@ def resolve_unicom_weights(
             )
         return path, digest
     cache = Path(cache_dir).expanduser() if cache_dir is not None else unicom_cache_dir()
-    cached = cache / rel.filename
-    if download is None:
-        download = not offline_requested()
-    failure = "downloads are disabled (download=False, CUSA_OFFLINE or HF_HUB_OFFLINE)"
-    if not cached.is_file() and not download:
-        raise WeightsError(_missing_unicom_message(arch, cached, failure))
-    with file_lock(cache / f".{rel.filename}.lock"):
-        if cached.is_file():
-            try:
-                download_with_sha256(rel.url, cached, rel.sha256)  # verifies the cached file
-            except WeightsError as exc:
-                raise WeightsError(f"{exc} (cached Unicom {arch} checkpoint)") from exc
-            return cached, rel.sha256
-        try:
-            return download_with_sha256(rel.url, cached, rel.sha256), rel.sha256
-        except WeightsError as exc:
-            if "checksum mismatch" in str(exc):
-                raise
-            failure = str(exc)
-    raise WeightsError(_missing_unicom_message(arch, cached, failure))
+    path = cached_release(
+        rel.url,
+        cache,
+        rel.filename,
+        rel.sha256,
+        download=download,
+        what=f"Unicom {arch}",
+        missing=lambda why: _missing_unicom_message(arch, cache / rel.filename, why),
+    )
+    return path, rel.sha256
 
 
 def _missing_unicom_message(arch: str, cached: Path, failure: str) -> str:

@@ -25,7 +25,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,54 @@ def download_with_sha256(
         )
     os.replace(partial, dest)
     return dest
+
+
+def cached_release(
+    url: str,
+    cache: Path,
+    filename: str,
+    sha256: str,
+    *,
+    download: bool | None,
+    what: str,
+    missing: Callable[[str], str],
+) -> Path:
+    """An official release file from ``cache``, or downloaded there, always SHA-256 checked.
+
+    The cached file is verified every time (a corrupt cache is refused, never used); a missing
+    one is downloaded through a ``.partial`` file under a lock when ``download`` allows it
+    (default: unless ``CUSA_OFFLINE``/``HF_HUB_OFFLINE``).
+
+    Args:
+        url, filename, sha256: the official release.
+        cache: the folder the official loader uses (``~/.cache/unicom``, ``~/.cache/clip``).
+        download: allow the download; ``None`` follows the offline environment variables.
+        what: how errors name the file, e.g. ``"Unicom ViT-B/32"``.
+        missing: builds the "not found" message from the reason it could not be had.
+
+    Raises:
+        WeightsError: a checksum mismatch, or no file and no way to get it (``missing``'s text).
+    """
+    cached = cache / filename
+    if download is None:
+        download = not offline_requested()
+    failure = "downloads are disabled (download=False, CUSA_OFFLINE or HF_HUB_OFFLINE)"
+    if not cached.is_file() and not download:
+        raise WeightsError(missing(failure))
+    with file_lock(cache / f".{filename}.lock"):
+        if cached.is_file():
+            try:
+                download_with_sha256(url, cached, sha256)  # verifies the cached file
+            except WeightsError as exc:
+                raise WeightsError(f"{exc} (cached {what} checkpoint)") from exc
+            return cached
+        try:
+            return download_with_sha256(url, cached, sha256)
+        except WeightsError as exc:
+            if "checksum mismatch" in str(exc):
+                raise
+            failure = str(exc)
+    raise WeightsError(missing(failure))
 
 
 def wheels_dir() -> Path:
