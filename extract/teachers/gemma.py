@@ -27,7 +27,11 @@ import shutil
 from pathlib import Path
 
 from cusa.errors import WeightsError
-from cusa.extract.teachers.text import ResolvedTextModel, _folder_weights_sha, _hf_cached_file
+from cusa.extract.teachers.text import (
+    ResolvedTextModel,
+    _hf_cached_file,
+    resolve_local_text_model,
+)
 from cusa.extract.teachers.weights import (
     env_flag,
     extract_wheel_member,
@@ -194,18 +198,12 @@ def resolve_embeddinggemma(
     Raises:
         WeightsError: not found and assembly is disabled, or a checksum mismatch.
     """
-    if weights is not None:
-        folder = Path(weights).expanduser()
-        if not folder.is_dir():
-            raise WeightsError(f"embeddinggemma-300m folder {str(folder)!r} does not exist")
-        return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
-    if gemma_assembled():
-        return ResolvedTextModel(
-            str(gemma_dir()), EMBEDDINGGEMMA_SAFETENSORS_SHA256, "assembled from registry packages"
-        )
-    cached = _hf_cached_file(GEMMA_HUB_ID)
-    if cached is not None:
-        return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
+    local = resolve_local_text_model(
+        "embeddinggemma-300m", weights, gemma_dir(), gemma_assembled(),
+        EMBEDDINGGEMMA_SAFETENSORS_SHA256, GEMMA_HUB_ID,
+    )  # fmt: skip
+    if local is not None:
+        return local
     if download is None:
         download = not env_flag("CUSA_OFFLINE")
     if not download:

@@ -290,6 +290,35 @@ def _folder_weights_sha(folder: Path) -> str:
     raise WeightsError(f"{str(folder)!r} has no model.safetensors or pytorch_model.bin")
 
 
+def resolve_local_text_model(
+    label: str,
+    weights: str | os.PathLike | None,
+    assembled_dir: Path,
+    assembled: bool,
+    assembled_sha256: str,
+    hub_id: str,
+) -> ResolvedTextModel | None:
+    """The first local source of a registry-assembled text model: an explicit folder, the
+    folder assembled from registry packages, or the Hugging Face cache; ``None`` when none has it.
+
+    Raises:
+        WeightsError: ``weights`` is given but is not a folder.
+    """
+    if weights is not None:
+        folder = Path(weights).expanduser()
+        if not folder.is_dir():
+            raise WeightsError(f"{label} folder {str(folder)!r} does not exist")
+        return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
+    if assembled:
+        return ResolvedTextModel(
+            str(assembled_dir), assembled_sha256, "assembled from registry packages"
+        )
+    cached = _hf_cached_file(hub_id)
+    if cached is not None:
+        return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
+    return None
+
+
 def resolve_mpnet(
     weights: str | os.PathLike | None = None, *, download: bool | None = None
 ) -> ResolvedTextModel:
@@ -298,18 +327,12 @@ def resolve_mpnet(
     Raises:
         WeightsError: not found and the registry cannot be used, or a checksum mismatch.
     """
-    if weights is not None:
-        folder = Path(weights).expanduser()
-        if not folder.is_dir():
-            raise WeightsError(f"all-mpnet-base-v2 folder {str(folder)!r} does not exist")
-        return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
-    if mpnet_assembled():
-        return ResolvedTextModel(
-            str(mpnet_dir()), MPNET_SAFETENSORS_SHA256, "assembled from registry packages"
-        )
-    cached = _hf_cached_file(MPNET_HUB_ID)
-    if cached is not None:
-        return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
+    local = resolve_local_text_model(
+        "all-mpnet-base-v2", weights, mpnet_dir(), mpnet_assembled(), MPNET_SAFETENSORS_SHA256,
+        MPNET_HUB_ID,
+    )  # fmt: skip
+    if local is not None:
+        return local
     if download is None:
         download = not env_flag("CUSA_OFFLINE")  # the pip registry is not the HF hub
     if download and not offline_requested():
