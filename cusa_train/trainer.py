@@ -642,7 +642,8 @@ def _check_resume(config: TrainConfig, out_dir: Path, is_main: bool) -> None:
     ckpt_path = out_dir / CHECKPOINT_NAME
     if not (config.run.resume and ckpt_path.is_file()):
         return
-    changes = config_changes(load_checkpoint(ckpt_path)["config"], config)
+    saved = load_checkpoint(ckpt_path)
+    changes = config_changes(saved["config"], config)
     if not changes:
         return
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
@@ -655,7 +656,7 @@ def _check_resume(config: TrainConfig, out_dir: Path, is_main: bool) -> None:
         )
     if not is_main:
         return
-    step = int(load_checkpoint(ckpt_path)["step"])
+    step = int(saved["step"])
     if mode == "resume-anyway":
         old = out_dir / "config.json"
         if old.is_file():
