@@ -49,9 +49,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cusa.extract.readers import coco_sample_root
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "gpu_check.json"
-COCO = REPO.parent / "shared" / "data" / "coco-example"
+# The 801-image subset beside the repo when present, else the sample embedded in the package
+# (a user's clone has no ../shared; the check then runs on those 32 real images).
+_SHARED_COCO = REPO.parent / "shared" / "data" / "coco-example"
+COCO = _SHARED_COCO if (_SHARED_COCO / "pics").is_dir() else coco_sample_root()
 TARGETS = {
     "unicom_b32_jpeg_to_sealed_store_images_per_s": 5000,
     "mpnet_captions_per_s": 10000,
