@@ -9,14 +9,28 @@ A whole run is a :class:`TrainConfig`, loadable from YAML, JSON or TOML with
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import math
-import types
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+import yaml
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
 
 from cusa.errors import ConfigError
 from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
@@ -25,121 +39,103 @@ from cusa_train.clip_catalog import CLIP_STUDENTS
 C = TypeVar("C")
 
 
-# ---- generic dict -> dataclass building --------------------------------------------------------
+# ---- dict -> dataclass, validated by pydantic ----------------------------------------------------
+
+#: Every section refuses a key it does not have (pydantic reads this from each dataclass).
+SECTION = ConfigDict(extra="forbid")
+
+#: pydantic's error types, as the one-line fix a config author needs.
+_TYPE_MESSAGES = {
+    "bool_type": "must be true or false",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "too_long": "has too many items",
+}
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+#: pydantic's two names for a key the dataclass does not have.
+_UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden")
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert one value against a type hint; nested dataclasses are built from dicts."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        options = get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        dataclass_options = [o for o in options if _is_dataclass_type(o)]
-        if isinstance(value, dict) and len(dataclass_options) == 1:
-            return _coerce(value, dataclass_options[0], where)
-        errors = []
-        # Literals and scalars first so that a string is not mistaken for a mapping.
-        for opt in sorted(options, key=lambda o: _is_dataclass_type(o)):
-            if opt is type(None):
-                continue
-            try:
-                return _coerce(value, opt, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(
-            f"{where}: {value!r} does not fit {_type_name(tp)}; " + " / ".join(errors)
-        )
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{where}={value!r} is not allowed; use one of {list(allowed)}")
-        return value
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping of {_field_names(tp)}, got {value!r}")
-        return build(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}={value!r} must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}={value!r} must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 (PyYAML) reads ``3e-4`` (no dot) as a string; accept it as the number it is.
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{where}={value!r} must be a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}={value!r} must be a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}={value!r} must be a string")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r} must be a list")
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}={value!r} must have {len(args)} items")
-        return tuple(
-            _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
-        )
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}={value!r} must be a mapping")
-        return dict(value)
-    raise ConfigError(f"{where}: unsupported config type {tp!r}")  # pragma: no cover
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
 
 
 def build(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     """Build a config dataclass from a plain mapping, rejecting unknown keys.
 
+    The types of the dataclass fields are checked by pydantic; each section's ``__post_init__``
+    checks ranges.
+
     Raises:
         ConfigError: an unknown key, a wrongly typed value or a value out of range.
     """
-    hook = getattr(cls, "_from_shorthand", None)
-    if hook is not None:
-        data = hook(data)
-    allowed = _field_names(cls)
-    for key in data:
-        if key not in allowed:
-            name = f"{where}.{key}" if where else str(key)
-            raise ConfigError(
-                f"unknown config key {name!r}; allowed keys here: {', '.join(allowed)}"
-            )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{where}.{key}" if where else key
-        kwargs[key] = _coerce(value, hints[key], name)
     try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+        return _adapter(cls).validate_python(data)
+    except ValidationError as exc:
+        raise _config_error(exc, cls, data, where) from None
+
+
+def _section(tp: Any) -> type | None:
+    """The config dataclass a field type holds (directly or as the one dataclass of a union)."""
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return tp
+    found = [a for a in get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+    return found[0] if len(found) == 1 else None
+
+
+def _config_error(exc: ValidationError, cls: type, data: Any, where: str) -> ConfigError:
+    """pydantic's error as one line naming the key, the value and the fix.
+
+    Of several errors the deepest is reported: for a union field (a temperature pair or
+    ``"csa"``) that is the form the value was meant as.
+    """
+    errors = exc.errors(include_url=False)
+    error = max(errors, key=lambda e: len(e["loc"]))
+    raised = (error.get("ctx") or {}).get("error")
+    if isinstance(raised, ConfigError):  # a section's own range check
+        return raised
+    kind, loc = error["type"], error["loc"]
+    if kind in _UNKNOWN_KEY:  # the last part is the unknown key itself
+        loc = loc[:-1]
+    # Walk the location through the sections; a part that is not a field is a union member's tag.
+    names, owners, value = [where] if where else [], [cls], data
+    for part in loc:
+        section = _section(owners[-1])
+        if isinstance(part, int):
+            if isinstance(value, (list, tuple)) and part < len(value):
+                names[-1] += f"[{part}]"
+                value = value[part]
+        elif section is not None and part in {f.name for f in dataclasses.fields(section)}:
+            names.append(part)
+            owners.append(typing.get_type_hints(section)[part])
+            value = value.get(part) if isinstance(value, dict) else value
+    name = ".".join(names)
+    if kind in _UNKNOWN_KEY:
+        key = ".".join([*names, str(error["loc"][-1])])
+        allowed = ", ".join(f.name for f in dataclasses.fields(_section(owners[-1])))
+        return ConfigError(f"unknown config key {key!r}; allowed keys here: {allowed}")
+    if loc and isinstance(loc[-1], str) and loc[-1] != names[-1]:  # no form of a union fits
+        forms = " / ".join(e["msg"] for e in errors if len(e["loc"]) == len(loc))
+        return ConfigError(f"{name}={value!r} fits none of its forms: {forms}")
+    if kind == "literal_error":
+        return ConfigError(
+            f"{name}={value!r} is not allowed; use one of {list(get_args(owners[-1]))}"
+        )
+    if kind == "missing" and isinstance(loc[-1], int):
+        return ConfigError(f"{name}={value!r} must have {len(get_args(owners[-1]))} items")
+    if kind == "missing":
+        return ConfigError(
+            f"{'.'.join(names[:-1]) or cls.__name__}: missing required key {names[-1]!r}"
+        )
+    if kind == "dataclass_type":
+        keys = [f.name for f in dataclasses.fields(_section(owners[-1]))]
+        return ConfigError(f"{name} must be a mapping of {keys}, got {value!r}")
+    return ConfigError(f"{name}={value!r} {_TYPE_MESSAGES.get(kind, error['msg'])}")
 
 
 def to_dict(obj: Any) -> Any:
@@ -166,6 +162,7 @@ def _non_negative(value: float, name: str, fix: str = "use a value >= 0") -> Non
 # ---- losses and temperatures -------------------------------------------------------------------
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class TemperatureConfig:
     """One temperature: its initial value, the [min, max] range it is clamped to before every
@@ -178,10 +175,10 @@ class TemperatureConfig:
         learnable: learned by the optimiser (``True``) or fixed (``False``).
     """
 
-    init: float
-    min: float
-    max: float
-    learnable: bool = True
+    init: StrictFloat
+    min: StrictFloat
+    max: StrictFloat
+    learnable: StrictBool = True
 
     def __post_init__(self) -> None:
         _positive(self.min, "temperature min", "temperatures must be > 0; use e.g. min: 0.01")
@@ -198,6 +195,7 @@ class TemperatureConfig:
             )
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class TemperaturePairConfig:
     """The temperatures of the image side and the text side of one loss term.
@@ -209,7 +207,7 @@ class TemperaturePairConfig:
 
     image: TemperatureConfig
     text: TemperatureConfig
-    shared: bool = False
+    shared: StrictBool = False
 
     def __post_init__(self) -> None:
         if self.shared and self.image.learnable != self.text.learnable:
@@ -226,12 +224,6 @@ class TemperaturePairConfig:
         t = TemperatureConfig(init, low, high, learnable)
         return cls(image=t, text=t, shared=True)
 
-    @staticmethod
-    def _from_shorthand(data: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(data, dict) and "init" in data:
-            return {"image": data, "text": data, "shared": True}
-        return data
-
     @property
     def merged(self) -> TemperatureConfig:
         """The single temperature used when ``shared`` (means of the two sides)."""
@@ -243,11 +235,22 @@ class TemperaturePairConfig:
         )
 
 
+def _shared_shorthand(data: Any) -> Any:
+    """A plain ``{init, min, max, learnable}`` mapping is one temperature shared by both sides."""
+    if isinstance(data, dict) and "init" in data:
+        return {"image": data, "text": data, "shared": True}
+    return data
+
+
+#: A temperature pair as a config field: a full pair, or the shared shorthand.
+TemperaturePair = Annotated[TemperaturePairConfig, BeforeValidator(_shared_shorthand)]
+
 ItrMode = Literal["mean", "sum"]
 CombineMode = Literal["each", "add", "dot"]
 SoftObjective = Literal["kl", "cross-entropy"]
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class ItrLossConfig:
     """Image-text retrieval InfoNCE with multi-positives.
@@ -259,8 +262,8 @@ class ItrLossConfig:
         tau: its temperature (official 0.05 in [0.01, 0.1], learned).
     """
 
-    enabled: bool = True
-    weight: float = 1.0
+    enabled: StrictBool = True
+    weight: StrictFloat = 1.0
     mode: ItrMode = "mean"
     tau: TemperatureConfig = field(default_factory=lambda: TemperatureConfig(0.05, 0.01, 0.1))
 
@@ -268,6 +271,7 @@ class ItrLossConfig:
         _non_negative(self.weight, "loss.itr.weight")
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class CsaLossConfig:
     """Cross-modal soft-label alignment.
@@ -285,15 +289,15 @@ class CsaLossConfig:
             (official ``contrastive_loss_mode``); unused by ``kl``.
     """
 
-    enabled: bool = True
-    weight: float = 0.1
+    enabled: StrictBool = True
+    weight: StrictFloat = 0.1
     combine: CombineMode = "each"
     objective: SoftObjective = "kl"
     mode: ItrMode = "mean"
-    tau: TemperaturePairConfig = field(
+    tau: TemperaturePair = field(
         default_factory=lambda: TemperaturePairConfig.single(0.45, 0.1, 0.99)
     )
-    teacher_tau: TemperaturePairConfig = field(
+    teacher_tau: TemperaturePair = field(
         default_factory=lambda: TemperaturePairConfig.single(1.0, 0.1, 1.0, learnable=False)
     )
 
@@ -301,6 +305,7 @@ class CsaLossConfig:
         _non_negative(self.weight, "loss.csa.weight", "use alpha >= 0 (official 0.1)")
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class UsaLossConfig:
     """Uni-modal soft-label alignment.
@@ -315,21 +320,22 @@ class UsaLossConfig:
         mode: reduction of the ``cross-entropy`` objective, ``"mean"`` or ``"sum"``.
     """
 
-    enabled: bool = True
-    weight: float = 0.5
+    enabled: StrictBool = True
+    weight: StrictFloat = 0.5
     objective: SoftObjective = "kl"
     mode: ItrMode = "mean"
-    tau: TemperaturePairConfig | Literal["csa"] = field(
+    tau: TemperaturePair | Literal["csa"] = field(
         default_factory=lambda: TemperaturePairConfig(
             image=TemperatureConfig(0.45, 0.1, 1.0), text=TemperatureConfig(0.45, 0.1, 1.0)
         )
     )
-    teacher_tau: TemperaturePairConfig | Literal["csa"] = "csa"
+    teacher_tau: TemperaturePair | Literal["csa"] = "csa"
 
     def __post_init__(self) -> None:
         _non_negative(self.weight, "loss.usa.weight", "use beta >= 0 (official 0.5)")
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class LossConfig:
     """``L = w_itr * L_itr + alpha * L_CSA + beta * L_USA``; defaults are the official ``cusa.yaml``."""
@@ -474,6 +480,7 @@ class LossConfig:
 # ---- model, teachers, data, optimisation, run -------------------------------------------------
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class ModelConfig:
     """The student and the CUSA heads.
@@ -492,8 +499,8 @@ class ModelConfig:
 
     student: str = "mobilenetv2-minilm"
     student_options: dict[str, Any] = field(default_factory=dict)
-    embed_dim: int | None = None
-    head_init_std: float = 0.02
+    embed_dim: StrictInt | None = None
+    head_init_std: StrictFloat = 0.02
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -504,6 +511,7 @@ class ModelConfig:
         _non_negative(self.head_init_std, "model.head_init_std")
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class TeachersConfig:
     """Which stored teacher features to use.
@@ -523,6 +531,7 @@ class TeachersConfig:
     text_spec: dict[str, Any] = field(default_factory=dict)
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class DataConfig:
     """Training data and its soft labels.
@@ -549,11 +558,11 @@ class DataConfig:
     split: str = "train"
     store: str | None = None
     store_dataset: str | None = None
-    batch_size: int = 32
-    num_workers: int = 0
-    max_samples: int | None = None
+    batch_size: StrictInt = 32
+    num_workers: StrictInt = 0
+    max_samples: StrictInt | None = None
     captions: Literal["raw", "pre_caption"] = "raw"
-    shuffle_seed: int | None = None
+    shuffle_seed: StrictInt | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
@@ -566,6 +575,7 @@ class DataConfig:
             raise ConfigError(f"data.max_samples={self.max_samples!r} must be >= 1 or null")
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with a cosine schedule.
@@ -603,20 +613,20 @@ class OptimConfig:
         grad_clip_norm: clip the global grad norm; ``None`` disables (the official code does not clip).
     """
 
-    lr: float = 1e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    lr: StrictFloat = 1e-4
+    weight_decay: StrictFloat = 0.2
+    betas: tuple[StrictFloat, StrictFloat] = (0.9, 0.98)
+    eps: StrictFloat = 1e-6
     schedule: Literal["step-cosine", "epoch-cosine"] = "step-cosine"
-    warmup_steps: int = 100
-    warmup_epochs: int = 0
-    warmup_lr: float | None = None
-    epochs: int = 1
-    max_steps: int | None = None
-    min_lr_ratio: float = 0.0
-    min_lr: float | None = None
+    warmup_steps: StrictInt = 100
+    warmup_epochs: StrictInt = 0
+    warmup_lr: StrictFloat | None = None
+    epochs: StrictInt = 1
+    max_steps: StrictInt | None = None
+    min_lr_ratio: StrictFloat = 0.0
+    min_lr: StrictFloat | None = None
     decay_groups: Literal["matrices", "official"] = "matrices"
-    grad_clip_norm: float | None = None
+    grad_clip_norm: StrictFloat | None = None
 
     @property
     def final_lr(self) -> float:
@@ -650,6 +660,7 @@ class OptimConfig:
             _positive(self.grad_clip_norm, "optim.grad_clip_norm", "use a value > 0 or null")
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class RunConfig:
     """Where and how the run executes.
@@ -679,12 +690,12 @@ class RunConfig:
     """
 
     output_dir: str = "runs/cusa"
-    seed: int = 0
+    seed: StrictInt = 0
     device: str = "auto"
-    log_every: int = 1
-    checkpoint_every: int = 0
-    resume: bool = True
-    progress: bool = True
+    log_every: StrictInt = 1
+    checkpoint_every: StrictInt = 0
+    resume: StrictBool = True
+    progress: StrictBool = True
     all_gather: Literal["off", "on", "official"] = "on"
     on_config_change: Literal["refuse", "resume-anyway", "overwrite"] = "refuse"
 
@@ -697,6 +708,7 @@ class RunConfig:
             raise ConfigError(f"run.device={self.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class ValidationConfig:
     """Evaluation after every epoch, and which checkpoint is kept as the best.
@@ -717,8 +729,8 @@ class ValidationConfig:
     splits: tuple[str, ...] = ()
     select_on: str | None = "val"
     metric: str = "r_mean"
-    max_images: int | None = None
-    batch_size: int = 128
+    max_images: StrictInt | None = None
+    batch_size: StrictInt = 128
 
     def __post_init__(self) -> None:
         if self.splits and self.select_on is not None and self.select_on not in self.splits:
@@ -732,6 +744,7 @@ class ValidationConfig:
             raise ConfigError(f"eval.batch_size={self.batch_size!r} must be >= 1")
 
 
+@with_config(SECTION)
 @dataclass(frozen=True)
 class TrainConfig:
     """A whole training run; every section has defaults (the official CUSA loss settings)."""
@@ -876,8 +889,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     Raises:
         ConfigError: an override without ``=`` or with an empty key.
     """
-    import copy
-
     out = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -886,12 +897,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4"
             )
         try:
-            import yaml
-
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except ImportError:
-            value = json.loads(raw) if raw.strip() else None
-        except Exception:  # not YAML: keep the string
+            value = yaml.load(raw, Loader=ConfigLoader) if raw.strip() else None
+        except yaml.YAMLError:  # not YAML: keep the string
             value = raw
         node = out
         parts = key.strip().split(".")
@@ -912,23 +919,28 @@ def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def _unique_key_loader(yaml: Any) -> type:
-    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+#: Numbers YAML 1.2 reads as floats and PyYAML's YAML 1.1 reads as strings: ``3e-4``, ``1.0e5``.
+_YAML12_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    line = key_node.start_mark.line + 1
-                    raise ConfigError(
-                        f"duplicate key {key!r} at line {line}; each key may appear once per section"
-                    )
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
 
-    return UniqueKeyLoader
+class ConfigLoader(yaml.SafeLoader):
+    """The YAML loader of configs: a ``SafeLoader`` that reads ``3e-4`` as a number and refuses
+    a key given twice in one mapping (PyYAML would keep the last)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(
+                    f"duplicate key {key!r} at line {line}; each key may appear once per section"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789"))
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:
@@ -942,13 +954,7 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     text = p.read_text(encoding="utf-8")
     try:
         if suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as exc:
-                raise ConfigError(
-                    f"reading {str(p)!r} needs pyyaml; pip install pyyaml, or use JSON/TOML"
-                ) from exc
-            data = yaml.load(text, Loader=_unique_key_loader(yaml))  # noqa: S506 (a SafeLoader)
+            data = yaml.load(text, Loader=ConfigLoader)  # ConfigLoader is a SafeLoader
         elif suffix == ".json":
             data = json.loads(text, object_pairs_hook=_unique_json_object)
         elif suffix == ".toml":

@@ -10,6 +10,7 @@ from cusa_train.config import (
     TemperatureConfig,
     TemperaturePairConfig,
     TrainConfig,
+    apply_overrides,
     load_mapping,
 )
 
@@ -101,6 +102,15 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
         ({"data": {"batch_size": 1}}, r"data.batch_size=1; in-batch losses need at least 2"),
         ({"optim": {"lr": -1e-3}}, r"optim.lr=-0.001 is out of range"),
         ({"optim": {"lr": "fast"}}, r"optim.lr='fast' must be a number"),
+        ({"optim": {"lr": True}}, r"optim.lr=True must be a number"),
+        ({"data": {"batch_size": "32"}}, r"data.batch_size='32' must be an integer"),
+        ({"run": {"resume": "yes"}}, r"run.resume='yes' must be true or false"),
+        ({"run": {"device": 3}}, r"run.device=3 must be a string"),
+        ({"optim": {"betas": [0.9]}}, r"optim.betas=\[0.9\] must have 2 items"),
+        ({"optim": {"betas": [0.9, "x"]}}, r"optim.betas\[1\]='x' must be a number"),
+        ({"loss": "x"}, r"loss must be a mapping of \['itr', 'csa', 'usa'\]"),
+        ({"loss": {"itr": {"tau": {"init": 0.05}}}}, r"loss.itr.tau: missing required key 'min'"),
+        ({"loss": {"usa": {"tau": "itr"}}}, r"loss.usa.tau='itr' fits none of its forms"),
         ({"run": {"device": "tpu"}}, r"run.device='tpu'"),
         ({"loss": {"usa": {"tau": "itr"}}}, r"loss.usa.tau"),
     ],
@@ -184,3 +194,8 @@ def test_a_key_given_twice_is_refused(tmp_path):
         load_mapping(tmp_path / "dup.json")
     (tmp_path / "ok.yaml").write_text("optim: {lr: 3e-4}\nrun: {seed: 1}\n")
     assert TrainConfig.from_file(tmp_path / "ok.yaml").optim.lr == 3e-4  # YAML 1.1 string
+    (tmp_path / "exp.yaml").write_text("optim: {lr: 1.0e5, weight_decay: '2e-1'}\n")
+    with pytest.raises(ConfigError, match=r"optim.weight_decay='2e-1' must be a number"):
+        TrainConfig.from_file(tmp_path / "exp.yaml")  # a quoted number stays a string
+    overridden = apply_overrides({}, ["optim.lr=3e-4", "optim.min_lr=1e-6", "run.device=cpu"])
+    assert overridden == {"optim": {"lr": 3e-4, "min_lr": 1e-6}, "run": {"device": "cpu"}}
