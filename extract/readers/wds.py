@@ -170,7 +170,8 @@ class _PipeStream:
 
     def __init__(self, command: str) -> None:
         self.command = command
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)  # noqa: S602
+        # A shell on purpose: ``pipe:`` URLs are shell commands the user wrote (webdataset's form).
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
         self.eof = False
 
     def read(self, n: int = -1) -> bytes:
