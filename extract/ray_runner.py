@@ -4,7 +4,7 @@
 2. Each teacher runs in an actor pool (``map_batches`` with a callable class). On GPU nodes an
    actor takes a GPU share; on CPU-only nodes actors take *fractional* CPUs sized from the
    cluster, leaving room for the read tasks (whole-CPU actors on a 2-core machine starve the
-   readers and deadlock — environment notes).
+   readers and the job deadlocks; ``plan_resources`` sizes them, tests/extract/test_plan_resources.py).
 3. The driver consumes the stream with backpressure and commits each complete shard.
 
 ``--ray-address`` joins an existing cluster; the store must then be a path or URL every node
