@@ -153,7 +153,6 @@ def test_schedule_and_sampler():
 
 def test_cli_train_with_the_builtin_student(sample_store, tmp_path):
     """`cusa train --config` end to end: real MobileNetV2 + MiniLM student, real teacher features."""
-    pytest.importorskip("cusa_train.student")
     cfg = {
         "model": {
             "student": "mobilenetv2-minilm",
