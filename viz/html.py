@@ -12,6 +12,7 @@ from importlib import resources
 from string import Template
 from typing import Any
 
+from cusa.sizes import human_bytes
 from cusa.viz.thumbnails import data_uri
 
 
@@ -33,13 +34,8 @@ def _note(text: str, kind: str = "note") -> str:
     return f'<p class="{kind}">{text}</p>'
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+# Sizes on the page read as the CLI prints them (binary units, one formatter in cusa.sizes).
+_size = human_bytes
 
 
 def _short(sample_id: str, n: int = 28) -> str:
