@@ -79,7 +79,7 @@ def byte_to_unicode() -> dict[int, str]:
 
 def bpe_vocab_path():
     """The packaged ``bpe_simple_vocab_16e6.txt.gz`` (a :class:`importlib.resources` traversable)."""
-    return resources.files("cusa_train").joinpath("assets", BPE_VOCAB_FILE)
+    return resources.files("cusa_train") / "assets" / BPE_VOCAB_FILE
 
 
 def _clean(text: str, whitespace_re, ftfy_fix) -> str:
