@@ -94,12 +94,7 @@ class StoreFS:
         """Write ``data`` so that readers see either nothing or the whole file."""
         full = self.path(rel)
         if self.is_local:
-            tmp = _write_partial(full, data)
-            try:
-                os.replace(tmp, full)
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
+            _write_local_atomic(full, data)
         else:
             self.fs.pipe_file(full, data)
 
@@ -110,12 +105,7 @@ class StoreFS:
         """
         full = self.path(rel)
         if self.is_local:
-            tmp = _write_partial(full, blocks)
-            try:
-                os.replace(tmp, full)
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
+            _write_local_atomic(full, blocks)
             return
         with tempfile.TemporaryDirectory(prefix="cusa-upload-") as tmpdir:
             local = os.path.join(tmpdir, "data")
@@ -193,6 +183,16 @@ def _async_instance(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
     return AsyncFileSystemWrapper(fs, asynchronous=True)
+
+
+def _write_local_atomic(full: str, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Write ``data`` to a temporary file beside ``full``, then rename it to ``full``."""
+    tmp = _write_partial(full, data)
+    try:
+        os.replace(tmp, full)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
 
 
 def _write_partial(full: str, data: bytes | Iterable[bytes | memoryview]) -> str:
