@@ -147,7 +147,7 @@ def _item(area: str, path: Path, base: Path, note: str = "") -> CacheItem:
 def _store_items(root: Path) -> list[CacheItem]:
     if not (root / "cusa_store.json").is_file():
         return []
-    from cusa.store.feature_store import FeatureStore
+    from cusa.store import FeatureStore
 
     items = []
     store = FeatureStore.open(root)

@@ -23,7 +23,7 @@ from cusa.extract.readers.base import ShardRef
 from cusa.extract.teachers import get_teacher
 from cusa.extract.teachers.base import Teacher
 from cusa.extract.teachers.image_preprocess import default_max_pixels
-from cusa.store.feature_store import ledger_text
+from cusa.store.ledger import ledger_text
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cusa.errors import ConfigError, StoreError
-from cusa.store.feature_store import FeatureGroup, Segment
+from cusa.store.group import FeatureGroup
+from cusa.store.layout import Segment
 from cusa.store.lookup import FeatureLookup
 
 log = logging.getLogger(__name__)

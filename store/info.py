@@ -6,7 +6,9 @@ import logging
 from typing import Any
 
 from cusa.errors import StoreError
-from cusa.store.feature_store import LAYOUT_VERSION, MARKER, FeatureGroup, FeatureStore
+from cusa.store.feature_store import FeatureStore
+from cusa.store.group import FeatureGroup
+from cusa.store.layout import LAYOUT_VERSION, MARKER
 
 log = logging.getLogger(__name__)
 

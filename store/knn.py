@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cusa.errors import ConfigError
-from cusa.store.feature_store import FeatureGroup
+from cusa.store.group import FeatureGroup
 from cusa.store.lookup import FeatureLookup
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,9 @@ import numpy as np
 
 from cusa.errors import ConfigError, SampleNotFoundError, StoreError, StoreSpecMismatchError
 from cusa.paths import cusa_home
-from cusa.store.feature_store import FeatureGroup, FeatureStore, Segment
+from cusa.store.feature_store import FeatureStore
+from cusa.store.group import FeatureGroup
+from cusa.store.layout import Segment
 from cusa.store.spec import format_spec_diff, spec_diff
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """``verify``: check a store's groups against their own records, byte for byte.
 
-What is checked, for every group (see the layout in :mod:`cusa.store.feature_store`):
+What is checked, for every group (see the layout in :mod:`cusa.store.layout`):
 
 * the group's metadata can be read at all (a malformed ``zarr.json``, seal or commit record is
   reported for that group; the other groups are still verified);
@@ -33,16 +33,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cusa.errors import StoreError
-from cusa.store.feature_store import (
-    MANIFEST,
-    SEALED,
-    BrokenGroup,
-    FeatureGroup,
-    FeatureStore,
-    Segment,
-    parse_group_leaf,
-    safe_name,
-)
+from cusa.store.feature_store import BrokenGroup, FeatureStore
+from cusa.store.group import FeatureGroup
+from cusa.store.layout import MANIFEST, SEALED, Segment, parse_group_leaf, safe_name
 from cusa.store.spec import FINGERPRINT_FIELDS, spec_fingerprint
 
 log = logging.getLogger(__name__)

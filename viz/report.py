@@ -31,7 +31,7 @@ import numpy as np
 from cusa import __version__ as version
 from cusa.errors import ConfigError, CusaError
 from cusa.extract.readers import DATASETS, open_dataset
-from cusa.store.feature_store import FeatureGroup, FeatureStore
+from cusa.store import FeatureGroup, FeatureStore
 from cusa.store.info import store_info
 from cusa.store.lookup import FeatureLookup
 from cusa.viz import plots

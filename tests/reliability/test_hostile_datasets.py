@@ -24,7 +24,7 @@ from cusa.cli import app
 from cusa.extract.readers import _common as common
 from cusa.extract.readers import coco_sample_root
 from cusa.store import FeatureLookup, FeatureStore
-from cusa.store.feature_store import MAX_REASON_CHARS
+from cusa.store.ledger import MAX_REASON_CHARS
 
 RUN = dict(image_teacher=IMAGE_T, text_teacher=TEXT_T, runner="local", device="cpu", batch_size=4)
 

@@ -242,7 +242,7 @@ def test_resume_after_a_kill_inside_seal_leaves_no_temp_files(
     """The state a SIGKILL between writing and renaming ``sealed.json`` leaves (seen in a seeded
     trial): every shard committed, parts present, temporary files beside the records. The re-run
     seals and removes every ``*.partial`` file; a later re-run cleans a sealed group as well."""
-    from cusa.store.feature_store import FeatureGroup
+    from cusa.store.group import FeatureGroup
 
     _, reference = sample_reference
     store = tmp_path / "store"

@@ -10,8 +10,8 @@ from store_helpers import fill_group, toy_spec
 
 from cusa.errors import StoreError, StoreSpecMismatchError
 from cusa.store import FeatureLookup, FeatureStore
-from cusa.store.feature_store import group_leaf, parse_group_leaf
 from cusa.store.info import resolve_group
+from cusa.store.layout import group_leaf, parse_group_leaf
 from cusa.store.verify import verify_group, verify_store
 
 

@@ -12,7 +12,7 @@ from store_helpers import DIM, fill_group, toy_spec, unit_rows
 
 from cusa.errors import NotAStoreError, StoreError, StoreSpecMismatchError, StoreVersionError
 from cusa.store import LAYOUT_VERSION, FeatureLookup, FeatureStore
-from cusa.store.feature_store import MARKER
+from cusa.store.layout import MARKER
 
 
 def _check_round_trip(filled) -> None:

@@ -1,0 +1,168 @@
+"""Committing one shard: its rows checked, its part folder written, its commit record.
+
+A shard is written to a uniquely named part folder (``parts/<shard>.<token>/``) and becomes
+visible only when its commit record ``commits/<shard>.json`` is created, exclusively: of two
+writers racing on a shard, the one that creates the record wins (see :mod:`cusa.store.layout`).
+:meth:`cusa.store.group.FeatureGroup.write_shard` runs these steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cusa.errors import StoreError
+from cusa.store.fs import StoreFS
+from cusa.store.layout import MANIFEST, now, safe_name
+from cusa.store.ledger import manifest_table, parquet_bytes
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What ``write_shard`` did: ``committed``, ``skipped`` (already committed) or ``lost-race``."""
+
+    shard: str
+    status: str
+    rows: int
+    failed: int
+
+
+def commit_rel(group_rel: str, shard: str) -> str:
+    """Where the commit record of ``shard`` lives in the group at ``group_rel``."""
+    return f"{group_rel}/commits/{safe_name(shard)}.json"
+
+
+def new_part_name(shard: str) -> str:
+    """A part folder name of ``shard`` that no other writer uses: ``<shard>.<token>``."""
+    return f"{safe_name(shard)}.{uuid.uuid4().hex[:12]}"
+
+
+def check_rows(
+    shard: str,
+    ids: list[str],
+    features: np.ndarray,
+    failures: list[tuple[str, str]],
+    spec: dict[str, Any],
+    url: str,
+) -> np.ndarray:
+    """``features`` as a C-order ``(len(ids), dim)`` array of the spec's dtype, once checked.
+
+    Raises:
+        StoreError: a shape that does not match the spec, NaN/inf after the cast, a duplicate
+            sample id (among the rows and the failures), or an id that is not valid UTF-8.
+    """
+    dim, dtype = int(spec["dim"]), np.dtype(spec["dtype"])
+    arr = np.asarray(features)
+    if arr.ndim != 2 or arr.shape[0] != len(ids) or (len(ids) and arr.shape[1] != dim):
+        raise StoreError(
+            f"shard {shard!r}: features of shape {arr.shape} do not match {len(ids)} ids "
+            f"x dim {dim} of teacher {spec['name']!r} in {url!r}"
+        )
+    with np.errstate(over="ignore"):  # an overflow to inf is caught just below
+        arr = np.ascontiguousarray(arr.reshape(len(ids), dim), dtype=dtype)
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        names = [ids[i] for i in np.flatnonzero(bad)[:5]]
+        raise StoreError(
+            f"shard {shard!r}: non-finite features (NaN/inf after casting to "
+            f"{spec['dtype']}) for sample ids {names}; refusing to write them to "
+            f"{url!r}. Record such samples as failures instead."
+        )
+    seen: set[str] = set()
+    for sid in [*ids, *(f for f, _ in failures)]:
+        if sid in seen:
+            raise StoreError(f"shard {shard!r}: duplicate sample id {sid!r}; ids must be unique")
+        try:
+            sid.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = sid.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+            raise StoreError(
+                f"shard {shard!r}: sample id {shown!r} is not valid UTF-8 text; zarr and "
+                "Parquet store UTF-8 only — record such samples as failures under an "
+                "escaped id"
+            ) from None
+        seen.add(sid)
+    return arr
+
+
+def write_part(
+    fs: StoreFS,
+    part_rel: str,
+    shard: str,
+    ids: list[str],
+    arr: np.ndarray,
+    failures: list[tuple[str, str]],
+) -> str:
+    """Write the part folder of one shard; returns the SHA-256 of its feature bytes."""
+    import zarr
+
+    root = zarr.open_group(store=fs.zarr_store(part_rel), mode="w")
+    if ids:
+        feats = root.create_array(
+            "features",
+            shape=arr.shape,
+            chunks=arr.shape,
+            dtype=arr.dtype,
+            compressors=None,
+            filters=None,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+        feats[...] = arr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr warns that vlen strings are a v3 extension
+            sid = root.create_array("sample_id", shape=(len(ids),), chunks=(len(ids),), dtype=str)
+        sid[...] = np.array(ids, dtype=object)
+    table = manifest_table(
+        ids=[*ids, *(f for f, _ in failures)],
+        rows=[*range(len(ids)), *([-1] * len(failures))],
+        shard=shard,
+        errors=[None] * len(ids) + [r for _, r in failures],
+    )
+    fs.write_bytes_atomic(f"{part_rel}/{MANIFEST}", parquet_bytes(table))
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def new_commit_record(
+    shard: str,
+    part: str,
+    rows: int,
+    failed: int,
+    spec: dict[str, Any],
+    features_sha256: str,
+    source: str,
+) -> dict[str, Any]:
+    """The commit record of a written part, naming this writer (host and process)."""
+    return {
+        "shard": shard,
+        "part": part,
+        "rows": rows,
+        "failed": failed,
+        "dim": int(spec["dim"]),
+        "dtype": spec["dtype"],
+        "features_sha256": features_sha256,
+        "source": source,
+        "committed": now(),
+        "writer": f"{socket.gethostname()}:{os.getpid()}",
+    }
+
+
+def is_commit_record(rec: Any) -> bool:
+    """Whether ``rec`` has a shard, a safe part name, a row count and a features hash."""
+    return (
+        isinstance(rec, dict)
+        and isinstance(rec.get("shard"), str)
+        and isinstance(rec.get("part"), str)
+        and safe_name(rec["part"]) == rec["part"]
+        and isinstance(rec.get("rows"), int)
+        and not isinstance(rec.get("rows"), bool)
+        and rec["rows"] >= 0
+        and isinstance(rec.get("features_sha256"), str)
+    )
