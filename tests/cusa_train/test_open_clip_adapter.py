@@ -3,7 +3,7 @@
 open_clip needs torchvision, which does not import beside this project's default torch 2.13
 (``operator torchvision::nms does not exist``), so these tests skip in the default environment
 and run where ``torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0`` are installed
-(see ``../shared/docs/environment-notes.md``). They show that:
+(the pair of torch and torchvision versions that import together). They show that:
 
 - open_clip's ``build_model_from_openai_state_dict`` and our native ``cusa_train.clip`` compute
   the same features from the same OpenAI-format weights (the fixture's tiny CLIP), and that

@@ -1,7 +1,7 @@
 """Unit tests of ``plan_resources``: actor pools sized so that no pool starves the read tasks.
 
-The 2-core deadlock in ``../shared/docs/environment-notes.md`` (an actor pool holding both cores
-while the read tasks wait) is what these invariants rule out.
+The 2-core deadlock (an actor pool holding both cores while Ray Data's read tasks wait, so the
+job never progresses) is what these invariants rule out.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def test_cpu_only_pools_leave_half_the_cpus_to_reading(cpus, n_teachers):
 
 
 def test_two_cores_get_fractional_actors():
-    """The machine of the environment notes: 2 CPUs, image and text teachers."""
+    """A 2-CPU machine (the one CI runs on) with image and text teachers."""
     plan = plan_resources({"CPU": 2.0}, 2, None)
     assert plan.actors == 1 and plan.num_cpus == 0.5 and plan.read_cpus == 0.5
 

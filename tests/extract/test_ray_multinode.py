@@ -9,7 +9,7 @@ runner's, byte for byte (``store_snapshot``: every group's ids and feature bytes
 
 Resources on a 2-core machine: each worker node declares 2 logical CPUs. ``plan_resources``
 gives a teacher actor at most 1 CPU and the read tasks a fraction, so no node can be filled by
-actors alone (the 2-core deadlock of the environment notes); the kill test uses one actor, so
+actors alone (the 2-core deadlock, tests/extract/test_plan_resources.py); the kill test uses one actor, so
 the surviving node still has room for the restarted actor *and* the read tasks.
 
 ``RAY_TMPDIR`` points at a private folder, so the cluster's address file does not make other

@@ -21,7 +21,7 @@ from cusa.viz import build_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS_SHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "report.png"
-# The environment notes' flags: without the background-networking ones chromium keeps trying
+# Headless flags: without the background-networking ones chromium keeps trying
 # (and failing) to reach the network.
 FLAGS = [
     "--headless",
