@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 # submodule, e.g. ``cusa_train.config`` in the CLI, does not import torch models and the rest.
 _EXPORTS = {
     "ClipStudent": "cusa_train.clip",
-    "LossConfig": "cusa_train.config",
+    "LossConfig": "cusa_train.loss_config",
     "TrainConfig": "cusa_train.config",
     "PairDataset": "cusa_train.data",
     "SoftLabelCollate": "cusa_train.data",
@@ -49,10 +49,11 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from cusa_train.clip import ClipStudent
-    from cusa_train.config import LossConfig, TrainConfig
+    from cusa_train.config import TrainConfig
     from cusa_train.data import PairDataset, SoftLabelCollate, SoftLabelStage, TeacherFeatures
     from cusa_train.eval_report import EvalReport
     from cusa_train.evaluate import evaluate_checkpoint, evaluate_model
+    from cusa_train.loss_config import LossConfig
     from cusa_train.losses import (
         CrossModalSoftLabelLoss,
         CusaLoss,

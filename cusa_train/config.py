@@ -3,479 +3,37 @@
 Every section is a frozen dataclass checked on construction: an unknown key or an out-of-range
 value raises :class:`cusa.errors.ConfigError` naming the key or value and how to fix it.
 A whole run is a :class:`TrainConfig`, loadable from YAML, JSON or TOML with
-:meth:`TrainConfig.from_file`. :meth:`LossConfig.from_official` maps the official CUSA
-``loss_config`` YAML tree (lerogo/aaai24_itr_cusa) onto this small config.
+:meth:`TrainConfig.from_file`, and :meth:`TrainConfig.from_official` maps an official CUSA
+training YAML (lerogo/aaai24_itr_cusa) onto it. The loss section lives in
+:mod:`cusa_train.loss_config`, the parsing in :mod:`cusa_train.config_parsing`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
-import json
-import math
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Any, Literal
 
-import yaml
 from pydantic import (
-    BeforeValidator,
-    ConfigDict,
     StrictBool,
     StrictFloat,
     StrictInt,
-    TypeAdapter,
-    ValidationError,
     with_config,
 )
 
 from cusa.errors import ConfigError
 from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from cusa_train.clip_catalog import CLIP_STUDENTS
-
-C = TypeVar("C")
-
-
-# ---- dict -> dataclass, validated by pydantic ----------------------------------------------------
-
-#: Every section refuses a key it does not have (pydantic reads this from each dataclass).
-SECTION = ConfigDict(extra="forbid")
-
-#: pydantic's error types, as the one-line fix a config author needs.
-_TYPE_MESSAGES = {
-    "bool_type": "must be true or false",
-    "int_type": "must be an integer",
-    "float_type": "must be a number",
-    "string_type": "must be a string",
-    "tuple_type": "must be a list",
-    "dict_type": "must be a mapping",
-    "too_long": "has too many items",
-}
-
-
-#: pydantic's two names for a key the dataclass does not have.
-_UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden")
-
-
-@functools.cache
-def _adapter(cls: type) -> TypeAdapter:
-    return TypeAdapter(cls)
-
-
-def build(cls: type[C], data: dict[str, Any], where: str = "") -> C:
-    """Build a config dataclass from a plain mapping, rejecting unknown keys.
-
-    The types of the dataclass fields are checked by pydantic; each section's ``__post_init__``
-    checks ranges.
-
-    Raises:
-        ConfigError: an unknown key, a wrongly typed value or a value out of range.
-    """
-    try:
-        return _adapter(cls).validate_python(data)
-    except ValidationError as exc:
-        raise _config_error(exc, cls, data, where) from None
-
-
-def _section(tp: Any) -> type | None:
-    """The config dataclass a field type holds (directly or as the one dataclass of a union)."""
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return tp
-    found = [a for a in get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
-    return found[0] if len(found) == 1 else None
-
-
-def _config_error(exc: ValidationError, cls: type, data: Any, where: str) -> ConfigError:
-    """pydantic's error as one line naming the key, the value and the fix.
-
-    Of several errors the deepest is reported: for a union field (a temperature pair or
-    ``"csa"``) that is the form the value was meant as.
-    """
-    errors = exc.errors(include_url=False)
-    error = max(errors, key=lambda e: len(e["loc"]))
-    raised = (error.get("ctx") or {}).get("error")
-    if isinstance(raised, ConfigError):  # a section's own range check
-        return raised
-    kind, loc = error["type"], error["loc"]
-    if kind in _UNKNOWN_KEY:  # the last part is the unknown key itself
-        loc = loc[:-1]
-    # Walk the location through the sections; a part that is not a field is a union member's tag.
-    names, owners, value = [where] if where else [], [cls], data
-    for part in loc:
-        section = _section(owners[-1])
-        if isinstance(part, int):
-            if isinstance(value, (list, tuple)) and part < len(value):
-                names[-1] += f"[{part}]"
-                value = value[part]
-        elif section is not None and part in {f.name for f in dataclasses.fields(section)}:
-            names.append(part)
-            owners.append(typing.get_type_hints(section)[part])
-            value = value.get(part) if isinstance(value, dict) else value
-    name = ".".join(names)
-    if kind in _UNKNOWN_KEY:
-        key = ".".join([*names, str(error["loc"][-1])])
-        allowed = ", ".join(f.name for f in dataclasses.fields(_section(owners[-1])))
-        return ConfigError(f"unknown config key {key!r}; allowed keys here: {allowed}")
-    if loc and isinstance(loc[-1], str) and loc[-1] != names[-1]:  # no form of a union fits
-        forms = " / ".join(e["msg"] for e in errors if len(e["loc"]) == len(loc))
-        return ConfigError(f"{name}={value!r} fits none of its forms: {forms}")
-    if kind == "literal_error":
-        return ConfigError(
-            f"{name}={value!r} is not allowed; use one of {list(get_args(owners[-1]))}"
-        )
-    if kind == "missing" and isinstance(loc[-1], int):
-        return ConfigError(f"{name}={value!r} must have {len(get_args(owners[-1]))} items")
-    if kind == "missing":
-        return ConfigError(
-            f"{'.'.join(names[:-1]) or cls.__name__}: missing required key {names[-1]!r}"
-        )
-    if kind == "dataclass_type":
-        keys = [f.name for f in dataclasses.fields(_section(owners[-1]))]
-        return ConfigError(f"{name} must be a mapping of {keys}, got {value!r}")
-    return ConfigError(f"{name}={value!r} {_TYPE_MESSAGES.get(kind, error['msg'])}")
-
-
-def to_dict(obj: Any) -> Any:
-    """A config dataclass as plain JSON-able data (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def _positive(value: float, name: str, fix: str = "use a value > 0") -> None:
-    if not (value > 0) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} is out of range; {fix}")
-
-
-def _non_negative(value: float, name: str, fix: str = "use a value >= 0") -> None:
-    if not (value >= 0) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} is out of range; {fix}")
-
-
-# ---- losses and temperatures -------------------------------------------------------------------
-
-
-@with_config(SECTION)
-@dataclass(frozen=True)
-class TemperatureConfig:
-    """One temperature: its initial value, the [min, max] range it is clamped to before every
-    use, and whether it is learned.
-
-    Args:
-        init: initial value, inside [min, max].
-        min: lower clamp bound, > 0.
-        max: upper clamp bound, >= min.
-        learnable: learned by the optimiser (``True``) or fixed (``False``).
-    """
-
-    init: StrictFloat
-    min: StrictFloat
-    max: StrictFloat
-    learnable: StrictBool = True
-
-    def __post_init__(self) -> None:
-        _positive(self.min, "temperature min", "temperatures must be > 0; use e.g. min: 0.01")
-        _positive(self.max, "temperature max", "temperatures must be > 0")
-        if self.min > self.max:
-            raise ConfigError(
-                f"temperature min={self.min!r} > max={self.max!r}; swap them or widen the range"
-            )
-        _positive(self.init, "temperature init", "temperatures must be > 0")
-        if not (self.min <= self.init <= self.max):
-            raise ConfigError(
-                f"temperature init={self.init!r} is outside [min={self.min!r}, max={self.max!r}]; "
-                "pick an init inside the range"
-            )
-
-
-@with_config(SECTION)
-@dataclass(frozen=True)
-class TemperaturePairConfig:
-    """The temperatures of the image side and the text side of one loss term.
-
-    With ``shared=True`` a single parameter serves both sides; like the official code it starts
-    at the mean of the two inits and is clamped to the mean of the two ranges. A plain
-    ``{init, min, max, learnable}`` mapping is shorthand for a shared pair.
-    """
-
-    image: TemperatureConfig
-    text: TemperatureConfig
-    shared: StrictBool = False
-
-    def __post_init__(self) -> None:
-        if self.shared and self.image.learnable != self.text.learnable:
-            raise ConfigError(
-                "a shared temperature pair has learnable=True on one side and False on the other; "
-                "set the same 'learnable' on both"
-            )
-
-    @classmethod
-    def single(
-        cls, init: float, low: float, high: float, learnable: bool = True
-    ) -> TemperaturePairConfig:
-        """One temperature shared by both sides, starting at ``init`` and clamped to [low, high]."""
-        t = TemperatureConfig(init, low, high, learnable)
-        return cls(image=t, text=t, shared=True)
-
-    @property
-    def merged(self) -> TemperatureConfig:
-        """The single temperature used when ``shared`` (means of the two sides)."""
-        return TemperatureConfig(
-            init=(self.image.init + self.text.init) / 2.0,
-            min=(self.image.min + self.text.min) / 2.0,
-            max=(self.image.max + self.text.max) / 2.0,
-            learnable=self.image.learnable,
-        )
-
-
-def _shared_shorthand(data: Any) -> Any:
-    """A plain ``{init, min, max, learnable}`` mapping is one temperature shared by both sides."""
-    if isinstance(data, dict) and "init" in data:
-        return {"image": data, "text": data, "shared": True}
-    return data
-
-
-#: A temperature pair as a config field: a full pair, or the shared shorthand.
-TemperaturePair = Annotated[TemperaturePairConfig, BeforeValidator(_shared_shorthand)]
-
-ItrMode = Literal["mean", "sum"]
-CombineMode = Literal["each", "add", "dot"]
-SoftObjective = Literal["kl", "cross-entropy"]
-
-
-@with_config(SECTION)
-@dataclass(frozen=True)
-class ItrLossConfig:
-    """Image-text retrieval InfoNCE with multi-positives.
-
-    Args:
-        enabled: compute the term.
-        weight: its weight in the total.
-        mode: ``"mean"`` (official: CE also averaged over columns) or ``"sum"`` (standard).
-        tau: its temperature (official 0.05 in [0.01, 0.1], learned).
-    """
-
-    enabled: StrictBool = True
-    weight: StrictFloat = 1.0
-    mode: ItrMode = "mean"
-    tau: TemperatureConfig = field(default_factory=lambda: TemperatureConfig(0.05, 0.01, 0.1))
-
-    def __post_init__(self) -> None:
-        _non_negative(self.weight, "loss.itr.weight")
-
-
-@with_config(SECTION)
-@dataclass(frozen=True)
-class CsaLossConfig:
-    """Cross-modal soft-label alignment.
-
-    Args:
-        enabled: compute the term.
-        weight: alpha (official 0.1).
-        combine: ``"each"`` (official), ``"add"`` or ``"dot"``; see :class:`CrossModalSoftLabelLoss`.
-        tau: student temperatures, ``image`` for i2t rows and ``text`` for t2i rows
-            (official: one shared 0.45 in [0.1, 0.99], learned).
-        teacher_tau: soft-label temperatures (official: one shared 1.0 in [0.1, 1.0], fixed).
-        objective: ``"kl"`` (official ``use_loss: kl``) or ``"cross-entropy"`` (official
-            ``use_loss: contrastive``: InfoNCE against the soft labels).
-        mode: reduction of the ``cross-entropy`` objective, ``"mean"`` or ``"sum"``
-            (official ``contrastive_loss_mode``); unused by ``kl``.
-    """
-
-    enabled: StrictBool = True
-    weight: StrictFloat = 0.1
-    combine: CombineMode = "each"
-    objective: SoftObjective = "kl"
-    mode: ItrMode = "mean"
-    tau: TemperaturePair = field(
-        default_factory=lambda: TemperaturePairConfig.single(0.45, 0.1, 0.99)
-    )
-    teacher_tau: TemperaturePair = field(
-        default_factory=lambda: TemperaturePairConfig.single(1.0, 0.1, 1.0, learnable=False)
-    )
-
-    def __post_init__(self) -> None:
-        _non_negative(self.weight, "loss.csa.weight", "use alpha >= 0 (official 0.1)")
-
-
-@with_config(SECTION)
-@dataclass(frozen=True)
-class UsaLossConfig:
-    """Uni-modal soft-label alignment.
-
-    Args:
-        enabled: compute the term (adds the uni-modal projector heads).
-        weight: beta (official 0.5).
-        tau: student temperatures for image-image and text-text, or ``"csa"`` to reuse CSA's
-            (official: separate, 0.45 in [0.1, 1.0], learned).
-        teacher_tau: soft-label temperatures, or ``"csa"`` to reuse CSA's (official).
-        objective: ``"kl"`` (official) or ``"cross-entropy"`` (official ``use_loss: contrastive``).
-        mode: reduction of the ``cross-entropy`` objective, ``"mean"`` or ``"sum"``.
-    """
-
-    enabled: StrictBool = True
-    weight: StrictFloat = 0.5
-    objective: SoftObjective = "kl"
-    mode: ItrMode = "mean"
-    tau: TemperaturePair | Literal["csa"] = field(
-        default_factory=lambda: TemperaturePairConfig(
-            image=TemperatureConfig(0.45, 0.1, 1.0), text=TemperatureConfig(0.45, 0.1, 1.0)
-        )
-    )
-    teacher_tau: TemperaturePair | Literal["csa"] = "csa"
-
-    def __post_init__(self) -> None:
-        _non_negative(self.weight, "loss.usa.weight", "use beta >= 0 (official 0.5)")
-
-
-@with_config(SECTION)
-@dataclass(frozen=True)
-class LossConfig:
-    """``L = w_itr * L_itr + alpha * L_CSA + beta * L_USA``; defaults are the official ``cusa.yaml``."""
-
-    itr: ItrLossConfig = field(default_factory=ItrLossConfig)
-    csa: CsaLossConfig = field(default_factory=CsaLossConfig)
-    usa: UsaLossConfig = field(default_factory=UsaLossConfig)
-
-    def __post_init__(self) -> None:
-        if not (self.itr.enabled or self.csa.enabled):
-            raise ConfigError(
-                "loss.itr and loss.csa are both disabled; enable at least one cross-modal term"
-            )
-        if (
-            self.usa.enabled
-            and not self.csa.enabled
-            and "csa" in (self.usa.tau, self.usa.teacher_tau)
-        ):
-            raise ConfigError(
-                "loss.usa reuses CSA temperatures ('csa') but loss.csa is disabled; give usa its own"
-            )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LossConfig:
-        return build(cls, data, "loss")
-
-    @classmethod
-    def sharper_soft_labels(cls, tau: float = 0.5) -> LossConfig:
-        """The official ``cusa.yaml`` loss with a fixed soft-label temperature ``tau`` (default
-        0.5) instead of 1.0, shared by CSA and USA as in ``cusa.yaml``; everything else official.
-
-        At τ = 1 the in-batch soft labels are almost uniform (126-128 effective neighbours out of
-        128 for every teacher measured). In the sensitivity study (``docs/cusa_sensitivity.md``:
-        150-600 COCO images, frozen towers) τ = 0.5 beat InfoNCE on average in all five
-        (training-set size, schedule) combinations tried, on 13 of 15 seeds, by +3 to +24 RSUM,
-        and with all 12 teacher pairs tried; the official τ = 1 ranged from -30 to +15 RSUM over
-        the same five. Sharper values (τ <= 0.2) helped a lot with 150-300 images but lost up to
-        29 RSUM with 600, so they are not a preset. The evidence is small-scale: the paper presets
-        keep the official ``LossConfig()``, and this one should be checked against InfoNCE on
-        held-out training pairs of your own.
-
-        Raises:
-            ConfigError: ``tau`` is not a positive number.
-        """
-        _positive(tau, "sharper_soft_labels tau", "use a soft-label temperature > 0, e.g. 0.5")
-        teacher = TemperaturePairConfig.single(tau, min(tau, 0.1), max(tau, 1.0), learnable=False)
-        base = cls()
-        return dataclasses.replace(base, csa=dataclasses.replace(base.csa, teacher_tau=teacher))
-
-    @classmethod
-    def from_official(cls, loss_config: dict[str, Any]) -> LossConfig:
-        """Map the official CUSA ``loss_config`` tree (``contrastive`` / ``cross_softlabel`` /
-        ``uni_softlabel`` sections) to a :class:`LossConfig`.
-
-        Initial temperatures outside their range are clamped, as the official forward does
-        before first use. ``use_loss: kl`` maps to ``objective: kl`` and ``use_loss: contrastive``
-        to ``objective: cross-entropy`` with the section's ``contrastive_loss_mode``.
-        """
-        try:
-            con = loss_config["contrastive"]
-            cross = loss_config["cross_softlabel"]
-            uni = loss_config["uni_softlabel"]
-
-            def temp(
-                sec: dict[str, Any], prefix: str, side: str, block_key: str
-            ) -> TemperatureConfig:
-                lo, hi = sec[f"{prefix}{side}_tau_min"], sec[f"{prefix}{side}_tau_max"]
-                init = min(max(sec[f"{prefix}{side}_tau"], lo), hi)
-                return TemperatureConfig(init, lo, hi, learnable=not sec[block_key])
-
-            def pair(
-                sec: dict[str, Any], prefix: str, shared: bool, block_key: str
-            ) -> TemperaturePairConfig:
-                return TemperaturePairConfig(
-                    image=temp(sec, prefix, "image", block_key),
-                    text=temp(sec, prefix, "text", block_key),
-                    shared=shared,
-                )
-
-            objectives = {"kl": "kl", "contrastive": "cross-entropy"}
-            for name, sec in (("cross_softlabel", cross), ("uni_softlabel", uni)):
-                if sec.get("use_loss", "kl") not in objectives:
-                    raise ConfigError(
-                        f"official {name}.use_loss={sec['use_loss']!r} is not known; "
-                        "the official code accepts 'kl' or 'contrastive'"
-                    )
-            itr = ItrLossConfig(
-                enabled=bool(con["is_on"]),
-                weight=float(con["rate"]),
-                mode=con["contrastive_loss_mode"],
-                tau=TemperatureConfig(
-                    min(max(con["tau"], con["tau_min"]), con["tau_max"]),
-                    con["tau_min"],
-                    con["tau_max"],
-                    learnable=not con["is_block_tau"],
-                ),
-            )
-            csa = CsaLossConfig(
-                enabled=bool(cross["is_on"]),
-                weight=float(cross["rate"]),
-                combine=cross["cross_softlabel_mode"],
-                objective=objectives[cross.get("use_loss", "kl")],
-                mode=cross.get("contrastive_loss_mode", "mean"),
-                tau=pair(cross, "", cross["use_same_tau"], "is_block_tau"),
-                teacher_tau=pair(
-                    cross,
-                    "the_softlabel_",
-                    cross["use_same_softlabel_tau"],
-                    "is_block_softlabel_tau",
-                ),
-            )
-            usa = UsaLossConfig(
-                enabled=bool(uni["is_on"]),
-                weight=float(uni["rate"]),
-                objective=objectives[uni.get("use_loss", "kl")],
-                mode=uni.get("contrastive_loss_mode", "mean"),
-                tau="csa"
-                if uni["use_cross_softlabel_same_tau"]
-                else pair(uni, "", uni["use_same_tau"], "is_block_tau"),
-                teacher_tau="csa"
-                if uni["use_cross_softlabel_same_softlabel_tau"]
-                else pair(
-                    uni, "the_softlabel_", uni["use_same_softlabel_tau"], "is_block_softlabel_tau"
-                ),
-            )
-        except KeyError as exc:
-            raise ConfigError(f"official loss_config is missing key {exc.args[0]!r}") from exc
-        if itr.mode not in ("mean", "sum"):
-            raise ConfigError(f"official contrastive_loss_mode={itr.mode!r}; use 'mean' or 'sum'")
-        for name, sec_mode in (("cross_softlabel", csa.mode), ("uni_softlabel", usa.mode)):
-            if sec_mode not in ("mean", "sum"):
-                raise ConfigError(
-                    f"official {name}.contrastive_loss_mode={sec_mode!r}; use 'mean' or 'sum'"
-                )
-        if csa.combine not in ("each", "add", "dot"):
-            raise ConfigError(
-                f"official cross_softlabel_mode={csa.combine!r}; use 'each', 'add' or 'dot'"
-            )
-        return cls(itr=itr, csa=csa, usa=usa)
-
+from cusa_train.config_parsing import (
+    SECTION,
+    build,
+    check_non_negative,
+    check_positive,
+    load_mapping,
+    to_dict,
+)
+from cusa_train.loss_config import LossConfig
 
 # ---- model, teachers, data, optimisation, run -------------------------------------------------
 
@@ -508,7 +66,7 @@ class ModelConfig:
             raise ConfigError(
                 f"model.embed_dim={self.embed_dim!r} must be >= 1 (or null for the student's)"
             )
-        _non_negative(self.head_init_std, "model.head_init_std")
+        check_non_negative(self.head_init_std, "model.head_init_std")
 
 
 @with_config(SECTION)
@@ -634,12 +192,12 @@ class OptimConfig:
         return self.min_lr if self.min_lr is not None else self.lr * self.min_lr_ratio
 
     def __post_init__(self) -> None:
-        _positive(self.lr, "optim.lr", "use e.g. 1e-4")
-        _non_negative(self.weight_decay, "optim.weight_decay")
+        check_positive(self.lr, "optim.lr", "use e.g. 1e-4")
+        check_non_negative(self.weight_decay, "optim.weight_decay")
         for b in self.betas:
             if not 0 <= b < 1:
                 raise ConfigError(f"optim.betas={self.betas!r}; each beta must be in [0, 1)")
-        _positive(self.eps, "optim.eps")
+        check_positive(self.eps, "optim.eps")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps!r} must be >= 0")
         if self.epochs < 1:
@@ -655,9 +213,9 @@ class OptimConfig:
         if self.warmup_epochs < 0:
             raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs!r} must be >= 0")
         if self.warmup_lr is not None:
-            _non_negative(self.warmup_lr, "optim.warmup_lr")
+            check_non_negative(self.warmup_lr, "optim.warmup_lr")
         if self.grad_clip_norm is not None:
-            _positive(self.grad_clip_norm, "optim.grad_clip_norm", "use a value > 0 or null")
+            check_positive(self.grad_clip_norm, "optim.grad_clip_norm", "use a value > 0 or null")
 
 
 @with_config(SECTION)
@@ -881,105 +439,3 @@ def _from_official(cfg: dict[str, Any], dataset: str | None) -> TrainConfig:
             batch_size=int(cfg.get("batch_size_test", 128)),
         ),
     )
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML scalars) to a config mapping.
-
-    Raises:
-        ConfigError: an override without ``=`` or with an empty key.
-    """
-    out = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(
-                f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4"
-            )
-        try:
-            value = yaml.load(raw, Loader=ConfigLoader) if raw.strip() else None
-        except yaml.YAMLError:  # not YAML: keep the string
-            value = raw
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = value
-    return out
-
-
-def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ConfigError(f"duplicate key {key!r}; each key may appear once per section")
-        seen[key] = value
-    return seen
-
-
-#: Numbers YAML 1.2 reads as floats and PyYAML's YAML 1.1 reads as strings: ``3e-4``, ``1.0e5``.
-_YAML12_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
-
-
-class ConfigLoader(yaml.SafeLoader):
-    """The YAML loader of configs: a ``SafeLoader`` that reads ``3e-4`` as a number and refuses
-    a key given twice in one mapping (PyYAML would keep the last)."""
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise ConfigError(
-                    f"duplicate key {key!r} at line {line}; each key may appear once per section"
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789"))
-
-
-def load_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML, JSON or TOML file into a dict, with errors naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(
-            f"config file {str(p)!r} does not exist; give the path of a .yaml, .json or .toml file"
-        )
-    suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
-    try:
-        if suffix in (".yaml", ".yml"):
-            data = yaml.load(text, Loader=ConfigLoader)  # ConfigLoader is a SafeLoader
-        elif suffix == ".json":
-            data = json.loads(text, object_pairs_hook=_unique_json_object)
-        elif suffix == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                try:
-                    import tomli as tomllib  # type: ignore[no-redef]
-                except ImportError as exc:
-                    raise ConfigError(
-                        f"reading {str(p)!r} needs Python 3.11+ or 'pip install tomli'"
-                    ) from exc
-            data = tomllib.loads(text)
-        else:
-            raise ConfigError(
-                f"config file {str(p)!r} has suffix {suffix!r}; use .yaml, .yml, .json or .toml"
-            )
-    except ConfigError:
-        raise
-    except Exception as exc:  # parse errors of three different libraries
-        raise ConfigError(f"cannot parse config file {str(p)!r}: {exc}") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}"
-        )
-    return data

@@ -22,13 +22,13 @@ from torch import Tensor, nn
 
 from cusa.errors import ConfigError
 from cusa_train.checkpoints import read_torch_file
-from cusa_train.config import LossConfig, TemperatureConfig, TemperaturePairConfig
 from cusa_train.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
     ids_to_codes,
     is_distributed,
 )
+from cusa_train.loss_config import LossConfig, TemperatureConfig, TemperaturePairConfig
 from cusa_train.losses import CusaLoss, CusaTemperatures
 
 logger = logging.getLogger(__name__)

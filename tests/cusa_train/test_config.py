@@ -5,14 +5,9 @@ import json
 import pytest
 
 from cusa.errors import ConfigError
-from cusa_train.config import (
-    LossConfig,
-    TemperatureConfig,
-    TemperaturePairConfig,
-    TrainConfig,
-    apply_overrides,
-    load_mapping,
-)
+from cusa_train.config import TrainConfig
+from cusa_train.config_parsing import apply_overrides, load_mapping
+from cusa_train.loss_config import LossConfig, TemperatureConfig, TemperaturePairConfig
 
 YAML = """
 model:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from cusa.cli import app
 from cusa.errors import ConfigError, DatasetError
 from cusa.extract.readers import coco_sample_root
-from cusa_train.config import LossConfig, TrainConfig
+from cusa_train.config import TrainConfig
 from cusa_train.evaluate import (
     HeadEncoder,
     evaluate_image_benchmarks,
@@ -30,6 +30,7 @@ from cusa_train.evaluate import (
     evaluate_sts_benchmarks,
     load_checkpoint_model,
 )
+from cusa_train.loss_config import LossConfig
 from cusa_train.wrapper import CusaModel
 
 NO_USA = {"usa": {"enabled": False}}

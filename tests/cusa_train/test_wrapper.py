@@ -6,7 +6,7 @@ from tiny_student import TinyDualEncoder
 from torch import nn
 
 from cusa.errors import ConfigError
-from cusa_train.config import LossConfig
+from cusa_train.loss_config import LossConfig
 from cusa_train.losses import LOSS_KEYS
 from cusa_train.wrapper import CusaModel, ProjectionHead, convert_official_state_dict
 

@@ -1,0 +1,256 @@
+"""From files and plain mappings to validated config dataclasses.
+
+:func:`load_mapping` reads YAML (``3e-4`` is a number, a key given twice is refused), JSON or
+TOML; :func:`apply_overrides` applies ``--set section.key=value``; :func:`build` turns a mapping
+into a frozen config dataclass, with pydantic checking every field's type and refusing unknown
+keys, and turns pydantic's errors into one :class:`~cusa.errors.ConfigError` line that names the
+key, the value and the fix. Each section's ``__post_init__`` checks its ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import math
+import re
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, get_args
+
+import yaml
+from pydantic import (
+    ConfigDict,
+    TypeAdapter,
+    ValidationError,
+)
+
+from cusa.errors import ConfigError
+
+C = TypeVar("C")
+
+
+# ---- dict -> dataclass, validated by pydantic ----------------------------------------------------
+
+#: Every section refuses a key it does not have (pydantic reads this from each dataclass).
+SECTION = ConfigDict(extra="forbid")
+
+#: pydantic's error types, as the one-line fix a config author needs.
+_TYPE_MESSAGES = {
+    "bool_type": "must be true or false",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "too_long": "has too many items",
+}
+
+
+#: pydantic's two names for a key the dataclass does not have.
+_UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden")
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def build(cls: type[C], data: dict[str, Any], where: str = "") -> C:
+    """Build a config dataclass from a plain mapping, rejecting unknown keys.
+
+    The types of the dataclass fields are checked by pydantic; each section's ``__post_init__``
+    checks ranges.
+
+    Raises:
+        ConfigError: an unknown key, a wrongly typed value or a value out of range.
+    """
+    try:
+        return _adapter(cls).validate_python(data)
+    except ValidationError as exc:
+        raise _config_error(exc, cls, data, where) from None
+
+
+def _section(tp: Any) -> type | None:
+    """The config dataclass a field type holds (directly or as the one dataclass of a union)."""
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return tp
+    found = [a for a in get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+    return found[0] if len(found) == 1 else None
+
+
+def _config_error(exc: ValidationError, cls: type, data: Any, where: str) -> ConfigError:
+    """pydantic's error as one line naming the key, the value and the fix.
+
+    Of several errors the deepest is reported: for a union field (a temperature pair or
+    ``"csa"``) that is the form the value was meant as.
+    """
+    errors = exc.errors(include_url=False)
+    error = max(errors, key=lambda e: len(e["loc"]))
+    raised = (error.get("ctx") or {}).get("error")
+    if isinstance(raised, ConfigError):  # a section's own range check
+        return raised
+    kind, loc = error["type"], error["loc"]
+    if kind in _UNKNOWN_KEY:  # the last part is the unknown key itself
+        loc = loc[:-1]
+    # Walk the location through the sections; a part that is not a field is a union member's tag.
+    names, owners, value = [where] if where else [], [cls], data
+    for part in loc:
+        section = _section(owners[-1])
+        if isinstance(part, int):
+            if isinstance(value, (list, tuple)) and part < len(value):
+                names[-1] += f"[{part}]"
+                value = value[part]
+        elif section is not None and part in {f.name for f in dataclasses.fields(section)}:
+            names.append(part)
+            owners.append(typing.get_type_hints(section)[part])
+            value = value.get(part) if isinstance(value, dict) else value
+    name = ".".join(names)
+    if kind in _UNKNOWN_KEY:
+        key = ".".join([*names, str(error["loc"][-1])])
+        allowed = ", ".join(f.name for f in dataclasses.fields(_section(owners[-1])))
+        return ConfigError(f"unknown config key {key!r}; allowed keys here: {allowed}")
+    if loc and isinstance(loc[-1], str) and loc[-1] != names[-1]:  # no form of a union fits
+        forms = " / ".join(e["msg"] for e in errors if len(e["loc"]) == len(loc))
+        return ConfigError(f"{name}={value!r} fits none of its forms: {forms}")
+    if kind == "literal_error":
+        return ConfigError(
+            f"{name}={value!r} is not allowed; use one of {list(get_args(owners[-1]))}"
+        )
+    if kind == "missing" and isinstance(loc[-1], int):
+        return ConfigError(f"{name}={value!r} must have {len(get_args(owners[-1]))} items")
+    if kind == "missing":
+        return ConfigError(
+            f"{'.'.join(names[:-1]) or cls.__name__}: missing required key {names[-1]!r}"
+        )
+    if kind == "dataclass_type":
+        keys = [f.name for f in dataclasses.fields(_section(owners[-1]))]
+        return ConfigError(f"{name} must be a mapping of {keys}, got {value!r}")
+    return ConfigError(f"{name}={value!r} {_TYPE_MESSAGES.get(kind, error['msg'])}")
+
+
+def to_dict(obj: Any) -> Any:
+    """A config dataclass as plain JSON-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def check_positive(value: float, name: str, fix: str = "use a value > 0") -> None:
+    if not (value > 0) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is out of range; {fix}")
+
+
+def check_non_negative(value: float, name: str, fix: str = "use a value >= 0") -> None:
+    if not (value >= 0) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is out of range; {fix}")
+
+
+# ---- files and overrides ----------------------------------------------------------------------
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML scalars) to a config mapping.
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key.
+    """
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4"
+            )
+        try:
+            value = yaml.load(raw, Loader=ConfigLoader) if raw.strip() else None
+        except yaml.YAMLError:  # not YAML: keep the string
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r}; each key may appear once per section")
+        seen[key] = value
+    return seen
+
+
+#: Numbers YAML 1.2 reads as floats and PyYAML's YAML 1.1 reads as strings: ``3e-4``, ``1.0e5``.
+_YAML12_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """The YAML loader of configs: a ``SafeLoader`` that reads ``3e-4`` as a number and refuses
+    a key given twice in one mapping (PyYAML would keep the last)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(
+                    f"duplicate key {key!r} at line {line}; each key may appear once per section"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789"))
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML, JSON or TOML file into a dict, with errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist; give the path of a .yaml, .json or .toml file"
+        )
+    suffix = p.suffix.lower()
+    text = p.read_text(encoding="utf-8")
+    try:
+        if suffix in (".yaml", ".yml"):
+            data = yaml.load(text, Loader=ConfigLoader)  # ConfigLoader is a SafeLoader
+        elif suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                try:
+                    import tomli as tomllib  # type: ignore[no-redef]
+                except ImportError as exc:
+                    raise ConfigError(
+                        f"reading {str(p)!r} needs Python 3.11+ or 'pip install tomli'"
+                    ) from exc
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(
+                f"config file {str(p)!r} has suffix {suffix!r}; use .yaml, .yml, .json or .toml"
+            )
+    except ConfigError:
+        raise
+    except Exception as exc:  # parse errors of three different libraries
+        raise ConfigError(f"cannot parse config file {str(p)!r}: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}"
+        )
+    return data
