@@ -52,10 +52,12 @@ from torch import Tensor, nn
 
 from cusa.errors import ConfigError, WeightsError
 from cusa.extract.teachers import (
-    cached_release,
+    Release,
     clip_transform,
     load_state_dict,
+    official_release,
     sha256_file,
+    weights_file,
 )
 from cusa_train.clip_tokenizer import VOCAB_SIZE, default_tokenizer
 
@@ -136,15 +138,7 @@ CLIP_CONFIGS: dict[str, ClipConfig] = {
 }
 
 
-@dataclass(frozen=True)
-class ClipRelease:
-    """One official OpenAI checkpoint: file name, URL and SHA-256 (the URL's folder name)."""
-
-    filename: str
-    url: str
-    sha256: str
-
-
+ClipRelease = Release  # its former name; a release's SHA-256 is also its URL's folder name
 _CLIP_BASE_URL = "https://openaipublic.azureedge.net/clip/models"
 # From openai/CLIP ``clip/clip.py`` ``_MODELS`` (identical in lerogo/aaai24_itr_cusa).
 _CLIP_SHA256 = {
@@ -161,8 +155,8 @@ _CLIP_SHA256 = {
         "ViT-L-14-336px.pt",
     ),
 }
-CLIP_RELEASES: dict[str, ClipRelease] = {
-    arch: ClipRelease(name, f"{_CLIP_BASE_URL}/{sha}/{name}", sha)
+CLIP_RELEASES: dict[str, Release] = {
+    arch: Release(name, f"{_CLIP_BASE_URL}/{sha}/{name}", sha)
     for arch, (sha, name) in _CLIP_SHA256.items()
 }
 _OFFICIAL_SHA256 = {rel.sha256 for rel in CLIP_RELEASES.values()}
@@ -736,37 +730,23 @@ def resolve_clip_weights(
         raise ConfigError(f"unknown CLIP architecture {arch!r}; known: {', '.join(CLIP_RELEASES)}")
     rel = CLIP_RELEASES[arch]
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsError(f"CLIP {arch} weights file {str(path)!r} does not exist")
-        digest = sha256_file(path)
+        path, digest = weights_file(weights, f"CLIP {arch}")
         if digest != rel.sha256:
             log.info(
                 "CLIP %s weights %s are not the official release (SHA-256 %s)", arch, path, digest
             )
         return path, digest
     cache = Path(cache_dir).expanduser() if cache_dir is not None else clip_cache_dir()
-    path = cached_release(
-        rel.url,
+    path = official_release(
+        rel,
         cache,
-        rel.filename,
-        rel.sha256,
-        download=download,
         what=f"OpenAI CLIP {arch}",
-        missing=lambda why: _missing_clip_message(arch, cache / rel.filename, why),
+        download=download,
+        explicit="student option weights: PATH",
+        advice="No CLIP weights install from the package registry; offline, use pretrained: "
+        "false (random weights) or the built-in student 'mobilenetv2-minilm'.",
     )
     return path, rel.sha256
-
-
-def _missing_clip_message(arch: str, cached: Path, failure: str) -> str:
-    rel = CLIP_RELEASES[arch]
-    return (
-        f"OpenAI CLIP {arch} weights not found: {failure}. Get {rel.filename} "
-        f"(SHA-256 {rel.sha256}) from {rel.url} and put it at {str(cached)!r}, or pass its path "
-        "explicitly (student option weights: PATH). No CLIP weights install from the package "
-        "registry; offline, use pretrained: false (random weights) or the built-in student "
-        "'mobilenetv2-minilm'."
-    )
 
 
 def load_clip(
@@ -804,10 +784,7 @@ def load_clip(
     if arch is None:
         if weights is None:
             raise ConfigError("without an architecture, weights=PATH is required")
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsError(f"CLIP weights file {str(path)!r} does not exist")
-        digest = sha256_file(path)
+        path, digest = weights_file(weights, "CLIP")
     else:
         path, digest = resolve_clip_weights(arch, weights, cache_dir=cache_dir, download=download)
     log.info("loading CLIP %s from %s", arch or "(architecture from the checkpoint)", path)

@@ -32,12 +32,15 @@ from cusa.extract.teachers.registry import (
 )
 from cusa.extract.teachers.text import pre_caption
 from cusa.extract.teachers.weights import (
+    Release,
     cached_release,
     download_with_sha256,
     file_lock,
     load_state_dict,
+    official_release,
     offline_requested,
     sha256_file,
+    weights_file,
 )
 from cusa.store.spec import TeacherSpec
 
@@ -49,6 +52,7 @@ __all__ = [
     "DEFAULT_TEXT_TEACHER",
     "ENTRY_POINT_GROUP",
     "TEACHERS",
+    "Release",
     "Teacher",
     "TeacherEntry",
     "TeacherInfo",
@@ -63,8 +67,10 @@ __all__ = [
     "list_teachers",
     "load_state_dict",
     "mobilenet_v2",
+    "official_release",
     "offline_requested",
     "pre_caption",
     "register_teacher",
     "sha256_file",
+    "weights_file",
 ]

@@ -8,11 +8,14 @@ items to features on the teacher's device.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from cusa.store.spec import Modality, TeacherSpec
+from cusa.store.spec import Modality, TeacherSpec, library_versions
+
+if TYPE_CHECKING:
+    from cusa.extract.teachers.text import CaptionNormalization
 
 
 @runtime_checkable
@@ -48,14 +51,10 @@ class Teacher(Protocol):
         ...
 
 
-class ImageTeacherBase:
-    """Plumbing shared by image teachers: spec, the weight-free preparer, batch -> tensor.
+class TeacherBase:
+    """What every built-in teacher shares: its spec, and ``prepare`` through a weight-free,
+    picklable preparer. Subclasses set ``_spec`` and ``_preparer``."""
 
-    Subclasses set ``_spec``, ``_preparer``, ``model`` and ``device`` and implement
-    ``_encode_tensor(x) -> (B, dim)`` on a ``(B, 3, S, S)`` tensor already on ``device``.
-    """
-
-    modality: Modality = "image"
     _spec: TeacherSpec
     _preparer: Preparer
 
@@ -63,13 +62,24 @@ class ImageTeacherBase:
     def spec(self) -> TeacherSpec:
         return self._spec
 
-    def prepare(self, item: bytes) -> np.ndarray:
-        """Image bytes -> ``(3, S, S)`` float32 array. Raises SampleError for a bad image."""
+    def prepare(self, item: Any) -> Any:
+        """One raw input -> a prepared item. Raises SampleError for a bad input."""
         return self._preparer.prepare(item)
 
     def preparer(self) -> Preparer:
         """The weight-free, picklable ``prepare`` (for CPU read workers)."""
         return self._preparer
+
+
+class ImageTeacherBase(TeacherBase):
+    """Plumbing shared by image teachers: spec, the weight-free preparer, batch -> tensor.
+
+    Subclasses set ``_spec``, ``_preparer`` (image bytes -> ``(3, S, S)`` float32 array),
+    ``model`` and ``device`` and implement ``_encode_tensor(x) -> (B, dim)`` on a
+    ``(B, 3, S, S)`` tensor already on ``device``.
+    """
+
+    modality: Modality = "image"
 
     def encode(self, batch: list[np.ndarray] | np.ndarray) -> np.ndarray:
         """Prepared images (a list, or an already stacked array) -> ``(B, spec.dim)`` float32."""
@@ -94,3 +104,60 @@ class ImageTeacherBase:
 
         with torch.inference_mode():
             return self.model(x.to(self.device))
+
+
+def l2_normalize(emb: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (an all-zero row stays zero)."""
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
+class TextTeacherBase(TeacherBase):
+    """Plumbing shared by text teachers: the caption normalisation as the preparer, the spec of
+    an L2-normalised sentence embedding, and the empty batch.
+
+    Subclasses set ``_preparer`` (a :class:`~cusa.extract.teachers.text.CaptionNormalization`)
+    and ``_spec`` (with :meth:`_sentence_spec`) and implement ``_encode_captions(batch)`` ->
+    ``(B, dim)`` float32, L2-normalised, on a non-empty batch.
+    """
+
+    modality: Modality = "text"
+    _preparer: CaptionNormalization
+
+    @property
+    def normalization(self) -> CaptionNormalization:
+        """How captions become teacher input (the preparer), recorded in the spec."""
+        return self._preparer
+
+    def encode(self, batch: list[str]) -> np.ndarray:
+        """Prepared captions -> ``(B, spec.dim)`` float32, L2-normalised."""
+        if not batch:
+            return np.zeros((0, self._spec.dim), dtype=np.float32)
+        return self._encode_captions(batch)
+
+    def _encode_captions(self, batch: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _sentence_spec(
+        self,
+        *,
+        name: str,
+        model: str,
+        weights_sha256: str,
+        dim: int,
+        dtype: str,
+        preprocessing: dict[str, Any],
+    ) -> TeacherSpec:
+        """The spec of this teacher: the caption normalisation followed by the entries of
+        ``preprocessing`` as its preprocessing, one L2-normalised sentence embedding as output."""
+        return TeacherSpec(
+            name=name,
+            modality="text",
+            model=model,
+            weights_sha256=weights_sha256,
+            preprocessing={**self._preparer.to_dict(), **preprocessing},
+            output_kind="sentence",
+            dim=dim,
+            dtype=dtype,
+            normalized=True,
+            library_versions=library_versions(),
+        )

