@@ -252,18 +252,16 @@ class StorePage:
         ]
         sims, labels = [], [("one-hot (dataset)", np.eye(b, dtype=np.float32))]
         stats = []
-        if self.image_teachers:
-            t = self.image_teachers[0]
-            cos, lab = soft_labels(t.lookup.gather(self.batch), tau)
-            sims.append((f"image teacher {t.name}: cos(image, image)", cos))
-            labels.append((f"soft labels, image teacher (τ={tau:g})", lab))
-            stats.append((t.name, cos, lab))
-        if self.text_teachers:
-            t = self.text_teachers[0]
-            cos, lab = soft_labels(t.lookup.gather(self.batch_captions), tau)
-            sims.append((f"text teacher {t.name}: cos(caption, caption)", cos))
-            labels.append((f"soft labels, text teacher (τ={tau:g})", lab))
-            stats.append((t.name, cos, lab))
+        for kind, item, teachers, ids in (
+            ("image", "image", self.image_teachers, self.batch),
+            ("text", "caption", self.text_teachers, self.batch_captions),
+        ):
+            if teachers:
+                t = teachers[0]
+                cos, lab = soft_labels(t.lookup.gather(ids), tau)
+                sims.append((f"{kind} teacher {t.name}: cos({item}, {item})", cos))
+                labels.append((f"soft labels, {kind} teacher (τ={tau:g})", lab))
+                stats.append((t.name, cos, lab))
         out.append(_plot(plots.heatmaps(sims, cmap="magma"), "teacher similarity heatmaps"))
         out.append("<h3>The batch</h3>")
         cells = []
