@@ -1,4 +1,5 @@
-"""Smoke test of ``benchmarks/cusa_sensitivity.py`` on the embedded ``coco-sample`` split.
+"""Smoke test of ``benchmarks/cusa_sensitivity.py`` (and the ``cusa_sensitivity_*`` modules it
+runs) on the embedded ``coco-sample`` split.
 
 The whole sweep runs for real at toy scale: extraction into a fresh store (the student's towers,
 which are also the teachers here, the control of the study), the held-out schedule choice per
@@ -24,27 +25,21 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # benchmarks/ is not an installed package; plain `pytest` needs this
     sys.path.insert(0, str(REPO))
 
-from benchmarks.cusa_sensitivity import (  # noqa: E402
-    OFFICIAL,
-    Cell,
+from benchmarks.cusa_config import ExperimentConfig, Schedule, loss_config  # noqa: E402
+from benchmarks.cusa_features import load_split  # noqa: E402
+from benchmarks.cusa_sensitivity import run_sweep  # noqa: E402
+from benchmarks.cusa_sensitivity_config import OFFICIAL, Cell, SweepConfig, sweep_loss  # noqa: E402
+from benchmarks.cusa_sensitivity_finetune import (  # noqa: E402
     MiniLMTail,
     PartialTextTowerStudent,
-    Sweep,
-    SweepConfig,
+    with_tokens,
+)
+from benchmarks.cusa_sensitivity_report import (  # noqa: E402
     plot_factors,
     plot_heatmaps,
     plot_teachers,
-    run_sweep,
-    summarize,
-    sweep_loss,
-    with_tokens,
 )
-from benchmarks.cusa_vs_infonce import (  # noqa: E402
-    ExperimentConfig,
-    Schedule,
-    load_split,
-    loss_config,
-)
+from benchmarks.cusa_sensitivity_sweep import Sweep, summarize  # noqa: E402
 from cusa.errors import ConfigError  # noqa: E402
 from cusa_train.config import LossConfig  # noqa: E402
 

@@ -22,16 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # benchmarks/ is not an installed package; plain `pytest` needs this
     sys.path.insert(0, str(REPO))
 
-from benchmarks.cusa_vs_infonce import (  # noqa: E402
-    VARIANTS,
-    ExperimentConfig,
-    Schedule,
-    build_model,
-    load_split,
-    loss_config,
-    plot_rsum,
-    run_experiment,
-)
+from benchmarks.cusa_config import VARIANTS, ExperimentConfig, Schedule, loss_config  # noqa: E402
+from benchmarks.cusa_features import load_split  # noqa: E402
+from benchmarks.cusa_training import build_model  # noqa: E402
+from benchmarks.cusa_vs_infonce import run_experiment  # noqa: E402
+from benchmarks.cusa_vs_infonce_report import plot_rsum  # noqa: E402
 from cusa.errors import ConfigError  # noqa: E402
 from cusa_train.config import LossConfig  # noqa: E402
 
