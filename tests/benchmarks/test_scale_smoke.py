@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # benchmarks/ is not an installed package; plain `pytest` needs this
     sys.path.insert(0, str(REPO))
 
-from benchmarks import scale  # noqa: E402
+from benchmarks import proc_monitor, scale_inputs  # noqa: E402
 from cusa.extract.readers.wds import WebDatasetReader  # noqa: E402
 
 
@@ -35,8 +35,8 @@ def _run(tmp_path: Path, *args: str) -> dict:
 
 
 def test_shards_cycle_real_images_with_distinct_ids(coco_example, tmp_path):
-    pattern = scale.make_shards(coco_example / "pics", tmp_path / "tars", 30, shard_size=12)
-    again = scale.make_shards(coco_example / "pics", tmp_path / "tars", 30, shard_size=12)
+    pattern = scale_inputs.make_shards(coco_example / "pics", tmp_path / "tars", 30, shard_size=12)
+    again = scale_inputs.make_shards(coco_example / "pics", tmp_path / "tars", 30, shard_size=12)
     assert pattern == again and pattern.endswith("train-{000000..000002}.tar")
     reader = WebDatasetReader(pattern)
     samples = [s for ref in reader.shards() for s in reader.read(ref)]
@@ -44,18 +44,18 @@ def test_shards_cycle_real_images_with_distinct_ids(coco_example, tmp_path):
     assert all(s.image and s.image[:2] == b"\xff\xd8" and s.captions for s in samples)
     # Past the 801 originals come seeded crops: smaller JPEGs, the same every time.
     pics = sorted((coco_example / "pics").glob("*.jpg"))
-    crop = scale._variant(pics, len(pics) + 3, tmp_path / "pool")
-    assert crop != pics[3].read_bytes() and crop == scale._variant(
+    crop = scale_inputs._variant(pics, len(pics) + 3, tmp_path / "pool")
+    assert crop != pics[3].read_bytes() and crop == scale_inputs._variant(
         pics, len(pics) + 3, tmp_path / "p2"
     )
 
 
 def test_memory_helpers_read_this_process():
-    status = scale.proc_status()
+    status = proc_monitor.proc_status()
     assert status["VmRSS"] > 0 and status["VmHWM"] >= status["VmRSS"]
-    assert scale.proc_status(2**22 + 12345) == {}  # no such pid
-    if scale.reset_peak_rss():
-        assert scale.proc_status()["VmHWM"] <= status["VmHWM"]
+    assert proc_monitor.proc_status(2**22 + 12345) == {}  # no such pid
+    if proc_monitor.reset_peak_rss():
+        assert proc_monitor.proc_status()["VmHWM"] <= status["VmHWM"]
 
 
 def test_scale_benchmark_local_smoke(coco_example, tmp_path):
@@ -74,7 +74,7 @@ def test_scale_benchmark_local_smoke(coco_example, tmp_path):
             assert r[key] and r[key] > 0, key
         assert [p["role"] for p in r["processes"]] == ["driver"]
     assert (
-        res["teacher"]["name"] == scale.BENCH_TEACHER
+        res["teacher"]["name"] == scale_inputs.BENCH_TEACHER
         and "random weights" in res["teacher"]["label"]
     )
     assert res["goals"]["local"]["compared"] == "N=40 -> N=80"
