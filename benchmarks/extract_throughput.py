@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,24 +80,37 @@ def _local_pipeline(config: ExtractConfig, reader, teachers) -> tuple[float, Ext
     return n / elapsed, summary
 
 
-def bench_image(
-    data: Path, teacher_name: str, weights: str | None, batch_size: int, tmp: Path, ray_too: bool
-) -> dict:
+def _local_job(
+    data: Path, store: Path, modality: str, teacher: str, batch_size: int, **options: Any
+) -> tuple[ExtractConfig, Any, dict[str, Any]]:
+    """A local CPU extraction of one modality of ``data``'s val split (shards of 64) into
+    ``store``, its dataset reader and its loaded teacher."""
     cfg = ExtractConfig(
         dataset=str(data),
         split="val",
-        store=str(tmp / f"img-{teacher_name}"),
-        image_teacher=teacher_name,
-        modalities=("image",),
+        store=str(store),
+        modalities=(modality,),
         batch_size=batch_size,
         device="cpu",
         runner="local",
-        image_teacher_weights=weights,
-        allow_unofficial_weights=weights is not None,
         shard_size=64,
+        **{f"{modality}_teacher": teacher},
+        **options,
     )
     reader = open_dataset(cfg.dataset, split=cfg.split, shard_size=cfg.shard_size)
-    teachers = load_teachers(cfg)
+    return cfg, reader, load_teachers(cfg)
+
+
+def bench_image(
+    data: Path, teacher_name: str, weights: str | None, batch_size: int, tmp: Path, ray_too: bool
+) -> dict:
+    weight_options = {
+        "image_teacher_weights": weights,
+        "allow_unofficial_weights": weights is not None,
+    }
+    cfg, reader, teachers = _local_job(
+        data, tmp / f"img-{teacher_name}", "image", teacher_name, batch_size, **weight_options
+    )
     bare = _bare_image_rate(cfg, reader, teachers["image"])
     local, summary = _local_pipeline(cfg, reader, teachers)
     out = {
@@ -133,19 +147,9 @@ def bench_image(
 
 
 def bench_text(data: Path, teacher_name: str, batch_size: int, tmp: Path) -> dict:
-    cfg = ExtractConfig(
-        dataset=str(data),
-        split="val",
-        store=str(tmp / f"txt-{teacher_name}"),
-        text_teacher=teacher_name,
-        modalities=("text",),
-        batch_size=batch_size,
-        device="cpu",
-        runner="local",
-        shard_size=64,
+    cfg, reader, teachers = _local_job(
+        data, tmp / f"txt-{teacher_name}", "text", teacher_name, batch_size
     )
-    reader = open_dataset(cfg.dataset, split=cfg.split, shard_size=cfg.shard_size)
-    teachers = load_teachers(cfg)
     teacher = teachers["text"]
     captions = [c for s in reader.shards() for smp in reader.read(s) for c in smp.captions]
     normalised = [teacher.prepare(c) for c in captions]
