@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from benchmarks.cusa_config import ExperimentConfig, Schedule, loss_config
 from benchmarks.cusa_features import SplitFeatures, epoch_batches
 from cusa.errors import ConfigError
-from cusa_train.config import LossConfig
 from cusa_train.data import TeacherFeatures
 from cusa_train.evaluate import evaluate_features
+from cusa_train.loss_config import LossConfig
 from cusa_train.metrics import label_retrieval_metrics
 from cusa_train.trainer import cosine_schedule, param_groups
 from cusa_train.wrapper import CusaModel

@@ -68,7 +68,7 @@ from benchmarks.cusa_config import (
 from benchmarks.cusa_features import extract_features, load_split, soft_label_stats
 from benchmarks.cusa_training import choose_schedule, evaluate_model, reference_t2t, train_variant
 from benchmarks.cusa_vs_infonce_report import format_table, plot_rsum
-from cusa_train.config import to_dict
+from cusa_train.config_parsing import to_dict
 
 log = logging.getLogger("benchmarks.cusa_vs_infonce")
 
