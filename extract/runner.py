@@ -388,9 +388,10 @@ def extract(
     shards = reader.shards()
     choice = choose_runner(config, job_images(shards))
     runner = choice.runner
-    log.info("runner: %s (%s)", runner, choice.reason)
-    if on_runner is not None:
+    if on_runner is not None:  # the caller reports the choice (the CLI prints it once)
         on_runner(choice)
+    else:
+        log.info("runner: %s (%s)", runner, choice.reason)
     teachers = load_teachers(config, device="cpu" if runner == "ray" else None)
     store, groups = open_groups(config, reader, {k: t.spec for k, t in teachers.items()})
     todo = pending_shards(shards, groups)

@@ -74,7 +74,7 @@ def test_two_albef_folders_share_a_split_under_their_names(tmp_path):
 
     first = CliRunner().invoke(app, extract_args(str(a), str(store), split="val", **opts))
     assert first.exit_code == 0, first.output
-    assert "runner: local (" in first.stderr  # the choice and why, on stderr
+    assert first.stderr.count("runner: local (") == 1  # the choice and why, once, on stderr
     # The same layout from another folder is another dataset: refused, with what can be done.
     clash = CliRunner().invoke(app, extract_args(str(b), str(store), split="val", **opts))
     assert clash.exit_code == 2
