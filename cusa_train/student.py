@@ -47,8 +47,8 @@ from cusa.extract.teachers import (
 )
 from cusa.registry import Registry
 from cusa_train.adapters import HFClipStudent, hf_tokenize
-from cusa_train.clip import load_clip
 from cusa_train.clip_catalog import CLIP_STUDENTS
+from cusa_train.clip_weights import load_clip
 
 log = logging.getLogger(__name__)
 

@@ -8,21 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-import cusa_train.clip as clip_module
+import cusa_train.clip_weights as clip_module
 from cusa.errors import ConfigError, WeightsError
 from cusa.extract.teachers.image_preprocess import clip_transform
 from cusa.extract.teachers.weights import sha256_file
-from cusa_train.clip import (
-    CLIP_CONFIGS,
+from cusa_train.clip import CLIP_CONFIGS, ClipStudent
+from cusa_train.clip_tokenizer import EOT_ID, SOT_ID, ClipTokenizer, default_tokenizer
+from cusa_train.clip_weights import (
     CLIP_RELEASES,
-    ClipStudent,
     build_model_from_openai_state_dict,
     clip_config_from_state_dict,
     load_clip,
     load_openai_checkpoint,
     resolve_clip_weights,
 )
-from cusa_train.clip_tokenizer import EOT_ID, SOT_ID, ClipTokenizer, default_tokenizer
 from cusa_train.student import CLIP_STUDENTS, build_student, list_students
 from cusa_train.wrapper import CusaModel, convert_official_state_dict
 

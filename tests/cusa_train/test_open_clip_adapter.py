@@ -34,7 +34,7 @@ from test_official_parity import (  # noqa: E402
 )
 
 from cusa_train.adapters import OpenClipStudent  # noqa: E402
-from cusa_train.clip import build_model_from_openai_state_dict  # noqa: E402
+from cusa_train.clip_weights import build_model_from_openai_state_dict  # noqa: E402
 
 
 @pytest.fixture(scope="module")
