@@ -5,11 +5,11 @@ Layout of the output folder::
     {split}-000000.tar, {split}-000001.tar, ...   one sample = <key>.<jpg|png|webp> + <key>.json
     manifest.json                                 shards, counts, bytes, sha256, source dataset
 
-The tar key is :func:`cusa.extract.readers.wds.encode_key` of the image id (percent-encoding, so
-``COCO_x.jpg`` becomes ``COCO_x%2Ejpg``), and ``<key>.json`` holds the true ``image_id``, the
-``captions`` (a caption that is not valid UTF-8 as ``{"b64": ...}``), ``caption_ann_ids`` and,
-for a sample without image, ``image_error``. :class:`WebDatasetReader` restores all of them, so
-reading the shards gives the same samples as reading the source.
+The tar key is :func:`cusa.extract.readers.wds_format.encode_key` of the image id
+(percent-encoding, so ``COCO_x.jpg`` becomes ``COCO_x%2Ejpg``), and ``<key>.json`` holds the true
+``image_id``, the ``captions`` (a caption that is not valid UTF-8 as ``{"b64": ...}``),
+``caption_ann_ids`` and, for a sample without image, ``image_error``. :class:`WebDatasetReader`
+restores all of them, so reading the shards gives the same samples as reading the source.
 
 Tars are written deterministically (mtime 0, uid 0, mode 0644) to ``<name>.partial`` and renamed
 when complete; ``manifest.json`` is replaced last, so readers never see a half-written shard.
@@ -32,12 +32,8 @@ from typing import Any
 
 from cusa.errors import ConfigError, DatasetError
 from cusa.extract.readers.base import DatasetReader, Sample
-from cusa.extract.readers.wds import (
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    WebDatasetReader,
-    encode_key,
-)
+from cusa.extract.readers.wds import WebDatasetReader
+from cusa.extract.readers.wds_format import MANIFEST_FORMAT, MANIFEST_NAME, encode_key
 
 log = logging.getLogger(__name__)
 

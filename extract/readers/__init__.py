@@ -31,7 +31,8 @@ from cusa.extract.readers.registry import (
     open_dataset,
     sniff_dataset,
 )
-from cusa.extract.readers.wds import WebDatasetReader, decode_key, encode_key
+from cusa.extract.readers.wds import WebDatasetReader
+from cusa.extract.readers.wds_format import decode_key, encode_key
 
 __all__ = [
     "CAPTION_ID_SEP",

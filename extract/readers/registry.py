@@ -20,7 +20,8 @@ from cusa.extract.readers.base import DatasetReader
 from cusa.extract.readers.folder import FolderReader, find_captions_file
 from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE
 from cusa.extract.readers.karpathy import KarpathyReader
-from cusa.extract.readers.wds import MANIFEST_NAME, WebDatasetReader, looks_like_webdataset
+from cusa.extract.readers.wds import WebDatasetReader, looks_like_webdataset
+from cusa.extract.readers.wds_format import MANIFEST_NAME
 from cusa.registry import Registry, load_entry_points
 
 log = logging.getLogger(__name__)

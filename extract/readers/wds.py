@@ -32,371 +32,63 @@ Faults are never silent:
 S3: credentials and endpoint come from the usual AWS variables; for an S3-compatible server set
 ``AWS_ENDPOINT_URL`` (or ``FSSPEC_S3_ENDPOINT_URL``), or pass ``storage_options``.
 ``pipe:`` URLs run a shell command: use them only with commands you trust.
+
+This module finds the tars and walks them; the format they follow (keys, member rules, how one
+key's members become a sample, the manifest) is :mod:`.wds_format`, shared with
+:mod:`cusa.extract.shard_writer`, and the URLs and byte streams are :mod:`.wds_streams`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import json
 import logging
 import os
 import posixpath
-import stat
-import subprocess
 import tarfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlparse
-
-import braceexpand
 
 from cusa.errors import DatasetError
-from cusa.extract.readers import _common
 from cusa.extract.readers._common import (
-    IMAGE_EXTENSIONS,
     MANIFEST_HASH_FORMAT,
     MAX_INDEX_BYTES,
     check_split,
-    decode_caption,
     file_kind,
     is_inside,
     layout_hash,
     loads_json_member,
-    raw_caption,
     read_regular_file,
-    safe_key,
     short_repr,
 )
-from cusa.extract.readers.base import Sample, ShardRef, caption_id
+from cusa.extract.readers.base import Sample, ShardRef
+from cusa.extract.readers.wds_format import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    TAR_SUFFIXES,
+    PendingSample,
+    build_sample,
+    check_manifest,
+    is_unsafe_member,
+    member_problem,
+    shard_key_for_url,
+    split_member_name,
+)
+from cusa.extract.readers.wds_streams import (
+    PipeStream,
+    TrackingStream,
+    expand_urls,
+    is_local,
+    local_path,
+    open_regular,
+)
 
 log = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "cusa-webdataset"
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-# Characters kept as they are in a tar key; everything else is percent-encoded (see encode_key).
-_KEY_SAFE = "-_"
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-
-
-# -- keys -------------------------------------------------------------------------------------
-def encode_key(image_id: str) -> str:
-    """A tar-safe ``__key__`` for ``image_id``: percent-encoding of all but ``[A-Za-z0-9_-]``.
-
-    It has no ``.`` (which would split the key from the extension), no ``/`` and no ``%`` other
-    than escapes, so it is reversible with :func:`decode_key`. A leading ``__`` (webdataset's
-    metadata prefix) is escaped too. Example: ``COCO_x.jpg`` -> ``COCO_x%2Ejpg``.
-    """
-    key = quote(image_id, safe=_KEY_SAFE, errors="surrogatepass").replace(".", "%2E")
-    if key.startswith("__"):
-        key = "%5F" + key[1:]
-    return key or "%00empty"
-
-
-def decode_key(key: str) -> str:
-    """The image id that :func:`encode_key` turned into ``key``."""
-    if key == "%00empty":
-        return ""
-    return unquote(key, errors="surrogatepass")
-
-
-def split_member_name(name: str) -> tuple[str | None, str | None]:
-    """``"a/b.c.jpg"`` -> ``("a/b", "c.jpg")``: key up to the first dot of the file name."""
-    directory, base = posixpath.split(name)
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None, None
-    return (posixpath.join(directory, stem) if directory else stem), ext
-
-
-def shard_key_for_url(url: str) -> str:
-    """A stable, filesystem-safe shard key: the tar's file stem (``shard-000001``)."""
-    target = url
-    if url.startswith("pipe:"):
-        tokens = [t for t in url[5:].split() if any(s in t for s in TAR_SUFFIXES)]
-        if not tokens:
-            return safe_key("pipe-" + url[5:])
-        target = tokens[-1]
-    base = posixpath.basename(urlparse(target).path if "://" in target else target)
-    for suffix in TAR_SUFFIXES:
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return safe_key(base)
-
-
-def is_unsafe_member(name: str) -> bool:
-    """True when a member path is absolute or climbs out with ``..``."""
-    path = PurePosixPath(name.replace("\\", "/"))
-    return path.is_absolute() or ".." in path.parts or (len(name) > 1 and name[1] == ":")
-
-
-# -- opening --------------------------------------------------------------------------------
-def expand_urls(spec: str | list[str]) -> list[str]:
-    """Brace-expand a URL pattern (``shard-{000000..000009}.tar``); ``::`` separates patterns."""
-    specs = spec if isinstance(spec, list) else spec.split("::")
-    return [u for s in specs for u in braceexpand.braceexpand(s)]
-
-
-def _is_local(url: str) -> bool:
-    return ("://" not in url and not url.startswith("pipe:")) or url.startswith("file://")
-
-
-def _local_path(url: str) -> Path:
-    return Path(urlparse(url).path if url.startswith("file://") else url).expanduser()
-
-
-def _open_regular(path: Path) -> Any:
-    """Open a local tar for reading; a FIFO or device is refused before anything is read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"it is {file_kind(mode)}, not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-class _PipeStream:
-    """Read the stdout of a trusted shell command (a ``pipe:`` URL) and check its exit status."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-        # A shell on purpose: ``pipe:`` URLs are shell commands the user wrote (webdataset's form).
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
-        self.eof = False
-
-    def read(self, n: int = -1) -> bytes:
-        assert self.proc.stdout is not None
-        data = self.proc.stdout.read(n)
-        if not data:
-            self.eof = True
-        return data
-
-    def close(self) -> str | None:
-        """Close; return an error message when the command failed."""
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if not self.eof and self.proc.poll() is None:
-            self.proc.kill()  # the reader stopped early; the command has nothing more to give
-            self.proc.wait()
-            return None
-        code = self.proc.wait()
-        if code not in (0, -13, 141):  # 141 / -SIGPIPE: we closed the pipe first
-            return f"command {self.command!r} exited with status {code}"
-        return None
-
-
-class _TrackingStream:
-    """Counts the bytes read and keeps the last ones, to check the tar's end-of-archive block."""
-
-    KEEP = 1 << 18
-
-    def __init__(self, raw: Any) -> None:
-        self.raw = raw
-        self.pos = 0
-        self.head = b""
-        self.tail = bytearray()
-        self.tail_start = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        if len(self.head) < 8:
-            self.head += data[: 8 - len(self.head)]
-        self.pos += len(data)
-        self.tail += data
-        if len(self.tail) > 2 * self.KEEP:
-            drop = len(self.tail) - self.KEEP
-            del self.tail[:drop]
-            self.tail_start += drop
-        return data
-
-    def drain(self, limit: int = 1 << 20) -> None:
-        while limit > 0:
-            data = self.read(min(65536, limit))
-            if not data:
-                return
-            limit -= len(data)
-
-    def compressed(self) -> bool:
-        return self.head.startswith(_COMPRESSED_MAGIC)
-
-    def zero_block_at(self, offset: int) -> bool | None:
-        """Whether a full zero 512-byte block starts at ``offset``; None if no longer known."""
-        start = offset - self.tail_start
-        if start < 0:
-            return None
-        block = bytes(self.tail[start : start + 512])
-        return len(block) == 512 and not any(block)
-
-
-# -- samples --------------------------------------------------------------------------------
-@dataclass
-class _Pending:
-    key: str
-    members: dict[str, bytes] = field(default_factory=dict)
-    # extension -> why that member was not read (a link, a device, too large, a duplicate name)
-    refused: dict[str, str] = field(default_factory=dict)
-
-
-_MEMBER_KINDS = {
-    tarfile.SYMTYPE: "a symbolic link",
-    tarfile.LNKTYPE: "a hard link",
-    tarfile.CHRTYPE: "a character device",
-    tarfile.BLKTYPE: "a block device",
-    tarfile.FIFOTYPE: "a FIFO",
-}
-_CAPTION_EXTS = ("json", "txt")
-
-
-def member_problem(member: tarfile.TarInfo, max_bytes: int | None = None) -> str | None:
-    """Why a tar member must not be read, or None for a regular member within the size cap."""
-    max_bytes = _common.MAX_IMAGE_BYTES if max_bytes is None else max_bytes
-    if not member.isfile():
-        kind = _MEMBER_KINDS.get(member.type, f"of tar type {member.type!r}")
-        target = (
-            f" to {short_repr(member.linkname, 80)}" if member.issym() or member.islnk() else ""
-        )
-        return f"is {kind}{target}, not a regular file; cusa reads regular members only"
-    if member.size > max_bytes:
-        return f"is {member.size:,} bytes, over the limit of {max_bytes:,}"
-    return None
-
-
-def _caption_value(value: Any) -> str | bytes:
-    if isinstance(value, str):
-        return raw_caption(value)
-    if isinstance(value, dict) and isinstance(value.get("b64"), str):
-        return base64.b64decode(value["b64"], validate=True)
-    raise TypeError(f"a caption must be a string or {{'b64': ...}}, got {value!r}")
-
-
-def _build_sample(pending: _Pending, shard: ShardRef) -> Sample:
-    members = pending.members
-    refused_image = [
-        (ext, why)
-        for ext, why in pending.refused.items()
-        if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-    ]
-    refused_caption = [(ext, why) for ext, why in pending.refused.items() if ext in _CAPTION_EXTS]
-    image_exts = [ext for ext in members if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
-    image_exts.sort(key=lambda e: IMAGE_EXTENSIONS.index(e.rsplit(".", 1)[-1].lower()))
-    if len(image_exts) > 1:
-        log.warning(
-            "sample %r in %s has several images (%s); using %r",
-            pending.key,
-            shard.source,
-            ", ".join(image_exts),
-            image_exts[0],
-        )
-    image = members[image_exts[0]] if image_exts else None
-    image_id = pending.key
-    captions: list[str | bytes] = []
-    ann_ids: list[int | None] = []
-    caption_error = None
-    image_error = None
-    meta: Any = None
-    if "json" in members:
-        try:
-            meta = loads_json_member(members["json"].decode("utf-8", "surrogateescape"))
-            if isinstance(meta, list):
-                captions = [_caption_value(c) for c in meta]
-            elif isinstance(meta, dict):
-                if meta.get("image_id") is not None:
-                    image_id = str(meta["image_id"])
-                if meta.get("image_error") is not None:
-                    image_error = str(meta["image_error"])
-                if meta.get("caption_error") is not None:
-                    caption_error = str(meta["caption_error"])
-                if "captions" in meta:
-                    captions = [_caption_value(c) for c in meta["captions"]]
-                    raw_ids = meta.get("caption_ann_ids")
-                    if raw_ids is not None:
-                        if len(raw_ids) != len(captions):
-                            raise ValueError("'caption_ann_ids' must have one entry per caption")
-                        ann_ids = [None if a is None else int(a) for a in raw_ids]
-            else:
-                raise TypeError(f"expected a list or an object, got {type(meta).__name__}")
-        except (json.JSONDecodeError, TypeError, ValueError, binascii.Error) as exc:
-            caption_error = f"malformed {pending.key}.json in {shard.source}: {exc}"
-            captions, meta = [], None
-    if not captions and caption_error is None:
-        if "txt" in members:
-            captions = [decode_caption(members["txt"])]
-        elif isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-            captions = [raw_caption(meta["caption"])]
-    if refused_caption:
-        ext, why = refused_caption[0]
-        caption_error = f"tar member {pending.key + '.' + ext!r} of {shard.source} {why}; not read"
-        captions, meta = [], None
-    if refused_image:
-        # The sample's image is unusable (or ambiguous): never fall back to another copy.
-        ext, why = refused_image[0]
-        image = None
-        image_error = f"tar member {pending.key + '.' + ext!r} of {shard.source} {why}; not read"
-    if not ann_ids or len(ann_ids) != len(captions):
-        ann_ids = [None] * len(captions)
-    if image is None and image_error is None:
-        image_error = (
-            f"no image member ({', '.join(IMAGE_EXTENSIONS)}) for key {pending.key!r} "
-            f"in {shard.source}"
-        )
-    return Sample(
-        image_id=image_id,
-        image=image,
-        captions=captions,
-        caption_ids=[caption_id(image_id, k) for k in range(len(captions))],
-        caption_ann_ids=ann_ids,
-        image_error=image_error if image is None else None,
-        shard=shard.key,
-        caption_error=caption_error,
-    )
 
 
 def _error_sample(image_id: str, shard: ShardRef, reason: str) -> Sample:
     return Sample(image_id=image_id, image=None, image_error=reason, shard=shard.key)
-
-
-def _check_manifest(data: dict[str, Any], url: str) -> None:
-    """Refuse a ``manifest.json`` whose structure is not what ``cusa shard`` writes."""
-
-    def bad(what: str) -> DatasetError:
-        return DatasetError(
-            f"{url!r} is a {MANIFEST_FORMAT} manifest but {what}; rewrite it with `cusa shard` "
-            "or remove it"
-        )
-
-    splits = data.setdefault("splits", {})
-    if not isinstance(splits, dict):
-        raise bad("'splits' is not an object")
-    for split_name, split in splits.items():
-        if not isinstance(split, dict) or not isinstance(split.get("shards", []), list):
-            raise bad(f"split {short_repr(split_name)} has no 'shards' list")
-        split.setdefault("shards", [])
-        for entry in split["shards"]:
-            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-                raise bad(f"a shard of split {short_repr(split_name)} has no 'file' name")
-            ids = entry.get("image_ids")
-            if ids is not None and not (
-                isinstance(ids, list) and all(isinstance(i, str) for i in ids)
-            ):
-                raise bad(f"'image_ids' of {short_repr(entry['file'])} is not a list of strings")
-            count = entry.get("samples")
-            if count is not None and (not isinstance(count, int) or count < 0):
-                raise bad(f"'samples' of {short_repr(entry['file'])} is not a count")
-            if not isinstance(entry.get("sha256", ""), str):
-                raise bad(f"'sha256' of {short_repr(entry['file'])} is not a string")
-        source = split.get("source")
-        if source is not None and not isinstance(source, dict):
-            raise bad(f"'source' of split {short_repr(split_name)} is not an object")
 
 
 # -- the reader -----------------------------------------------------------------------------
@@ -452,19 +144,19 @@ class WebDatasetReader:
 
     # -- resolution -------------------------------------------------------------------------
     def _resolve(self, urls: str | list[str]) -> list[str]:
-        if isinstance(urls, str) and _is_local(urls) and _local_path(urls).is_dir():
-            return self._resolve_folder(_local_path(urls))
+        if isinstance(urls, str) and is_local(urls) and local_path(urls).is_dir():
+            return self._resolve_folder(local_path(urls))
         expanded = expand_urls(urls)
         if not expanded:
             raise DatasetError(f"no shards in {urls!r}")
         for url in expanded:
-            if _is_local(url) and _local_path(url).exists() and not _local_path(url).is_file():
+            if is_local(url) and local_path(url).exists() and not local_path(url).is_file():
                 raise DatasetError(
-                    f"webdataset shard {url!r} is {file_kind(_local_path(url).stat().st_mode)}, "
+                    f"webdataset shard {url!r} is {file_kind(local_path(url).stat().st_mode)}, "
                     "not a regular file; cusa reads tars from regular files only (stream one "
                     "with a pipe: URL if you must)"
                 )
-            if _is_local(url) and not _local_path(url).is_file():
+            if is_local(url) and not local_path(url).is_file():
                 raise DatasetError(
                     f"webdataset shard {url!r} does not exist; check the path or brace pattern "
                     f"{urls!r}"
@@ -510,8 +202,8 @@ class WebDatasetReader:
             return self._manifests[manifest_url]
         data = None
         raw: bytes | None = None
-        if _is_local(manifest_url):
-            path = _local_path(manifest_url)
+        if is_local(manifest_url):
+            path = local_path(manifest_url)
             if path.exists() or path.is_symlink():
                 raw, reason = read_regular_file(path, MAX_INDEX_BYTES, what="manifest")
                 if raw is None:
@@ -534,7 +226,7 @@ class WebDatasetReader:
                 log.warning("ignoring %s: not a %s manifest", manifest_url, MANIFEST_FORMAT)
                 data = None
             else:
-                _check_manifest(data, manifest_url)
+                check_manifest(data, manifest_url)
         self._manifests[manifest_url] = data
         return data
 
@@ -542,7 +234,7 @@ class WebDatasetReader:
         """``(split entry, shard entry)`` of ``url`` in the manifest beside it, if any."""
         if url.startswith("pipe:"):
             return None
-        parent, base = posixpath.split(url if "://" in url else str(_local_path(url)))
+        parent, base = posixpath.split(url if "://" in url else str(local_path(url)))
         manifest = self._manifest_for(posixpath.join(parent, MANIFEST_NAME))
         if manifest is None:
             return None
@@ -593,14 +285,14 @@ class WebDatasetReader:
         rows = []
         for ref in self.shards():
             entry = self._manifest_entry(ref.source)
-            source = posixpath.basename(ref.source) if _is_local(ref.source) else ref.source
+            source = posixpath.basename(ref.source) if is_local(ref.source) else ref.source
             ids = None
             if entry is not None:
                 source = f"{entry['file']}@{entry.get('sha256', '')}"
                 ids = entry.get("image_ids")
-            elif _is_local(ref.source):
+            elif is_local(ref.source):
                 with contextlib.suppress(OSError):
-                    source += f":{_local_path(ref.source).stat().st_size}"
+                    source += f":{local_path(ref.source).stat().st_size}"
             rows.append((ref.key, source, ids))
         digest = layout_hash(self.kind, self.split, rows)
         return {
@@ -617,9 +309,9 @@ class WebDatasetReader:
 
     def _open(self, url: str) -> Any:
         if url.startswith("pipe:"):
-            return _PipeStream(url[5:])
-        if _is_local(url):
-            return _open_regular(_local_path(url))
+            return PipeStream(url[5:])
+        if is_local(url):
+            return open_regular(local_path(url))
         import fsspec
 
         return fsspec.open(url, "rb", **self.storage_options).open()
@@ -631,10 +323,10 @@ class WebDatasetReader:
             raise DatasetError(
                 f"cannot open webdataset shard {shard.key!r} at {shard.source!r}: {exc}"
             ) from exc
-        stream = _TrackingStream(raw)
+        stream = TrackingStream(raw)
         count = 0
         error: str | None = None
-        pending: _Pending | None = None
+        pending: PendingSample | None = None
         seen_keys: set[str] = set()
         seen_ids: dict[str, str] = {}
         try:
@@ -679,7 +371,7 @@ class WebDatasetReader:
                             log.debug("skipping member %r of %s: no extension", name, shard.source)
                         continue
                     if pending is not None and key != pending.key:
-                        sample = _build_sample(pending, shard)
+                        sample = build_sample(pending, shard)
                         self._check_id(sample, seen_ids, pending.key, shard)
                         seen_keys.add(pending.key)
                         pending = None
@@ -692,7 +384,7 @@ class WebDatasetReader:
                                 "its members are split by other keys; group each sample's "
                                 "members together (e.g. re-shard with 'cusa shard')"
                             )
-                        pending = _Pending(key)
+                        pending = PendingSample(key)
                     if ext in pending.members or ext in pending.refused:
                         log.warning("member %r appears twice in %s", name, shard.source)
                         pending.members.pop(ext, None)
@@ -739,7 +431,7 @@ class WebDatasetReader:
                 )
             return
         if pending is not None:
-            sample = _build_sample(pending, shard)
+            sample = build_sample(pending, shard)
             self._check_id(sample, seen_ids, pending.key, shard)
             count += 1
             yield sample
@@ -781,13 +473,4 @@ def looks_like_webdataset(spec: str) -> bool:
     return any(spec.endswith(s) for s in TAR_SUFFIXES)
 
 
-__all__ = [
-    "MANIFEST_NAME",
-    "WebDatasetReader",
-    "decode_key",
-    "encode_key",
-    "expand_urls",
-    "looks_like_webdataset",
-    "shard_key_for_url",
-    "split_member_name",
-]
+__all__ = ["WebDatasetReader", "looks_like_webdataset"]

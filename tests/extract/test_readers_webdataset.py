@@ -17,7 +17,7 @@ import pytest
 
 from cusa.errors import DatasetError
 from cusa.extract.readers import WebDatasetReader, coco_sample_root, open_dataset
-from cusa.extract.readers.wds import decode_key, encode_key, split_member_name
+from cusa.extract.readers.wds_format import decode_key, encode_key, split_member_name
 
 
 @pytest.fixture(scope="module")
