@@ -31,7 +31,7 @@ from cusa_train.data import TeacherFeatures
 from cusa_train.evaluate import evaluate_features
 from cusa_train.loss_config import LossConfig
 from cusa_train.metrics import label_retrieval_metrics
-from cusa_train.trainer import cosine_schedule, param_groups
+from cusa_train.optim import cosine_schedule, param_groups
 from cusa_train.wrapper import CusaModel
 
 log = logging.getLogger("benchmarks.cusa_training")

@@ -1,4 +1,5 @@
-"""Reading and writing the trainer's files: atomic saves, ``weights_only`` loads.
+"""The trainer's files: their names, atomic saves, ``weights_only`` loads, and whether a
+checkpoint may be resumed under the current config.
 
 Every torch file cusa_train reads goes through :func:`read_torch_file`, so no file runs code
 when it is loaded and every failure names the file and what it was meant to be.
@@ -6,13 +7,22 @@ when it is loaded and every failure names the file and what it was meant to be.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cusa.errors import ConfigError
+from cusa_train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint-last.pt"
+BEST_CHECKPOINT_NAME = "checkpoint-best.pt"
+METRICS_NAME = "metrics.jsonl"
 
 
 def read_torch_file(path: str | os.PathLike, what: str) -> Any:
@@ -53,3 +63,82 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{str(path)!r} is not a cusa trainer checkpoint (needs keys model, config, step)"
         )
     return ckpt
+
+
+#: Config fields that may differ between a checkpoint and its resumed run (no effect on results).
+RESUME_SAFE_FIELDS = frozenset(
+    {
+        "run.progress",
+        "run.log_every",
+        "run.checkpoint_every",
+        "run.device",
+        "run.resume",
+        "run.on_config_change",
+        "data.num_workers",
+        "optim.max_steps",
+        "eval.batch_size",
+    }
+)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if (
+            isinstance(value, dict)
+            and value
+            and key not in ("student_options", "image_spec", "text_spec")
+        ):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, current)}`` for the fields that differ and matter for the result."""
+    try:
+        before = _flatten(TrainConfig.from_dict(saved).to_dict())
+    except ConfigError:  # a checkpoint of an older config layout: compare what it has
+        before = _flatten(saved)
+    now = _flatten(current.to_dict())
+    return {
+        k: (before.get(k), now.get(k))
+        for k in sorted(set(before) | set(now))
+        if k not in RESUME_SAFE_FIELDS and before.get(k) != now.get(k)
+    }
+
+
+def check_resume(config: TrainConfig, out_dir: Path, is_main: bool) -> None:
+    """Refuse to resume a checkpoint made with a different config, unless told what to do."""
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    if not (config.run.resume and ckpt_path.is_file()):
+        return
+    saved = load_checkpoint(ckpt_path)
+    changes = config_changes(saved["config"], config)
+    if not changes:
+        return
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    mode = config.run.on_config_change
+    if mode == "refuse":
+        raise ConfigError(
+            f"{str(out_dir)!r} holds a checkpoint made with another config ({listed}); "
+            "use another --output-dir, or pass --resume-anyway to continue with the new config, "
+            "or --overwrite to start again (the old run is moved aside)"
+        )
+    if not is_main:
+        return
+    step = int(saved["step"])
+    if mode == "resume-anyway":
+        old = out_dir / "config.json"
+        if old.is_file():
+            os.replace(old, out_dir / f"config-before-step-{step}.json")
+        logger.warning("resuming %s at step %d with a changed config: %s", out_dir, step, listed)
+    else:  # overwrite: move the old run aside, never delete it
+        aside = out_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+        aside.mkdir()
+        for name in (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, METRICS_NAME, "config.json"):
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, aside / name)
+        logger.warning("moved the previous run in %s to %s; starting again", out_dir, aside)

@@ -37,6 +37,7 @@ import torch
 
 from cusa.errors import ConfigError, DatasetError
 from cusa.extract.readers import DatasetReader
+from cusa_train.checkpoints import load_checkpoint
 from cusa_train.config import TrainConfig
 from cusa_train.eccv import (
     CaptionGroundTruth,
@@ -72,7 +73,6 @@ from cusa_train.stored_features import (
 )
 from cusa_train.sts_benchmarks import evaluate_sts_benchmarks, parse_sts_tasks
 from cusa_train.student import build_student_skeleton
-from cusa_train.trainer import load_checkpoint
 from cusa_train.wrapper import CusaModel
 
 __all__ = [
@@ -225,7 +225,7 @@ def load_checkpoint_model(
 ) -> torch.nn.Module:
     """Rebuild the trained :class:`cusa_train.wrapper.CusaModel` from a ``cusa train`` checkpoint.
 
-    The checkpoint (read by :func:`cusa_train.trainer.load_checkpoint`, ``weights_only=True``)
+    The checkpoint (read by :func:`cusa_train.checkpoints.load_checkpoint`, ``weights_only=True``)
     holds ``"config"`` (``TrainConfig.to_dict()``) and ``"model"`` (the CusaModel ``state_dict``).
 
     Args:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -42,7 +41,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cusa.errors import ConfigError
 from cusa.extract.readers import open_dataset
 from cusa.extract.teachers import pre_caption
-from cusa_train.checkpoints import load_checkpoint, save_checkpoint
+from cusa_train.checkpoints import (
+    BEST_CHECKPOINT_NAME,
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    check_resume,
+    load_checkpoint,
+    save_checkpoint,
+)
 from cusa_train.config import TrainConfig
 from cusa_train.data import (
     PairDataset,
@@ -55,15 +61,12 @@ from cusa_train.data import (
 from cusa_train.distributed import rank as dist_rank
 from cusa_train.distributed import world_size as dist_world_size
 from cusa_train.losses import LOSS_KEYS
+from cusa_train.optim import cosine_schedule, epoch_cosine_lr, param_groups
 from cusa_train.student import STUDENTS
 from cusa_train.validation import evaluate_split
 from cusa_train.wrapper import CusaModel, load_init_weights
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "checkpoint-last.pt"
-BEST_CHECKPOINT_NAME = "checkpoint-best.pt"
-METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
@@ -114,72 +117,6 @@ def resolve_device(name: str) -> torch.device:
             f"run.device={name!r} but CUDA is not available here; use 'auto' or 'cpu'"
         )
     return device
-
-
-def cosine_schedule(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
-    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps`` (LambdaLR factor)."""
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def epoch_cosine_lr(
-    epoch: int,
-    lr: float,
-    min_lr: float,
-    epochs: int,
-    warmup_epochs: int = 0,
-    warmup_lr: float | None = None,
-) -> float:
-    """The official per-epoch learning rate (timm ``CosineLRScheduler``, ``t_initial=epochs``,
-    one cycle, no noise), with the same floating-point expression so the values are exact."""
-    if epoch < warmup_epochs:
-        start = lr if warmup_lr is None else warmup_lr
-        return start + epoch * ((lr - start) / warmup_epochs)
-    if epoch >= epochs:  # past the single cycle timm holds the minimum
-        return min_lr
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
-
-
-def param_groups(
-    model: nn.Module, weight_decay: float, mode: str = "matrices"
-) -> list[dict[str, Any]]:
-    """AdamW parameter groups, each with its ``param_names``.
-
-    ``"matrices"``: decay on tensors with 2+ dimensions; none on biases, norms and temperatures.
-    ``"official"``: timm's ``add_weight_decay`` as the official CUSA code calls it: no decay on
-    1-d tensors and names ending in ``.bias``, decay on everything else, 0-d temperatures included;
-    groups in its order (no decay first).
-    """
-    decay: list[tuple[str, nn.Parameter]] = []
-    no_decay: list[tuple[str, nn.Parameter]] = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if mode == "official":
-            skip = p.ndim == 1 or name.endswith(".bias")
-        elif mode == "matrices":
-            skip = p.ndim < 2
-        else:
-            raise ConfigError(f"optim.decay_groups={mode!r}; use 'matrices' or 'official'")
-        (no_decay if skip else decay).append((name, p))
-
-    def group(items: list[tuple[str, nn.Parameter]], wd: float) -> dict[str, Any]:
-        return {
-            "params": [p for _, p in items],
-            "param_names": [n for n, _ in items],
-            "weight_decay": wd,
-        }
-
-    if mode == "official":
-        return [group(no_decay, 0.0), group(decay, weight_decay)]
-    return [group(decay, weight_decay), group(no_decay, 0.0)]
 
 
 class EpochSampler(Sampler[int]):
@@ -325,7 +262,7 @@ def _train(
     is_main = rank == 0
     ckpt_path = out_dir / CHECKPOINT_NAME
     # Everything cheap is checked before a student is built (and its weights downloaded).
-    _check_resume(config, out_dir, is_main)
+    check_resume(config, out_dir, is_main)
     if student is None:
         student_factory = STUDENTS.get(config.model.student)  # an unknown name fails here
     if reader is None and dataset is None:
@@ -590,85 +527,6 @@ def _train(
         evaluations=evaluations,
         best=best,
     )
-
-
-#: Config fields that may differ between a checkpoint and its resumed run (no effect on results).
-RESUME_SAFE_FIELDS = frozenset(
-    {
-        "run.progress",
-        "run.log_every",
-        "run.checkpoint_every",
-        "run.device",
-        "run.resume",
-        "run.on_config_change",
-        "data.num_workers",
-        "optim.max_steps",
-        "eval.batch_size",
-    }
-)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if (
-            isinstance(value, dict)
-            and value
-            and key not in ("student_options", "image_spec", "text_spec")
-        ):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def config_changes(saved: dict[str, Any], current: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """``{field: (saved, current)}`` for the fields that differ and matter for the result."""
-    try:
-        before = _flatten(TrainConfig.from_dict(saved).to_dict())
-    except ConfigError:  # a checkpoint of an older config layout: compare what it has
-        before = _flatten(saved)
-    now = _flatten(current.to_dict())
-    return {
-        k: (before.get(k), now.get(k))
-        for k in sorted(set(before) | set(now))
-        if k not in RESUME_SAFE_FIELDS and before.get(k) != now.get(k)
-    }
-
-
-def _check_resume(config: TrainConfig, out_dir: Path, is_main: bool) -> None:
-    """Refuse to resume a checkpoint made with a different config, unless told what to do."""
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    if not (config.run.resume and ckpt_path.is_file()):
-        return
-    saved = load_checkpoint(ckpt_path)
-    changes = config_changes(saved["config"], config)
-    if not changes:
-        return
-    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-    mode = config.run.on_config_change
-    if mode == "refuse":
-        raise ConfigError(
-            f"{str(out_dir)!r} holds a checkpoint made with another config ({listed}); "
-            "use another --output-dir, or pass --resume-anyway to continue with the new config, "
-            "or --overwrite to start again (the old run is moved aside)"
-        )
-    if not is_main:
-        return
-    step = int(saved["step"])
-    if mode == "resume-anyway":
-        old = out_dir / "config.json"
-        if old.is_file():
-            os.replace(old, out_dir / f"config-before-step-{step}.json")
-        logger.warning("resuming %s at step %d with a changed config: %s", out_dir, step, listed)
-    else:  # overwrite: move the old run aside, never delete it
-        aside = out_dir / time.strftime("previous-%Y%m%d-%H%M%S")
-        aside.mkdir()
-        for name in (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, METRICS_NAME, "config.json"):
-            if (out_dir / name).exists():
-                os.replace(out_dir / name, aside / name)
-        logger.warning("moved the previous run in %s to %s; starting again", out_dir, aside)
 
 
 def _open_split(config: TrainConfig, split: str) -> Any:

@@ -30,9 +30,10 @@ from torch.utils.data import Dataset
 
 from cusa.store import FeatureStore
 from cusa.store.spec import TeacherSpec
+from cusa_train.checkpoints import CHECKPOINT_NAME, METRICS_NAME
 from cusa_train.config import TrainConfig
 from cusa_train.config_parsing import apply_overrides, load_mapping
-from cusa_train.trainer import CHECKPOINT_NAME, METRICS_NAME, EpochSampler, train
+from cusa_train.trainer import EpochSampler, train
 from cusa_train.wrapper import convert_official_state_dict
 
 ROOT = Path(__file__).resolve().parents[2]

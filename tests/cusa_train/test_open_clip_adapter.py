@@ -78,7 +78,8 @@ def test_open_clip_and_native_clip_compute_the_official_features(golden):
 
 
 def test_cusa_model_around_open_clip_trains_the_official_steps(golden, tmp_path):
-    from cusa_train.trainer import METRICS_NAME, train
+    from cusa_train.checkpoints import METRICS_NAME
+    from cusa_train.trainer import train
 
     torch.set_num_threads(1)
     data, want = golden["data"], golden["cases"]["cusa"]

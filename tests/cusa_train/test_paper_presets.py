@@ -19,7 +19,7 @@ import torch
 from cusa.errors import ConfigError
 from cusa_train.config import TrainConfig
 from cusa_train.loss_config import LossConfig
-from cusa_train.trainer import epoch_cosine_lr
+from cusa_train.optim import epoch_cosine_lr
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "fixtures" / "cusa_train_step_golden.pt"

@@ -11,15 +11,10 @@ from typer.testing import CliRunner
 
 from cusa.cli import app
 from cusa.errors import ConfigError, StoreError
+from cusa_train.checkpoints import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint
 from cusa_train.config import TrainConfig
-from cusa_train.trainer import (
-    CHECKPOINT_NAME,
-    METRICS_NAME,
-    EpochSampler,
-    cosine_schedule,
-    load_checkpoint,
-    train,
-)
+from cusa_train.optim import cosine_schedule
+from cusa_train.trainer import EpochSampler, train
 
 
 def make_config(store, out, **optim) -> TrainConfig:
