@@ -32,6 +32,7 @@ from cusa_train.evaluate import evaluate_features
 from cusa_train.loss_config import LossConfig
 from cusa_train.metrics import label_retrieval_metrics
 from cusa_train.optim import cosine_schedule, param_groups
+from cusa_train.trainer import train_step
 from cusa_train.wrapper import CusaModel
 
 log = logging.getLogger("benchmarks.cusa_training")
@@ -156,11 +157,9 @@ def train_variant(
             if model.needs_teachers:
                 t_img, t_txt = data.gather("teachers", img_idx, cap_idx)  # (B, Ti), (B, Tt)
             ids = torch.from_numpy(img_idx.astype(np.int64))
-            out = model(images, texts, ids, t_img, t_txt)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            scheduler.step()
+            batch = {"image": images, "text": texts, "image_id": ids}
+            batch |= {"teacher_image": t_img, "teacher_text": t_txt}
+            out, _ = train_step(model, batch, optimizer, scheduler)  # the trainer's step
             step += 1
             last = out
     seconds = time.perf_counter() - t0

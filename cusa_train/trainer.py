@@ -27,7 +27,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +238,41 @@ def train(
     finally:
         if created_group:
             dist.destroy_process_group()
+
+
+def train_step(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    *,
+    grad_clip_norm: float | None = None,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One optimisation step of a :class:`~cusa_train.wrapper.CusaModel` (or its DDP wrapper).
+
+    Forward on ``batch`` (``image``, ``text``, ``image_id`` and, for CSA/USA, ``teacher_image``
+    and ``teacher_text``), backward, optional grad-norm clipping, the optimiser step and a
+    per-step scheduler step.
+
+    Returns:
+        The model's outputs (``loss`` and each term) and the learning rate the step used.
+    """
+    out = model(
+        batch["image"],
+        batch["text"],
+        batch["image_id"],
+        batch.get("teacher_image"),
+        batch.get("teacher_text"),
+    )
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return out, lr
 
 
 def _caption_transform(config: TrainConfig) -> Any:
@@ -467,21 +502,9 @@ def _train(
             for batch in loader:
                 t0 = time.perf_counter()
                 batch = _to_device(batch, device)
-                out = ddp_model(
-                    batch["image"],
-                    batch["text"],
-                    batch["image_id"],
-                    batch.get("teacher_image"),
-                    batch.get("teacher_text"),
+                out, lr = train_step(
+                    ddp_model, batch, optimizer, scheduler, grad_clip_norm=o.grad_clip_norm
                 )
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                if o.grad_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
                 step += 1
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
