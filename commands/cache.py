@@ -109,7 +109,7 @@ def clean_cmd(
     """Remove cached items, least recently used first, under a size and/or age bound (without a
     bound: everything in the chosen areas). Unsealed store groups and models in use are kept."""
     from cusa.cache import AREAS, clean_cache, parse_age
-    from cusa.extract.shard_writer import parse_size
+    from cusa.sizes import parse_size
 
     areas = [a.value for a in what]
     if "all" in areas:

@@ -65,7 +65,8 @@ def shard_cmd(
 ) -> None:
     """Write a dataset as webdataset tars with a size cap and a manifest."""
     from cusa.extract.readers import open_dataset
-    from cusa.extract.shard_writer import parse_size, write_shards
+    from cusa.extract.shard_writer import write_shards
+    from cusa.sizes import parse_size
 
     cap = parse_size(max_size)
     reader = open_dataset(dataset, root=root, split=split, name=name)

@@ -34,46 +34,12 @@ from cusa.errors import ConfigError, DatasetError
 from cusa.extract.readers.base import DatasetReader, Sample
 from cusa.extract.readers.wds import WebDatasetReader
 from cusa.extract.readers.wds_format import MANIFEST_FORMAT, MANIFEST_NAME, encode_key
+from cusa.sizes import parse_size
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SIZE = 256 * 10**6
 MANIFEST_VERSION = 1
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """``"256MB"`` -> 256000000; also ``KB``/``GB`` (powers of 1000), ``KiB``/``MiB``/``GiB``.
-
-    Raises:
-        ConfigError: not a positive size.
-    """
-    if isinstance(text, int):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise ConfigError(
-                f"invalid size {text!r}; use a number of bytes or e.g. '256MB', '1GiB'"
-            )
-        value = int(float(match.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ConfigError(f"size must be positive, got {text!r}")
-    return value
 
 
 def image_extension(data: bytes) -> str:

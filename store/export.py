@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from cusa.errors import ConfigError, StoreError
 from cusa.store.group import FeatureGroup
 from cusa.store.layout import Segment
-from cusa.store.lookup import FeatureLookup
+from cusa.store.lookup import READ_BLOCK_ROWS, FeatureLookup
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ METADATA_FILE = "metadata/0.parquet"
 FAILED_FILE = "failed.parquet"
 SPEC_FILE = "spec.json"
 # Rows copied per step, so exporting a large group needs bounded memory.
-_BLOCK_ROWS = 65536
 
 
 def export_group(
@@ -101,9 +100,9 @@ def export_group(
     # Write under temporary names and rename, so a crash never leaves a half export in place.
     tmp_emb = out / f"{EMB_FILE}.partial"
     arr = np.lib.format.open_memmap(tmp_emb, mode="w+", dtype=out_dtype, shape=(n, dim))
-    for start in range(0, n, _BLOCK_ROWS):
-        arr[start : start + _BLOCK_ROWS] = lookup.gather_rows(
-            order_arr[start : start + _BLOCK_ROWS]
+    for start in range(0, n, READ_BLOCK_ROWS):
+        arr[start : start + READ_BLOCK_ROWS] = lookup.gather_rows(
+            order_arr[start : start + READ_BLOCK_ROWS]
         )
     arr.flush()
     del arr

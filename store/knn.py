@@ -15,13 +15,12 @@ import numpy as np
 
 from cusa.errors import ConfigError
 from cusa.store.group import FeatureGroup
-from cusa.store.lookup import FeatureLookup
+from cusa.store.lookup import READ_BLOCK_ROWS, FeatureLookup
 
 log = logging.getLogger(__name__)
 
 METRICS = ("ip", "l2")
 # Rows converted to float32 and added per step, to bound the scratch memory of a build.
-_BLOCK_ROWS = 65536
 
 
 def gpu_available() -> bool:
@@ -142,8 +141,8 @@ def build_index(
         )
     index = faiss.IndexFlatIP(lookup.dim) if metric == "ip" else faiss.IndexFlatL2(lookup.dim)
     n = len(lookup)
-    for start in range(0, n, _BLOCK_ROWS):
-        rows = np.arange(start, min(n, start + _BLOCK_ROWS), dtype=np.int64)
+    for start in range(0, n, READ_BLOCK_ROWS):
+        rows = np.arange(start, min(n, start + READ_BLOCK_ROWS), dtype=np.int64)
         block = np.ascontiguousarray(lookup.gather_rows(rows), dtype=np.float32)  # (b, D)
         if metric == "ip":
             faiss.normalize_L2(block)

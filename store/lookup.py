@@ -29,6 +29,9 @@ from cusa.store.spec import format_spec_diff, spec_diff
 
 log = logging.getLogger(__name__)
 
+#: Rows read at a time when a tool streams a whole group (``cusa store knn``, ``export``).
+READ_BLOCK_ROWS = 65536
+
 
 class FeatureLookup:
     """Random access to one group's committed features by sample id.

@@ -12,7 +12,6 @@ from importlib import resources
 from string import Template
 from typing import Any
 
-from cusa.sizes import human_bytes
 from cusa.viz.thumbnails import data_uri
 
 
@@ -35,7 +34,6 @@ def _note(text: str, kind: str = "note") -> str:
 
 
 # Sizes on the page read as the CLI prints them (binary units, one formatter in cusa.sizes).
-_size = human_bytes
 
 
 def _short(sample_id: str, n: int = 28) -> str:

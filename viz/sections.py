@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from cusa.sizes import human_bytes
 from cusa.store.feature_store import FeatureGroup, FeatureStore
 from cusa.store.knn import build_index
 from cusa.store.lookup import FeatureLookup
 from cusa.viz import plots
-from cusa.viz.html import _e, _img, _note, _plot, _short, _size
+from cusa.viz.html import _e, _img, _note, _plot, _short
 from cusa.viz.options import ReportOptions
 from cusa.viz.thumbnails import DatasetView
 
@@ -140,7 +141,7 @@ class StorePage:
             f"<dt>Created</dt><dd>{_e(info.get('created') or '?')}</dd>",
             f"<dt>Dataset splits</dt><dd>{_e(', '.join(datasets) or 'none')}</dd>",
             f"<dt>Feature groups</dt><dd>{len(groups)}</dd>",
-            f"<dt>Size on disk</dt><dd>{_size(total)}</dd>",
+            f"<dt>Size on disk</dt><dd>{human_bytes(total)}</dd>",
             "</dl>",
         ]
         if not groups:
@@ -166,7 +167,7 @@ class StorePage:
                 f'<td>{_e(g["modality"] or "?")}</td><td class="num">{g["rows"]:,}</td>'
                 f'<td class="num">{g["dim"]}</td><td>{_e(g["dtype"])}</td>'
                 f'<td class="num"{failed_cls}>{g["failed"]:,}</td><td>{_e(state)}</td>'
-                f'<td class="num">{_size(g["size_bytes"])}</td></tr>'
+                f'<td class="num">{human_bytes(g["size_bytes"])}</td></tr>'
             )
         out.append("</tbody></table>")
 
