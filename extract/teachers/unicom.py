@@ -90,7 +90,6 @@ UNICOM_CONFIGS: dict[str, UnicomConfig] = {
 }
 
 
-UnicomRelease = Release  # its former name
 UNICOM_RELEASES: dict[str, Release] = {
     "ViT-B/32": Release(
         "FP16-ViT-B-32.pt",
