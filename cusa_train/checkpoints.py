@@ -110,15 +110,20 @@ def config_changes(saved: dict[str, Any], current: TrainConfig) -> dict[str, tup
     }
 
 
-def check_resume(config: TrainConfig, out_dir: Path, is_main: bool) -> None:
-    """Refuse to resume a checkpoint made with a different config, unless told what to do."""
+def check_resume(config: TrainConfig, out_dir: Path, is_main: bool) -> dict[str, Any] | None:
+    """Refuse to resume a checkpoint made with a different config, unless told what to do.
+
+    Returns:
+        The checkpoint it read, for the resume to restore (read once); None when there is
+        nothing to resume or the old run was moved aside.
+    """
     ckpt_path = out_dir / CHECKPOINT_NAME
     if not (config.run.resume and ckpt_path.is_file()):
-        return
+        return None
     saved = load_checkpoint(ckpt_path)
     changes = config_changes(saved["config"], config)
     if not changes:
-        return
+        return saved
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
     mode = config.run.on_config_change
     if mode == "refuse":
@@ -128,17 +133,19 @@ def check_resume(config: TrainConfig, out_dir: Path, is_main: bool) -> None:
             "or --overwrite to start again (the old run is moved aside)"
         )
     if not is_main:
-        return
+        return saved
     step = int(saved["step"])
     if mode == "resume-anyway":
         old = out_dir / "config.json"
         if old.is_file():
             os.replace(old, out_dir / f"config-before-step-{step}.json")
         logger.warning("resuming %s at step %d with a changed config: %s", out_dir, step, listed)
-    else:  # overwrite: move the old run aside, never delete it
-        aside = out_dir / time.strftime("previous-%Y%m%d-%H%M%S")
-        aside.mkdir()
-        for name in (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, METRICS_NAME, "config.json"):
-            if (out_dir / name).exists():
-                os.replace(out_dir / name, aside / name)
-        logger.warning("moved the previous run in %s to %s; starting again", out_dir, aside)
+        return saved
+    # overwrite: move the old run aside, never delete it
+    aside = out_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    aside.mkdir()
+    for name in (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, METRICS_NAME, "config.json"):
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, aside / name)
+    logger.warning("moved the previous run in %s to %s; starting again", out_dir, aside)
+    return None

@@ -297,7 +297,7 @@ def _train(
     is_main = rank == 0
     ckpt_path = out_dir / CHECKPOINT_NAME
     # Everything cheap is checked before a student is built (and its weights downloaded).
-    check_resume(config, out_dir, is_main)
+    saved = check_resume(config, out_dir, is_main)  # the checkpoint to resume, read once
     if student is None:
         student_factory = STUDENTS.get(config.model.student)  # an unknown name fails here
     if reader is None and dataset is None:
@@ -393,7 +393,7 @@ def _train(
     best: dict[str, Any] | None = None
     evaluations: list[dict[str, Any]] = []
     if config.run.resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = saved if saved is not None else load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None:
@@ -404,6 +404,8 @@ def _train(
         best = ckpt.get("best")
         evaluations = list(ckpt.get("evaluations") or [])
         logger.info("resumed %s at step %d", ckpt_path, step)
+        del ckpt
+    del saved  # the loaded checkpoint is not held through training
 
     metrics = MetricsLog(out_dir / METRICS_NAME, is_main)
     bar = _progress_bar(total_steps, step, config.run.progress and is_main)
