@@ -141,7 +141,7 @@ class _Page(StorePage):
 
     def collect(self, dataset: str | None, split: str | None, root: str | None) -> None:
         self.info = store_info(self.fs)
-        groups = self.fs.groups()
+        self.groups = groups = self.fs.groups()
         reader = None
         if dataset is not None:
             split = split or self._default_split(groups, dataset)

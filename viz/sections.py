@@ -82,6 +82,7 @@ class StorePage:
     fs: FeatureStore
     opts: ReportOptions
     info: dict[str, Any] = field(default_factory=dict)
+    groups: list[FeatureGroup] = field(default_factory=list)  # every readable group of the store
     dataset: str | None = None
     split: str | None = None
     selection_note: str = ""
@@ -199,9 +200,8 @@ class StorePage:
             )
 
         out.append("<h3>Failure ledger</h3>")
-        failed_groups = [
-            g for g in self.fs.groups() if g.url in {x["url"] for x in groups if x["failed"]}
-        ]
+        failed = {x["url"] for x in groups if x["failed"]}
+        failed_groups = [g for g in self.groups if g.url in failed]
         if not failed_groups:
             out.append(
                 _note("No failures: every sample read produced features for every teacher.", "ok")
