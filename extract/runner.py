@@ -36,12 +36,12 @@ from cusa.extract.work import (
 )
 from cusa.extract.writer import ShardStats, ShardWriter
 from cusa.store import FeatureGroup, FeatureStore
+from cusa.store.layout import DTYPES
 
 log = logging.getLogger(__name__)
 
 MODALITIES = (IMAGE, TEXT)
 RUNNERS = ("auto", "local", "ray")
-DTYPES = ("float16", "float32")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 #: ``--runner auto`` picks Ray on a GPU machine only from this many images on: below it, starting
 #: Ray, its actors and a second copy of each teacher costs more than parallel decoding saves
@@ -139,10 +139,6 @@ class ExtractConfig:
     def teacher_names(self) -> dict[str, str]:
         names = {IMAGE: self.image_teacher, TEXT: self.text_teacher}
         return {m: names[m] for m in MODALITIES if m in self.modalities}
-
-    def resolved_runner(self, num_images: int | None = None) -> str:
-        """The runner this job uses; ``auto`` is decided by :func:`choose_runner`."""
-        return choose_runner(self, num_images).runner
 
 
 @dataclass(frozen=True)
