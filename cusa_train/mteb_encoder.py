@@ -19,7 +19,6 @@ Hugging Face hub is reachable, since MTEB downloads its datasets from there::
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from cusa.errors import ConfigError
+from cusa.extract.teachers import sha256_file
 from cusa_train.evaluate import load_checkpoint_model
 
 HEADS = ("usa", "cross")
@@ -89,7 +89,7 @@ class CusaMtebEncoder:
         model = load_checkpoint_model(path, student=student)
         if device is not None:
             model = model.to(device)
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+        digest = sha256_file(path)[:12]  # streamed: the file is not held in memory
         return cls(
             model, head=head, batch_size=batch_size, name=f"cusa/{Path(path).stem}",
             revision=digest,
