@@ -218,7 +218,7 @@ def cache_info() -> dict[str, Any]:
     for area in AREAS:
         mine = sorted((i for i in items if i.area == area), key=lambda i: -i.last_used)
         areas[area] = {
-            "path": str(paths[area]) if area != "downloads" else str(paths["models"]),
+            "path": str(paths[area]),
             "items": [i.to_dict() for i in mine],
             "bytes": sum(i.size for i in mine),
         }
