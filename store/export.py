@@ -40,7 +40,6 @@ EMB_FILE = "emb/0.npy"
 METADATA_FILE = "metadata/0.parquet"
 FAILED_FILE = "failed.parquet"
 SPEC_FILE = "spec.json"
-# Rows copied per step, so exporting a large group needs bounded memory.
 
 
 def export_group(

@@ -20,7 +20,6 @@ from cusa.store.lookup import READ_BLOCK_ROWS, FeatureLookup
 log = logging.getLogger(__name__)
 
 METRICS = ("ip", "l2")
-# Rows converted to float32 and added per step, to bound the scratch memory of a build.
 
 
 def gpu_available() -> bool:
