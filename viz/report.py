@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from cusa.store.lookup import FeatureLookup
 from cusa.viz import plots
 from cusa.viz.html import _e, _note, _plot, render_page
 from cusa.viz.options import ReportOptions
-from cusa.viz.runs import as_labelled, read_embeddings, read_eval, read_run
+from cusa.viz.runs import RunLog, as_labelled, read_embeddings, read_eval, read_run
 from cusa.viz.sections import (
     StorePage,
     _image_of,
@@ -352,27 +352,18 @@ def _training_section(
         out.append("<h3>Loss terms</h3>")
         sources = ", ".join(f"<code>{_e(r.source)}</code> ({r.lines} lines)" for r in logs)
         out.append(_note(f"From {sources}. One panel per term; runs overlaid."))
-        panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        for r in logs:
-            for key in r.loss_keys():
-                panels.setdefault(key, {})[r.label] = r.series[key]
+        panels = _panels(logs, RunLog.loss_keys)
         if panels:
             out.append(_plot(plots.curves(panels, logy=True), "loss curves"))
         else:
             out.append(_note("The metrics log has no loss terms (loss, itr, csa, usa).", "warn"))
-        temps: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        for r in logs:
-            for key in r.temperature_keys():
-                temps.setdefault(key, {})[r.label] = r.series[key]
+        temps = _panels(logs, RunLog.temperature_keys)
         out.append("<h3>Temperatures</h3>")
         if temps:
             out.append(_plot(plots.curves(temps, ncols=4), "temperatures over steps"))
         else:
             out.append(_note("The metrics log records no temperatures (keys starting with tau)."))
-        other: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        for r in logs:
-            for key in r.other_keys():
-                other.setdefault(key, {})[r.label] = r.series[key]
+        other = _panels(logs, RunLog.other_keys)
         if other:
             out.append("<h3>Other logged values</h3>")
             out.append(_plot(plots.curves(other, ncols=4), "other logged values"))
@@ -401,6 +392,17 @@ def _training_section(
         out.append("<h3>Student features in 2-D (t-SNE)</h3>")
         out.append(_tsne_block(embeds, opts))
     return "\n".join(out)
+
+
+def _panels(
+    logs: Sequence[RunLog], keys: Callable[[RunLog], list[str]]
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """``{key: {run label: (steps, values)}}`` for the keys ``keys`` picks from each run."""
+    panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for r in logs:
+        for key in keys(r):
+            panels.setdefault(key, {})[r.label] = r.series[key]
+    return panels
 
 
 def _tsne_block(embeds: Mapping[str, Path], opts: ReportOptions) -> str:
