@@ -33,9 +33,6 @@ def _note(text: str, kind: str = "note") -> str:
     return f'<p class="{kind}">{text}</p>'
 
 
-# Sizes on the page read as the CLI prints them (binary units, one formatter in cusa.sizes).
-
-
 def _short(sample_id: str, n: int = 28) -> str:
     return sample_id if len(sample_id) <= n else "…" + sample_id[-(n - 1) :]
 
