@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cusa.errors import ConfigError
 from cusa.extract.readers import open_dataset
-from cusa.extract.teachers import pre_caption
 from cusa_train.checkpoints import (
     BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
@@ -60,6 +59,7 @@ from cusa_train.data import (
 )
 from cusa_train.distributed import rank as dist_rank
 from cusa_train.distributed import world_size as dist_world_size
+from cusa_train.eval_data import caption_transform as caption_transform_of
 from cusa_train.losses import LOSS_KEYS
 from cusa_train.optim import cosine_schedule, epoch_cosine_lr, param_groups
 from cusa_train.student import STUDENTS
@@ -275,12 +275,6 @@ def train_step(
     return out, lr
 
 
-def _caption_transform(config: TrainConfig) -> Any:
-    if config.data.captions == "pre_caption":
-        return pre_caption
-    return None
-
-
 def _train(
     config: TrainConfig,
     student: nn.Module | None,
@@ -340,7 +334,7 @@ def _train(
         logger.info(
             "initialised from %s (%d keys kept their values)", config.model.init_from, len(kept)
         )
-    caption_transform = _caption_transform(config)
+    caption_transform = caption_transform_of(config.data.captions)
     if dataset is None:
         dataset = PairDataset(
             reader,
