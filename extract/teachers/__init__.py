@@ -33,7 +33,6 @@ from cusa.extract.teachers.registry import (
 from cusa.extract.teachers.text import MINILM_DISTRIBUTION, MINILM_MODULE, pre_caption
 from cusa.extract.teachers.weights import (
     Release,
-    cached_release,
     download_with_sha256,
     file_lock,
     installed_package_dir,
@@ -60,7 +59,6 @@ __all__ = [
     "TeacherEntry",
     "TeacherInfo",
     "TeacherSpec",
-    "cached_release",
     "clip_transform",
     "download_with_sha256",
     "fetch_teacher",

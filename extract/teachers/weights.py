@@ -29,7 +29,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,54 +142,6 @@ def download_with_sha256(
     return dest
 
 
-def cached_release(
-    url: str,
-    cache: Path,
-    filename: str,
-    sha256: str,
-    *,
-    download: bool | None,
-    what: str,
-    missing: Callable[[str], str],
-) -> Path:
-    """An official release file from ``cache``, or downloaded there, always SHA-256 checked.
-
-    The cached file is verified every time (a corrupt cache is refused, never used); a missing
-    one is downloaded through a ``.partial`` file under a lock when ``download`` allows it
-    (default: unless ``CUSA_OFFLINE``/``HF_HUB_OFFLINE``).
-
-    Args:
-        url, filename, sha256: the official release.
-        cache: the folder the official loader uses (``~/.cache/unicom``, ``~/.cache/clip``).
-        download: allow the download; ``None`` follows the offline environment variables.
-        what: how errors name the file, e.g. ``"Unicom ViT-B/32"``.
-        missing: builds the "not found" message from the reason it could not be had.
-
-    Raises:
-        WeightsError: a checksum mismatch, or no file and no way to get it (``missing``'s text).
-    """
-    cached = cache / filename
-    if download is None:
-        download = not offline_requested()
-    failure = "downloads are disabled (download=False, CUSA_OFFLINE or HF_HUB_OFFLINE)"
-    if not cached.is_file() and not download:
-        raise WeightsError(missing(failure))
-    with file_lock(cache / f".{filename}.lock"):
-        if cached.is_file():
-            try:
-                download_with_sha256(url, cached, sha256)  # verifies the cached file
-            except WeightsError as exc:
-                raise WeightsError(f"{exc} (cached {what} checkpoint)") from exc
-            return cached
-        try:
-            return download_with_sha256(url, cached, sha256)
-        except WeightsError as exc:
-            if "checksum mismatch" in str(exc):
-                raise
-            failure = str(exc)
-    raise WeightsError(missing(failure))
-
-
 @dataclass(frozen=True)
 class Release:
     """One official checkpoint: its file name, download URL and published SHA-256."""
@@ -208,26 +160,52 @@ def official_release(
     explicit: str,
     advice: str,
 ) -> Path:
-    """:func:`cached_release` of ``release``, whose "not found" message says where to get the
-    file and put it, how to pass a file instead (``explicit``) and what else works (``advice``).
+    """An official release file from ``cache``, or downloaded there, always SHA-256 checked.
+
+    The cached file is verified every time (a corrupt cache is refused, never used); a missing
+    one is downloaded through a ``.partial`` file under a lock when ``download`` allows it
+    (default: unless ``CUSA_OFFLINE``/``HF_HUB_OFFLINE``).
+
+    Args:
+        release: the official file name, URL and SHA-256.
+        cache: the folder the official loader uses (``~/.cache/unicom``, ``~/.cache/clip``).
+        what: how errors name the file, e.g. ``"Unicom ViT-B/32"``.
+        download: allow the download; ``None`` follows the offline environment variables.
+        explicit: how to pass a file instead, said in the "not found" message.
+        advice: what else works, the end of the "not found" message.
 
     Raises:
-        WeightsError: a checksum mismatch, or no file and no way to get it.
+        WeightsError: a checksum mismatch, or no file and no way to get it (the message says
+            where to get the file and put it).
     """
     cached = cache / release.filename
-    return cached_release(
-        release.url,
-        cache,
-        release.filename,
-        release.sha256,
-        download=download,
-        what=what,
-        missing=lambda failure: (
+
+    def missing(failure: str) -> str:
+        return (
             f"{what} weights not found: {failure}. Get {release.filename} "
             f"(SHA-256 {release.sha256}) from {release.url} and put it at {str(cached)!r}, or "
             f"pass its path explicitly ({explicit}). {advice}"
-        ),
-    )
+        )
+
+    if download is None:
+        download = not offline_requested()
+    failure = "downloads are disabled (download=False, CUSA_OFFLINE or HF_HUB_OFFLINE)"
+    if not cached.is_file() and not download:
+        raise WeightsError(missing(failure))
+    with file_lock(cache / f".{release.filename}.lock"):
+        if cached.is_file():
+            try:
+                download_with_sha256(release.url, cached, release.sha256)  # verifies the cache
+            except WeightsError as exc:
+                raise WeightsError(f"{exc} (cached {what} checkpoint)") from exc
+            return cached
+        try:
+            return download_with_sha256(release.url, cached, release.sha256)
+        except WeightsError as exc:
+            if "checksum mismatch" in str(exc):
+                raise
+            failure = str(exc)
+    raise WeightsError(missing(failure))
 
 
 def weights_file(weights: str | os.PathLike, what: str) -> tuple[Path, str]:
