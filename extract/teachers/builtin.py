@@ -187,9 +187,9 @@ def _sentence_teacher(
 
 
 def _mpnet_available() -> bool:
-    from cusa.extract.teachers.text import MPNET_HUB_ID, _hf_cached_file, mpnet_assembled
+    from cusa.extract.teachers.text import MPNET
 
-    return mpnet_assembled() or _hf_cached_file(MPNET_HUB_ID) is not None
+    return MPNET.available()
 
 
 def _minilm_available() -> bool:

@@ -88,7 +88,6 @@ EMBEDDINGGEMMA = RegistryTextModel(
     alternatives="Smaller offline text teachers: all-mpnet-base-v2, wordllama-l2-supercat, "
     "all-MiniLM-L6-v2.",
 )
-gemma_dir = EMBEDDINGGEMMA.folder
 gemma_assembled = EMBEDDINGGEMMA.assembled
 assemble_embeddinggemma = EMBEDDINGGEMMA.assemble
 resolve_embeddinggemma = EMBEDDINGGEMMA.resolve

