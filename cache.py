@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cusa.errors import ConfigError
-from cusa.paths import cusa_home, default_store, models_dir
+from cusa.paths import cusa_home, default_store, models_dir, segments_dir
 
 AREAS = ("store", "models", "downloads", "segments")
 #: What ``cusa cache clean`` removes when no ``--what`` is given: things that are re-fetched
@@ -109,7 +109,7 @@ def area_paths() -> dict[str, Path]:
         "store": Path(default_store()),
         "models": models,
         "downloads": models,
-        "segments": cusa_home() / "cache" / "segments",
+        "segments": segments_dir(),
     }
 
 

@@ -19,3 +19,8 @@ def models_dir() -> Path:
     """Assembled teacher weights; ``$CUSA_MODELS_DIR`` overrides ``$CUSA_HOME/models``."""
     override = os.environ.get("CUSA_MODELS_DIR")
     return Path(override).expanduser() if override else cusa_home() / "models"
+
+
+def segments_dir() -> Path:
+    """Local copies of a remote store's segments, memory mapped by ``FeatureLookup``."""
+    return cusa_home() / "cache" / "segments"

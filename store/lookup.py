@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cusa.errors import ConfigError, SampleNotFoundError, StoreError, StoreSpecMismatchError
-from cusa.paths import cusa_home
+from cusa.paths import segments_dir
 from cusa.store.feature_store import FeatureStore
 from cusa.store.group import FeatureGroup
 from cusa.store.layout import Segment
@@ -47,7 +47,7 @@ class FeatureLookup:
         self.spec: dict[str, Any] = dict(group.spec)
         self.dim = group.dim
         self.dtype = group.dtype
-        self._cache_dir = Path(cache_dir) if cache_dir else cusa_home() / "cache" / "segments"
+        self._cache_dir = Path(cache_dir) if cache_dir else segments_dir()
         for attempt in range(3):
             # A writer may seal the group (and remove its parts) while we open it; then the
             # sealed arrays hold the same rows, so open again from those.
