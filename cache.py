@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cusa.errors import ConfigError
-from cusa.paths import cusa_home, default_store, models_dir, segments_dir
+from .errors import ConfigError
+from .paths import cusa_home, default_store, models_dir, segments_dir
 
 AREAS = ("store", "models", "downloads", "segments")
 #: What ``cusa cache clean`` removes when no ``--what`` is given: things that are re-fetched
@@ -147,7 +147,7 @@ def _item(area: str, path: Path, base: Path, note: str = "") -> CacheItem:
 def _store_items(root: Path) -> list[CacheItem]:
     if not (root / "cusa_store.json").is_file():
         return []
-    from cusa.store import FeatureStore
+    from .store import FeatureStore
 
     items = []
     store = FeatureStore.open(root)

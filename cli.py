@@ -27,8 +27,8 @@ from typing import Annotated
 
 import typer
 
-from cusa.commands import cache, datasets, evaluate, extract, report, store, teachers, train
-from cusa.commands.exit_codes import (
+from .commands import cache, datasets, evaluate, extract, report, store, teachers, train
+from .commands.exit_codes import (
     CODES_HELP,
     EXIT_DEVICE,
     EXIT_FAILED,
@@ -43,7 +43,7 @@ from cusa.commands.exit_codes import (
     classify_error,
     friendly_errors,
 )
-from cusa.commands.options import typer_app
+from .commands.options import typer_app
 
 __all__ = [
     "EXIT_DEVICE",

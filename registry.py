@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from cusa.errors import ConfigError, UnknownNameError
+from .errors import ConfigError, UnknownNameError
 
 T = TypeVar("T")
 

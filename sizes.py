@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from cusa.errors import ConfigError
+from .errors import ConfigError
 
 
 def human_bytes(n: int) -> str:

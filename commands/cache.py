@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from cusa.commands.exit_codes import friendly_errors
-from cusa.commands.options import echo_json, typer_app
-from cusa.sizes import human_bytes
+from ..sizes import human_bytes
+from .exit_codes import friendly_errors
+from .options import echo_json, typer_app
 
 app = typer_app("Show and bound what $CUSA_HOME holds: stores, models, downloads, segments.")
 
@@ -42,7 +42,7 @@ def info_cmd(
     """What $CUSA_HOME holds: the default store's groups, models, downloads, remote segments."""
     import time
 
-    from cusa.cache import cache_info
+    from ..cache import cache_info
 
     info = cache_info()
     if as_json:
@@ -108,8 +108,8 @@ def clean_cmd(
 ) -> None:
     """Remove cached items, least recently used first, under a size and/or age bound (without a
     bound: everything in the chosen areas). Unsealed store groups and models in use are kept."""
-    from cusa.cache import AREAS, clean_cache, parse_age
-    from cusa.sizes import parse_size
+    from ..cache import AREAS, clean_cache, parse_age
+    from ..sizes import parse_size
 
     areas = [a.value for a in what]
     if "all" in areas:

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from cusa.commands.exit_codes import friendly_errors
-from cusa.commands.options import (
+from .exit_codes import friendly_errors
+from .options import (
     DatasetOption,
     JsonSummaryOption,
     NameOption,
@@ -27,7 +27,7 @@ def list_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """List registered datasets (--dataset also takes a folder, an index file, *.tar, s3:// or pipe:)."""
-    from cusa.extract.readers import DATASETS, list_datasets
+    from ..extract.readers import DATASETS, list_datasets
 
     rows = [
         {
@@ -64,9 +64,9 @@ def shard_cmd(
     as_json: JsonSummaryOption = False,
 ) -> None:
     """Write a dataset as webdataset tars with a size cap and a manifest."""
-    from cusa.extract.readers import open_dataset
-    from cusa.extract.shard_writer import write_shards
-    from cusa.sizes import parse_size
+    from ..extract.readers import open_dataset
+    from ..extract.shard_writer import write_shards
+    from ..sizes import parse_size
 
     cap = parse_size(max_size)
     reader = open_dataset(dataset, root=root, split=split, name=name)

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cusa.commands.exit_codes import friendly_errors
-from cusa.commands.options import DeviceOption, echo_json
+from .exit_codes import friendly_errors
+from .options import DeviceOption, echo_json
 
 
 @friendly_errors

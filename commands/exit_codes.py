@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from cusa.errors import CusaError
+from ..errors import CusaError
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the job ran, but samples failed beyond --max-failures / verify found problems

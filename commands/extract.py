@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from cusa.commands.exit_codes import EXIT_FAILED, friendly_errors
-from cusa.commands.options import (
+from ..extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from .exit_codes import EXIT_FAILED, friendly_errors
+from .options import (
     DatasetOption,
     DeviceOption,
     DType,
@@ -19,7 +20,6 @@ from cusa.commands.options import (
     StoreOption,
     echo_json,
 )
-from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 
 
 class RunnerName(str, Enum):
@@ -118,9 +118,9 @@ def extract_cmd(
     ] = True,
 ) -> None:
     """Run the teachers over a dataset and commit their features to the store (resumable)."""
-    from cusa.extract.progress import NullProgress, RichProgress
-    from cusa.extract.runner import ExtractConfig
-    from cusa.extract.runner import extract as run_extract
+    from ..extract.progress import NullProgress, RichProgress
+    from ..extract.runner import ExtractConfig
+    from ..extract.runner import extract as run_extract
 
     config = ExtractConfig(
         dataset=dataset, root=root, split=split, name=name, store=store,

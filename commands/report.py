@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cusa.commands.exit_codes import friendly_errors
-from cusa.commands.options import StoreOption, StorePositional, store_arg
+from .exit_codes import friendly_errors
+from .options import StoreOption, StorePositional, store_arg
 
 
 @friendly_errors
@@ -71,7 +71,7 @@ def report_cmd(
     ] = 0,
 ) -> None:
     """Write one self-contained HTML page about a store (and training runs) that opens offline."""
-    from cusa.viz import build_report
+    from ..viz import build_report
 
     path = build_report(
         store_arg(store, store_pos),

@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from cusa.commands.exit_codes import EXIT_FAILED, friendly_errors
-from cusa.commands.options import (
+from ..sizes import human_bytes
+from .exit_codes import EXIT_FAILED, friendly_errors
+from .options import (
     DType,
     GroupDatasetOption,
     GroupSplitOption,
@@ -21,7 +22,6 @@ from cusa.commands.options import (
     store_arg,
     typer_app,
 )
-from cusa.sizes import human_bytes
 
 app = typer_app("Inspect, verify, search and export a feature store (--store).")
 
@@ -34,7 +34,7 @@ class Metric(str, Enum):
 
 
 def _open_store(store: str | None):
-    from cusa.store import FeatureStore
+    from ..store import FeatureStore
 
     return FeatureStore.open(store)
 
@@ -43,7 +43,7 @@ def _group(
     store: str | None, store_pos: str | None, teacher: str, dataset: str | None, split: str | None
 ):
     """The group that ``--teacher``, ``--dataset`` and ``--split`` name in the store."""
-    from cusa.store.info import resolve_group
+    from ..store.info import resolve_group
 
     return resolve_group(_open_store(store_arg(store, store_pos)), teacher, dataset, split)
 
@@ -58,7 +58,7 @@ def info_cmd(
     ] = False,
 ) -> None:
     """Groups, teachers, N, dim, dtype, specs, size on disk, committed and failed counts."""
-    from cusa.store.info import store_info
+    from ..store.info import store_info
 
     info = store_info(_open_store(store_arg(store, store_pos)))
     if as_json:
@@ -97,7 +97,7 @@ def verify_cmd(
     ] = False,
 ) -> None:
     """Check every group; exit 0 when clean, 1 with a precise report when not."""
-    from cusa.store.verify import verify_store
+    from ..store.verify import verify_store
 
     fs = _open_store(store_arg(store, store_pos))
     reports = verify_store(fs, check_hashes=not no_hashes)
@@ -151,7 +151,7 @@ def knn_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Nearest stored samples of a stored sample, by id."""
-    from cusa.store.knn import build_index
+    from ..store.knn import build_index
 
     group = _group(store, store_pos, teacher, dataset, split)
     index = build_index(group, metric=metric.value)  # type: ignore[arg-type]
@@ -197,7 +197,7 @@ def export_cmd(
     as_json: JsonSummaryOption = False,
 ) -> None:
     """Export a teacher's features as npy + parquet for autofaiss / embedding-reader."""
-    from cusa.store.export import export_group
+    from ..store.export import export_group
 
     group = _group(store, store_pos, teacher, dataset, split)
     summary = export_group(

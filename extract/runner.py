@@ -18,15 +18,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cusa.errors import ConfigError, StoreError
-from cusa.extract.progress import NullProgress, ProgressSink
-from cusa.extract.ray_runner import run_ray
-from cusa.extract.readers import DATASETS, open_dataset
-from cusa.extract.readers.base import ShardRef
-from cusa.extract.readers.registry import check_dataset_name
-from cusa.extract.teachers.base import Teacher
-from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
-from cusa.extract.work import (
+from ..errors import ConfigError, StoreError
+from ..store import FeatureGroup, FeatureStore
+from ..store.layout import DTYPES
+from .progress import NullProgress, ProgressSink
+from .ray_runner import run_ray
+from .readers import DATASETS, open_dataset
+from .readers.base import ShardRef
+from .readers.registry import check_dataset_name
+from .teachers.base import Teacher
+from .teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from .work import (
     END,
     IMAGE,
     TEXT,
@@ -34,9 +36,7 @@ from cusa.extract.work import (
     load_teachers,
     prepare_shard,
 )
-from cusa.extract.writer import ShardStats, ShardWriter
-from cusa.store import FeatureGroup, FeatureStore
-from cusa.store.layout import DTYPES
+from .writer import ShardStats, ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cusa.errors import ConfigError, DatasetError
-from cusa.extract.readers.base import DatasetReader, Sample
-from cusa.extract.readers.wds import WebDatasetReader
-from cusa.extract.readers.wds_format import MANIFEST_FORMAT, MANIFEST_NAME, encode_key
-from cusa.sizes import parse_size
+from ..errors import ConfigError, DatasetError
+from ..sizes import parse_size
+from .readers.base import DatasetReader, Sample
+from .readers.wds import WebDatasetReader
+from .readers.wds_format import MANIFEST_FORMAT, MANIFEST_NAME, encode_key
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from cusa.errors import ConfigError, SampleError
-from cusa.extract.readers.base import ShardRef
-from cusa.extract.teachers import get_teacher
-from cusa.extract.teachers.base import Teacher
-from cusa.extract.teachers.image_preprocess import default_max_pixels
-from cusa.store.ledger import ledger_text
+from ..errors import ConfigError, SampleError
+from ..store.ledger import ledger_text
+from .readers.base import ShardRef
+from .teachers import get_teacher
+from .teachers.base import Teacher
+from .teachers.image_preprocess import default_max_pixels
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cusa.errors import StoreError
-from cusa.extract.work import END, IMAGE, TEXT
-from cusa.store import FeatureGroup
+from ..errors import StoreError
+from ..store import FeatureGroup
+from .work import END, IMAGE, TEXT
 
 log = logging.getLogger(__name__)
 

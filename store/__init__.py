@@ -6,10 +6,10 @@ Public API:
     FeatureLookup  memory-mapped gathers by sample id for training
 """
 
-from cusa.store.commits import WriteResult
-from cusa.store.feature_store import FeatureStore
-from cusa.store.group import FeatureGroup
-from cusa.store.layout import LAYOUT_VERSION
-from cusa.store.lookup import FeatureLookup
+from .commits import WriteResult
+from .feature_store import FeatureStore
+from .group import FeatureGroup
+from .layout import LAYOUT_VERSION
+from .lookup import FeatureLookup
 
 __all__ = ["LAYOUT_VERSION", "FeatureGroup", "FeatureLookup", "FeatureStore", "WriteResult"]

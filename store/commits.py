@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from cusa.errors import StoreError
-from cusa.store.fs import StoreFS
-from cusa.store.layout import MANIFEST, now, safe_name
-from cusa.store.ledger import manifest_table, parquet_bytes
+from ..errors import StoreError
+from .fs import StoreFS
+from .layout import MANIFEST, now, safe_name
+from .ledger import manifest_table, parquet_bytes
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cusa.errors import ConfigError, StoreError
-from cusa.store.group import FeatureGroup
-from cusa.store.layout import Segment
-from cusa.store.lookup import READ_BLOCK_ROWS, FeatureLookup
+from ..errors import ConfigError, StoreError
+from .group import FeatureGroup
+from .layout import Segment
+from .lookup import READ_BLOCK_ROWS, FeatureLookup
 
 log = logging.getLogger(__name__)
 

@@ -14,17 +14,17 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cusa.errors import (
+from ..errors import (
     ConfigError,
     NotAStoreError,
     StoreError,
     StoreSpecMismatchError,
     StoreVersionError,
 )
-from cusa.paths import default_store
-from cusa.store.fs import StoreFS
-from cusa.store.group import BrokenGroupError, FeatureGroup
-from cusa.store.layout import (
+from ..paths import default_store
+from .fs import StoreFS
+from .group import BrokenGroupError, FeatureGroup
+from .layout import (
     DTYPES,
     LAYOUT_VERSION,
     MARKER,
@@ -36,7 +36,7 @@ from cusa.store.layout import (
     parse_group_leaf,
     safe_name,
 )
-from cusa.store.spec import spec_fingerprint
+from .spec import spec_fingerprint
 
 log = logging.getLogger(__name__)
 

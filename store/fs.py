@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from cusa.errors import StoreError
+from ..errors import StoreError
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from cusa.errors import StoreError, StoreSpecMismatchError
-from cusa.store.commits import (
+from ..errors import StoreError, StoreSpecMismatchError
+from .commits import (
     WriteResult,
     check_rows,
     commit_rel,
@@ -26,9 +26,9 @@ from cusa.store.commits import (
     new_part_name,
     write_part,
 )
-from cusa.store.fs import StoreFS
-from cusa.store.layout import DTYPES, MANIFEST, SEALED, Segment, json_bytes, parse_group_leaf
-from cusa.store.ledger import (
+from .fs import StoreFS
+from .layout import DTYPES, MANIFEST, SEALED, Segment, json_bytes, parse_group_leaf
+from .ledger import (
     MANIFEST_SCHEMA,
     failed_count,
     ledger_text,
@@ -36,7 +36,7 @@ from cusa.store.ledger import (
     read_manifest,
     sealed_manifest,
 )
-from cusa.store.sealing import (
+from .sealing import (
     SEAL_ATTEMPTS,
     is_seal_record,
     new_seal_record,
@@ -44,7 +44,7 @@ from cusa.store.sealing import (
     sort_unique_ids,
     write_sorted_arrays,
 )
-from cusa.store.spec import format_spec_diff, spec_diff
+from .spec import format_spec_diff, spec_diff
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from cusa.errors import StoreError
-from cusa.store.feature_store import FeatureStore
-from cusa.store.group import FeatureGroup
-from cusa.store.layout import LAYOUT_VERSION, MARKER
+from ..errors import StoreError
+from .feature_store import FeatureStore
+from .group import FeatureGroup
+from .layout import LAYOUT_VERSION, MARKER
 
 log = logging.getLogger(__name__)
 

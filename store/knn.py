@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cusa.errors import ConfigError
-from cusa.store.group import FeatureGroup
-from cusa.store.lookup import READ_BLOCK_ROWS, FeatureLookup
+from ..errors import ConfigError
+from .group import FeatureGroup
+from .lookup import READ_BLOCK_ROWS, FeatureLookup
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from cusa.errors import ConfigError, SampleNotFoundError, StoreError, StoreSpecMismatchError
-from cusa.paths import segments_dir
-from cusa.store.feature_store import FeatureStore
-from cusa.store.group import FeatureGroup
-from cusa.store.layout import Segment
-from cusa.store.spec import format_spec_diff, spec_diff
+from ..errors import ConfigError, SampleNotFoundError, StoreError, StoreSpecMismatchError
+from ..paths import segments_dir
+from .feature_store import FeatureStore
+from .group import FeatureGroup
+from .layout import Segment
+from .spec import format_spec_diff, spec_diff
 
 log = logging.getLogger(__name__)
 

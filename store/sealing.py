@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from cusa.errors import ConfigError, StoreError
-from cusa.store.fs import StoreFS
-from cusa.store.layout import Segment, now
+from ..errors import ConfigError, StoreError
+from .fs import StoreFS
+from .layout import Segment, now
 
 # A sealed chunk holds at most this many bytes, so one chunk file stays mmap- and zarr-friendly.
 MAX_CHUNK_BYTES = 2**31 - 1

@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from cusa.errors import StoreError
-from cusa.store.feature_store import BrokenGroup, FeatureStore
-from cusa.store.group import FeatureGroup
-from cusa.store.layout import MANIFEST, SEALED, Segment, parse_group_leaf, safe_name
-from cusa.store.spec import FINGERPRINT_FIELDS, spec_fingerprint
+from ..errors import StoreError
+from .feature_store import BrokenGroup, FeatureStore
+from .group import FeatureGroup
+from .layout import MANIFEST, SEALED, Segment, parse_group_leaf, safe_name
+from .spec import FINGERPRINT_FIELDS, spec_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from importlib import resources
 from string import Template
 from typing import Any
 
-from cusa.viz.thumbnails import data_uri
+from .thumbnails import data_uri
 
 
 def _e(x: Any) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cusa.errors import ConfigError
-from cusa.viz.thumbnails import THUMB_SIDE
+from ..errors import ConfigError
+from .thumbnails import THUMB_SIDE
 
 
 @dataclass(frozen=True)

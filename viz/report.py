@@ -28,17 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from cusa import __version__ as version
-from cusa.errors import ConfigError, CusaError
-from cusa.extract.readers import DATASETS, open_dataset
-from cusa.store import FeatureGroup, FeatureStore
-from cusa.store.info import store_info
-from cusa.store.lookup import FeatureLookup
-from cusa.viz import plots
-from cusa.viz.html import _e, _note, _plot, render_page
-from cusa.viz.options import ReportOptions
-from cusa.viz.runs import RunLog, as_labelled, read_embeddings, read_eval, read_run
-from cusa.viz.sections import (
+from .. import __version__ as version
+from ..errors import ConfigError, CusaError
+from ..extract.readers import DATASETS, open_dataset
+from ..store import FeatureGroup, FeatureStore
+from ..store.info import store_info
+from ..store.lookup import FeatureLookup
+from . import plots
+from .html import _e, _note, _plot, render_page
+from .options import ReportOptions
+from .runs import RunLog, as_labelled, read_embeddings, read_eval, read_run
+from .sections import (
     StorePage,
     _image_of,
     _modality,
@@ -47,7 +47,7 @@ from cusa.viz.sections import (
     soft_labels,
     softmax_rows,
 )
-from cusa.viz.thumbnails import DatasetView
+from .thumbnails import DatasetView
 
 __all__ = ["ReportOptions", "build_report", "soft_labels", "softmax_rows"]
 

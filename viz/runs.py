@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from cusa.errors import ConfigError
 from cusa_train.stored_features import load_features
+
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from cusa.sizes import human_bytes
-from cusa.store.feature_store import FeatureGroup, FeatureStore
-from cusa.store.knn import build_index
-from cusa.store.lookup import FeatureLookup
-from cusa.viz import plots
-from cusa.viz.html import _e, _img, _note, _plot, _short
-from cusa.viz.options import ReportOptions
-from cusa.viz.thumbnails import DatasetView
+from ..sizes import human_bytes
+from ..store.feature_store import FeatureGroup, FeatureStore
+from ..store.knn import build_index
+from ..store.lookup import FeatureLookup
+from . import plots
+from .html import _e, _img, _note, _plot, _short
+from .options import ReportOptions
+from .thumbnails import DatasetView
 
 
 def _image_of(caption_id: str) -> str:

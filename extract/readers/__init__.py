@@ -11,8 +11,8 @@ folder, or webdataset tars) and read it shard by shard::
 
 from __future__ import annotations
 
-from cusa.extract.readers.albef import AlbefReader
-from cusa.extract.readers.base import (
+from .albef import AlbefReader
+from .base import (
     CAPTION_ID_SEP,
     DatasetReader,
     Sample,
@@ -20,10 +20,10 @@ from cusa.extract.readers.base import (
     caption_id,
     split_caption_id,
 )
-from cusa.extract.readers.folder import FolderReader
-from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE
-from cusa.extract.readers.karpathy import KARPATHY_SPLITS, KarpathyReader
-from cusa.extract.readers.registry import (
+from .folder import FolderReader
+from .indexed import DEFAULT_SHARD_SIZE
+from .karpathy import KARPATHY_SPLITS, KarpathyReader
+from .registry import (
     DATASETS,
     DatasetEntry,
     coco_sample_root,
@@ -31,8 +31,8 @@ from cusa.extract.readers.registry import (
     open_dataset,
     sniff_dataset,
 )
-from cusa.extract.readers.wds import WebDatasetReader
-from cusa.extract.readers.wds_format import decode_key, encode_key
+from .wds import WebDatasetReader
+from .wds_format import decode_key, encode_key
 
 __all__ = [
     "CAPTION_ID_SEP",

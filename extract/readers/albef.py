@@ -12,9 +12,9 @@ import logging
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from cusa.errors import DatasetError
-from cusa.extract.readers._common import file_kind, load_json_file, raw_caption, short_repr
-from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE, IndexedReader, IndexItem
+from ...errors import DatasetError
+from ._common import file_kind, load_json_file, raw_caption, short_repr
+from .indexed import DEFAULT_SHARD_SIZE, IndexedReader, IndexItem
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import logging
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
-from cusa.errors import DatasetError
-from cusa.extract.readers._common import (
+from ...errors import DatasetError
+from ._common import (
     IMAGE_EXTENSIONS,
     MAX_INDEX_BYTES,
     decode_caption,
@@ -29,7 +29,7 @@ from cusa.extract.readers._common import (
     raw_caption,
     read_regular_file,
 )
-from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE, IndexedReader, IndexItem
+from .indexed import DEFAULT_SHARD_SIZE, IndexedReader, IndexItem
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cusa.errors import DatasetError
-from cusa.extract.readers._common import (
+from ...errors import DatasetError
+from ._common import (
     MANIFEST_HASH_FORMAT,
     captions_digest,
     check_split,
@@ -24,7 +24,7 @@ from cusa.extract.readers._common import (
     layout_hash,
     read_dataset_file,
 )
-from cusa.extract.readers.base import Sample, ShardRef, caption_id
+from .base import Sample, ShardRef, caption_id
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cusa.errors import DatasetError
-from cusa.extract.readers._common import load_json_file, raw_caption
-from cusa.extract.readers.indexed import (
+from ...errors import DatasetError
+from ._common import load_json_file, raw_caption
+from .indexed import (
     DEFAULT_SHARD_SIZE,
     IndexedReader,
     IndexItem,

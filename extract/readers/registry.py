@@ -14,15 +14,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cusa.errors import DatasetError, UnknownNameError
-from cusa.extract.readers.albef import AlbefReader, albef_splits
-from cusa.extract.readers.base import DatasetReader
-from cusa.extract.readers.folder import FolderReader, find_captions_file
-from cusa.extract.readers.indexed import DEFAULT_SHARD_SIZE
-from cusa.extract.readers.karpathy import KarpathyReader
-from cusa.extract.readers.wds import WebDatasetReader, looks_like_webdataset
-from cusa.extract.readers.wds_format import MANIFEST_NAME
-from cusa.registry import Registry, load_entry_points
+from ...errors import DatasetError, UnknownNameError
+from ...registry import Registry, load_entry_points
+from .albef import AlbefReader, albef_splits
+from .base import DatasetReader
+from .folder import FolderReader, find_captions_file
+from .indexed import DEFAULT_SHARD_SIZE
+from .karpathy import KarpathyReader
+from .wds import WebDatasetReader, looks_like_webdataset
+from .wds_format import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 

@@ -50,8 +50,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cusa.errors import DatasetError
-from cusa.extract.readers._common import (
+from ...errors import DatasetError
+from ._common import (
     MANIFEST_HASH_FORMAT,
     MAX_INDEX_BYTES,
     check_split,
@@ -62,8 +62,8 @@ from cusa.extract.readers._common import (
     read_regular_file,
     short_repr,
 )
-from cusa.extract.readers.base import Sample, ShardRef
-from cusa.extract.readers.wds_format import (
+from .base import Sample, ShardRef
+from .wds_format import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     TAR_SUFFIXES,
@@ -75,7 +75,7 @@ from cusa.extract.readers.wds_format import (
     shard_key_for_url,
     split_member_name,
 )
-from cusa.extract.readers.wds_streams import (
+from .wds_streams import (
     PipeStream,
     TrackingStream,
     expand_urls,

@@ -30,9 +30,9 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
-from cusa.errors import DatasetError
-from cusa.extract.readers import _common
-from cusa.extract.readers._common import (
+from ...errors import DatasetError
+from . import _common
+from ._common import (
     IMAGE_EXTENSIONS,
     decode_caption,
     loads_json_member,
@@ -40,7 +40,7 @@ from cusa.extract.readers._common import (
     safe_key,
     short_repr,
 )
-from cusa.extract.readers.base import Sample, ShardRef, caption_id
+from .base import Sample, ShardRef, caption_id
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import braceexpand
 
-from cusa.extract.readers._common import file_kind
+from ._common import file_kind
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from cusa.extract.teachers import get_teacher, list_teachers, register_teacher
+    from . import get_teacher, list_teachers, register_teacher
 
     teacher = get_teacher("unicom-vit-b32", weights="FP16-ViT-B-32.pt")
     feats = teacher.encode([teacher.prepare(jpeg_bytes)])   # (1, 512) float32
@@ -16,11 +16,12 @@ transforms (``clip_transform``, ``imagenet_transform``), the official caption no
 
 from __future__ import annotations
 
-from cusa.extract.teachers.base import Teacher
-from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
-from cusa.extract.teachers.image_preprocess import clip_transform, imagenet_transform
-from cusa.extract.teachers.mobilenet import mobilenet_v2
-from cusa.extract.teachers.registry import (
+from ...store.spec import TeacherSpec
+from .base import Teacher
+from .defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from .image_preprocess import clip_transform, imagenet_transform
+from .mobilenet import mobilenet_v2
+from .registry import (
     ENTRY_POINT_GROUP,
     TEACHERS,
     TeacherEntry,
@@ -30,8 +31,8 @@ from cusa.extract.teachers.registry import (
     list_teachers,
     register_teacher,
 )
-from cusa.extract.teachers.text import MINILM_DISTRIBUTION, MINILM_MODULE, pre_caption
-from cusa.extract.teachers.weights import (
+from .text import MINILM_DISTRIBUTION, MINILM_MODULE, pre_caption
+from .weights import (
     Release,
     download_with_sha256,
     file_lock,
@@ -42,10 +43,9 @@ from cusa.extract.teachers.weights import (
     sha256_file,
     weights_file,
 )
-from cusa.store.spec import TeacherSpec
 
 # Registers the built-in teachers; the registry itself never imports it (no cycle).
-from cusa.extract.teachers import builtin as _builtin  # noqa: E402, F401  isort: skip
+from . import builtin as _builtin  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "DEFAULT_IMAGE_TEACHER",

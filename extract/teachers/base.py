@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from cusa.store.spec import Modality, TeacherSpec, library_versions
+from ...store.spec import Modality, TeacherSpec, library_versions
 
 if TYPE_CHECKING:
-    from cusa.extract.teachers.text import CaptionNormalization
+    from .text import CaptionNormalization
 
 
 @runtime_checkable

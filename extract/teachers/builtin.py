@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import functools
 
-from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
-from cusa.extract.teachers.registry import TeacherInfo, register_teacher
-from cusa.extract.teachers.unicom import (
+from .defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from .registry import TeacherInfo, register_teacher
+from .unicom import (
     UNICOM_CONFIGS,
     UNICOM_RELEASES,
     UnicomImageTeacher,
@@ -140,7 +140,7 @@ def _mpnet_factory(
     download: bool | None = None,
 ):
     """all-mpnet-base-v2 text teacher (the paper's)."""
-    from cusa.extract.teachers.text import MPNET_HUB_ID, resolve_mpnet
+    from .text import MPNET_HUB_ID, resolve_mpnet
 
     return _sentence_teacher(
         "all-mpnet-base-v2", MPNET_HUB_ID, resolve_mpnet(weights, download=download),
@@ -159,7 +159,7 @@ def _minilm_factory(
     dtype: str = "float16",
 ):
     """all-MiniLM-L6-v2 text teacher (offline, smaller)."""
-    from cusa.extract.teachers.text import MINILM_HUB_ID, resolve_minilm
+    from .text import MINILM_HUB_ID, resolve_minilm
 
     return _sentence_teacher(
         "all-MiniLM-L6-v2", MINILM_HUB_ID, resolve_minilm(weights),
@@ -171,7 +171,7 @@ def _sentence_teacher(
     name, hub_id, resolved, normalization, max_words, device, batch_size, dtype, prompt=None
 ):
     """The registered sentence-transformers teachers differ only in name, weights and prompt."""
-    from cusa.extract.teachers.text import SentenceTransformerTextTeacher
+    from .text import SentenceTransformerTextTeacher
 
     return SentenceTransformerTextTeacher(
         name=name,
@@ -187,31 +187,31 @@ def _sentence_teacher(
 
 
 def _mpnet_available() -> bool:
-    from cusa.extract.teachers.text import MPNET
+    from .text import MPNET
 
     return MPNET.available()
 
 
 def _minilm_available() -> bool:
-    from cusa.extract.teachers.text import MINILM_HUB_ID, _hf_cached_file, minilm_dir
+    from .text import MINILM_HUB_ID, _hf_cached_file, minilm_dir
 
     return minilm_dir() is not None or _hf_cached_file(MINILM_HUB_ID) is not None
 
 
 def _fetch_mpnet() -> str:
-    from cusa.extract.teachers.text import resolve_mpnet
+    from .text import resolve_mpnet
 
     return resolve_mpnet().source
 
 
 def _fetch_minilm() -> str:
-    from cusa.extract.teachers.text import resolve_minilm
+    from .text import resolve_minilm
 
     return resolve_minilm().source
 
 
 def _register_text() -> None:
-    from cusa.paths import models_dir
+    from ...paths import models_dir
 
     mpnet = "all-mpnet-base-v2"
     _register(
@@ -239,7 +239,7 @@ def _efficientnet_factory(
     *, weights: str | None = None, device: str | None = None, dtype: str = "float16"
 ):
     """EfficientNet-Lite0 ImageNet stand-in, pooled 1280-d."""
-    from cusa.extract.teachers.cnn import efficientnet_lite0_teacher
+    from .cnn import efficientnet_lite0_teacher
 
     return efficientnet_lite0_teacher(weights=weights, device=device, dtype=dtype)
 
@@ -248,26 +248,26 @@ def _mobilenet_factory(
     *, weights: str | None = None, device: str | None = None, dtype: str = "float16"
 ):
     """MobileNetV2 ImageNet stand-in, pooled 1280-d."""
-    from cusa.extract.teachers.cnn import mobilenetv2_teacher
+    from .cnn import mobilenetv2_teacher
 
     return mobilenetv2_teacher(weights=weights, device=device, dtype=dtype)
 
 
 def _efficientnet_available(variant: str = "lite0") -> bool:
-    from cusa.extract.teachers.cnn import efficientnet_available
+    from .cnn import efficientnet_available
 
     return efficientnet_available(variant)
 
 
 def _mobilenet_available() -> bool:
-    from cusa.extract.teachers.mobilenet import mobilenet_v2_weights_path
+    from .mobilenet import mobilenet_v2_weights_path
 
     return mobilenet_v2_weights_path().is_file()
 
 
 def _fetch_efficientnet(variant: str = "lite0") -> str:
-    from cusa.errors import WeightsError
-    from cusa.extract.teachers.cnn import efficientnet_available, efficientnet_weights_file
+    from ...errors import WeightsError
+    from .cnn import efficientnet_available, efficientnet_weights_file
 
     if not efficientnet_available(variant):
         raise WeightsError(
@@ -278,13 +278,13 @@ def _fetch_efficientnet(variant: str = "lite0") -> str:
 
 
 def _fetch_mobilenet() -> str:
-    from cusa.extract.teachers.mobilenet import fetch_mobilenet_v2_weights
+    from .mobilenet import fetch_mobilenet_v2_weights
 
     return str(fetch_mobilenet_v2_weights())
 
 
 def _register_cnn() -> None:
-    from cusa.paths import models_dir
+    from ...paths import models_dir
 
     stand_in = "ImageNet CNN stand-in (not the paper's teacher): pooled pre-classifier features, L2-normalised"
     _register(
@@ -309,7 +309,7 @@ def _efficientnet_lite2_factory(
     *, weights: str | None = None, device: str | None = None, dtype: str = "float16"
 ):
     """EfficientNet-Lite2 ImageNet stand-in (260 px), pooled 1280-d."""
-    from cusa.extract.teachers.cnn import efficientnet_lite2_teacher
+    from .cnn import efficientnet_lite2_teacher
 
     return efficientnet_lite2_teacher(weights=weights, device=device, dtype=dtype)
 
@@ -326,7 +326,7 @@ def _gemma_factory(
     prompt: str | None = None,
 ):
     """EmbeddingGemma-300M text teacher (768-d), with the model's own STS prompt by default."""
-    from cusa.extract.teachers.gemma import (
+    from .gemma import (
         GEMMA_HUB_ID,
         GEMMA_STS_PROMPT,
         resolve_embeddinggemma,
@@ -340,13 +340,13 @@ def _gemma_factory(
 
 
 def _gemma_available() -> bool:
-    from cusa.extract.teachers.gemma import gemma_available
+    from .gemma import gemma_available
 
     return gemma_available()
 
 
 def _fetch_gemma() -> str:
-    from cusa.extract.teachers.gemma import resolve_embeddinggemma
+    from .gemma import resolve_embeddinggemma
 
     return resolve_embeddinggemma().source
 
@@ -361,7 +361,7 @@ def _wordllama_factory(
 ):
     """WordLlama l2_supercat static-embedding text teacher (256-d); numpy on the CPU, so
     ``device`` (passed by the extraction runner to every teacher) is accepted and ignored."""
-    from cusa.extract.teachers.static_text import WordLlamaTextTeacher
+    from .static_text import WordLlamaTextTeacher
 
     return WordLlamaTextTeacher(
         normalization=normalization, max_words=max_words, batch_size=batch_size, dtype=dtype
@@ -369,14 +369,14 @@ def _wordllama_factory(
 
 
 def _wordllama_available() -> bool:
-    from cusa.extract.teachers.static_text import wordllama_available
+    from .static_text import wordllama_available
 
     return wordllama_available()
 
 
 def _fetch_wordllama() -> str:
-    from cusa.errors import WeightsError
-    from cusa.extract.teachers.static_text import WORDLLAMA_WEIGHTS, wordllama_package_dir
+    from ...errors import WeightsError
+    from .static_text import WORDLLAMA_WEIGHTS, wordllama_package_dir
 
     folder = wordllama_package_dir()
     if folder is None or not (folder / WORDLLAMA_WEIGHTS).is_file():
@@ -385,7 +385,7 @@ def _fetch_wordllama() -> str:
 
 
 def _register_extra() -> None:
-    from cusa.paths import models_dir
+    from ...paths import models_dir
 
     _register(
         "efficientnet-lite2", _efficientnet_lite2_factory,

@@ -18,16 +18,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cusa.errors import WeightsError
-from cusa.extract.teachers.base import ImageTeacherBase
-from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, imagenet_transform
-from cusa.extract.teachers.mobilenet import (
+from ...errors import WeightsError
+from ...store.spec import TeacherSpec, library_versions
+from .base import ImageTeacherBase
+from .image_preprocess import ImagePreparer, ImageTransform, imagenet_transform
+from .mobilenet import (
     MOBILENET_V2_FEATURE_DIM,
     fetch_mobilenet_v2_weights,
     mobilenet_v2,
 )
-from cusa.extract.teachers.weights import load_state_dict, sha256_file
-from cusa.store.spec import TeacherSpec, library_versions
+from .weights import load_state_dict, sha256_file
 
 log = logging.getLogger(__name__)
 

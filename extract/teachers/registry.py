@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cusa.errors import ConfigError
-from cusa.extract.teachers.base import Teacher
-from cusa.registry import Registry, load_entry_points
-from cusa.store.spec import Modality
+from ...errors import ConfigError
+from ...registry import Registry, load_entry_points
+from ...store.spec import Modality
+from .base import Teacher
 
 ENTRY_POINT_GROUP = "cusa.teachers"
 

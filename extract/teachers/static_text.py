@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cusa.errors import WeightsError
-from cusa.extract.teachers.base import TextTeacherBase, l2_normalize
-from cusa.extract.teachers.text import CaptionNormalization
-from cusa.extract.teachers.weights import installed_package_dir, sha256_file
+from ...errors import WeightsError
+from .base import TextTeacherBase, l2_normalize
+from .text import CaptionNormalization
+from .weights import installed_package_dir, sha256_file
 
 WORDLLAMA_CONFIG = "l2_supercat"
 WORDLLAMA_DIM = 256

