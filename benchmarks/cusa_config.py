@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass, field, replace
 
 from cusa.errors import ConfigError
-from cusa_train.loss_config import LossConfig
+from cusa_train.config.loss import LossConfig
 
 #: variant -> (CSA on, USA on); InfoNCE is always on.
 VARIANTS: dict[str, tuple[bool, bool]] = {

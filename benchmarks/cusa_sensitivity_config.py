@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from benchmarks.cusa_config import VARIANTS, ExperimentConfig, loss_config
 from cusa.errors import ConfigError
-from cusa_train.loss_config import LossConfig, TemperaturePairConfig
+from cusa_train.config.loss import LossConfig, TemperaturePairConfig
 
 _OFFICIAL_LOSS = LossConfig()
 #: The official cusa.yaml values every factor is varied around.

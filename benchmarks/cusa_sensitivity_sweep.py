@@ -35,8 +35,8 @@ from benchmarks.cusa_training import (
     train_variant,
 )
 from cusa.errors import StoreError
-from cusa_train.config_parsing import to_dict
-from cusa_train.loss_config import LossConfig
+from cusa_train.config.loss import LossConfig
+from cusa_train.config.parsing import to_dict
 
 log = logging.getLogger("benchmarks.cusa_sensitivity_sweep")
 

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from benchmarks.cusa_config import ExperimentConfig, Schedule, loss_config
 from benchmarks.cusa_features import SplitFeatures, epoch_batches
 from cusa.errors import ConfigError
+from cusa_train.config.loss import LossConfig
 from cusa_train.data import TeacherFeatures
-from cusa_train.evaluate import evaluate_features
-from cusa_train.loss_config import LossConfig
-from cusa_train.metrics import label_retrieval_metrics
+from cusa_train.evaluation.evaluate import evaluate_features
+from cusa_train.evaluation.metrics import label_retrieval_metrics
 from cusa_train.optim import cosine_schedule, param_groups
 from cusa_train.trainer import train_step
 from cusa_train.wrapper import CusaModel

@@ -7,7 +7,7 @@ The experiment, end to end, from an empty feature store:
    cannot be downloaded here; text: ``all-mpnet-base-v2``, the paper's) and the student's frozen
    towers (``mobilenetv2`` pooled 1280-d, ``all-MiniLM-L6-v2`` mean-pooled 384-d). The towers are
    registered as "teachers" too, so their pooled features land in the same store; they are the
-   towers of ``cusa_train.student``'s ``mobilenetv2-minilm`` student up to L2 normalisation.
+   towers of ``cusa_train.students.registry``'s ``mobilenetv2-minilm`` student up to L2 normalisation.
 2. **Train** CUSA's heads on the stored features with the towers frozen (full fine-tuning does
    not fit 30 minutes on 2 CPU cores): a small trainable MLP adapter per tower stands in for the
    trainable top of the backbone, and :class:`cusa_train.wrapper.CusaModel` adds the official heads
@@ -19,7 +19,7 @@ The experiment, end to end, from an empty feature store:
 3. **Schedule** (learning rate, epochs): picked once on a held-out part of the *train* split with
    InfoNCE only, then frozen for every variant; ``--no-tune`` uses the fixed defaults instead.
    The eval split is never looked at before the final evaluation.
-4. **Evaluate** on the eval split with :func:`cusa_train.evaluate.evaluate_features`: i2t/t2i
+4. **Evaluate** on the eval split with :func:`cusa_train.evaluation.evaluate.evaluate_features`: i2t/t2i
    R@1/5/10 and RSUM, text->text R@1 and mAP@R (positives: the other captions of the same image).
 
 Run::
@@ -68,7 +68,7 @@ from benchmarks.cusa_config import (
 from benchmarks.cusa_features import extract_features, load_split, soft_label_stats
 from benchmarks.cusa_training import choose_schedule, evaluate_model, reference_t2t, train_variant
 from benchmarks.cusa_vs_infonce_report import format_table, plot_rsum
-from cusa_train.config_parsing import to_dict
+from cusa_train.config.parsing import to_dict
 
 log = logging.getLogger("benchmarks.cusa_vs_infonce")
 

@@ -40,9 +40,9 @@ import torch
 
 from cusa.extract.readers.registry import open_dataset
 from cusa.extract.runner import ExtractConfig, extract
+from cusa_train.config.loss import LossConfig
 from cusa_train.data import TeacherFeatures
-from cusa_train.loss_config import LossConfig
-from cusa_train.student import build_student
+from cusa_train.students.registry import build_student
 from cusa_train.wrapper import CusaModel
 
 RESULTS = Path(__file__).resolve().parent / "results"

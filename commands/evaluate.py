@@ -125,7 +125,7 @@ def eval_cmd(
 ) -> None:
     """Score a checkpoint or stored features: image-text retrieval (R@K, RSUM, r_mean, ECCV
     Caption on COCO 5K, uni-modal), the paper's image retrieval benchmarks, or SentEval STS."""
-    from cusa_train.evaluate import EvalConfig, run_evaluation
+    from cusa_train.evaluation.evaluate import EvalConfig, run_evaluation
 
     try:
         cutoffs = tuple(int(k) for k in ks.split(",") if k.strip())

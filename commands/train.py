@@ -52,7 +52,7 @@ def train_cmd(
 ) -> None:
     """Train a student with CUSA soft labels read from the feature store (DDP: run under torchrun)."""
     from cusa_train.config import TrainConfig
-    from cusa_train.config_parsing import apply_overrides, load_mapping
+    from cusa_train.config.parsing import apply_overrides, load_mapping
     from cusa_train.trainer import train
 
     extra = list(overrides)

@@ -23,7 +23,7 @@ from cusa.errors import ConfigError
 from cusa.registry import Registry
 
 if TYPE_CHECKING:
-    from cusa_train.loss_config import LossConfig
+    from cusa_train.config.loss import LossConfig
 
 ItrMode = Literal["mean", "sum"]
 CombineMode = Literal["each", "add", "dot"]
@@ -430,7 +430,7 @@ class CusaLoss(nn.Module):
 
     @classmethod
     def from_config(cls, config: LossConfig) -> CusaLoss:
-        """Build from a validated :class:`cusa_train.loss_config.LossConfig`."""
+        """Build from a validated :class:`cusa_train.config.loss.LossConfig`."""
         return cls(
             itr_weight=config.itr.weight if config.itr.enabled else 0.0,
             csa_weight=config.csa.weight if config.csa.enabled else 0.0,

@@ -59,11 +59,11 @@ from cusa_train.data import (
 )
 from cusa_train.distributed import rank as dist_rank
 from cusa_train.distributed import world_size as dist_world_size
-from cusa_train.eval_data import caption_transform as caption_transform_of
+from cusa_train.evaluation.data import caption_transform as caption_transform_of
+from cusa_train.evaluation.validation import evaluate_split
 from cusa_train.losses import LOSS_KEYS
 from cusa_train.optim import cosine_schedule, epoch_cosine_lr, param_groups
-from cusa_train.student import STUDENTS
-from cusa_train.validation import evaluate_split
+from cusa_train.students.registry import STUDENTS
 from cusa_train.wrapper import CusaModel, load_init_weights
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def train(
     Args:
         config: the run configuration.
         student: a ready student (with ``preprocess_image``); default builds
-            ``config.model.student`` from :mod:`cusa_train.student`.
+            ``config.model.student`` from :mod:`cusa_train.students.registry`.
         reader: a dataset reader; default ``open_dataset(config.data.dataset, root=..., split=...)``.
         teachers: stored teacher features; default opened from ``config.data.store``.
         dataset: ready training pairs instead of a reader: a map-style dataset whose items are

@@ -22,13 +22,13 @@ from torch import Tensor, nn
 
 from cusa.errors import ConfigError
 from cusa_train.checkpoints import read_torch_file
+from cusa_train.config.loss import LossConfig, TemperatureConfig, TemperaturePairConfig
 from cusa_train.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
     ids_to_codes,
     is_distributed,
 )
-from cusa_train.loss_config import LossConfig, TemperatureConfig, TemperaturePairConfig
 from cusa_train.losses import CusaLoss, CusaTemperatures
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class CusaModel(nn.Module):
         if not isinstance(student, DualEncoder):
             raise ConfigError(
                 f"student {type(student).__name__!r} has no encode_image/encode_text; "
-                "wrap it in an adapter (see cusa_train.adapters) or add those two methods"
+                "wrap it in an adapter (see cusa_train.students.adapters) or add those two methods"
             )
         self.loss_config = loss or LossConfig()
         image_dim = image_dim or _student_dim(student, "image")

@@ -92,7 +92,7 @@ def build_report(
         split: the split to show; default: the store's only split for the dataset, else ``train``.
         run: a run directory (with ``metrics.jsonl``) or JSONL file; several as a list or
             ``{label: path}`` to overlay them (``"LABEL=PATH"`` strings also carry a label).
-        eval_json: eval report(s) as written by ``cusa_train.evaluate``; several become columns.
+        eval_json: eval report(s) as written by ``cusa_train.evaluation.evaluate``; several become columns.
         batch_size: images in the soft-label batch.
         seed: seeds every random choice.
         dataset_root: ``--root`` for registered datasets that need one.

@@ -6,9 +6,9 @@ Inputs:
       values. Loss terms are ``loss``, ``itr``, ``csa``, ``usa`` (optionally prefixed, e.g.
       ``train/csa``); temperatures are keys starting with ``tau`` or ``temp`` (``tau/csa``).
     - an eval JSON: ``{"metrics": {...}, "counts": {...}, "info": {...}}`` as written by
-      :meth:`cusa_train.evaluate.EvalReport.to_json`, or a flat ``{name: number}`` mapping.
+      :meth:`cusa_train.evaluation.evaluate.EvalReport.to_json`, or a flat ``{name: number}`` mapping.
     - student features for the 2-D embedding plot: ``.npz`` (``features`` + ``ids``), ``.npy`` with
-      a sibling ``<name>.ids.txt``, or ``.parquet`` (see :func:`cusa_train.evaluate.load_features`).
+      a sibling ``<name>.ids.txt``, or ``.parquet`` (see :func:`cusa_train.evaluation.evaluate.load_features`).
       Ids of captions are ``<image_id>#<k>``; every other id is an image.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cusa_train.stored_features import load_features
+from cusa_train.evaluation.stored_features import load_features
 
 from ..errors import ConfigError
 

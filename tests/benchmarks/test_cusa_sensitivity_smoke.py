@@ -41,7 +41,7 @@ from benchmarks.cusa_sensitivity_report import (  # noqa: E402
 )
 from benchmarks.cusa_sensitivity_sweep import Sweep, summarize  # noqa: E402
 from cusa.errors import ConfigError  # noqa: E402
-from cusa_train.loss_config import LossConfig  # noqa: E402
+from cusa_train.config.loss import LossConfig  # noqa: E402
 
 BASE = ExperimentConfig(
     train="coco-sample",

@@ -28,7 +28,7 @@ from benchmarks.cusa_training import build_model  # noqa: E402
 from benchmarks.cusa_vs_infonce import run_experiment  # noqa: E402
 from benchmarks.cusa_vs_infonce_report import plot_rsum  # noqa: E402
 from cusa.errors import ConfigError  # noqa: E402
-from cusa_train.loss_config import LossConfig  # noqa: E402
+from cusa_train.config.loss import LossConfig  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -187,7 +187,7 @@ def _pairs(seed: int, n: int) -> list[tuple[str, str, float]]:
 def write_senteval(root: Path) -> dict[str, dict[str, list[tuple[str, str, float]]]]:
     """SentEval's ``data/downstream`` layout for the seven STS tasks; returns the scored pairs
     a loader must read (unscored pairs are written but dropped, as SentEval does)."""
-    from cusa_train.sts_benchmarks import SENTEVAL_STS_TASKS
+    from cusa_train.evaluation.sts_benchmarks import SENTEVAL_STS_TASKS
 
     down = root / "downstream"
     expected: dict[str, dict[str, list[tuple[str, str, float]]]] = {}

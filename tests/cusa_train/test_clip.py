@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import cusa_train.clip_weights as clip_module
+import cusa_train.students.clip_weights as clip_module
 from cusa.errors import ConfigError, WeightsError
 from cusa.extract.teachers.image_preprocess import clip_transform
 from cusa.extract.teachers.weights import sha256_file
-from cusa_train.clip import CLIP_CONFIGS, ClipStudent
-from cusa_train.clip_tokenizer import EOT_ID, SOT_ID, ClipTokenizer, default_tokenizer
-from cusa_train.clip_weights import (
+from cusa_train.students.clip import CLIP_CONFIGS, ClipStudent
+from cusa_train.students.clip_tokenizer import EOT_ID, SOT_ID, ClipTokenizer, default_tokenizer
+from cusa_train.students.clip_weights import (
     CLIP_RELEASES,
     build_model_from_openai_state_dict,
     clip_config_from_state_dict,
@@ -22,7 +22,7 @@ from cusa_train.clip_weights import (
     load_openai_checkpoint,
     resolve_clip_weights,
 )
-from cusa_train.student import CLIP_STUDENTS, build_student, list_students
+from cusa_train.students.registry import CLIP_STUDENTS, build_student, list_students
 from cusa_train.wrapper import CusaModel, convert_official_state_dict
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -233,7 +233,7 @@ def test_tokenizer_reproduces_the_official_ids():
 
 
 def test_tokenizer_details():
-    from cusa_train.clip_tokenizer import BPE_VOCAB_SHA256, bpe_vocab_path
+    from cusa_train.students.clip_tokenizer import BPE_VOCAB_SHA256, bpe_vocab_path
 
     assert sha256_file(str(bpe_vocab_path())) == BPE_VOCAB_SHA256  # the openai/CLIP file
     tok = default_tokenizer()
@@ -316,7 +316,7 @@ def test_hf_clip_student_from_a_local_folder(tmp_path, coco_example):
     import gzip
 
     transformers = pytest.importorskip("transformers")
-    from cusa_train.clip_tokenizer import bpe_vocab_path
+    from cusa_train.students.clip_tokenizer import bpe_vocab_path
 
     tok = default_tokenizer()
     (tmp_path / "vocab.json").write_text(json.dumps(tok.encoder))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cusa.cli import app
 from cusa.extract.readers import coco_sample_root
-from cusa_train.clip import ClipConfig, ClipStudent
+from cusa_train.students.clip import ClipConfig, ClipStudent
 
 SMALL_CLIP = ClipConfig(
     embed_dim=32,

@@ -6,8 +6,8 @@ import pytest
 
 from cusa.errors import ConfigError
 from cusa_train.config import TrainConfig
-from cusa_train.config_parsing import apply_overrides, load_mapping
-from cusa_train.loss_config import LossConfig, TemperatureConfig, TemperaturePairConfig
+from cusa_train.config.loss import LossConfig, TemperatureConfig, TemperaturePairConfig
+from cusa_train.config.parsing import apply_overrides, load_mapping
 
 YAML = """
 model:

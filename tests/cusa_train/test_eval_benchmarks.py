@@ -22,13 +22,13 @@ from benchmark_layouts import (
 )
 
 from cusa.errors import ConfigError, DatasetError, UnknownNameError
-from cusa_train.image_benchmarks import (
+from cusa_train.evaluation.image_benchmarks import (
     get_image_benchmark,
     list_image_benchmarks,
     parse_benchmark_names,
 )
-from cusa_train.metrics import nearest_neighbour_rank1
-from cusa_train.sts_benchmarks import (
+from cusa_train.evaluation.metrics import nearest_neighbour_rank1
+from cusa_train.evaluation.sts_benchmarks import (
     SENTEVAL_STS_TASKS,
     load_sts_task,
     official_average,
@@ -291,7 +291,7 @@ def test_sts_errors_name_the_file(tmp_path):
 def _karpathy_coco_test(tmp_path, extra_caption: bool = True):
     """A Karpathy dataset_coco.json whose test split is the real COCO 5K ids (from the
     eccv-caption package); captions are placeholders, images are not needed to detect it."""
-    from cusa_train.eccv import _eccv_json
+    from cusa_train.evaluation.eccv import _eccv_json
 
     i2t = _eccv_json("original_image_to_caption.json")
     images = []
@@ -312,7 +312,7 @@ def test_eccv_is_detected_on_the_coco_5k_test_split_only(tmp_path):
     pytest.importorskip(
         "eccv_caption", reason="eccv-caption not installed (pip install eccv-caption)"
     )
-    from cusa_train.evaluate import detect_eccv, evaluate_features, load_caption_json
+    from cusa_train.evaluation.evaluate import detect_eccv, evaluate_features, load_caption_json
 
     data = load_caption_json(_karpathy_coco_test(tmp_path), split="test")
     assert data.benchmark == "COCO 5K test (Karpathy)"
@@ -345,7 +345,7 @@ def test_eccv_is_detected_on_the_coco_5k_test_split_only(tmp_path):
 
 
 def test_karpathy_files_and_albef_list_captions(tmp_path):
-    from cusa_train.evaluate import load_caption_json
+    from cusa_train.evaluation.evaluate import load_caption_json
 
     path = tmp_path / "dataset_flickr30k.json"
     path.write_text(json.dumps({"images": [

@@ -23,14 +23,14 @@ from cusa.cli import app
 from cusa.errors import ConfigError, DatasetError
 from cusa.extract.readers import coco_sample_root
 from cusa_train.config import TrainConfig
-from cusa_train.evaluate import (
+from cusa_train.config.loss import LossConfig
+from cusa_train.evaluation.evaluate import (
     HeadEncoder,
     evaluate_image_benchmarks,
     evaluate_model,
     evaluate_sts_benchmarks,
     load_checkpoint_model,
 )
-from cusa_train.loss_config import LossConfig
 from cusa_train.wrapper import CusaModel
 
 NO_USA = {"usa": {"enabled": False}}
@@ -112,7 +112,7 @@ def test_a_model_without_usa_heads_reports_the_cross_modal_column_and_says_so(im
 def test_sts_benchmarks_through_both_heads_equal_brute_force(senteval_root):
     from scipy.stats import spearmanr
 
-    from cusa_train.sts_benchmarks import SENTEVAL_STS_TASKS, load_sts_task
+    from cusa_train.evaluation.sts_benchmarks import SENTEVAL_STS_TASKS, load_sts_task
 
     model = tiny_model()
     report = evaluate_sts_benchmarks(model, senteval_root, batch_size=7)
@@ -155,8 +155,8 @@ def test_evaluate_model_reports_usa_and_cross_columns_and_no_eccv_off_coco_5k(tm
     assert report.info["captions"] == "pre_caption"
     # The USA column is the USA head: recompute text->text R@1 from it by hand.
     from cusa.extract.teachers.text import pre_caption
-    from cusa_train.evaluate import load_caption_json
-    from cusa_train.metrics import label_retrieval_metrics
+    from cusa_train.evaluation.evaluate import load_caption_json
+    from cusa_train.evaluation.metrics import label_retrieval_metrics
 
     d = load_caption_json(data)
     with torch.no_grad():
@@ -180,9 +180,9 @@ def test_evaluate_model_restores_training_mode_and_uses_the_model_device():
 
 
 def test_the_trainer_and_cusa_eval_score_a_reader_alike():
-    """Per-epoch evaluation (cusa_train.validation) and evaluate_model share one encoding path."""
+    """Per-epoch evaluation (cusa_train.evaluation.validation) and evaluate_model share one encoding path."""
     from cusa.extract.readers import open_dataset
-    from cusa_train.validation import evaluate_split
+    from cusa_train.evaluation.validation import evaluate_split
 
     model = tiny_model()
     reader = open_dataset("coco-sample", split="val")
@@ -199,7 +199,7 @@ def test_the_trainer_and_cusa_eval_score_a_reader_alike():
 @pytest.fixture
 def checkpoint(tmp_path, monkeypatch) -> Path:
     """A `cusa train`-format checkpoint of a tiny model with a registered tiny student."""
-    from cusa_train.student import STUDENTS
+    from cusa_train.students.registry import STUDENTS
 
     monkeypatch.setitem(STUDENTS._entries, "tiny-eval-test", TinyDualEncoder)
     config = TrainConfig.from_dict({"model": {"student": "tiny-eval-test", "embed_dim": 20}})
@@ -317,7 +317,7 @@ def test_cli_evaluates_every_kind_of_dataset_extract_reads(checkpoint, tmp_path)
 
 
 def test_checkpoint_captions_default_to_how_the_student_was_trained(tmp_path):
-    from cusa_train.evaluate import evaluate_checkpoint
+    from cusa_train.evaluation.evaluate import evaluate_checkpoint
 
     config = TrainConfig.from_dict(
         {"model": {"embed_dim": 20}, "data": {"captions": "pre_caption"}}
@@ -343,7 +343,7 @@ def test_cli_benchmarks_need_a_checkpoint(tmp_path):
 def test_mteb_encoder_takes_mteb_batches_and_plain_lists():
     from torch.utils.data import DataLoader
 
-    from cusa_train.mteb_encoder import CusaMtebEncoder
+    from cusa_train.evaluation.mteb_encoder import CusaMtebEncoder
 
     model = tiny_model()
     sentences = ["A dog runs on the grass.", "Two men ride horses.", "A plate of food.",
@@ -372,7 +372,7 @@ def test_mteb_encoder_takes_mteb_batches_and_plain_lists():
 
 
 def test_mteb_encoder_from_checkpoint(checkpoint):
-    from cusa_train.mteb_encoder import CusaMtebEncoder
+    from cusa_train.evaluation.mteb_encoder import CusaMtebEncoder
 
     enc = CusaMtebEncoder.from_checkpoint(checkpoint, head="cross")
     assert enc.name == "cusa/ckpt-cross" and len(enc.revision) == 12

@@ -9,7 +9,7 @@ import pytest
 from sts_data import STS_PAIRS, write_sts
 
 from cusa.errors import ConfigError, DatasetError
-from cusa_train.evaluate import (
+from cusa_train.evaluation.evaluate import (
     CaptionGroundTruth,
     EvalReport,
     evaluate_features,
@@ -19,7 +19,7 @@ from cusa_train.evaluate import (
     load_caption_json,
     load_features,
 )
-from cusa_train.metrics import (
+from cusa_train.evaluation.metrics import (
     cross_modal_recall,
     label_retrieval_metrics,
     load_sts_pairs,
@@ -207,7 +207,7 @@ def test_eccv_ground_truth_on_coco_5k_ids_matches_the_package():
     )
     from importlib.resources import files
 
-    from cusa_train.evaluate import eccv_ground_truth
+    from cusa_train.evaluation.evaluate import eccv_ground_truth
 
     coco_i2t = json.loads(
         (files("eccv_caption") / "data" / "original_image_to_caption.json").read_text()
@@ -469,7 +469,7 @@ def test_cli_eval_on_stored_features(tmp_path):
 def test_checkpoint_errors(tmp_path):
     import torch
 
-    from cusa_train.evaluate import load_checkpoint_model
+    from cusa_train.evaluation.evaluate import load_checkpoint_model
 
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ConfigError, match="cannot read checkpoint"):
@@ -484,7 +484,7 @@ def test_feature_file_needing_pickle_is_refused_with_a_clear_message(tmp_path):
     import pytest
 
     from cusa.errors import DatasetError
-    from cusa_train.evaluate import load_features
+    from cusa_train.evaluation.evaluate import load_features
 
     path = tmp_path / "objects.npy"
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cusa.errors import ConfigError
-from cusa_train.loss_config import LossConfig
+from cusa_train.config.loss import LossConfig
 from cusa_train.losses import (
     LOSS_KEYS,
     CrossModalSoftLabelLoss,

@@ -32,7 +32,7 @@ from cusa.store import FeatureStore
 from cusa.store.spec import TeacherSpec
 from cusa_train.checkpoints import CHECKPOINT_NAME, METRICS_NAME
 from cusa_train.config import TrainConfig
-from cusa_train.config_parsing import apply_overrides, load_mapping
+from cusa_train.config.parsing import apply_overrides, load_mapping
 from cusa_train.trainer import EpochSampler, train
 from cusa_train.wrapper import convert_official_state_dict
 
@@ -273,7 +273,7 @@ def _our_to_official_names(official_sd: dict, model: torch.nn.Module) -> dict[st
 def test_golden_features_are_what_our_student_computes(golden):
     """The tiny CLIP, rebuilt from the fixture through our OpenAI-format loader, computes the
     official backbone features of step 0's batch."""
-    from cusa_train.clip_weights import build_model_from_openai_state_dict
+    from cusa_train.students.clip_weights import build_model_from_openai_state_dict
 
     sd = golden["cases"]["cusa"]["initial_state_dict"]
     model = build_model_from_openai_state_dict(

@@ -5,7 +5,7 @@ open_clip needs torchvision, which does not import beside this project's default
 and run where ``torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0`` are installed
 (the pair of torch and torchvision versions that import together). They show that:
 
-- open_clip's ``build_model_from_openai_state_dict`` and our native ``cusa_train.clip`` compute
+- open_clip's ``build_model_from_openai_state_dict`` and our native ``cusa_train.students.clip`` compute
   the same features from the same OpenAI-format weights (the fixture's tiny CLIP), and that
   those are the official run's features;
 - a ``CusaModel`` around ``OpenClipStudent`` trains the official six steps with the official
@@ -33,8 +33,8 @@ from test_official_parity import (  # noqa: E402
     _fill_store,
 )
 
-from cusa_train.adapters import OpenClipStudent  # noqa: E402
-from cusa_train.clip_weights import build_model_from_openai_state_dict  # noqa: E402
+from cusa_train.students.adapters import OpenClipStudent  # noqa: E402
+from cusa_train.students.clip_weights import build_model_from_openai_state_dict  # noqa: E402
 
 
 @pytest.fixture(scope="module")

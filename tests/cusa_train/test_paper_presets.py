@@ -18,7 +18,7 @@ import torch
 
 from cusa.errors import ConfigError
 from cusa_train.config import TrainConfig
-from cusa_train.loss_config import LossConfig
+from cusa_train.config.loss import LossConfig
 from cusa_train.optim import epoch_cosine_lr
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,7 +153,7 @@ def test_official_yaml_file_is_read(golden, tmp_path):
 
 
 def test_all_gather_modes_and_float_overrides():
-    from cusa_train.config_parsing import apply_overrides
+    from cusa_train.config.parsing import apply_overrides
 
     cfg = TrainConfig.from_dict(apply_overrides({}, ["optim.lr=3e-4", "run.all_gather=official"]))
     assert cfg.optim.lr == 3e-4 and cfg.run.all_gather == "official"

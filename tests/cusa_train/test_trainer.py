@@ -168,7 +168,7 @@ def test_cli_train_with_the_builtin_student(sample_store, tmp_path):
     assert "trained 2 steps" in result.output
     records = read_metrics(tmp_path / "run")
     assert len(records) == 2 and records[-1]["csa"] > 0
-    from cusa_train.evaluate import load_checkpoint_model
+    from cusa_train.evaluation.evaluate import load_checkpoint_model
 
     model = load_checkpoint_model(tmp_path / "run" / CHECKPOINT_NAME)
     assert model.encode_text(["a horse"]).shape == (1, 64)

@@ -6,7 +6,7 @@ from tiny_student import TinyDualEncoder
 from torch import nn
 
 from cusa.errors import ConfigError
-from cusa_train.loss_config import LossConfig
+from cusa_train.config.loss import LossConfig
 from cusa_train.losses import LOSS_KEYS
 from cusa_train.wrapper import CusaModel, ProjectionHead, convert_official_state_dict
 
@@ -163,7 +163,7 @@ def _tiny_hf_clip():
 def test_hf_clip_adapter_trains_with_cusa_on_real_images():
     """A randomly initialised tiny transformers CLIPModel (no torchvision needed) as the student."""
     from cusa.extract.readers.registry import open_dataset
-    from cusa_train.adapters import HFClipStudent
+    from cusa_train.students.adapters import HFClipStudent
 
     student = HFClipStudent(_tiny_hf_clip())
     assert (student.image_dim, student.text_dim, student.image_size) == (24, 24, 32)
@@ -191,7 +191,7 @@ def test_open_clip_adapter_says_what_to_install():
     try:
         import open_clip  # noqa: F401
     except (ImportError, RuntimeError):
-        from cusa_train.adapters import OpenClipStudent
+        from cusa_train.students.adapters import OpenClipStudent
 
         with pytest.raises(ConfigError, match="pip install open_clip_torch torchvision"):
             OpenClipStudent.from_pretrained("ViT-B-32")

@@ -306,7 +306,7 @@ def _write_run(path: Path, usa: bool, steps: int = 40) -> Path:
 
 
 def test_training_section(coco_store, tmp_path):
-    from cusa_train.evaluate import EvalReport
+    from cusa_train.evaluation.evaluate import EvalReport
 
     runs = {
         "with USA": _write_run(tmp_path / "usa", True),
@@ -452,7 +452,7 @@ def test_real_training_runs(coco_store, tmp_path):
 
     from cusa.extract.readers import coco_sample_root
     from cusa_train.config import TrainConfig
-    from cusa_train.evaluate import encode_dataset, evaluate_model, load_caption_json
+    from cusa_train.evaluation.evaluate import encode_dataset, evaluate_model, load_caption_json
     from cusa_train.trainer import train
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cusa_train"))

@@ -4,7 +4,7 @@
 Hugging Face hub is reachable, since MTEB downloads its datasets from there::
 
     import mteb
-    from cusa_train.mteb_encoder import CusaMtebEncoder
+    from cusa_train.evaluation.mteb_encoder import CusaMtebEncoder
 
     encoder = CusaMtebEncoder.from_checkpoint("runs/x/checkpoint-best.pt", head="usa")
     tasks = mteb.get_tasks(tasks=["STS12", "STS13", "STS14", "STS15", "STS16",
@@ -29,7 +29,7 @@ import torch
 
 from cusa.errors import ConfigError
 from cusa.extract.teachers import sha256_file
-from cusa_train.evaluate import load_checkpoint_model
+from cusa_train.evaluation.evaluate import load_checkpoint_model
 
 HEADS = ("usa", "cross")
 
@@ -38,7 +38,7 @@ class CusaMtebEncoder:
     """A text encoder over a :class:`cusa_train.wrapper.CusaModel` for MTEB.
 
     Args:
-        model: the trained CusaModel (e.g. from :func:`cusa_train.evaluate.load_checkpoint_model`).
+        model: the trained CusaModel (e.g. from :func:`cusa_train.evaluation.evaluate.load_checkpoint_model`).
         head: ``"usa"`` (the uni-modal projector, what the official STS evaluation uses) or
             ``"cross"`` (the cross-modal head, the retrieval space).
         batch_size: sentences per forward pass when given a plain list.

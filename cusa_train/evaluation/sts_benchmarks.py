@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from cusa.errors import ConfigError, DatasetError
-from cusa_train.eval_data import read_lines
-from cusa_train.eval_encoding import EvalEncoder, HeadEncoder
-from cusa_train.eval_report import USA, EvalReport
-from cusa_train.metrics import StsPairs, l2_normalize, spearman
+from cusa_train.evaluation.data import read_lines
+from cusa_train.evaluation.encoding import EvalEncoder, HeadEncoder
+from cusa_train.evaluation.metrics import StsPairs, l2_normalize, spearman
+from cusa_train.evaluation.report import USA, EvalReport
 
 log = logging.getLogger(__name__)
 

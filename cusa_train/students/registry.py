@@ -11,7 +11,7 @@ pairs two towers that differ from the teachers (Unicom ViT-B/32 and all-mpnet-ba
 The towers are not aligned with each other; :class:`cusa_train.wrapper.CusaModel` adds the heads
 that map both to one space. Outputs are not L2-normalised (the heads and losses do that).
 
-OpenAI CLIP students (:mod:`cusa_train.clip`), as the official CUSA code trains them:
+OpenAI CLIP students (:mod:`cusa_train.students.clip`), as the official CUSA code trains them:
 ``clip-rn50``, ``clip-rn101``, ``clip-rn50x4``, ``clip-rn50x16``, ``clip-rn50x64``,
 ``clip-vit-b32``, ``clip-vit-b16``, ``clip-vit-l14``, ``clip-vit-l14-336`` (options ``weights``,
 ``pretrained``, ``freeze``, ``cache_dir``, ``download``), ``clip-checkpoint`` (``weights``
@@ -46,9 +46,9 @@ from cusa.extract.teachers import (
     mobilenet_v2,
 )
 from cusa.registry import Registry
-from cusa_train.adapters import HFClipStudent, hf_tokenize
-from cusa_train.clip_catalog import CLIP_STUDENTS
-from cusa_train.clip_weights import load_clip
+from cusa_train.students.adapters import HFClipStudent, hf_tokenize
+from cusa_train.students.clip_catalog import CLIP_STUDENTS
+from cusa_train.students.clip_weights import load_clip
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def _mobilenetv2_minilm(**kwargs: Any) -> MobileNetV2MiniLMStudent:
     return MobileNetV2MiniLMStudent(**kwargs)
 
 
-# -- OpenAI CLIP students (cusa_train.clip) ------------------------------------------------
+# -- OpenAI CLIP students (cusa_train.students.clip) ------------------------------------------------
 
 
 def _clip_factory(arch: str) -> Callable[..., nn.Module]:

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from cusa_train.eval_encoding import HeadEncoder
-from cusa_train.eval_scores import evaluate_features
+from cusa_train.evaluation.encoding import HeadEncoder
+from cusa_train.evaluation.scores import evaluate_features
 
 
 def evaluate_split(
@@ -29,7 +29,7 @@ def evaluate_split(
 
     Images and captions (after ``caption_transform``, the same normalisation as training) are
     encoded through the model's cross-modal heads by
-    :meth:`cusa_train.eval_encoding.HeadEncoder.encode_reader`, the path ``cusa eval`` takes too.
+    :meth:`cusa_train.evaluation.encoding.HeadEncoder.encode_reader`, the path ``cusa eval`` takes too.
     A sample whose image cannot be decoded is an error here, not a skip: a score over a silently
     smaller set is not comparable.
 
@@ -44,7 +44,7 @@ def evaluate_split(
 
     Returns:
         The retrieval metrics (``i2t_r1`` ... ``rsum``, ``r_mean``) of
-        :func:`cusa_train.eval_scores.evaluate_features`, cross-modal only.
+        :func:`cusa_train.evaluation.scores.evaluate_features`, cross-modal only.
 
     Raises:
         SampleError: an image cannot be read or decoded (the message names it).

@@ -21,7 +21,7 @@ Every problem with a file (missing, malformed line) is a one-line :class:`Datase
 names the file.
 
 :func:`evaluate_image_benchmarks` encodes each split through every head of a model and scores
-rank-1 (:func:`cusa_train.metrics.nearest_neighbour_rank1`).
+rank-1 (:func:`cusa_train.evaluation.metrics.nearest_neighbour_rank1`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ import numpy as np
 
 from cusa.errors import ConfigError, DatasetError
 from cusa.registry import Registry
-from cusa_train.eval_data import read_lines
-from cusa_train.eval_encoding import EvalEncoder, HeadEncoder
-from cusa_train.eval_report import USA, EvalReport
-from cusa_train.metrics import nearest_neighbour_rank1
+from cusa_train.evaluation.data import read_lines
+from cusa_train.evaluation.encoding import EvalEncoder, HeadEncoder
+from cusa_train.evaluation.metrics import nearest_neighbour_rank1
+from cusa_train.evaluation.report import USA, EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def evaluate_image_benchmarks(
     """Rank-1 image retrieval on the paper's benchmarks (Table 3), official layout and protocol.
 
     Each benchmark is read by its registered loader, encoded through every head
-    of ``model`` and scored with :func:`cusa_train.metrics.nearest_neighbour_rank1`
+    of ``model`` and scored with :func:`cusa_train.evaluation.metrics.nearest_neighbour_rank1`
     (Euclidean nearest neighbour on L2-normalised features; the query excluded; In-Shop:
     queries against the gallery).
 

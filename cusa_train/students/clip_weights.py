@@ -1,4 +1,4 @@
-"""OpenAI CLIP weights for :mod:`cusa_train.clip`: where they come from and how they are read.
+"""OpenAI CLIP weights for :mod:`cusa_train.students.clip`: where they come from and how they are read.
 
 - :data:`CLIP_RELEASES`: the official download URL and SHA-256 of every released model (from
   openai/CLIP ``clip/clip.py``, identical in lerogo/aaai24_itr_cusa).
@@ -8,7 +8,7 @@
   ``torch.jit.load`` only for a TorchScript archive whose SHA-256 is an official release's.
 - :func:`clip_config_from_state_dict` / :func:`build_model_from_openai_state_dict`: the model a
   state dict describes, as the official ``build_model`` infers it.
-- :func:`load_clip`: all of it, returning a :class:`~cusa_train.clip.ClipStudent`.
+- :func:`load_clip`: all of it, returning a :class:`~cusa_train.students.clip.ClipStudent`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from cusa.extract.teachers import (
     sha256_file,
     weights_file,
 )
-from cusa_train.clip import CLIP_CONFIGS, ClipConfig, ClipStudent, Freeze
+from cusa_train.students.clip import CLIP_CONFIGS, ClipConfig, ClipStudent, Freeze
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The OpenAI CLIP models the official CUSA code accepts, by cusa student name.
 
 It imports nothing, so the training config can map an official ``clip_model`` to a student
-without loading torch models; ``cusa_train.student`` registers one student per entry.
+without loading torch models; ``cusa_train.students.registry`` registers one student per entry.
 """
 
 from __future__ import annotations

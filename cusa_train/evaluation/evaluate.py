@@ -2,21 +2,21 @@
 
 Entry points, from cheapest to most complete:
 
-- :func:`evaluate_features` scores features already in memory (:mod:`cusa_train.eval_scores`);
+- :func:`evaluate_features` scores features already in memory (:mod:`cusa_train.evaluation.scores`);
 - :func:`evaluate_store` / :func:`load_features` score stored student features (``.npz``,
-  ``.npy`` + ids, ``.parquet`` or a cusa store group; :mod:`cusa_train.stored_features`);
+  ``.npy`` + ids, ``.parquet`` or a cusa store group; :mod:`cusa_train.evaluation.stored_features`);
 - :func:`evaluate_model` / :func:`evaluate_checkpoint` encode an eval set with a model first,
   through the cross-modal head and, when the model has them, the USA (uni-modal) heads. The eval
   set is read by the dataset readers: anything ``cusa extract --dataset`` accepts, or a caption
-  file (:mod:`cusa_train.eval_data`, :mod:`cusa_train.eval_encoding`);
+  file (:mod:`cusa_train.evaluation.data`, :mod:`cusa_train.evaluation.encoding`);
 - :func:`evaluate_image_benchmarks` and :func:`evaluate_sts_benchmarks` run the paper's
-  uni-modal benchmarks (:mod:`cusa_train.image_benchmarks`, :mod:`cusa_train.sts_benchmarks`);
+  uni-modal benchmarks (:mod:`cusa_train.evaluation.image_benchmarks`, :mod:`cusa_train.evaluation.sts_benchmarks`);
 - :func:`run_evaluation` runs what an :class:`EvalConfig` (``cusa eval``) describes.
 
-The modules, each importing only those before it: :mod:`~cusa_train.metrics` (definitions) ->
-:mod:`~cusa_train.eval_report` (:class:`EvalReport`) -> :mod:`~cusa_train.eccv` ->
-:mod:`~cusa_train.eval_scores` -> :mod:`~cusa_train.stored_features`; :mod:`~cusa_train.eval_data`
--> :mod:`~cusa_train.eval_encoding` -> the benchmarks, :mod:`~cusa_train.validation` (the
+The modules, each importing only those before it: :mod:`~cusa_train.evaluation.metrics` (definitions) ->
+:mod:`~cusa_train.evaluation.report` (:class:`EvalReport`) -> :mod:`~cusa_train.evaluation.eccv` ->
+:mod:`~cusa_train.evaluation.scores` -> :mod:`~cusa_train.evaluation.stored_features`; :mod:`~cusa_train.evaluation.data`
+-> :mod:`~cusa_train.evaluation.encoding` -> the benchmarks, :mod:`~cusa_train.evaluation.validation` (the
 trainer's per-epoch evaluation) -> this module.
 
 Retrieval numbers are percentages; the ``sts_spearman`` of a pairs file stays in [-1, 1]; the
@@ -39,15 +39,7 @@ from cusa.errors import ConfigError, DatasetError
 from cusa.extract.readers import DatasetReader
 from cusa_train.checkpoints import load_checkpoint
 from cusa_train.config import TrainConfig
-from cusa_train.eccv import (
-    CaptionGroundTruth,
-    coco_5k_test_ids,
-    coco_image_id,
-    detect_eccv,
-    eccv_ground_truth,
-    ground_truth_metrics,
-)
-from cusa_train.eval_data import (
+from cusa_train.evaluation.data import (
     CAPTION_MODES,
     DEFAULT_SPLIT,
     CaptionDataset,
@@ -58,12 +50,25 @@ from cusa_train.eval_data import (
     load_caption_json,
     open_eval_data,
 )
-from cusa_train.eval_encoding import EncodedSplit, EvalEncoder, HeadEncoder, encode_dataset
-from cusa_train.eval_report import USA, EvalReport
-from cusa_train.eval_scores import evaluate_features, evaluate_sts, sts_result, text_to_image_rows
-from cusa_train.image_benchmarks import evaluate_image_benchmarks, parse_benchmark_names
-from cusa_train.metrics import DEFAULT_KS, StsPairs, load_sts_pairs
-from cusa_train.stored_features import (
+from cusa_train.evaluation.eccv import (
+    CaptionGroundTruth,
+    coco_5k_test_ids,
+    coco_image_id,
+    detect_eccv,
+    eccv_ground_truth,
+    ground_truth_metrics,
+)
+from cusa_train.evaluation.encoding import EncodedSplit, EvalEncoder, HeadEncoder, encode_dataset
+from cusa_train.evaluation.image_benchmarks import evaluate_image_benchmarks, parse_benchmark_names
+from cusa_train.evaluation.metrics import DEFAULT_KS, StsPairs, load_sts_pairs
+from cusa_train.evaluation.report import USA, EvalReport
+from cusa_train.evaluation.scores import (
+    evaluate_features,
+    evaluate_sts,
+    sts_result,
+    text_to_image_rows,
+)
+from cusa_train.evaluation.stored_features import (
     FeatureTable,
     evaluate_store,
     evaluate_tables,
@@ -71,8 +76,8 @@ from cusa_train.stored_features import (
     load_features,
     load_store_features,
 )
-from cusa_train.sts_benchmarks import evaluate_sts_benchmarks, parse_sts_tasks
-from cusa_train.student import build_student_skeleton
+from cusa_train.evaluation.sts_benchmarks import evaluate_sts_benchmarks, parse_sts_tasks
+from cusa_train.students.registry import build_student_skeleton
 from cusa_train.wrapper import CusaModel
 
 __all__ = [
@@ -146,7 +151,7 @@ def evaluate_model(
         model: anything with ``preprocess_image``, ``encode_image`` and ``encode_text``, e.g.
             a :class:`cusa_train.wrapper.CusaModel`.
         data: a dataset reader, a :class:`CaptionDataset`, or what
-            :func:`cusa_train.eval_data.open_eval_data` opens: a registered dataset name (with
+            :func:`cusa_train.evaluation.data.open_eval_data` opens: a registered dataset name (with
             ``root``), a folder, webdataset tars, or a ``.json`` caption file.
         root: the folder of a registered dataset name.
         image_root: folder of the images of a caption file (default: the JSON's folder).
@@ -330,7 +335,7 @@ class EvalConfig:
         checkpoint: a trainer checkpoint.
         data: the eval set to encode (with ``checkpoint``, task ``retrieval``): anything
             ``cusa extract --dataset`` accepts, or a ``.json`` caption file
-            (:func:`cusa_train.eval_data.open_eval_data`).
+            (:func:`cusa_train.evaluation.data.open_eval_data`).
         image_features: stored image features (a file, or a group name with ``store``).
         text_features: stored caption features (likewise).
         store: cusa store URL holding the feature groups (with ``dataset`` and ``split``).

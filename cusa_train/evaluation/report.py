@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cusa_train.metrics import DEFAULT_KS
+from cusa_train.evaluation.metrics import DEFAULT_KS
 
 USA = "_usa"  # suffix of metrics computed through the USA (uni-modal) heads
 

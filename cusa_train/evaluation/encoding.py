@@ -2,8 +2,8 @@
 every head it has.
 
 :meth:`HeadEncoder.encode_reader` is the one path that turns a reader's split into features: the
-per-epoch evaluation of the trainer (:mod:`cusa_train.validation`) and ``cusa eval``
-(:func:`cusa_train.evaluate.evaluate_model`) both go through it.
+per-epoch evaluation of the trainer (:mod:`cusa_train.evaluation.validation`) and ``cusa eval``
+(:func:`cusa_train.evaluation.evaluate.evaluate_model`) both go through it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from cusa.errors import ConfigError, DatasetError, SampleError
 from cusa.extract.readers import DatasetReader, Sample
-from cusa_train.eval_data import CaptionDataset, CaptionDatasetReader
+from cusa_train.evaluation.data import CaptionDataset, CaptionDatasetReader
 from cusa_train.wrapper import CusaModel
 
 T = TypeVar("T")
@@ -200,7 +200,7 @@ class HeadEncoder:
         over a silently smaller set is not comparable.
 
         Args:
-            reader: the split, e.g. from :func:`cusa_train.eval_data.open_eval_data`.
+            reader: the split, e.g. from :func:`cusa_train.evaluation.data.open_eval_data`.
             batch_size: items encoded at once.
             max_images: encode only the first N images (in the reader's order).
             caption_transform: applied to each caption first (e.g. ``pre_caption``).

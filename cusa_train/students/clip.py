@@ -13,7 +13,7 @@ the official training-step golden file to 1e-6):
   ViT-B/16, ViT-L/14, ViT-L/14@336px: class token, pre-LayerNorm blocks, ``ln_post`` then
   ``proj``);
 - text tower: a causal pre-LayerNorm transformer over the 77 BPE ids of
-  :mod:`cusa_train.clip_tokenizer`, pooled at the end token (``tokens.argmax(-1)``, the EOT id
+  :mod:`cusa_train.students.clip_tokenizer`, pooled at the end token (``tokens.argmax(-1)``, the EOT id
   49407 being the largest), then ``text_projection``;
 - blocks use ``nn.MultiheadAttention`` (sequence-first, as upstream), QuickGELU
   (``x * sigmoid(1.702 x)``) and LayerNorm computed in fp32.
@@ -22,11 +22,11 @@ There is no ``logit_scale``: CUSA removed it (its temperatures live in the CUSA 
 accepts and drops ``logit_scale``, ``input_resolution``, ``context_length`` and ``vocab_size`` when
 a checkpoint has them. Everything stays fp32, as in the official CUSA training.
 
-Weights live in :mod:`cusa_train.clip_weights` (official URLs and SHA-256, ``~/.cache/clip``,
+Weights live in :mod:`cusa_train.students.clip_weights` (official URLs and SHA-256, ``~/.cache/clip``,
 TorchScript archives read only for official hashes, the model a state dict describes).
 
 Example:
-    >>> from cusa_train.clip_weights import load_clip
+    >>> from cusa_train.students.clip_weights import load_clip
     >>> student = load_clip("ViT-B/32")          # ~/.cache/clip/ViT-B-32.pt or the official URL
     >>> pixels = torch.stack([student.preprocess_image(open("cat.jpg", "rb").read())])
     >>> student.encode_image(pixels).shape, student.encode_text(["a cat"]).shape
@@ -49,7 +49,7 @@ from cusa.errors import ConfigError
 from cusa.extract.teachers import (
     clip_transform,
 )
-from cusa_train.clip_tokenizer import VOCAB_SIZE, default_tokenizer
+from cusa_train.students.clip_tokenizer import VOCAB_SIZE, default_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ value raises :class:`cusa.errors.ConfigError` naming the key or value and how to
 A whole run is a :class:`TrainConfig`, loadable from YAML, JSON or TOML with
 :meth:`TrainConfig.from_file`, and :meth:`TrainConfig.from_official` maps an official CUSA
 training YAML (lerogo/aaai24_itr_cusa) onto it. The loss section lives in
-:mod:`cusa_train.loss_config`, the parsing in :mod:`cusa_train.config_parsing`.
+:mod:`cusa_train.config.loss`, the parsing in :mod:`cusa_train.config.parsing`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pydantic import (
 
 from cusa.errors import ConfigError
 from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
-from cusa_train.clip_catalog import CLIP_STUDENTS
-from cusa_train.config_parsing import (
+from cusa_train.config.loss import LossConfig
+from cusa_train.config.parsing import (
     SECTION,
     build,
     check_non_negative,
@@ -33,7 +33,7 @@ from cusa_train.config_parsing import (
     load_mapping,
     to_dict,
 )
-from cusa_train.loss_config import LossConfig
+from cusa_train.students.clip_catalog import CLIP_STUDENTS
 
 # ---- model, teachers, data, optimisation, run -------------------------------------------------
 
@@ -44,7 +44,7 @@ class ModelConfig:
     """The student and the CUSA heads.
 
     Args:
-        student: name in the student registry (``cusa_train.student``), e.g. ``"mobilenetv2-minilm"``.
+        student: name in the student registry (``cusa_train.students.registry``), e.g. ``"mobilenetv2-minilm"``.
         student_options: keyword arguments for the student factory.
         embed_dim: output size of the heads; ``None`` keeps the student's (which must then be
             the same for both towers).

@@ -21,7 +21,12 @@ import numpy as np
 import torch
 
 from cusa.errors import ConfigError, DatasetError
-from cusa_train.metrics import RetrievalScores, as_features, l2_normalize, similarity_metrics
+from cusa_train.evaluation.metrics import (
+    RetrievalScores,
+    as_features,
+    l2_normalize,
+    similarity_metrics,
+)
 
 
 @dataclass(frozen=True)

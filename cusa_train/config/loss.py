@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from cusa.errors import ConfigError
-from cusa_train.config_parsing import SECTION, build, check_non_negative, check_positive
+from cusa_train.config.parsing import SECTION, build, check_non_negative, check_positive
 
 # ---- losses and temperatures -------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 R-Precision on the dataset's own pairs, an explicit ground truth (ECCV Caption), uni-modal
 retrieval through each head, and STS pairs. Features in, :class:`EvalReport` out; no model.
 
-Metric definitions live in :mod:`cusa_train.metrics`.
+Metric definitions live in :mod:`cusa_train.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from cusa.errors import ConfigError, DatasetError
-from cusa_train.eccv import CaptionGroundTruth, ground_truth_metrics
-from cusa_train.eval_report import USA, EvalReport
-from cusa_train.metrics import (
+from cusa_train.evaluation.eccv import CaptionGroundTruth, ground_truth_metrics
+from cusa_train.evaluation.metrics import (
     DEFAULT_KS,
     RetrievalScores,
     StsPairs,
@@ -29,6 +28,7 @@ from cusa_train.metrics import (
     rsum,
     sts_spearman,
 )
+from cusa_train.evaluation.report import USA, EvalReport
 
 
 def text_to_image_rows(
@@ -250,7 +250,7 @@ def evaluate_sts(
 
     Args:
         encode_text: list of sentences -> ``(N, D)`` array or tensor.
-        pairs: loaded pairs or a path for :func:`cusa_train.metrics.load_sts_pairs`.
+        pairs: loaded pairs or a path for :func:`cusa_train.evaluation.metrics.load_sts_pairs`.
         batch_size: sentences encoded at once.
 
     Returns:

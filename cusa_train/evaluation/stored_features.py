@@ -1,6 +1,6 @@
 """Stored student features: feature files (``.npz``, ``.npy`` + ids, ``.parquet``) and cusa
 store groups, joined by sample id (caption ids are ``<image_id>#<k>``) and scored with
-:func:`cusa_train.eval_scores.evaluate_features`.
+:func:`cusa_train.evaluation.scores.evaluate_features`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 from cusa.errors import ConfigError, DatasetError, StoreError
 from cusa.extract.readers import split_caption_id
 from cusa.store import FeatureLookup
-from cusa_train.eval_report import EvalReport
-from cusa_train.eval_scores import evaluate_features
-from cusa_train.metrics import DEFAULT_KS
+from cusa_train.evaluation.metrics import DEFAULT_KS
+from cusa_train.evaluation.report import EvalReport
+from cusa_train.evaluation.scores import evaluate_features
 
 
 @dataclass(frozen=True)
