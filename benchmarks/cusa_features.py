@@ -188,7 +188,7 @@ def load_split(cfg: ExperimentConfig, store: str, dataset: str, split: str) -> S
         StoreError: the four feature groups do not hold the same ids (a failed sample), or a
             caption's image is missing.
     """
-    from cusa.extract.readers import open_dataset
+    from cusa.readers import open_dataset
 
     name = open_dataset(dataset, split=split).name
     towers = TeacherFeatures.open(

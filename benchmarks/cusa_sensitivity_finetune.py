@@ -128,7 +128,7 @@ class MiniLMTail:
         self, captions: Sequence[str], batch_size: int = 128
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(M, L, 384)`` fp16 input of the first trained layer and ``(M, L)`` mask."""
-        from cusa.extract.teachers.text import pre_caption
+        from cusa.captions import pre_caption
 
         texts = [pre_caption(c) for c in captions]
         enc = self.tokenizer(
@@ -149,7 +149,7 @@ class MiniLMTail:
 
 def caption_texts(dataset: str, split: str, caption_ids: Sequence[str]) -> list[str]:
     """The raw captions of ``caption_ids``, read through the dataset reader (by id, not position)."""
-    from cusa.extract.readers import open_dataset
+    from cusa.readers import open_dataset
 
     reader = open_dataset(dataset, split=split)
     by_id: dict[str, str] = {}

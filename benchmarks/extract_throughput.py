@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 from cusa.extract.progress import NullProgress
-from cusa.extract.readers import open_dataset
 from cusa.extract.runner import (
     ExtractConfig,
     ExtractSummary,
@@ -38,6 +37,7 @@ from cusa.extract.runner import (
     run_local,
 )
 from cusa.extract.writer import ShardWriter
+from cusa.readers import open_dataset
 
 RESULTS = Path(__file__).parent / "results" / "extract_throughput.json"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-example"

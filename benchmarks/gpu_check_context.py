@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import SHARED_COCO
-from cusa.extract.readers import coco_sample_root
+from cusa.readers import coco_sample_root
 
 # The 801-image subset beside the repo when present, else the sample embedded in the package
 # (a user's clone has no ../shared; the check then runs on those 32 real images).

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cusa.extract.teachers.image_preprocess import clip_transform
 from cusa.extract.teachers.unicom import (
     PROJECTION_SEED,
     UnicomConfig,
@@ -35,6 +34,7 @@ from cusa.extract.teachers.unicom import (
     gaussian_projection,
     load_unicom,
 )
+from cusa.image_transforms import clip_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

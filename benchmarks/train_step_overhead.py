@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from cusa.extract.readers.registry import open_dataset
 from cusa.extract.runner import ExtractConfig, extract
+from cusa.readers.registry import open_dataset
 from cusa_train.config.loss import LossConfig
 from cusa_train.data import TeacherFeatures
 from cusa_train.students.registry import build_student

@@ -27,7 +27,7 @@ def list_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """List registered datasets (--dataset also takes a folder, an index file, *.tar, s3:// or pipe:)."""
-    from ..extract.readers import DATASETS, list_datasets
+    from ..readers import DATASETS, list_datasets
 
     rows = [
         {
@@ -64,8 +64,8 @@ def shard_cmd(
     as_json: JsonSummaryOption = False,
 ) -> None:
     """Write a dataset as webdataset tars with a size cap and a manifest."""
-    from ..extract.readers import open_dataset
     from ..extract.shard_writer import write_shards
+    from ..readers import open_dataset
     from ..sizes import parse_size
 
     cap = parse_size(max_size)

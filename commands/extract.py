@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from ..teacher_defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from .exit_codes import EXIT_FAILED, friendly_errors
 from .options import (
     DatasetOption,

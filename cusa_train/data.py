@@ -7,7 +7,7 @@ memory-mapped :class:`cusa.store.FeatureLookup` files. Three ways to use it:
 - :class:`SoftLabelCollate` wraps a DataLoader ``collate_fn``;
 - :class:`SoftLabelStage` is a webdataset pipeline stage (``wds.DataPipeline(..., stage, ...)``)
   and its :meth:`SoftLabelStage.attach` a ``.map(...)`` function;
-- :class:`PairDataset` turns any :class:`cusa.extract.readers.base.DatasetReader` into
+- :class:`PairDataset` turns any :class:`cusa.readers.base.DatasetReader` into
   (image, caption) training pairs keyed by ``image_id`` and ``caption_id``.
 
 Ids the store lacks raise :class:`cusa.errors.SampleNotFoundError` naming the id; there is no
@@ -232,7 +232,7 @@ class PairDataset(Dataset):
     COCO/Flickr-sized splits; stream larger sets through webdataset and :class:`SoftLabelStage`).
 
     Args:
-        reader: any :class:`cusa.extract.readers.base.DatasetReader`.
+        reader: any :class:`cusa.readers.base.DatasetReader`.
         preprocess_image: encoded bytes -> (3, S, S) tensor (the student's ``preprocess_image``).
         max_images: keep only the first N images (in shard order).
         require_ids: when given (e.g. the ids of the stored features), images or captions not in

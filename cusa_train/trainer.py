@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cusa.errors import ConfigError
-from cusa.extract.readers import open_dataset
+from cusa.readers import open_dataset
 from cusa_train.checkpoints import (
     BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, CusaError
+from ..readers.base import ShardRef
 from .progress import ProgressSink
-from .readers.base import ShardRef
 from .work import (
     END,
     IMAGE,

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, StoreError
+from ..readers import DATASETS, open_dataset
+from ..readers.base import ShardRef
+from ..readers.registry import check_dataset_name
 from ..store import FeatureGroup, FeatureStore
 from ..store.layout import DTYPES
+from ..teacher_defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from .progress import NullProgress, ProgressSink
 from .ray_runner import run_ray
-from .readers import DATASETS, open_dataset
-from .readers.base import ShardRef
-from .readers.registry import check_dataset_name
 from .teachers.base import Teacher
-from .teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from .work import (
     END,
     IMAGE,
@@ -64,7 +64,7 @@ class ExtractConfig:
             folders of one layout need different names to share a split in one store.
         store: store directory or URL (default ``$CUSA_HOME/store``).
         image_teacher / text_teacher: registered teacher names; the defaults are the paper's
-            teachers, named in :mod:`cusa.extract.teachers.defaults`.
+            teachers, named in :mod:`cusa.teacher_defaults`.
         modalities: which of ``image``/``text`` to extract.
         image_teacher_weights: explicit weights file for the image teacher.
         allow_unofficial_weights: accept an explicit weights file whose SHA-256 is not the

@@ -5,7 +5,7 @@ Layout of the output folder::
     {split}-000000.tar, {split}-000001.tar, ...   one sample = <key>.<jpg|png|webp> + <key>.json
     manifest.json                                 shards, counts, bytes, sha256, source dataset
 
-The tar key is :func:`cusa.extract.readers.wds_format.encode_key` of the image id
+The tar key is :func:`cusa.readers.wds_format.encode_key` of the image id
 (percent-encoding, so ``COCO_x.jpg`` becomes ``COCO_x%2Ejpg``), and ``<key>.json`` holds the true
 ``image_id``, the ``captions`` (a caption that is not valid UTF-8 as ``{"b64": ...}``),
 ``caption_ann_ids`` and, for a sample without image, ``image_error``. :class:`WebDatasetReader`
@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DatasetError
+from ..readers.base import DatasetReader, Sample
+from ..readers.wds import WebDatasetReader
+from ..readers.wds_format import MANIFEST_FORMAT, MANIFEST_NAME, encode_key
 from ..sizes import parse_size
-from .readers.base import DatasetReader, Sample
-from .readers.wds import WebDatasetReader
-from .readers.wds_format import MANIFEST_FORMAT, MANIFEST_NAME, encode_key
 
 log = logging.getLogger(__name__)
 

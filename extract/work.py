@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, SampleError
+from ..image_transforms import default_max_pixels
+from ..readers.base import ShardRef
 from ..store.ledger import ledger_text
-from .readers.base import ShardRef
 from .teachers import get_teacher
 from .teachers.base import Teacher
-from .teachers.image_preprocess import default_max_pixels
 
 log = logging.getLogger(__name__)
 

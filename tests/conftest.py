@@ -15,14 +15,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def coco_example(tmp_path_factory) -> Path:
     """Real COCO images and captions inside the repository, in the ALBEF/CUSA layout.
 
-    The embedded sample (``cusa.extract.readers.coco_sample_root()``: 32 images, ``new_train.json``
+    The embedded sample (``cusa.readers.coco_sample_root()``: 32 images, ``new_train.json``
     and ``new_val.json``) plus the few images in ``tests/fixtures/coco_pics`` that tests name
     (two dogs, two pizzas; copied from ``../shared/data/coco-example``). A fresh clone runs every
     test that uses it; only benchmarks and ``slow`` tests read ``../shared`` (``coco_example_large``).
     """
     import shutil
 
-    from cusa.extract.readers import coco_sample_root
+    from cusa.readers import coco_sample_root
 
     root = tmp_path_factory.mktemp("coco_example") / "coco-example"
     shutil.copytree(coco_sample_root(), root)

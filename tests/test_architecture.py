@@ -3,8 +3,8 @@
 Every module's imports are parsed (``ast``, no import runs). The rules:
 - ``store`` imports nothing from ``extract``, ``cusa_train``, ``viz`` or the CLI;
 - ``extract`` imports nothing from ``cusa_train``, ``viz`` or the CLI;
-- ``cusa_train`` imports ``extract`` only through its public packages ``cusa.extract.readers`` and
-  ``cusa.extract.teachers`` (plus the import-free ``cusa.extract.teachers.defaults``);
+- ``cusa_train`` imports ``extract`` only through its public packages ``cusa.readers`` and
+  ``cusa.extract.teachers`` (plus the import-free ``cusa.teacher_defaults``);
 - the shared leaves (``errors``, ``paths``, ``registry``, ``sizes``) import none of the packages;
 - no ``cusa``/``cusa_train`` module is imported inside a function, except where a lazy import is
   the point (the CLI's per-command imports for a fast ``cusa --help``, in ``cli.py`` and the
@@ -34,7 +34,7 @@ LEAVES = {
 }
 CLI = ("cusa.cli", "cusa.commands")  # cli.py and the commands/ it registers: one layer
 LAZY_ALLOWED = {*CLI, "cusa.extract.teachers.builtin"}  # these modules and those under them
-PUBLIC_EXTRACT = ("cusa.extract.readers", "cusa.extract.teachers", "cusa.extract.teachers.defaults")
+PUBLIC_EXTRACT = ("cusa.readers", "cusa.extract.teachers", "cusa.teacher_defaults")
 
 
 def _modules() -> dict[str, Path]:

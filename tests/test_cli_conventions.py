@@ -170,7 +170,7 @@ def test_train_store_option_sets_data_store(monkeypatch, tmp_path):
 
 
 def test_shard_takes_an_index_file_and_a_name(tmp_path):
-    from cusa.extract.readers import coco_sample_root
+    from cusa.readers import coco_sample_root
 
     out = tmp_path / "shards"
     res = _cli("shard", "--dataset", str(coco_sample_root() / "new_val.json"), "--name",

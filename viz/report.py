@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import __version__ as version
 from ..errors import ConfigError, CusaError
-from ..extract.readers import DATASETS, open_dataset
+from ..readers import DATASETS, open_dataset
 from ..store import FeatureGroup, FeatureStore
 from ..store.info import store_info
 from ..store.lookup import FeatureLookup
@@ -85,7 +85,7 @@ def build_report(
     Args:
         store: a store path/URL, an open :class:`FeatureStore`, or None for the default store.
         out_html: the page to write (its folder is created).
-        dataset: dataset name or path for :func:`cusa.extract.readers.open_dataset`; it supplies
+        dataset: dataset name or path for :func:`cusa.readers.open_dataset`; it supplies
             thumbnails and caption text. Default: the dataset the store's groups recorded when
             they were extracted (name, or path with root and split), when it can be opened here;
             otherwise the page shows sample ids only and says why.

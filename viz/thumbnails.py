@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..extract.readers.base import DatasetReader, Sample
+from ..readers.base import DatasetReader, Sample
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from cusa.errors import ConfigError
-from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from cusa.teacher_defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from cusa_train.config.loss import LossConfig
 from cusa_train.config.parsing import (
     SECTION,
@@ -95,7 +95,7 @@ class DataConfig:
     """Training data and its soft labels.
 
     Args:
-        dataset: dataset name or path for :func:`cusa.extract.readers.open_dataset`.
+        dataset: dataset name or path for :func:`cusa.readers.open_dataset`.
         root: the dataset folder, for registered names that need one (``coco``, ``flickr30k``).
         split: split to train on.
         store: feature store path or URL; ``None`` is :func:`cusa.paths.default_store`.

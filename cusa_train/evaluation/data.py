@@ -1,7 +1,7 @@
 """What evaluation reads: any dataset ``cusa extract`` accepts, through the dataset readers.
 
 - :func:`open_eval_data` turns ``--data`` into a reader: a registered name (with ``root``), a
-  folder, webdataset tars or URLs (all through :func:`cusa.extract.readers.open_dataset`), or one
+  folder, webdataset tars or URLs (all through :func:`cusa.readers.open_dataset`), or one
   caption file (:func:`open_caption_file`: the ALBEF/CUSA JSON or a Karpathy split file).
 - :class:`CaptionDataset` is the index of a caption file (ids, image paths, captions) without
   reading any image, and :func:`caption_dataset_reader` reads one back as a reader.
@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cusa.captions import pre_caption
 from cusa.errors import ConfigError, DatasetError
-from cusa.extract.readers import (
+from cusa.readers import (
     KARPATHY_SPLITS,
     AlbefReader,
     DatasetReader,
@@ -28,7 +29,6 @@ from cusa.extract.readers import (
     caption_id,
     open_dataset,
 )
-from cusa.extract.teachers import pre_caption
 
 CAPTION_MODES = ("raw", "pre_caption")
 DEFAULT_SPLIT = "test"
@@ -75,10 +75,10 @@ def open_caption_file(
 ) -> AlbefReader | KarpathyReader:
     """The reader of one caption file.
 
-    - A JSON list is the ALBEF/CUSA layout (:class:`~cusa.extract.readers.AlbefReader`): records
+    - A JSON list is the ALBEF/CUSA layout (:class:`~cusa.readers.AlbefReader`): records
       ``{image_path | image, caption, image_id}``; ``caption`` may be a list and ``image_id`` may
       be absent (then the file name is the id). ``split`` only names it.
-    - A JSON object is a Karpathy split file (:class:`~cusa.extract.readers.KarpathyReader`):
+    - A JSON object is a Karpathy split file (:class:`~cusa.readers.KarpathyReader`):
       the ``split`` images only (``test``: COCO 5K, Flickr30K 1K), at
       ``<image_root>/<filepath>/<filename>``; caption annotation ids are the ``sentid``\\ s.
       ``dataset_flickr30k.json`` is read as Flickr30K (ids are file names), any other name as
@@ -146,7 +146,7 @@ def open_eval_data(
 
     Raises:
         ConfigError: ``root`` with a caption file, or ``image_root`` with anything else.
-        DatasetError, UnknownNameError: as :func:`cusa.extract.readers.open_dataset`.
+        DatasetError, UnknownNameError: as :func:`cusa.readers.open_dataset`.
     """
     split = split or DEFAULT_SPLIT
     if is_caption_file(spec):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cusa.errors import ConfigError, DatasetError, SampleError
-from cusa.extract.readers import DatasetReader, Sample
+from cusa.readers import DatasetReader, Sample
 from cusa_train.evaluation.data import CaptionDataset, CaptionDatasetReader
 from cusa_train.wrapper import CusaModel
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from cusa.errors import ConfigError, DatasetError
-from cusa.extract.readers import DatasetReader
+from cusa.readers import DatasetReader
 from cusa_train.checkpoints import load_checkpoint
 from cusa_train.config import TrainConfig
 from cusa_train.evaluation.data import (

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cusa.errors import ConfigError
-from cusa.extract.teachers import sha256_file
+from cusa.weights import sha256_file
 from cusa_train.evaluation.evaluate import load_checkpoint_model
 
 HEADS = ("usa", "cross")

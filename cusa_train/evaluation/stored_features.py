@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cusa.errors import ConfigError, DatasetError, StoreError
-from cusa.extract.readers import split_caption_id
+from cusa.readers import split_caption_id
 from cusa.store import FeatureLookup
 from cusa_train.evaluation.metrics import DEFAULT_KS
 from cusa_train.evaluation.report import EvalReport
@@ -115,7 +115,7 @@ def load_store_features(
 
 
 def image_id_of_caption(caption_id: str) -> str:
-    """``"<image_id>#<k>"`` -> ``"<image_id>"`` (:func:`cusa.extract.readers.split_caption_id`).
+    """``"<image_id>#<k>"`` -> ``"<image_id>"`` (:func:`cusa.readers.split_caption_id`).
 
     Raises:
         DatasetError: not a caption id; the message says how to record the image ids instead.

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from cusa.errors import ConfigError
-from cusa.extract.teachers import clip_transform
+from cusa.image_transforms import clip_transform
 
 OPEN_CLIP_HINT = "pip install open_clip_torch torchvision"
 HF_HINT = "pip install transformers"

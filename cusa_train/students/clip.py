@@ -46,9 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cusa.errors import ConfigError
-from cusa.extract.teachers import (
-    clip_transform,
-)
+from cusa.image_transforms import clip_transform
 from cusa_train.students.clip_tokenizer import VOCAB_SIZE, default_tokenizer
 
 log = logging.getLogger(__name__)

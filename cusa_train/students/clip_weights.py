@@ -24,13 +24,7 @@ import torch
 from torch import Tensor
 
 from cusa.errors import ConfigError, WeightsError
-from cusa.extract.teachers import (
-    Release,
-    load_state_dict,
-    official_release,
-    sha256_file,
-    weights_file,
-)
+from cusa.weights import Release, load_state_dict, official_release, sha256_file, weights_file
 from cusa_train.students.clip import CLIP_CONFIGS, ClipConfig, ClipStudent, Freeze
 
 log = logging.getLogger(__name__)

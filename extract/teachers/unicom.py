@@ -40,16 +40,16 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError, WeightsError
+from ...image_transforms import ImagePreparer, ImageTransform, clip_transform
 from ...store.spec import TeacherSpec, library_versions
-from .base import ImageTeacherBase
-from .image_preprocess import ImagePreparer, ImageTransform, clip_transform
-from .weights import (
+from ...weights import (
     Release,
     load_state_dict,
     official_release,
     sha256_file,
     weights_file,
 )
+from .base import ImageTeacherBase
 
 log = logging.getLogger(__name__)
 

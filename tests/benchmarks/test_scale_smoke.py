@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is not an installed package; plain 
     sys.path.insert(0, str(REPO))
 
 from benchmarks import proc_monitor, scale_inputs  # noqa: E402
-from cusa.extract.readers.wds import WebDatasetReader  # noqa: E402
+from cusa.readers.wds import WebDatasetReader  # noqa: E402
 
 
 def _run(tmp_path: Path, *args: str) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cusa.extract.readers import coco_sample_root
+from cusa.readers import coco_sample_root
 
 
 def sample_images() -> list[Path]:

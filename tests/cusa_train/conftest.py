@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cusa.extract.readers.registry import open_dataset
+from cusa.readers.registry import open_dataset
 from cusa.store import FeatureStore
 
 IMAGE_TEACHER = "mobilenetv2"

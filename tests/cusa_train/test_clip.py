@@ -10,8 +10,8 @@ import torch
 
 import cusa_train.students.clip_weights as clip_module
 from cusa.errors import ConfigError, WeightsError
-from cusa.extract.teachers.image_preprocess import clip_transform
-from cusa.extract.teachers.weights import sha256_file
+from cusa.image_transforms import clip_transform
+from cusa.weights import sha256_file
 from cusa_train.students.clip import CLIP_CONFIGS, ClipStudent
 from cusa_train.students.clip_tokenizer import EOT_ID, SOT_ID, ClipTokenizer, default_tokenizer
 from cusa_train.students.clip_weights import (

@@ -13,7 +13,7 @@ from conftest import IMAGE_TEACHER, TEXT_TEACHER
 from typer.testing import CliRunner
 
 from cusa.cli import app
-from cusa.extract.readers import coco_sample_root
+from cusa.readers import coco_sample_root
 from cusa_train.students.clip import ClipConfig, ClipStudent
 
 SMALL_CLIP = ClipConfig(

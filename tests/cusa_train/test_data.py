@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from cusa.errors import DatasetError, SampleNotFoundError, StoreError, StoreSpecMismatchError
-from cusa.extract.readers.registry import open_dataset
+from cusa.readers.registry import open_dataset
 from cusa.store import FeatureStore
 from cusa.store.spec import TeacherSpec
 from cusa_train.data import (

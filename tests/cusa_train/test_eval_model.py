@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from cusa.cli import app
 from cusa.errors import ConfigError, DatasetError
-from cusa.extract.readers import coco_sample_root
+from cusa.readers import coco_sample_root
 from cusa_train.config import TrainConfig
 from cusa_train.config.loss import LossConfig
 from cusa_train.evaluation.evaluate import (
@@ -154,7 +154,7 @@ def test_evaluate_model_reports_usa_and_cross_columns_and_no_eccv_off_coco_5k(tm
     assert "not the COCO 5K test split" in report.info["eccv"]
     assert report.info["captions"] == "pre_caption"
     # The USA column is the USA head: recompute text->text R@1 from it by hand.
-    from cusa.extract.teachers.text import pre_caption
+    from cusa.captions import pre_caption
     from cusa_train.evaluation.evaluate import load_caption_json
     from cusa_train.evaluation.metrics import label_retrieval_metrics
 
@@ -181,7 +181,7 @@ def test_evaluate_model_restores_training_mode_and_uses_the_model_device():
 
 def test_the_trainer_and_cusa_eval_score_a_reader_alike():
     """Per-epoch evaluation (cusa_train.evaluation.validation) and evaluate_model share one encoding path."""
-    from cusa.extract.readers import open_dataset
+    from cusa.readers import open_dataset
     from cusa_train.evaluation.validation import evaluate_split
 
     model = tiny_model()
@@ -268,7 +268,7 @@ def test_cli_evaluates_every_kind_of_dataset_extract_reads(checkpoint, tmp_path)
     """`cusa eval --data` takes what `cusa extract --dataset` takes: the same images and
     captions as webdataset tars (from `cusa shard`), a brace pattern, a plain folder or a
     registered name with --root score exactly as the caption file does."""
-    from cusa.extract.readers import open_dataset
+    from cusa.readers import open_dataset
 
     runner = CliRunner()
 

@@ -168,7 +168,7 @@ def test_sampler_gives_the_official_distributed_sampler_order(golden):
 
 
 def test_pre_caption_matches_the_official_examples(golden):
-    from cusa.extract.teachers.text import pre_caption
+    from cusa.captions import pre_caption
 
     for raw, processed in golden["pre_caption_examples"]:
         assert pre_caption(raw) == processed

@@ -270,7 +270,7 @@ def test_a_store_made_from_other_data_is_refused(sample_store, tmp_path):
     import shutil
 
     from cusa.errors import SampleNotFoundError
-    from cusa.extract.readers import coco_sample_root
+    from cusa.readers import coco_sample_root
 
     src = coco_sample_root()
     dest = tmp_path / "edited"

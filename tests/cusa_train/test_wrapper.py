@@ -162,7 +162,7 @@ def _tiny_hf_clip():
 
 def test_hf_clip_adapter_trains_with_cusa_on_real_images():
     """A randomly initialised tiny transformers CLIPModel (no torchvision needed) as the student."""
-    from cusa.extract.readers.registry import open_dataset
+    from cusa.readers.registry import open_dataset
     from cusa_train.students.adapters import HFClipStudent
 
     student = HFClipStudent(_tiny_hf_clip())

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from cusa.cli import app
 from cusa.errors import ConfigError
-from cusa.extract.readers import coco_sample_root
 from cusa.extract.runner import RAY_MIN_IMAGES, ExtractConfig, choose_runner
+from cusa.readers import coco_sample_root
 
 
 def _choice(gpus: int, images: int | None, ray: bool = True, **config):

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from cusa.cli import app
 from cusa.errors import ConfigError, DatasetError
-from cusa.extract.readers import FolderReader, WebDatasetReader, coco_sample_root, open_dataset
 from cusa.extract.shard_writer import write_shards
+from cusa.readers import FolderReader, WebDatasetReader, coco_sample_root, open_dataset
 from cusa.sizes import parse_size
 
 

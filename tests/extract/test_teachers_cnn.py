@@ -9,13 +9,13 @@ import torch
 from cusa.errors import WeightsError
 from cusa.extract.teachers import get_teacher
 from cusa.extract.teachers.cnn import efficientnet_available
-from cusa.extract.teachers.mobilenet import (
+from cusa.mobilenet import (
     MOBILENET_V2_SHA256,
     MobileNetV2,
     fetch_mobilenet_v2_weights,
     mobilenet_v2,
 )
-from cusa.extract.teachers.weights import sha256_file
+from cusa.weights import sha256_file
 
 # Chosen by caption text in coco-example: two photos of a dog on grass, and two pizzas.
 DOG_A = (

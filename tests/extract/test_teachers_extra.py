@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from cusa.errors import WeightsError
-from cusa.extract.readers import coco_sample_root
 from cusa.extract.teachers import get_teacher, list_teachers
 from cusa.extract.teachers.cnn import efficientnet_available
 from cusa.extract.teachers.static_text import wordllama_available
+from cusa.readers import coco_sample_root
 
 
 def test_extra_teachers_are_registered() -> None:

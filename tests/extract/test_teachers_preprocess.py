@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cusa.errors import ConfigError, SampleError
-from cusa.extract.teachers.image_preprocess import (
+from cusa.image_transforms import (
     ImagePreparer,
     ImageTransform,
     clip_transform,

@@ -207,7 +207,7 @@ def test_cli_fetch_mobilenet():
 
 def test_default_image_teacher_is_the_papers_unicom_tokens():
     from cusa.extract.runner import ExtractConfig
-    from cusa.extract.teachers.defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+    from cusa.teacher_defaults import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
     from cusa_train.config import TeachersConfig
 
     config, teachers = ExtractConfig(dataset="coco"), TeachersConfig()

@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pytest
 
+from cusa.captions import pre_caption
 from cusa.errors import ConfigError, SampleError
 from cusa.extract.teachers import get_teacher
 from cusa.extract.teachers.text import (
@@ -22,7 +23,6 @@ from cusa.extract.teachers.text import (
     SentenceTransformerTextTeacher,
     minilm_dir,
     mpnet_assembled,
-    pre_caption,
 )
 
 

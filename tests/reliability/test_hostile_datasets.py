@@ -21,8 +21,8 @@ from helpers import IMAGE_T, TEXT_T, extract_args
 from typer.testing import CliRunner
 
 from cusa.cli import app
-from cusa.extract.readers import _common as common
-from cusa.extract.readers import coco_sample_root
+from cusa.readers import _common as common
+from cusa.readers import coco_sample_root
 from cusa.store import FeatureLookup, FeatureStore
 from cusa.store.ledger import MAX_REASON_CHARS
 

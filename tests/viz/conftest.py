@@ -70,7 +70,7 @@ def failing_dataset_store(coco_store, tmp_path) -> tuple[Path, Path]:
     """An ALBEF folder of 6 coco-sample images (one file missing, one not an image) and a store
     for it: real features of the 4 good images and all 30 captions, the 2 bad images in the
     failure ledger with the reasons the extraction runner records."""
-    from cusa.extract.readers import coco_sample_root
+    from cusa.readers import coco_sample_root
     from cusa.store import FeatureLookup, FeatureStore
 
     src = coco_sample_root()

@@ -77,7 +77,7 @@ def _self_contained(page: _Page) -> None:
 
 
 def test_full_report_on_real_store(coco_store, tmp_path):
-    from cusa.extract.readers import coco_sample_root
+    from cusa.readers import coco_sample_root
 
     out = build_report(
         coco_store, tmp_path / "r" / "report.html", dataset="coco-sample", split="train"
@@ -170,7 +170,7 @@ def _set_source(store: Path, source: dict | None) -> None:
 def test_report_finds_a_recorded_folder_and_says_when_it_is_gone(copy_store, tmp_path):
     import shutil
 
-    from cusa.extract.readers import coco_sample_root
+    from cusa.readers import coco_sample_root
 
     data = tmp_path / "moved"
     shutil.copytree(coco_sample_root(), data)
@@ -450,7 +450,7 @@ def test_real_training_runs(coco_store, tmp_path):
 
     import torch
 
-    from cusa.extract.readers import coco_sample_root
+    from cusa.readers import coco_sample_root
     from cusa_train.config import TrainConfig
     from cusa_train.evaluation.evaluate import encode_dataset, evaluate_model, load_caption_json
     from cusa_train.trainer import train
@@ -517,7 +517,7 @@ def test_real_training_runs(coco_store, tmp_path):
 
 
 def test_dataset_view_pools_and_fetches_more_thumbnails():
-    from cusa.extract.readers import open_dataset
+    from cusa.readers import open_dataset
     from cusa.viz.thumbnails import DatasetView
 
     reader = open_dataset("coco-sample", split="train", shard_size=6)  # 4 shards of 6 images

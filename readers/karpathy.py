@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ...errors import DatasetError
+from ..errors import DatasetError
 from ._common import load_json_file, raw_caption
 from .indexed import (
     DEFAULT_SHARD_SIZE,

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from ...errors import DatasetError
+from ..errors import DatasetError
 from ._common import file_kind, load_json_file, raw_caption, short_repr
 from .indexed import DEFAULT_SHARD_SIZE, IndexedReader, IndexItem
 

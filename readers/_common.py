@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError
 
 #: File extensions treated as images (lower case, without the dot).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

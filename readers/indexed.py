@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ...errors import DatasetError
+from ..errors import DatasetError
 from ._common import (
     MANIFEST_HASH_FORMAT,
     captions_digest,

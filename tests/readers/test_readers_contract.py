@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cusa.extract.readers import (
+from cusa.extract.shard_writer import write_shards
+from cusa.readers import (
     AlbefReader,
     DatasetReader,
     FolderReader,
@@ -22,7 +23,6 @@ from cusa.extract.readers import (
     coco_sample_root,
     open_dataset,
 )
-from cusa.extract.shard_writer import write_shards
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9._-]+$")
 

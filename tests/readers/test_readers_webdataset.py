@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from cusa.errors import DatasetError
-from cusa.extract.readers import WebDatasetReader, coco_sample_root, open_dataset
-from cusa.extract.readers.wds_format import decode_key, encode_key, split_member_name
+from cusa.readers import WebDatasetReader, coco_sample_root, open_dataset
+from cusa.readers.wds_format import decode_key, encode_key, split_member_name
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ...errors import DatasetError, UnknownNameError
-from ...registry import Registry, load_entry_points
+from ..errors import DatasetError, UnknownNameError
+from ..registry import Registry, load_entry_points
 from .albef import AlbefReader, albef_splits
 from .base import DatasetReader
 from .folder import FolderReader, find_captions_file
@@ -53,7 +53,7 @@ DATASETS: Registry[DatasetEntry] = Registry("dataset")
 
 def coco_sample_root() -> Path:
     """The folder of the embedded ``coco-sample`` dataset inside the installed package."""
-    root = resources.files("cusa.extract.readers") / "coco_sample"
+    root = resources.files("cusa.readers") / "coco_sample"
     path = Path(str(root))
     if not (path / "new_train.json").is_file():
         raise DatasetError(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cusa.errors import ConfigError, DatasetError, UnknownNameError
-from cusa.extract.readers import (
+from cusa.readers import (
     DATASETS,
     AlbefReader,
     FolderReader,
@@ -390,7 +390,7 @@ def test_an_albef_index_file_opens_its_folder():
 
 
 def test_split_from_index_file_names(tmp_path):
-    from cusa.extract.readers.registry import split_from_file_name
+    from cusa.readers.registry import split_from_file_name
 
     assert split_from_file_name(Path("new_test.json")) == "test"
     assert split_from_file_name(Path("coco_karpathy_val.json")) == "val"

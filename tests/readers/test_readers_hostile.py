@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from cusa.errors import DatasetError
-from cusa.extract.readers import AlbefReader, FolderReader, WebDatasetReader, coco_sample_root
-from cusa.extract.readers import _common as common
-from cusa.extract.readers._common import read_regular_file
+from cusa.readers import AlbefReader, FolderReader, WebDatasetReader, coco_sample_root
+from cusa.readers import _common as common
+from cusa.readers._common import read_regular_file
 
 
 def _jpeg(i: int = 0) -> bytes:

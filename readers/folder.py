@@ -20,7 +20,7 @@ import logging
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
-from ...errors import DatasetError
+from ..errors import DatasetError
 from ._common import (
     IMAGE_EXTENSIONS,
     MAX_INDEX_BYTES,
