@@ -64,8 +64,8 @@ def shard_cmd(
     as_json: JsonSummaryOption = False,
 ) -> None:
     """Write a dataset as webdataset tars with a size cap and a manifest."""
-    from ..extract.shard_writer import write_shards
     from ..readers import open_dataset
+    from ..readers.wds_writer import write_shards
     from ..sizes import parse_size
 
     cap = parse_size(max_size)

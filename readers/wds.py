@@ -26,7 +26,7 @@ Faults are never silent:
 - a truncated or corrupt tar yields every complete sample read before the fault, then one
   error sample whose ``image_error`` starts with ``"truncated tar"``; its ``image_id`` is the key
   that was being read (its members are discarded) or ``"<shard key>:truncated"``;
-- when ``manifest.json`` (written by :mod:`cusa.extract.shard_writer`) lists fewer or more
+- when ``manifest.json`` (written by :mod:`cusa.readers.wds_writer`) lists fewer or more
   samples than were read, an error sample says so.
 
 S3: credentials and endpoint come from the usual AWS variables; for an S3-compatible server set
@@ -35,7 +35,7 @@ S3: credentials and endpoint come from the usual AWS variables; for an S3-compat
 
 This module finds the tars and walks them; the format they follow (keys, member rules, how one
 key's members become a sample, the manifest) is :mod:`.wds_format`, shared with
-:mod:`cusa.extract.shard_writer`, and the URLs and byte streams are :mod:`.wds_streams`.
+:mod:`cusa.readers.wds_writer`, and the URLs and byte streams are :mod:`.wds_streams`.
 """
 
 from __future__ import annotations

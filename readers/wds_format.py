@@ -1,5 +1,5 @@
 """The cusa webdataset format, shared by the reader (:mod:`.wds`) and the writer
-(:mod:`cusa.extract.shard_writer`).
+(:mod:`cusa.readers.wds_writer`).
 
 - names: ``manifest.json`` (:data:`MANIFEST_NAME`) whose ``"format"`` is :data:`MANIFEST_FORMAT`,
   tars ending in one of :data:`TAR_SUFFIXES`, and a shard's key from its tar's file stem

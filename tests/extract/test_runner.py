@@ -149,8 +149,8 @@ def test_ray_and_local_runners_give_identical_stores(reference_store, tmp_path):
 
 def test_extract_from_shards_equals_extract_from_root(reference_store, tmp_path):
     """`cusa shard` then extract from the tars gives the same ids and bytes as the root."""
-    from cusa.extract.shard_writer import write_shards
     from cusa.readers import open_dataset
+    from cusa.readers.wds_writer import write_shards
 
     shards = tmp_path / "shards"
     write_shards(open_dataset("coco-sample", split="train"), shards, max_count=10)

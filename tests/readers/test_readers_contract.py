@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from cusa.extract.shard_writer import write_shards
 from cusa.readers import (
     AlbefReader,
     DatasetReader,
@@ -23,6 +22,7 @@ from cusa.readers import (
     coco_sample_root,
     open_dataset,
 )
+from cusa.readers.wds_writer import write_shards
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9._-]+$")
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from cusa.cli import app
 from cusa.errors import ConfigError, DatasetError
-from cusa.extract.shard_writer import write_shards
 from cusa.readers import FolderReader, WebDatasetReader, coco_sample_root, open_dataset
+from cusa.readers.wds_writer import write_shards
 from cusa.sizes import parse_size
 
 

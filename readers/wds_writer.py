@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DatasetError
-from ..readers.base import DatasetReader, Sample
-from ..readers.wds import WebDatasetReader
-from ..readers.wds_format import MANIFEST_FORMAT, MANIFEST_NAME, encode_key
 from ..sizes import parse_size
+from .base import DatasetReader, Sample
+from .wds import WebDatasetReader
+from .wds_format import MANIFEST_FORMAT, MANIFEST_NAME, encode_key
 
 log = logging.getLogger(__name__)
 
