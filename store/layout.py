@@ -14,6 +14,8 @@ Layout of a store rooted at ``ROOT`` (a directory or an fsspec URL)::
         features  (N, D)                       after sealing: all rows sorted by sample id
         sample_id (N,)
         manifest.parquet                       after sealing: every sample, failures included
+        id_index.bin                           after sealing: id hashes, rows and id bytes
+                                               that readers memory-map (cusa.store.id_index)
         sealed.json                            the seal record, written last
 
 A shard becomes visible to readers only when its commit record exists; the record names the
@@ -38,6 +40,10 @@ LAYOUT_VERSION = 1
 MARKER = "cusa_store.json"
 SEALED = "sealed.json"
 MANIFEST = "manifest.parquet"
+#: The sealed group's id index (:mod:`cusa.store.id_index`), an extra file older cusa ignores.
+ID_INDEX = "id_index.bin"
+#: Held (created exclusively) while ``cusa store reindex`` writes the id index.
+ID_INDEX_LOCK = "id_index.lock"
 DTYPES = ("float16", "float32")
 #: Groups of this dtype keep the plain ``<teacher>@<fp>`` folder; others add ``-<dtype>``, so
 #: features of one teacher in several dtypes live side by side and old stores keep their paths.

@@ -10,11 +10,11 @@ on one machine share the same page-cache pages instead of holding per-process co
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 from collections.abc import Sequence
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,15 @@ from ..errors import ConfigError, SampleNotFoundError, StoreError, StoreSpecMism
 from ..paths import segments_dir
 from .feature_store import FeatureStore
 from .group import FeatureGroup
-from .layout import Segment
+from .id_index import IdIndex, open_index_file
+from .layout import ID_INDEX, Segment
+from .sealing import (
+    build_index_from_ids,
+    check_index_header,
+    empty_ids,
+    read_sealed_ids,
+    read_segment_ids,
+)
 from .spec import format_spec_diff, spec_diff
 
 log = logging.getLogger(__name__)
@@ -52,8 +60,11 @@ class FeatureLookup:
             # A writer may seal the group (and remove its parts) while we open it; then the
             # sealed arrays hold the same rows, so open again from those.
             try:
+                from .integrity import check_group  # what verify refuses, readers refuse
+
+                check_group(group)
                 self._segments: list[Segment] = group.segments()
-                ids = self._read_all_ids()
+                self._index: IdIndex | None = self._open_index()
                 self._maps: list[np.ndarray] | None = [self._map(s) for s in self._segments]
                 break
             except FileNotFoundError as exc:
@@ -64,16 +75,8 @@ class FeatureLookup:
                         "run `cusa store verify` to see what else is wrong, then delete the "
                         "group folder and re-extract it (other groups are not affected)",
                     ) from exc
-        self.ids: list[str] = ids
-        self._index: dict[str, int] = {}
-        for row, sid in enumerate(ids):
-            if sid in self._index:
-                raise StoreError(
-                    f"duplicate sample id {sid!r} in {group.url!r} (rows {self._index[sid]} and "
-                    f"{row}); run `cusa store verify` on the store"
-                )
-            self._index[sid] = row
         self._offsets = np.cumsum([0] + [s.rows for s in self._segments]).astype(np.int64)
+        self._rows = int(self._offsets[-1])
 
     @classmethod
     def open(
@@ -123,10 +126,12 @@ class FeatureLookup:
         return cls(group, cache_dir=cache_dir)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self._rows
 
     def __contains__(self, sample_id: object) -> bool:
-        return sample_id in self._index
+        if not isinstance(sample_id, str | bytes):
+            return False
+        return bool(self._id_index().lookup([sample_id])[1][0])
 
     def __repr__(self) -> str:
         return f"FeatureLookup({self.group.url!r}, rows={len(self)}, dim={self.dim})"
@@ -134,26 +139,42 @@ class FeatureLookup:
     # -- id mapping ---------------------------------------------------------------------------
 
     def rows(self, sample_ids: Sequence[str]) -> np.ndarray:
-        """Row numbers of ``sample_ids``; precompute them once to skip the id lookup per batch."""
+        """Row numbers of ``sample_ids``; precompute them once to skip the id lookup per batch.
+
+        ``sample_ids`` may be a list or tuple of ``str`` (or UTF-8 ``bytes``), or a numpy array of
+        them; the lookup is vectorised over the id index, with no Python object per stored id.
+        """
         if isinstance(sample_ids, str | bytes):
             raise ConfigError(
                 f"sample_ids must be a list of ids, got the single string {sample_ids[:80]!r}; "
                 f"pass [{sample_ids[:80]!r}]"
             )
-        n = len(sample_ids)
-        try:
-            if n == 0:
-                return np.zeros(0, dtype=np.int64)
-            if n == 1:
-                return np.array([self._index[sample_ids[0]]], dtype=np.int64)
-            # itemgetter loops in C: ~3x faster than a comprehension over 128 ids.
-            return np.array(itemgetter(*sample_ids)(self._index), dtype=np.int64)
-        except KeyError as exc:
+        if isinstance(sample_ids, np.ndarray):
+            sample_ids = sample_ids.tolist()
+        rows, found = self._id_index().lookup(sample_ids)
+        if not found.all():
+            missing = sample_ids[int(np.argmin(found))]
+            if isinstance(missing, bytes):
+                missing = missing.decode("utf-8", "backslashreplace")
             raise SampleNotFoundError(
-                f"sample id {exc.args[0]!r} is not in {self.group.url!r} (teacher "
+                f"sample id {missing!r} is not in {self.group.url!r} (teacher "
                 f"{self.spec['name']!r}); it failed extraction or belongs to another "
                 "dataset/split — see `cusa store info` for the failure ledger"
-            ) from None
+            )
+        return rows
+
+    @functools.cached_property
+    def ids(self) -> list[str]:
+        """Every sample id, in row order (sealed: sorted).
+
+        This builds one Python string per id (about 60-70 bytes each) the first time it is read,
+        and keeps them: meant for tools that list a whole group (export, kNN, small tests), not
+        for training readers, which use :meth:`rows`, :meth:`gather` and ``in``.
+        """
+        out: list[str] = []
+        for block in self._id_index().iter_ids():
+            out.extend(block)
+        return out
 
     # -- gathering ----------------------------------------------------------------------------
 
@@ -226,40 +247,85 @@ class FeatureLookup:
             os.replace(tmp, target)
         return str(target)
 
-    def _read_all_ids(self) -> list[str]:
-        import zarr
+    def _id_index(self) -> IdIndex:
+        if self._index is None:  # unpickled in a spawned worker: map the same file again
+            self._index = open_index_file(self._index_path)[0]
+        return self._index
 
-        fs = self.group.fs
+    def _open_index(self) -> IdIndex:
+        """The sealed group's ``id_index.bin`` memory-mapped, else an index built in memory."""
+        self._index_path: str | None = None
         if not self._segments:
-            return []
+            return build_index_from_ids(empty_ids(), self.group.url)
+        sealed_ids = self._segments[0].ids_rel == f"{self.group.rel}/sample_id"
         # Decide from the segments themselves, not by asking again: the group may have been
         # sealed since they were listed (their parts then vanish, and __init__ retries).
-        if self._segments[0].ids_rel == f"{self.group.rel}/sample_id":
-            rel = self._segments[0].ids_rel
-            try:
-                arr = zarr.open_array(store=fs.zarr_store(rel, read_only=True), mode="r")
-                ids = [str(x) for x in arr[:]]
-            except FileNotFoundError:
-                raise
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise self.group._broken(
-                    f"the sealed sample_id array is unreadable ({type(exc).__name__})"
-                ) from exc
+        if sealed_ids:
+            index = self._mapped_index()
+            if index is not None:
+                return index
+            ids = read_sealed_ids(self.group)
         else:
-            ids = []
-            for seg in self._segments:
-                ids.extend(self.group.read_ids(seg))
+            ids = read_segment_ids(self.group, self._segments)
         rows = sum(seg.rows for seg in self._segments)
         if len(ids) != rows:
             raise self.group._broken(
                 f"its sample_id arrays hold {len(ids)} ids for {rows} feature rows",
                 "run `cusa store verify`, then delete the group folder and re-extract it",
             )
-        return ids
+        return build_index_from_ids(ids, self.group.url)
+
+    def _mapped_index(self) -> IdIndex | None:
+        """The group's index file, mapped, when it is present and matches the sealed arrays.
+
+        A group sealed by an older cusa has none (`cusa store reindex` writes it); a stale,
+        damaged or newer-version file is ignored with a warning, and the ids are read instead.
+        """
+        rel = f"{self.group.rel}/{ID_INDEX}"
+        try:
+            path = self._local_index_file(rel)
+        except FileNotFoundError:
+            log.info(
+                "%s has no %s; reading its ids (`cusa store reindex` writes it)",
+                self.group.url,
+                ID_INDEX,
+            )
+            return None
+        try:
+            index, header = open_index_file(path)
+            check_index_header(header, self.group)
+        except StoreError as exc:
+            log.warning("ignoring the id index of %s: %s", self.group.url, exc)
+            return None
+        self._index_path = path
+        return index
+
+    def _local_index_file(self, rel: str) -> str:
+        fs = self.group.fs
+        if fs.is_local:
+            path = fs.local_path(rel)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(path)
+            return path
+        # Object storage: one copy per node, named by what identifies this sealed index.
+        sealed = self.group.sealed or {}
+        key = hashlib.sha256(
+            f"{self.group.url}|{sealed.get('sealed')}|{fs.size(rel)}".encode()
+        ).hexdigest()
+        target = self._cache_dir / f"idx-{key}.bin"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".{os.getpid()}.partial")
+            fs.fs.get_file(fs.path(rel), str(tmp))
+            os.replace(tmp, target)
+        return str(target)
 
     # -- pickling for spawn-based DataLoader workers -------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_maps"] = None
+        state.pop("ids", None)  # the cached list of every id, if a tool asked for it
+        if self._index_path is not None:
+            state["_index"] = None  # a memory map: the worker maps the same file again
         return state

@@ -12,16 +12,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import ConfigError, StoreError
 from .fs import StoreFS
-from .layout import Segment, now
+from .id_index import IdIndex, index_file_blocks
+from .layout import ID_INDEX, ID_INDEX_LOCK, Segment, now
 
 # A sealed chunk holds at most this many bytes, so one chunk file stays mmap- and zarr-friendly.
 MAX_CHUNK_BYTES = 2**31 - 1
@@ -52,30 +56,249 @@ def seal_block_bytes() -> int:
     return value
 
 
-def sort_unique_ids(ids: list[str], url: str) -> tuple[list[int], list[str]]:
+# -- sample ids as Arrow arrays: no Python object per id -------------------------------------------
+
+
+def empty_ids() -> pa.LargeStringArray:
+    return pa.array([], type=pa.large_string())
+
+
+def _zarr_ids(fs: StoreFS, rel: str) -> pa.LargeStringArray:
+    """The string array at ``rel`` as Arrow: zarr decodes it to numpy's ``StringDType`` (no Python
+    object per id), which Arrow converts in C."""
+    import zarr
+
+    arr = zarr.open_array(store=fs.zarr_store(rel, read_only=True), mode="r")
+    values = arr[:]
+    if values.dtype == object:  # older numpy/zarr: objects, converted once here
+        return pa.array(values.tolist(), type=pa.large_string())
+    return pa.array(values, type=pa.large_string())
+
+
+def read_segment_ids(group: Any, segs: list[Segment]) -> pa.LargeStringArray:
+    """The ids of the committed parts ``segs``, one after the other (row order of an unsealed
+    group).
+
+    Raises:
+        FileNotFoundError: a part vanished (a concurrent seal: callers retry from the seal).
+        BrokenGroupError: an id array is unreadable.
+    """
+    chunks = []
+    for seg in segs:
+        try:
+            chunks.append(_zarr_ids(group.fs, seg.ids_rel))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+            name = seg.ids_rel[len(group.rel) + 1 :]
+            raise group._broken(
+                f"the sample_id array {name} is unreadable ({type(exc).__name__})"
+            ) from exc
+    if not chunks:
+        return empty_ids()
+    return pa.concat_arrays(chunks)
+
+
+def read_sealed_ids(group: Any) -> pa.LargeStringArray:
+    """The sealed ``sample_id`` array of ``group`` as Arrow (sorted; row order)."""
+    try:
+        return _zarr_ids(group.fs, f"{group.rel}/sample_id")
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        raise group._broken(
+            f"the sealed sample_id array is unreadable ({type(exc).__name__})"
+        ) from exc
+
+
+def id_buffers(ids: pa.LargeStringArray) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets, blob)``: (N+1,) int64 and uint8 views of an Arrow large_string array."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = pa.concat_arrays(ids.chunks) if ids.num_chunks else empty_ids()
+    ids = ids.cast(pa.large_string())
+    bufs = ids.buffers()
+    n = len(ids)
+    offsets = np.frombuffer(bufs[1], dtype=np.int64)[ids.offset : ids.offset + n + 1]
+    if n == 0:
+        offsets = np.zeros(1, dtype=np.int64)
+    blob = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    if n and offsets[0] != 0:  # a slice: re-base (copies only the offsets)
+        blob = blob[offsets[0] : offsets[-1]]
+        offsets = offsets - offsets[0]
+    return offsets, blob
+
+
+def build_index_from_ids(ids: pa.LargeStringArray, url: str) -> IdIndex:
+    """An in-memory id index of ``ids`` (row ``i`` is ``ids[i]``).
+
+    Raises:
+        StoreError: an id occurs twice; the message names it and the group.
+    """
+    offsets, blob = id_buffers(ids)
+    return IdIndex.build(offsets, blob, what=repr(url))
+
+
+def sort_unique_ids(ids: pa.LargeStringArray, url: str) -> tuple[np.ndarray, pa.LargeStringArray]:
     """``(order, sorted_ids)``: the positions of ``ids`` in sorted-id order, and those ids.
+
+    Sorted by Arrow (UTF-8 byte order, which is code point order, as in Python), so no Python
+    string is made per id.
 
     Raises:
         StoreError: an id occurs twice (two shards committed it).
     """
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    sorted_ids = [ids[i] for i in order]
-    for a, b in zip(sorted_ids, sorted_ids[1:]):  # noqa: B905 (offset by one on purpose)
-        if a == b:
+    order = pc.sort_indices(ids)
+    sorted_ids = ids.take(order)
+    n = len(sorted_ids)
+    if n > 1:
+        same = pc.equal(sorted_ids.slice(1), sorted_ids.slice(0, n - 1))
+        if pc.any(same).as_py():
+            first = pc.index(same, True).as_py()
             raise StoreError(
-                f"cannot seal {url!r}: sample id {a!r} was committed by two shards; "
-                "ids must be unique across the dataset — fix the dataset (duplicate ids) "
-                "and re-extract into a new store"
+                f"cannot seal {url!r}: sample id {sorted_ids[first].as_py()!r} was committed by "
+                "two shards; ids must be unique across the dataset — fix the dataset "
+                "(duplicate ids) and re-extract into a new store"
             )
-    return order, sorted_ids
+    return order.to_numpy().astype(np.int64, copy=False), sorted_ids
+
+
+# -- the id index file -----------------------------------------------------------------------------
+
+
+def write_id_index(fs: StoreFS, rel: str, sorted_ids: pa.LargeStringArray) -> dict[str, Any]:
+    """Build and write ``id_index.bin`` of the sealed group at ``rel`` (temp file, then rename).
+
+    Its header records the row count and the size of the ``sample_id`` chunk it was built from,
+    which readers compare before trusting it.
+
+    Returns:
+        The header fields it recorded.
+
+    Raises:
+        StoreError: an id occurs twice.
+    """
+    offsets, blob = id_buffers(sorted_ids)
+    index = IdIndex.build(offsets, blob, what=repr(fs.path(rel)))
+    n = len(offsets) - 1
+    extra = {
+        "rows": n,
+        "sample_id_chunk_bytes": fs.size(f"{rel}/sample_id/c/0") if n else 0,
+        "built": now(),
+    }
+    fs.write_stream_atomic(f"{rel}/{ID_INDEX}", index_file_blocks(index, extra))
+    return extra
+
+
+def check_index_header(header: dict[str, Any], group: Any) -> None:
+    """Refuse an index that does not belong to the group's sealed arrays as they are now.
+
+    Raises:
+        StoreError: the rows or the ``sample_id`` chunk size differ from the header's.
+    """
+    sealed = group.sealed or {}
+    rows = int(sealed.get("rows", -1))
+    if header.get("rows") != rows or header.get("n") != rows:
+        raise StoreError(
+            f"{ID_INDEX} of {group.url!r} indexes {header.get('rows')!r} ids but the group is "
+            f"sealed with {rows} rows; run `cusa store reindex`"
+        )
+    size = group.fs.size(f"{group.rel}/sample_id/c/0") if rows else 0
+    if header.get("sample_id_chunk_bytes") != size:
+        raise StoreError(
+            f"{ID_INDEX} of {group.url!r} was built from a sample_id chunk of "
+            f"{header.get('sample_id_chunk_bytes')!r} bytes, which now has {size}; run "
+            "`cusa store reindex`"
+        )
+
+
+def reindex_group(group: Any, *, force: bool = False) -> str:
+    """Write the id index of a sealed group that lacks a valid one (a group sealed by an older
+    cusa). Idempotent and crash-safe (the file is written under a temporary name, then renamed).
+
+    A lock file, created exclusively (the store's commit mechanism: ``os.link`` on a disk),
+    refuses a second reindex of the same group running at once; a lock left by a killed process
+    on this host is taken over.
+
+    Returns:
+        ``"written"``, ``"up-to-date"`` (a valid index was there; ``force`` rewrites it) or
+        ``"not-sealed"`` (an unsealed group's lookups index its parts in memory).
+
+    Raises:
+        StoreError: another process holds the lock (the message names it), or an id is
+            duplicated.
+    """
+    sealed = group.sealed
+    if not sealed:
+        return "not-sealed"
+    fs, rel = group.fs, group.rel
+    if not force and _index_is_valid(group):
+        return "up-to-date"
+    lock = f"{rel}/{ID_INDEX_LOCK}"
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    if not fs.create_exclusive(lock, me.encode()):
+        holder = _lock_holder(fs, lock)
+        if not _is_stale(holder):
+            raise StoreError(
+                f"cannot reindex {group.url!r}: {holder!r} is writing its id index now "
+                f"({lock} exists); wait for it to finish, or delete that file if the process "
+                "is gone"
+            )
+        fs.remove(lock)  # left by a process of this host that no longer runs
+        if not fs.create_exclusive(lock, me.encode()):
+            raise StoreError(
+                f"cannot reindex {group.url!r}: another process took its lock {lock} just now"
+            )
+    try:
+        remove_temp_files(fs, rel)
+        write_id_index(fs, rel, read_sealed_ids(group))
+    finally:
+        fs.remove(lock)
+    return "written"
+
+
+def _index_is_valid(group: Any) -> bool:
+    from .id_index import open_index_file
+
+    rel = f"{group.rel}/{ID_INDEX}"
+    if not group.fs.is_local or not group.fs.exists(rel):
+        return False
+    try:
+        _, header = open_index_file(group.fs.local_path(rel))
+        check_index_header(header, group)
+    except (StoreError, OSError):
+        return False
+    return True
+
+
+def _lock_holder(fs: StoreFS, lock: str) -> str:
+    try:
+        return fs.read_bytes(lock).decode("utf-8", "replace").strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _is_stale(holder: str) -> bool:
+    """Whether a lock names a process of this host that is not running (or names nothing)."""
+    host, _, pid = holder.rpartition(":")
+    if not holder:
+        return True
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def write_sorted_arrays(
     fs: StoreFS,
     rel: str,
     segs: list[Segment],
-    order: list[int],
-    sorted_ids: list[str],
+    order: np.ndarray,
+    sorted_ids: pa.LargeStringArray,
     dim: int,
     dtype: np.dtype,
 ) -> tuple[list[int], list[str]]:
@@ -128,8 +351,62 @@ def write_sorted_arrays(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sid = _seal_array(group_store, "sample_id", shape=(n,), chunks=(n,), dtype=str)
-    sid[...] = np.array(sorted_ids, dtype=object)
+    write_sealed_ids(fs, rel, sid, sorted_ids)
     return chunk_rows, chunk_sha
+
+
+#: Ids encoded per zstd frame of the sealed ``sample_id`` chunk: its bytes stream to disk, and a
+#: chunk below this is a single frame, byte for byte what zarr itself writes.
+SAMPLE_ID_FRAME_BYTES = 8 * 2**20
+
+
+def write_sealed_ids(fs: StoreFS, rel: str, sid: Any, sorted_ids: pa.LargeStringArray) -> None:
+    """Write the one chunk of the sealed ``sample_id`` array from Arrow, streamed.
+
+    Zarr's codecs for strings are ``vlen-utf8`` (a u32 count, then a u32 length and the bytes of
+    each id) and ``zstd``; the chunk is built from the Arrow buffers block by block, each block a
+    zstd frame (numcodecs decodes concatenated frames), so sealing never holds a Python string per
+    id nor the whole chunk. Another codec configuration is left to zarr.
+    """
+    codecs = [c.to_dict() for c in (*sid.metadata.codecs,)]
+    names = [c.get("name") for c in codecs]
+    if names != ["vlen-utf8", "zstd"]:
+        sid[...] = np.array(sorted_ids.to_pylist(), dtype=object)
+        return
+    import numcodecs
+
+    conf = codecs[1].get("configuration", {})
+    zstd = numcodecs.Zstd(level=int(conf.get("level", 0)), checksum=bool(conf.get("checksum")))
+    offsets, blob = id_buffers(sorted_ids)
+    n = len(offsets) - 1
+
+    def frames() -> Iterator[bytes]:
+        lo = 0
+        while lo < n:
+            hi = int(np.searchsorted(offsets, offsets[lo] + SAMPLE_ID_FRAME_BYTES, "right")) - 1
+            hi = min(n, max(hi, lo + 1))
+            raw = _vlen_block(offsets[lo : hi + 1], blob, header=n if lo == 0 else None)
+            yield zstd.encode(raw)
+            lo = hi
+
+    fs.write_stream_atomic(f"{rel}/sample_id/c/0", frames())
+
+
+def _vlen_block(offsets: np.ndarray, blob: np.ndarray, header: int | None) -> np.ndarray:
+    """``vlen-utf8`` bytes of the ids ``blob[offsets[i]:offsets[i+1]]`` (+ the count header)."""
+    k = len(offsets) - 1
+    base = 4 if header is not None else 0
+    lengths = np.diff(offsets)
+    start = base + 4 * np.arange(k, dtype=np.int64) + (offsets[:-1] - offsets[0])  # (k,)
+    out = np.empty(base + 4 * k + int(offsets[-1] - offsets[0]), dtype=np.uint8)
+    if header is not None:
+        out[:4] = np.frombuffer(np.uint32(header).tobytes(), dtype=np.uint8)
+    len_bytes = lengths.astype("<u4").view(np.uint8).reshape(k, 4)
+    out[start[:, None] + np.arange(4)] = len_bytes
+    data_dst = np.repeat(start + 4 - offsets[:-1], lengths)  # (bytes,) shift of each byte
+    data_dst += np.arange(offsets[0], offsets[-1], dtype=np.int64)
+    out[data_dst] = blob[offsets[0] : offsets[-1]]
+    return out
 
 
 def _local_segment_files(
