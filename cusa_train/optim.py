@@ -32,15 +32,24 @@ def epoch_cosine_lr(
     epochs: int,
     warmup_epochs: int = 0,
     warmup_lr: float | None = None,
+    warmup_prefix: bool = True,
 ) -> float:
-    """The official per-epoch learning rate (timm ``CosineLRScheduler``, ``t_initial=epochs``,
-    one cycle, no noise), with the same floating-point expression so the values are exact."""
+    """The official per-epoch learning rate: ``_get_lr`` of the official code's copy of timm's
+    ``CosineLRScheduler`` (lerogo/aaai24_itr_cusa ``scheduler/cosine_lr.py``) with
+    ``t_initial=epochs``, one cycle, no noise, in the same floating-point expression so the values
+    are exact.
+
+    ``warmup_prefix=True`` (the official copy's default) starts the cosine after the warmup:
+    epoch ``warmup_epochs`` has the peak ``lr``. ``False`` is stock timm: the cosine is counted
+    from epoch 0, so the warmup epochs use up its start.
+    """
     if epoch < warmup_epochs:
         start = lr if warmup_lr is None else warmup_lr
         return start + epoch * ((lr - start) / warmup_epochs)
-    if epoch >= epochs:  # past the single cycle timm holds the minimum
+    t = epoch - warmup_epochs if warmup_prefix else epoch
+    if t >= epochs:  # past the single cycle (cycle_limit=1) the scheduler holds the minimum
         return min_lr
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / epochs))
 
 
 def param_groups(

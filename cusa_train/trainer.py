@@ -476,7 +476,7 @@ def _train(
             if o.schedule == "epoch-cosine":
                 # Official: ``lr_scheduler.step(epoch)`` before the epoch's first batch.
                 lr_now = epoch_cosine_lr(
-                    epoch, o.lr, o.final_lr, o.epochs, o.warmup_epochs, o.warmup_lr
+                    epoch, o.lr, o.final_lr, o.epochs, o.warmup_epochs, o.warmup_lr, o.warmup_prefix
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = lr_now

@@ -145,7 +145,10 @@ class OptimConfig:
     - ``"epoch-cosine"``: the official CUSA schedule (timm's ``CosineLRScheduler`` with
       ``t_initial = epochs``, stepped once per epoch before its first batch):
       ``lr(e) = min_lr + (lr - min_lr) * (1 + cos(pi * e / epochs)) / 2``, after a linear warmup
-      from ``warmup_lr`` over ``warmup_epochs`` (0 in every official config).
+      from ``warmup_lr`` over ``warmup_epochs`` (0 in every official config). With
+      ``warmup_prefix: true`` (default, the official code's copy of the scheduler) the cosine
+      starts after the warmup, ``e`` above being ``epoch - warmup_epochs``; ``false`` is stock
+      timm, whose cosine counts from epoch 0.
 
     Two weight-decay groupings:
 
@@ -163,6 +166,7 @@ class OptimConfig:
         warmup_steps: linear warmup steps (``step-cosine``).
         warmup_epochs: linear warmup epochs (``epoch-cosine``).
         warmup_lr: lr at the start of the warmup (``epoch-cosine``; default ``lr``).
+        warmup_prefix: start the cosine after the warmup (``epoch-cosine``; official ``True``).
         epochs: passes over the data (ignored when ``max_steps`` is set).
         max_steps: total optimiser steps; ``None`` derives it from ``epochs``.
         min_lr_ratio: final lr as a fraction of ``lr`` (when ``min_lr`` is not set).
@@ -179,6 +183,7 @@ class OptimConfig:
     warmup_steps: StrictInt = 100
     warmup_epochs: StrictInt = 0
     warmup_lr: StrictFloat | None = None
+    warmup_prefix: StrictBool = True
     epochs: StrictInt = 1
     max_steps: StrictInt | None = None
     min_lr_ratio: StrictFloat = 0.0
@@ -421,6 +426,7 @@ def _from_official(cfg: dict[str, Any], dataset: str | None) -> TrainConfig:
             warmup_steps=0,
             warmup_epochs=int(sched["warmup_epochs"]),
             warmup_lr=float(sched["warmup_lr"]),
+            warmup_prefix=True,  # the official scheduler copy's default
             epochs=int(sched["epochs"]),
             min_lr=float(sched["min_lr"]),
             decay_groups="official",

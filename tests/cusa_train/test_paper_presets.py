@@ -114,7 +114,7 @@ def test_official_30_epoch_schedule_is_reproduced_exactly(golden):
 def test_epoch_cosine_warmup_and_tail():
     assert epoch_cosine_lr(0, 1.0, 0.1, 10, warmup_epochs=2, warmup_lr=0.0) == 0.0
     assert epoch_cosine_lr(1, 1.0, 0.1, 10, warmup_epochs=2, warmup_lr=0.0) == 0.5
-    assert epoch_cosine_lr(2, 1.0, 0.1, 10, 2, 0.0) == pytest.approx(
+    assert epoch_cosine_lr(2, 1.0, 0.1, 10, 2, 0.0, warmup_prefix=False) == pytest.approx(
         0.1 + 0.45 * (1 + math.cos(math.pi * 0.2))
     )
     assert epoch_cosine_lr(12, 1.0, 0.1, 10) == 0.1  # past the cycle: the minimum, as timm
