@@ -113,6 +113,39 @@ def area_paths() -> dict[str, Path]:
     }
 
 
+def _check_home() -> Path:
+    """``$CUSA_HOME``, refused when it exists but is not a folder (``cache info`` would say
+    "0 items" and ``clean`` "removed 0" about a path that cannot hold anything)."""
+    home = cusa_home()
+    if os.path.lexists(home) and not home.is_dir():
+        kind = "a regular file" if home.is_file() else "not a folder"
+        raise ConfigError(
+            f"$CUSA_HOME {_short(str(home))!r} is {kind}, not a folder; point CUSA_HOME at a "
+            "folder (or unset it to use ~/.cache/cusa)"
+        )
+    return home
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... [{len(text):,} chars]"
+
+
+def _link_on_way(path: Path, home: Path) -> Path | None:
+    """The first symlink among ``path``'s components below ``home`` (``path`` included), or
+    None. ``$CUSA_HOME`` itself (and an explicit ``$CUSA_MODELS_DIR``) may be a link: the user
+    chose it; a link *inside* it may lead anywhere, so cleaning never goes through one."""
+    try:
+        rel = path.relative_to(home)
+    except ValueError:
+        return None
+    cur = home
+    for part in rel.parts:
+        cur = cur / part
+        if cur.is_symlink():
+            return cur
+    return None
+
+
 def _files(path: Path) -> Iterator[os.stat_result]:
     if path.is_symlink() or not path.is_dir():
         with contextlib.suppress(OSError):
@@ -141,7 +174,17 @@ def _item(area: str, path: Path, base: Path, note: str = "") -> CacheItem:
     # Reading a store's records (e.g. `cache info` itself) bumps access times, so groups,
     # segments (touched by FeatureLookup on every use) and downloads go by modification time.
     size, last = _measure(path, with_atime=area == "models")
-    return CacheItem(area, str(path), str(path.relative_to(base)), size, last, note)
+    try:
+        name = str(path.relative_to(base))
+    except ValueError:
+        name = str(path)
+    return CacheItem(area, str(path), name, size, last, note)
+
+
+def _link_item(area: str, link: Path, base: Path) -> CacheItem:
+    """A symlink met where a folder of ``area`` was expected: the link itself is the item
+    (removing it unlinks it); what it points to is never listed, measured or removed."""
+    return _item(area, link, base, "")
 
 
 def _store_items(root: Path) -> list[CacheItem]:
@@ -175,10 +218,12 @@ def _download_items(root: Path, segments: Path) -> list[CacheItem]:
     items = []
     for sub in _DOWNLOAD_DIRS:
         folder = root / sub
-        if folder.is_dir():
+        if folder.is_symlink():  # never listed through: the link itself is the item
+            items.append(_link_item("downloads", folder, root))
+        elif folder.is_dir():
             items.extend(_item("downloads", p, root) for p in sorted(folder.iterdir()))
     for folder in (root, segments):
-        if folder.is_dir():
+        if folder.is_dir() and not _link_on_way(folder, cusa_home()):
             items.extend(_item("downloads", p, folder) for p in sorted(folder.glob("*.partial")))
     return items
 
@@ -190,18 +235,37 @@ def _segment_items(root: Path) -> list[CacheItem]:
 
 
 def cache_items(areas: Iterable[str] = AREAS) -> list[CacheItem]:
-    """Every item of the given areas, as found on disk now."""
+    """Every item of the given areas, as found on disk now.
+
+    No symlink inside ``$CUSA_HOME`` is followed: an area folder (or a ``wheels``/``parts``
+    folder, a store's dataset folder) that is a symlink is one item, the link itself, and an
+    item that is a symlink is measured and removed as the link.
+    """
     wanted = _check_areas(areas)
+    home = _check_home()
     paths = area_paths()
     out: list[CacheItem] = []
-    if "store" in wanted:
-        out += _store_items(paths["store"])
-    if "models" in wanted:
-        out += _model_items(paths["models"])
-    if "downloads" in wanted:
-        out += _download_items(paths["downloads"], paths["segments"])
-    if "segments" in wanted:
-        out += _segment_items(paths["segments"])
+    for area, collect in (
+        ("store", lambda: _store_items(paths["store"])),
+        ("models", lambda: _model_items(paths["models"])),
+        ("downloads", lambda: _download_items(paths["downloads"], paths["segments"])),
+        ("segments", lambda: _segment_items(paths["segments"])),
+    ):
+        if area not in wanted:
+            continue
+        link = _link_on_way(paths[area], home)
+        if link is not None:
+            # downloads live inside models: a linked models folder is the models area's item
+            if not (area == "downloads" and _link_on_way(paths["models"], home) is not None):
+                out.append(_link_item(area, link, home))
+            continue
+        for item in collect():
+            base = paths[area] if Path(item.path).is_relative_to(paths[area]) else home
+            inner = _link_on_way(Path(item.path), base)
+            if inner is not None and inner != Path(item.path):
+                item = _link_item(area, inner, base)  # e.g. store/<dataset> -> elsewhere
+            if item not in out:
+                out.append(item)
     return out
 
 
@@ -212,6 +276,7 @@ def cache_info() -> dict[str, Any]:
         ``{"home": str, "areas": {area: {"path", "items", "bytes"}}, "other": [...],
         "total_bytes": int}``; each item as :meth:`CacheItem.to_dict`.
     """
+    _check_home()
     paths = area_paths()
     items = cache_items()
     areas: dict[str, Any] = {}
@@ -279,12 +344,15 @@ def _remove(item: CacheItem) -> bool:
     guard = _try_lock(path) if item.area == "models" else contextlib.nullcontext()
     if guard is None:
         return False
+    was_link = path.is_symlink()
     with guard:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+        if was_link or not path.is_dir():
+            path.unlink(missing_ok=True)  # a link goes, never what it points to
         else:
-            path.unlink(missing_ok=True)
-    if item.area == "store":  # drop the split and dataset folders the group leaves empty
+            shutil.rmtree(path)  # rmtree unlinks symlinks inside; it never follows them
+    if (
+        item.area == "store" and not was_link
+    ):  # drop the split and dataset folders the group leaves empty
         for parent in (path.parent, path.parent.parent):
             with contextlib.suppress(OSError):
                 parent.rmdir()
