@@ -22,13 +22,15 @@ from ..errors import (
     StoreVersionError,
 )
 from ..paths import default_store
-from .fs import StoreFS
+from .fs import StoreFS, is_writable_url, read_published_listing
 from .group import BrokenGroupError, FeatureGroup
 from .layout import (
     DTYPES,
     LAYOUT_VERSION,
     MARKER,
     PLAIN_DTYPE,
+    PUBLISHED_INDEX,
+    WRITE_DTYPES,
     group_leaf,
     is_junk,
     json_bytes,
@@ -62,6 +64,11 @@ class FeatureStore:
     def url(self) -> str:
         return self.fs.url
 
+    @property
+    def published(self) -> bool:
+        """Whether this is a published, read-only store (``cusa store publish``)."""
+        return self.fs.read_only
+
     def __repr__(self) -> str:
         return f"FeatureStore({self.url!r})"
 
@@ -85,6 +92,14 @@ class FeatureStore:
             StoreVersionError: the store was written by a newer layout version.
         """
         sfs = StoreFS.from_url(str(url or default_store()), **(storage_options or {}))
+        published = read_published_listing(sfs)
+        if published is not None:
+            sfs = sfs.with_listing(published)
+        elif not is_writable_url(sfs.url):
+            raise NotAStoreError(
+                f"no published cusa store at {sfs.url!r} (no {PUBLISHED_INDEX}); a store served "
+                "over HTTP or the Hub must be made with `cusa store publish`; check the address"
+            )
         if not sfs.exists(MARKER):
             # Another writer may be creating this store right now: the temporary file of its
             # marker is not foreign content, and its marker may appear between our checks.
@@ -234,6 +249,11 @@ class FeatureStore:
                 raise StoreError(
                     f"no group for teacher {spec_d['name']!r} ({fp}) of "
                     f"{dataset}/{split} in store {self.url!r}"
+                )
+            if spec_d["dtype"] not in WRITE_DTYPES:
+                raise ConfigError(
+                    f"extraction writes {' or '.join(WRITE_DTYPES)}, not {spec_d['dtype']!r}; "
+                    "make an int8 group from a sealed one with `cusa store quantize`"
                 )
             meta = {"zarr_format": 3, "node_type": "group", "attributes": {"cusa": attrs}}
             self.fs.create_exclusive(f"{rel}/zarr.json", json_bytes(meta))

@@ -3,23 +3,219 @@
 Everything the store writes goes through here so that the same code commits atomically on a
 local disk (write to ``*.partial``, then ``os.replace``/``os.link``) and on object storage (a PUT
 is atomic: an object is either absent or complete).
+
+A *published* store (``cusa store publish``) is read through a file listing taken from its
+consolidated index (:meth:`StoreFS.with_listing`): ``exists``/``ls``/``size`` never ask the
+server, so static hosts that cannot list folders (``https://``, ``hf://``) serve it, and every
+write is refused. Network reads have bounded timeouts (``CUSA_NET_TIMEOUT``, seconds) and a
+network failure becomes one :class:`StoreUnreachableError` naming the file and the host.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import StoreError
+from .layout import PUBLISHED_INDEX
+
+#: Seconds a network connect or read may wait before it fails (``CUSA_NET_TIMEOUT`` overrides).
+NET_TIMEOUT_S = 30.0
+#: Bytes copied per read when a remote file is streamed (to the segment cache, a pull...).
+COPY_BLOCK_BYTES = 8 * 2**20
+
+
+class StoreUnreachableError(StoreError):
+    """A remote store's host could not be reached, or stopped answering, within the timeout."""
+
+
+class ReadOnlyStoreError(StoreError):
+    """A write was asked of a published (read-only) store."""
+
+
+def net_timeout() -> float:
+    """``CUSA_NET_TIMEOUT`` in seconds, or :data:`NET_TIMEOUT_S`."""
+    raw = os.environ.get("CUSA_NET_TIMEOUT", "").strip()
+    try:
+        value = float(raw) if raw else NET_TIMEOUT_S
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise StoreError(
+            f"CUSA_NET_TIMEOUT={raw!r} is invalid; use a positive number of seconds "
+            f"(default {NET_TIMEOUT_S:g})"
+        )
+    return value
+
+
+def _net_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = [ConnectionError, TimeoutError, asyncio.TimeoutError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        errs.append(aiohttp.ClientError)
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+
+        errs.append(FSTimeoutError)
+    with contextlib.suppress(ImportError):
+        import requests
+
+        errs.append(requests.exceptions.RequestException)
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions
+
+        errs += [
+            botocore.exceptions.EndpointConnectionError,
+            botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError,
+        ]
+    return tuple(errs)
+
+
+@contextlib.contextmanager
+def network_errors(what: str) -> Iterator[None]:
+    """Turn a network failure while reading ``what`` into one :class:`StoreUnreachableError`.
+
+    A missing file stays ``FileNotFoundError``, and cusa's own errors pass unchanged.
+    """
+    try:
+        yield
+    except (FileNotFoundError, StoreError):
+        raise
+    except _net_errors() as exc:
+        detail = " ".join(str(exc).split())[:200] or "no answer"
+        raise StoreUnreachableError(
+            f"cannot read {what!r}: {type(exc).__name__}: {detail}; the host is unreachable or "
+            f"stopped answering (timeout {net_timeout():g}s, CUSA_NET_TIMEOUT) - check the "
+            "address and the network, then run the command again"
+        ) from exc
+
+
+def network_options(url: str) -> dict[str, Any]:
+    """Default fsspec options for ``url``: bounded timeouts, and streamed HTTP reads.
+
+    HTTP files are read as streams (``block_size=0``), so hosts without range requests (such
+    as Python's ``http.server``) serve them too; S3 gets connect/read timeouts and few retries.
+    """
+    protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
+    t = net_timeout()
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+        return {"block_size": 0, "client_kwargs": {"timeout": timeout}}
+    if protocol in ("s3", "s3a"):
+        retries = {"max_attempts": 3, "mode": "standard"}
+        return {"config_kwargs": {"connect_timeout": t, "read_timeout": t, "retries": retries}}
+    return {}
+
+
+#: Protocols that only read (static hosts, the Hugging Face Hub): only published stores.
+READ_ONLY_PROTOCOLS = ("http", "https", "hf")
+PUBLISHED_FORMAT = "cusa-published-store"
+#: The published index format this cusa reads and writes.
+PUBLISHED_INDEX_VERSION = 1
+#: A published index larger than this is refused (about 1 KB per file it lists).
+MAX_INDEX_BYTES = 256 * 2**20
+
+
+def is_writable_url(url: str) -> bool:
+    """Whether a store at ``url`` can be written (a folder, object storage), not a static host."""
+    protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
+    return protocol not in READ_ONLY_PROTOCOLS
+
+
+def read_published_index(sfs: StoreFS) -> dict[str, Any] | None:
+    """The consolidated index of a published store at ``sfs``, or None when there is none.
+
+    Raises:
+        StoreError: the index is malformed, too large, or of a newer format.
+        StoreUnreachableError: the host cannot be reached.
+    """
+    where = sfs.path(PUBLISHED_INDEX)
+    try:
+        if sfs.is_local:
+            if not os.path.isfile(where) or os.path.islink(where):
+                return None
+            if os.path.getsize(where) > MAX_INDEX_BYTES:
+                raise StoreError(
+                    f"published index {where!r} is larger than {MAX_INDEX_BYTES} bytes"
+                )
+        raw = sfs.read_bytes(PUBLISHED_INDEX)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except PermissionError:
+        return None  # a private bucket without one: not published (its own errors follow)
+    if len(raw) > MAX_INDEX_BYTES:
+        raise StoreError(f"published index {where!r} is larger than {MAX_INDEX_BYTES} bytes")
+    try:
+        index = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreError(
+            f"published index {where!r} is not valid JSON ({type(exc).__name__}); re-publish "
+            "the store, or fetch the file again"
+        ) from exc
+    ok = (
+        isinstance(index, dict)
+        and index.get("format") == PUBLISHED_FORMAT
+        and isinstance(index.get("files"), dict)
+        and isinstance(index.get("groups"), list)
+        and isinstance(index.get("index_version"), int)
+        and all(
+            isinstance(v, dict)
+            and isinstance(v.get("size"), int)
+            and isinstance(v.get("sha256"), str)
+            for v in index["files"].values()
+        )
+    )
+    if not ok:
+        raise StoreError(
+            f"{where!r} is not a cusa published index (format {PUBLISHED_FORMAT!r} with files "
+            "and groups); re-publish the store with `cusa store publish`"
+        )
+    if index["index_version"] > PUBLISHED_INDEX_VERSION:
+        raise StoreError(
+            f"published index {where!r} has version {index['index_version']}, newer than this "
+            f"cusa reads ({PUBLISHED_INDEX_VERSION}); upgrade cusa (pip install -U cusa)"
+        )
+    for rel in index["files"]:
+        parts = rel.split("/")
+        if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise StoreError(f"published index {where!r} lists the unsafe path {rel!r}; refused")
+    return index
+
+
+def read_published_listing(sfs: StoreFS) -> dict[str, int] | None:
+    """``{path: size}`` of a published store's files (its index included), or None."""
+    index = read_published_index(sfs)
+    if index is None:
+        return None
+    listing = {rel: int(v["size"]) for rel, v in index["files"].items()}
+    listing[PUBLISHED_INDEX] = 0
+    return listing
+
+
+def _merge_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = dict(defaults)
+    for k, v in given.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
 
 
 @dataclass(frozen=True)
@@ -29,13 +225,25 @@ class StoreFS:
     fs: fsspec.AbstractFileSystem
     root: str
     url: str
+    #: A published store's files (path relative to the root -> size), from its index; None for
+    #: a writable store, which is listed by asking the file system.
+    listing: Mapping[str, int] | None = None
 
     @classmethod
     def from_url(cls, url: str, **storage_options: Any) -> StoreFS:
-        fs, path = fsspec.core.url_to_fs(str(url), **storage_options)
+        options = _merge_options(network_options(str(url)), storage_options)
+        fs, path = fsspec.core.url_to_fs(str(url), **options)
         if isinstance(fs, LocalFileSystem):
             path = os.path.abspath(path)
         return cls(fs=fs, root=path.rstrip("/"), url=str(url))
+
+    def with_listing(self, listing: Mapping[str, int]) -> StoreFS:
+        """This store read-only, answering ``exists``/``ls``/``size`` from ``listing``."""
+        return dataclasses.replace(self, listing=dict(listing))
+
+    @property
+    def read_only(self) -> bool:
+        return self.listing is not None
 
     @property
     def is_local(self) -> bool:
@@ -44,7 +252,28 @@ class StoreFS:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *[p.strip("/") for p in parts if p]])
 
+    def _refuse_write(self, rel: str) -> None:
+        if self.listing is not None:
+            raise ReadOnlyStoreError(
+                f"cannot write {rel!r}: {self.url!r} is a published, read-only store; pull it "
+                "into a store of your own with `cusa store pull URL --store LOCAL` to add to it"
+            )
+
+    def _listed_children(self, rel: str) -> tuple[set[str], set[str]]:
+        """(files, folders) directly under ``rel`` in the listing."""
+        prefix = f"{rel.strip('/')}/" if rel.strip("/") else ""
+        files: set[str] = set()
+        dirs: set[str] = set()
+        for key in self.listing or {}:
+            if key.startswith(prefix):
+                head, sep, _ = key[len(prefix) :].partition("/")
+                (dirs if sep else files).add(head)
+        return files, dirs
+
     def exists(self, rel: str) -> bool:
+        if self.listing is not None:
+            key = rel.strip("/")
+            return key in self.listing or any(k.startswith(f"{key}/") for k in self.listing)
         full = self.path(rel)
         # Object-store filesystems (s3fs) cache listings per process forever; other writers'
         # commits would stay invisible to a long-lived reader, so always ask the server.
@@ -52,13 +281,83 @@ class StoreFS:
         return self.fs.exists(full)
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        with network_errors(self.path(rel)):
+            return self.fs.cat_file(self.path(rel))
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
+    def open_read(self, rel: str) -> BinaryIO:
+        """``rel`` opened for streamed reading; network failures become one clear error."""
+        with network_errors(self.path(rel)):
+            fh = self.fs.open(self.path(rel), "rb")
+        return _NetFile(fh, self.path(rel))  # type: ignore[return-value]
+
+    def copy_to_local(
+        self,
+        rel: str,
+        target: str,
+        *,
+        sha256: str | None = None,
+        size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> str:
+        """Stream ``rel`` into the local file ``target`` (atomically), checking its SHA-256.
+
+        Returns the SHA-256 of the bytes copied. ``progress`` is called with each block's size.
+
+        Raises:
+            StoreError: the size or SHA-256 differs from the expected one (the file names the
+                chunk and both hashes; nothing is left at ``target``).
+            StoreUnreachableError: the host went away or stopped answering mid-copy.
+        """
+        digest = hashlib.sha256()
+        copied = 0
+
+        def blocks() -> Iterator[bytes]:
+            nonlocal copied
+            with self.open_read(rel) as fh:
+                while True:
+                    block = fh.read(COPY_BLOCK_BYTES)
+                    if not block:
+                        return
+                    digest.update(block)
+                    copied += len(block)
+                    if progress is not None:
+                        progress(len(block))
+                    yield block
+
+        tmp = _write_partial(target, blocks())
+        try:
+            got = digest.hexdigest()
+            if size is not None and copied != size:
+                raise StoreError(
+                    f"chunk {self.path(rel)!r} has {copied} bytes, expected {size}; it is "
+                    "truncated or was replaced - ask its publisher to re-publish it"
+                )
+            if sha256 is not None and got != sha256:
+                raise StoreError(
+                    f"chunk {self.path(rel)!r} does not match its recorded SHA-256 (got "
+                    f"{got[:16]}..., recorded {sha256[:16]}...); it was changed or damaged - "
+                    "refused; ask its publisher to re-publish it"
+                )
+            os.replace(tmp, target)
+        finally:
+            _unlink_quietly(tmp)
+        return got
+
+    def du(self, rel: str) -> int:
+        """Bytes of every file under ``rel``."""
+        if self.listing is not None:
+            key = rel.strip("/")
+            return sum(v for k, v in self.listing.items() if k == key or k.startswith(f"{key}/"))
+        return int(self.fs.du(self.path(rel)))
+
     def ls(self, rel: str) -> list[str]:
         """Names (not paths) directly under ``rel``; empty when it does not exist."""
+        if self.listing is not None:
+            files, dirs = self._listed_children(rel)
+            return sorted(files | dirs)
         full = self.path(rel)
         self.fs.invalidate_cache(full)  # see exists()
         try:
@@ -69,6 +368,8 @@ class StoreFS:
 
     def ls_dirs(self, rel: str) -> list[str]:
         """Names of the directories directly under ``rel`` (files such as ``.DS_Store`` skipped)."""
+        if self.listing is not None:
+            return sorted(self._listed_children(rel)[1])
         full = self.path(rel)
         if self.is_local:
             try:
@@ -88,10 +389,16 @@ class StoreFS:
         )
 
     def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
+        if self.listing is not None:
+            if rel.strip("/") not in self.listing:
+                raise FileNotFoundError(self.path(rel))
+            return int(self.listing[rel.strip("/")])
+        with network_errors(self.path(rel)):
+            return int(self.fs.size(self.path(rel)))
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         """Write ``data`` so that readers see either nothing or the whole file."""
+        self._refuse_write(rel)
         full = self.path(rel)
         if self.is_local:
             _write_local_atomic(full, data)
@@ -103,6 +410,7 @@ class StoreFS:
 
         Object stores get a local temporary file, uploaded when complete (a PUT is atomic).
         """
+        self._refuse_write(rel)
         full = self.path(rel)
         if self.is_local:
             _write_local_atomic(full, blocks)
@@ -121,6 +429,7 @@ class StoreFS:
         Object stores get check-then-put; two writers racing in that window both write the
         same record shape and readers still see one complete record (last writer wins).
         """
+        self._refuse_write(rel)
         full = self.path(rel)
         if self.is_local:
             tmp = _write_partial(full, data)
@@ -142,6 +451,7 @@ class StoreFS:
         return True
 
     def remove(self, rel: str) -> None:
+        self._refuse_write(rel)
         full = self.path(rel)
         try:
             if self.fs.isdir(full):
@@ -163,6 +473,27 @@ class StoreFS:
         if self.is_local:
             return LocalStore(self.path(rel), read_only=read_only)
         return FsspecStore(_async_instance(self.fs), path=self.path(rel), read_only=read_only)
+
+
+class _NetFile:
+    """A read-only file whose network failures become :class:`StoreUnreachableError`."""
+
+    def __init__(self, fh: Any, where: str) -> None:
+        self._fh, self._where = fh, where
+
+    def read(self, n: int = -1) -> bytes:
+        with network_errors(self._where):
+            return self._fh.read(n)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._fh.close()
+
+    def __enter__(self) -> _NetFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _unlink_quietly(path: str) -> None:

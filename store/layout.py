@@ -44,7 +44,12 @@ MANIFEST = "manifest.parquet"
 ID_INDEX = "id_index.bin"
 #: Held (created exclusively) while ``cusa store reindex`` writes the id index.
 ID_INDEX_LOCK = "id_index.lock"
-DTYPES = ("float16", "float32")
+DTYPES = ("float16", "float32", "int8")
+#: dtypes that extraction writes; ``int8`` groups are made from a sealed group
+#: (``cusa store quantize``, :mod:`cusa.store.quant`).
+WRITE_DTYPES = ("float16", "float32")
+#: A published store's consolidated index (``cusa store publish``, :mod:`cusa.store.publish`).
+PUBLISHED_INDEX = "cusa_index.json"
 #: Groups of this dtype keep the plain ``<teacher>@<fp>`` folder; others add ``-<dtype>``, so
 #: features of one teacher in several dtypes live side by side and old stores keep their paths.
 PLAIN_DTYPE = "float16"

@@ -512,7 +512,7 @@ def _check_unit(group: FeatureGroup, unit: _Unit, report: VerifyReport, check_ha
     row_bytes = group.dim * group.dtype.itemsize
     block_rows = max(1, _BLOCK_BYTES // (group.dim * 4))
     digest = hashlib.sha256() if check_hashes else None
-    with fs.fs.open(fs.path(seg.rel), "rb") as fh:  # streamed: never the whole chunk in memory
+    with fs.open_read(seg.rel) as fh:  # streamed: never the whole chunk in memory
         for start in range(0, seg.rows, block_rows):
             n = min(block_rows, seg.rows - start)
             raw = fh.read(n * row_bytes)
