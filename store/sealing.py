@@ -256,6 +256,46 @@ def reindex_group(group: Any, *, force: bool = False) -> str:
     return "written"
 
 
+def check_id_index(group: Any) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)`` of a sealed group's id index, checked against its sealed ids.
+
+    The file must match the sealed arrays (rows, ``sample_id`` chunk), hold exactly the sealed
+    ids in row order, and every hash must be the hash of its row's id, sorted, each row once.
+    All of it is numpy over the whole index (memory about 30 bytes per id), no Python object
+    per id. A group without the file (sealed by an older cusa) only gets a warning.
+    """
+    from .id_index import hash_ids, open_index_file
+
+    rel, fs = group.rel, group.fs
+    fix = "run `cusa store reindex --force` to rebuild it"
+    if not fs.exists(f"{rel}/{ID_INDEX}"):
+        return [], [
+            f"{rel}: no {ID_INDEX} (sealed by an older cusa): every lookup reads all its ids "
+            "when it opens; `cusa store reindex` writes the index"
+        ]
+    if not fs.is_local:
+        return [], [f"{rel}: {ID_INDEX} is checked on local stores only"]
+    try:
+        index, header = open_index_file(fs.local_path(f"{rel}/{ID_INDEX}"))
+        check_index_header(header, group)
+    except StoreError as exc:
+        return [f"{rel}: {ID_INDEX} is unusable ({exc}); {fix}"], []
+    offsets, blob = id_buffers(read_sealed_ids(group))
+    problems = []
+    if not (np.array_equal(index.offsets, offsets) and np.array_equal(index.blob, blob)):
+        problems.append("its id bytes differ from the sealed sample_id array")
+    else:
+        n = len(index)
+        rows = np.asarray(index.rows_of_hash, dtype=np.int64)
+        if n and (rows.min() < 0 or rows.max() >= n or np.bincount(rows, minlength=n).max() > 1):
+            problems.append("its rows are not each row once")
+        elif n and not np.array_equal(index.hashes, hash_ids(offsets, blob, index.hash_name)[rows]):
+            problems.append("a hash is not the hash of its row's id")
+        elif n > 1 and bool((index.hashes[1:] < index.hashes[:-1]).any()):
+            problems.append("its hashes are not sorted")
+    return [f"{rel}: {ID_INDEX} does not match the sealed ids: {p}; {fix}" for p in problems], []
+
+
 def _index_is_valid(group: Any) -> bool:
     from .id_index import open_index_file
 

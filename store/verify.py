@@ -14,7 +14,9 @@ What is checked, for every group (see the layout in :mod:`cusa.store.layout`):
 * no NaN/inf values, and norms ≈ 1 when the spec says the features are L2-normalised;
 * ids: every ``ok`` manifest entry has exactly its feature row, every feature row is in the
   manifest, and no sample id appears twice (within or across shards);
-* failed samples (the ledger) are listed with their reasons: they are missing by design.
+* failed samples (the ledger) are listed with their reasons: they are missing by design;
+* a sealed group's id index (``id_index.bin``) holds exactly its sealed ids, each hash that of
+  its row's id (a group sealed by an older cusa, without one, gets a warning).
 
 A group sealed by another process while it is being verified is verified again from its seal,
 so a concurrent seal never shows up as lost rows.
@@ -36,6 +38,7 @@ from ..errors import StoreError
 from .feature_store import BrokenGroup, FeatureStore
 from .group import FeatureGroup
 from .layout import MANIFEST, SEALED, Segment, parse_group_leaf, safe_name
+from .sealing import check_id_index
 from .spec import FINGERPRINT_FIELDS, spec_fingerprint
 
 log = logging.getLogger(__name__)
@@ -196,6 +199,10 @@ def _verify_into(group: FeatureGroup, report: VerifyReport, check_hashes: bool) 
 
     if sealed is not None:
         units, manifest = _sealed_units(group, sealed, records, report)
+        if sealed.get("rows"):
+            index_errors, index_warnings = check_id_index(group)
+            report.errors += index_errors
+            report.warnings += index_warnings
     else:
         units, manifest = _part_units(group, records, report)
         _check_orphans(group, records, report)
@@ -512,7 +519,7 @@ def _check_unit(group: FeatureGroup, unit: _Unit, report: VerifyReport, check_ha
     row_bytes = group.dim * group.dtype.itemsize
     block_rows = max(1, _BLOCK_BYTES // (group.dim * 4))
     digest = hashlib.sha256() if check_hashes else None
-    with fs.open_read(seg.rel) as fh:  # streamed: never the whole chunk in memory
+    with fs.fs.open(fs.path(seg.rel), "rb") as fh:  # streamed: never the whole chunk in memory
         for start in range(0, seg.rows, block_rows):
             n = min(block_rows, seg.rows - start)
             raw = fh.read(n * row_bytes)
