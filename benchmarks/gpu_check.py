@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_check                  # on a CUDA machine, under 5 minutes
     python -m benchmarks.gpu_check --cpu-smoke      # anywhere: every non-CUDA path, tiny sizes
+    python -m benchmarks.gpu_kit                    # the wheels + the command for a bare GPU box
 
 Parts (each reports ``ok``, ``skipped`` with its reason, or ``failed`` with the error):
 
@@ -17,17 +18,21 @@ Parts (each reports ``ok``, ``skipped`` with its reason, or ``failed`` with the 
 * ``ray_num_gpus``: the Ray runner end to end on the embedded sample (``coco-sample``, image +
   text) with actors that ask for ``num_gpus`` (a share of the GPU per teacher), compared byte for
   byte with the local runner on the same device.
-* ``text_mpnet``: all-mpnet-base-v2 captions/s through the teacher (normalisation, dedup, length
-  sort) against a plain ``SentenceTransformer.encode``. Target: >= 10,000 captions/s. Skipped with
-  the reason when the weights are not on the machine; ``text_minilm`` runs the same code with the
-  offline all-MiniLM-L6-v2 either way (no target).
+* ``text_mpnet``: all-mpnet-base-v2 captions/s through the registered teacher (normalisation,
+  dedup, length sort) against a plain ``SentenceTransformer.encode``. Target: >= 10,000
+  captions/s. The model is transformers' ``MPNetModel`` built from all-mpnet-base-v2's published
+  config and tokenizer (shipped with cusa) with **random weights**, so it runs where the weights
+  cannot go; ``text_minilm`` runs the same code with the real all-MiniLM-L6-v2 where its package
+  is installed (no target), and skips with the reason where it is not.
 * ``faiss_knn``: ``cusa.store.knn.build_index`` on a GPU (faiss-gpu) against the CPU, exact
-  inner product over a sealed store, with the agreement of the neighbours.
+  inner product over a sealed store, with the agreement of the neighbours. Skipped with the
+  reason where faiss is not installed (a bare GPU machine).
 * ``ddp_step``: one CusaModel (CSA + USA) train step inside a 1-process DDP group, NCCL on CUDA
   (gloo in ``--cpu-smoke``), with bf16 autocast on CUDA.
 
 Writes ``benchmarks/results/gpu_check.json`` (``--out``): the machine, each part's figures, the
-targets next to the measured values, and the list of skipped parts with their reasons. Exit code
+targets next to the measured values, and the list of skipped parts with their reasons; and a
+short markdown summary beside it (``--summary``, default: the same name ending ``.md``). Exit code
 0 when no part failed.
 
 This file runs the parts in turn and writes the results; the parts are in
@@ -56,6 +61,74 @@ from benchmarks.gpu_check_parts import PARTS
 RESULTS = RESULTS_DIR / "gpu_check.json"
 
 
+def _packages() -> dict[str, str]:
+    """Versions of the packages the figures depend on (``-`` where one is not installed)."""
+    import importlib.metadata as md
+
+    names = ("torch", "torchvision", "transformers", "sentence-transformers", "numpy", "zarr",
+             "numcodecs", "pillow", "pyarrow", "faiss-cpu", "faiss-gpu-cu12", "ray")  # fmt: skip
+    out = {}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def _headline(name: str, part: dict[str, Any]) -> str:
+    """The figure that says most about a part, for the markdown summary."""
+    keys = {
+        "unicom_forward": ("fp16_autocast_channels_last_images_per_s", "images/s fp16 + CL"),
+        "jpeg_decode": ("nvjpeg_images_per_s", "images/s nvJPEG"),
+        "pipeline_local": ("images_per_s", "images/s JPEG -> sealed store"),
+        "pipeline_ray": ("images_per_s", "images/s JPEG -> sealed store"),
+        "text_mpnet": ("teacher_encode_captions_per_s", "captions/s"),
+        "text_minilm": ("teacher_encode_captions_per_s", "captions/s"),
+        "faiss_knn": ("gpu_queries_per_s", "queries/s GPU"),
+        "ddp_step": ("step_s", "s per step"),
+        "ray_num_gpus": ("num_gpus_per_actor", "GPU per actor"),
+    }
+    fallback = {
+        "unicom_forward": ("bare_fp32_nchw_images_per_s", "images/s fp32"),
+        "jpeg_decode": ("pil_images_per_s", "images/s PIL"),
+        "faiss_knn": ("cpu_queries_per_s", "queries/s CPU"),
+    }
+    for key, label in (x for x in (keys.get(name), fallback.get(name)) if x):
+        if key in part:
+            target = part.get("target_images_per_s") or part.get("target_captions_per_s")
+            met = part.get("target_met")
+            vs = f" (target {target}: {'met' if met else 'not met' if met is False else 'not judged'})"
+            return f"{part[key]} {label}" + (vs if target else "")
+    return ""
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    """A short markdown summary of a check's result: machine, one line per part, what was skipped."""
+    m = result["machine"]
+    gpu = m.get("gpu") or "no GPU"
+    lines = [
+        "# GPU check",
+        "",
+        f"{m['mode']} on {gpu} (torch {m['torch']}, CUDA {m.get('cuda') or '-'}, "
+        f"{m['cpus']} CPUs, Python {m['python']}), {result.get('elapsed_s', '?')} s. "
+        "Written by `python -m benchmarks.gpu_check`; figures in `gpu_check.json`.",
+        "",
+        "| part | status | s | figure | note |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
+    for name, part in result["parts"].items():
+        note = part.get("reason") or part.get("error") or part.get("skipped_here") or ""
+        if name == "text_mpnet" and part.get("status") == "ok":
+            note = f"{part.get('weights', 'random weights')}; {note}".rstrip("; ")
+        note = note.replace("|", "/").replace("\n", " ")[:300]
+        lines.append(
+            f"| {name} | {part['status']} | {part.get('seconds', '')} | "
+            f"{_headline(name, part)} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _machine(ctx: Context) -> dict[str, Any]:
     import torch
 
@@ -67,6 +140,7 @@ def _machine(ctx: Context) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
+        "packages": _packages(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -142,6 +216,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["failed"] = sorted(n for n, p in result["parts"].items() if p["status"] == "failed")
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     write_json(args.out, result)
+    summary = args.summary or args.out.with_suffix(".md")
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(summary_markdown(result), encoding="utf-8")
     return result
 
 
@@ -157,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray parts")
     ap.add_argument("--parts", default="", help=f"comma-separated subset of: {', '.join(PARTS)}")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--summary", type=Path, default=None, help="markdown summary [default: --out with .md]"
+    )
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument(
         "--budget-s",

@@ -95,7 +95,10 @@ class Context:
         try:
             import ray.data  # noqa: F401
         except ImportError as exc:
-            raise SkipPart(f"Ray Data is not installed ({exc}); pip install 'cusa[ray]'") from exc
+            raise SkipPart(
+                f"Ray Data is not installed ({exc}): its wheel is over the 64 MiB a run can "
+                "bring; on a full GPU node with the registry, pip install 'cusa[ray]'"
+            ) from exc
 
     def unicom_weights(self) -> Path:
         """Random weights of the official ViT-B/32 shape, fp16 like the release."""
