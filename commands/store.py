@@ -1,4 +1,4 @@
-"""``cusa store info|verify|knn|export``: inspect, verify, search and export a feature store."""
+"""``cusa store info|verify|knn|export|reindex``: inspect, verify, search, export, index a store."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .options import (
     typer_app,
 )
 
-app = typer_app("Inspect, verify, search and export a feature store (--store).")
+app = typer_app("Inspect, verify, search, export and index a feature store (--store).")
 
 
 class Metric(str, Enum):
@@ -210,3 +210,160 @@ def export_cmd(
         f"exported {summary['rows']} x {summary['dim']} {summary['dtype']} of {group.rel} "
         f"to {summary['to']} ({summary['failed']} failed samples in the ledger)"
     )
+
+
+def _progress_bar(desc: str):
+    """A tqdm byte bar on stderr (hidden when stderr is not a terminal) and its update hook."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
+    return bar, bar.update
+
+
+SelectTeacherOption = Annotated[
+    str | None,
+    typer.Option(
+        "--teacher",
+        "-t",
+        help="Only this teacher: a name, a fingerprint, name@fingerprint or a group folder name.",
+    ),
+]
+SelectDatasetOption = Annotated[str | None, typer.Option("--dataset", help="Only this dataset.")]
+SelectSplitOption = Annotated[str | None, typer.Option("--split", help="Only this split.")]
+
+
+@app.command("publish")
+@friendly_errors
+def publish_cmd(
+    store: StoreOption = None,
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", help="New or empty folder (or s3:// prefix), or a store published before."
+        ),
+    ] = ...,
+    dataset: SelectDatasetOption = None,
+    split: SelectSplitOption = None,
+    teacher: SelectTeacherOption = None,
+    as_json: JsonSummaryOption = False,
+) -> None:
+    """Write a self-contained, read-only copy of sealed, verified groups for any file host."""
+    from ..store.publish import publish_store
+
+    bar, hook = _progress_bar("publish")
+    try:
+        result = publish_store(
+            _open_store(store), out, dataset=dataset, split=split, teacher=teacher, progress=hook
+        )
+    finally:
+        bar.close()
+    if as_json:
+        echo_json(
+            {
+                "out": result.out,
+                "groups": [
+                    {k: g[k] for k in ("path", "rows", "dim", "dtype", "bytes")}
+                    for g in result.groups
+                ],
+                "copied_bytes": result.copied_bytes,
+                "skipped_files": result.skipped_files,
+            }
+        )
+        return
+    for g in result.groups:
+        typer.echo(
+            f"  {g['path']}  N={g['rows']} dim={g['dim']} {g['dtype']}  {human_bytes(g['bytes'])}"
+        )
+    typer.echo(
+        f"published {len(result.groups)} group(s), {human_bytes(result.total_bytes)}, to "
+        f"{result.out} ({human_bytes(result.copied_bytes)} copied); serve that folder as it is "
+        "and open it with --store URL, or `cusa store pull URL`"
+    )
+
+
+@app.command("pull")
+@friendly_errors
+def pull_cmd(
+    url: Annotated[
+        str,
+        typer.Argument(
+            help="A published store: https://..., hf://datasets/ORG/REPO, s3://..., or a folder."
+        ),
+    ],
+    store: StoreOption = None,
+    dataset: SelectDatasetOption = None,
+    split: SelectSplitOption = None,
+    teacher: SelectTeacherOption = None,
+    as_json: JsonSummaryOption = False,
+) -> None:
+    """Copy published groups into --store, verified; run again to resume an interrupted pull."""
+    from ..store.pull import pull_store
+
+    bar, hook = _progress_bar("pull")
+    try:
+        result = pull_store(
+            url, store, dataset=dataset, split=split, teacher=teacher, progress=hook
+        )
+    finally:
+        bar.close()
+    if as_json:
+        echo_json(
+            {
+                "source": result.source,
+                "store": result.dest,
+                "groups": result.groups,
+                "copied_bytes": result.copied_bytes,
+                "kept_files": result.kept_files,
+            }
+        )
+        return
+    for rel, status in result.groups.items():
+        typer.echo(f"  {rel}: {status}")
+    typer.echo(
+        f"pulled {len(result.groups)} group(s) from {result.source} into {result.dest} "
+        f"({human_bytes(result.copied_bytes)} copied, {result.kept_files} file(s) kept from "
+        "an earlier pull)"
+    )
+
+
+@app.command("reindex")
+@friendly_errors
+def reindex_cmd(
+    store_pos: StorePositional = None,
+    store: StoreOption = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", "-t", help="Only this teacher's group [default: every group]."),
+    ] = None,
+    dataset: GroupDatasetOption = None,
+    split: GroupSplitOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild indexes that look valid too.")
+    ] = False,
+    as_json: JsonSummaryOption = False,
+) -> None:
+    """Write the id index of sealed groups that lack one (sealed by an older cusa).
+
+    Idempotent: a group whose index matches its sealed arrays is left alone. The index is
+    written under a temporary name and renamed; a second reindex of a group at the same time is
+    refused.
+    """
+    from ..store.sealing import reindex_group
+
+    fs = _open_store(store_arg(store, store_pos))
+    if teacher is not None:
+        groups = [_group(store, store_pos, teacher, dataset, split)]
+    else:
+        groups = [
+            g
+            for g in fs.scan()[0]
+            if (dataset is None or g.dataset == dataset) and (split is None or g.split == split)
+        ]
+    results = {g.rel: reindex_group(g, force=force) for g in groups}
+    if as_json:
+        echo_json({"store": fs.url, "groups": results})
+        return
+    for rel, status in results.items():
+        typer.echo(f"{rel}: {status.replace('-', ' ')}")
+    written = sum(s == "written" for s in results.values())
+    typer.echo(f"{len(results)} group(s) in {fs.url}: {written} index(es) written")

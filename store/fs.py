@@ -475,6 +475,39 @@ class StoreFS:
         return FsspecStore(_async_instance(self.fs), path=self.path(rel), read_only=read_only)
 
 
+#: Chunks at least this large show a progress bar while they are copied (on a terminal).
+PROGRESS_MIN_BYTES = 64 * 2**20
+
+
+def fetch_verified(sfs: StoreFS, rel: str, target: str, sha256: str) -> str:
+    """Copy the chunk ``rel`` once into the local file ``target``, checking its SHA-256.
+
+    A chunk of :data:`PROGRESS_MIN_BYTES` or more shows a byte progress bar on stderr when it
+    is a terminal. Returns ``target``.
+    """
+    try:
+        size: int | None = sfs.size(rel)
+    except (FileNotFoundError, NotImplementedError):
+        size = None
+    if size is None or size < PROGRESS_MIN_BYTES:
+        sfs.copy_to_local(rel, target, sha256=sha256, size=size)
+        return target
+    from tqdm import tqdm
+
+    name = rel.rsplit("/", 4)
+    with tqdm(
+        total=size,
+        desc=f"copying {'/'.join(name[-4:])}",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=None,
+        leave=False,
+    ) as bar:
+        sfs.copy_to_local(rel, target, sha256=sha256, size=size, progress=bar.update)
+    return target
+
+
 class _NetFile:
     """A read-only file whose network failures become :class:`StoreUnreachableError`."""
 

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import ConfigError, SampleNotFoundError, StoreError, StoreSpecMismatchError
 from ..paths import segments_dir
 from .feature_store import FeatureStore
+from .fs import fetch_verified
 from .group import FeatureGroup
 from .id_index import IdIndex, open_index_file
 from .layout import ID_INDEX, Segment
@@ -236,15 +237,8 @@ class FeatureLookup:
             with contextlib.suppress(OSError):
                 os.utime(target)
         else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            data = fs.read_bytes(seg.rel)
-            if hashlib.sha256(data).hexdigest() != seg.sha256:
-                raise StoreError(
-                    f"segment {fs.path(seg.rel)!r} does not match its recorded SHA-256"
-                )
-            tmp = target.with_suffix(f".{os.getpid()}.partial")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            # streamed with its SHA-256 checked (a progress bar for large chunks)
+            fetch_verified(fs, seg.rel, str(target), seg.sha256)
         return str(target)
 
     def _id_index(self) -> IdIndex:
