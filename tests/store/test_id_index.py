@@ -247,3 +247,21 @@ def test_damaged_or_stale_index_is_ignored_and_verify_reports_it(filled):
     assert any(ID_INDEX in e and "id bytes differ" in e for e in report.errors), report.errors
     assert reindex_group(group, force=True) == "written"
     assert verify_group(group).ok
+
+
+def test_cli_reindex_writes_missing_indexes_once(filled):
+    from typer.testing import CliRunner
+
+    from cusa.cli import app
+
+    group = filled.group
+    group.seal()
+    os.unlink(group.fs.local_path(f"{group.rel}/{ID_INDEX}"))
+    runner = CliRunner()
+    first = runner.invoke(app, ["store", "reindex", "--store", group.store.url])
+    assert first.exit_code == 0, first.output
+    assert f"{group.rel}: written" in first.output and "1 index(es) written" in first.output
+    again = runner.invoke(app, ["store", "reindex", "--store", group.store.url, "--json"])
+    assert again.exit_code == 0 and '"up-to-date"' in again.output
+    bad = runner.invoke(app, ["store", "reindex", "--store", group.store.url, "-t", "nope"])
+    assert bad.exit_code == 2 and "nope" in bad.output
