@@ -11,7 +11,13 @@ memory-mapped :class:`cusa.store.FeatureLookup` files. Three ways to use it:
   (image, caption) training pairs keyed by ``image_id`` and ``caption_id``.
 
 Ids the store lacks raise :class:`cusa.errors.SampleNotFoundError` naming the id; there is no
-silent zero vector. A store whose teacher spec differs from the configured one is refused with
+silent zero vector.
+
+Lookups go through each group's id index (:mod:`cusa.store.id_index`): no Python object per
+stored id exists in the trainer or its DataLoader workers, so a webdataset run
+(:class:`SoftLabelStage`, keyed by ``__key__``-derived ids) has constant memory per worker
+whatever the store's size. :class:`PairDataset` is the one reader that lists every sample (the
+ALBEF/Karpathy JSON path: it holds each image's bytes); stream larger sets through webdataset. A store whose teacher spec differs from the configured one is refused with
 :class:`cusa.errors.StoreSpecMismatchError`.
 """
 
@@ -235,9 +241,10 @@ class PairDataset(Dataset):
         reader: any :class:`cusa.readers.base.DatasetReader`.
         preprocess_image: encoded bytes -> (3, S, S) tensor (the student's ``preprocess_image``).
         max_images: keep only the first N images (in shard order).
-        require_ids: when given (e.g. the ids of the stored features), images or captions not in
-            it are left out and counted in :attr:`skipped`; otherwise they would fail at
-            collate time with :class:`SampleNotFoundError`.
+        require_ids: when given (the image and text :class:`FeatureLookup`, or any collections of
+            ids), images or captions not in them are left out and counted in :attr:`skipped`;
+            otherwise they would fail at collate time with :class:`SampleNotFoundError`. A
+            lookup answers for all ids at once through its id index.
         caption_transform: applied to every caption once, here (e.g. the official
             ``pre_caption``); a caption it rejects with ``ValueError`` is left out and counted
             in :attr:`skipped` with the reason.
@@ -249,28 +256,58 @@ class PairDataset(Dataset):
         preprocess_image: Callable[[bytes], Tensor],
         *,
         max_images: int | None = None,
-        require_ids: tuple[Iterable[str], Iterable[str]] | None = None,
+        require_ids: tuple[IdFilter, IdFilter] | None = None,
         caption_transform: Callable[[str], str] | None = None,
     ) -> None:
         self.preprocess_image = preprocess_image
         self.images: dict[str, bytes] = {}
         self.pairs: list[tuple[str, str, str]] = []  # (image_id, caption_id, caption)
         self.skipped: dict[str, str] = {}  # id -> reason
-        image_ok = text_ok = None
-        if require_ids is not None:
-            image_ok, text_ok = set(require_ids[0]), set(require_ids[1])
-        for sample in _samples(reader):
+        chunk_size = min(_MEMBERSHIP_CHUNK, max(max_images or _MEMBERSHIP_CHUNK, 1))
+        for chunk in _chunks(_samples(reader), chunk_size):
             if max_images is not None and len(self.images) >= max_images:
                 break
+            self._add(chunk, max_images, require_ids, caption_transform)
+        if self.skipped:
+            first = ", ".join(f"{k!r} ({v})" for k, v in list(self.skipped.items())[:3])
+            logger.warning(
+                "left out %d images/captions of %r: %s ...", len(self.skipped), reader, first
+            )
+        if not self.pairs:
+            raise DatasetError(
+                f"no usable (image, caption) pairs in {reader!r}; check the dataset and the store"
+            )
+
+    def _add(
+        self,
+        samples: list[Any],
+        max_images: int | None,
+        require_ids: tuple[IdFilter, IdFilter] | None,
+        caption_transform: Callable[[str], str] | None,
+    ) -> None:
+        image_ok = text_ok = None
+        if require_ids is not None:
+            # One vectorised membership test per modality and chunk against the stored ids (a
+            # FeatureLookup's id index), instead of a Python set of every stored id.
+            image_ok = _members(require_ids[0], [s.image_id for s in samples])
+            text_ok = _members(require_ids[1], [c for s in samples for c in s.caption_ids])
+        caption_k = -1
+        for k, sample in enumerate(samples):
+            if max_images is not None and len(self.images) >= max_images:
+                return
+            first_caption = caption_k + 1
+            caption_k += len(sample.caption_ids)
             if sample.image is None:
                 self.skipped[sample.image_id] = f"unreadable image: {sample.image_error}"
                 continue
-            if image_ok is not None and sample.image_id not in image_ok:
+            if image_ok is not None and not image_ok[k]:
                 self.skipped[sample.image_id] = IMAGE_NOT_IN_STORE
                 continue
             kept = 0
-            for cid, caption in zip(sample.caption_ids, sample.captions, strict=True):
-                if text_ok is not None and cid not in text_ok:
+            for j, (cid, caption) in enumerate(
+                zip(sample.caption_ids, sample.captions, strict=True)
+            ):
+                if text_ok is not None and not text_ok[first_caption + j]:
                     self.skipped[cid] = CAPTION_NOT_IN_STORE
                     continue
                 text = (
@@ -289,15 +326,6 @@ class PairDataset(Dataset):
                 kept += 1
             if kept:
                 self.images[sample.image_id] = sample.image
-        if self.skipped:
-            first = ", ".join(f"{k!r} ({v})" for k, v in list(self.skipped.items())[:3])
-            logger.warning(
-                "left out %d images/captions of %r: %s ...", len(self.skipped), reader, first
-            )
-        if not self.pairs:
-            raise DatasetError(
-                f"no usable (image, caption) pairs in {reader!r}; check the dataset and the store"
-            )
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -310,6 +338,33 @@ class PairDataset(Dataset):
             IMAGE_ID_KEY: image_id,
             CAPTION_ID_KEY: caption_id,
         }
+
+
+#: What ``PairDataset(require_ids=...)`` takes per modality: a lookup or a collection of ids.
+IdFilter = FeatureLookup | Iterable[str]
+
+
+def _members(allowed: IdFilter, ids: list[str]) -> Sequence[bool]:
+    """Whether each of ``ids`` is in ``allowed``: one index lookup for a FeatureLookup."""
+    if isinstance(allowed, FeatureLookup):
+        return allowed.contains(ids).tolist() if ids else []
+    allowed = allowed if isinstance(allowed, set | frozenset) else set(allowed)
+    return [i in allowed for i in ids]
+
+
+#: Samples whose ids ``PairDataset`` checks against the store in one call.
+_MEMBERSHIP_CHUNK = 4096
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _samples(reader: Any) -> Iterator[Any]:

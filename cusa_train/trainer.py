@@ -340,7 +340,7 @@ def _train(
             reader,
             preprocess,
             max_images=config.data.max_samples,
-            require_ids=(teachers.image.ids, teachers.text.ids) if teachers is not None else None,
+            require_ids=(teachers.image, teachers.text) if teachers is not None else None,
             caption_transform=caption_transform,
         )
         if teachers is not None:

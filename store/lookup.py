@@ -164,6 +164,12 @@ class FeatureLookup:
             )
         return rows
 
+    def contains(self, sample_ids: Sequence[str]) -> np.ndarray:
+        """(n,) bool: which of ``sample_ids`` the group holds, in one vectorised lookup."""
+        if isinstance(sample_ids, np.ndarray):
+            sample_ids = sample_ids.tolist()
+        return self._id_index().lookup(sample_ids)[1]
+
     @functools.cached_property
     def ids(self) -> list[str]:
         """Every sample id, in row order (sealed: sorted).
