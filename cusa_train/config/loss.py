@@ -18,9 +18,14 @@ from pydantic import (
 )
 
 from cusa.errors import ConfigError
-from cusa_train.config.parsing import SECTION, build, check_non_negative, check_positive
+from cusa_train.config.parsing import SECTION, build, check_positive, check_ranges, in_range
 
 # ---- losses and temperatures -------------------------------------------------------------------
+
+#: A temperature out of range: ``{name}`` is where it is (e.g. ``loss.itr.tau.min``).
+_TEMPERATURE = (
+    "temperature {key}={{value!r}} is out of range (at {{name}}); temperatures must be > 0"
+)
 
 
 @with_config(SECTION)
@@ -36,19 +41,19 @@ class TemperatureConfig:
         learnable: learned by the optimiser (``True``) or fixed (``False``).
     """
 
-    init: StrictFloat
-    min: StrictFloat
-    max: StrictFloat
+    init: Annotated[StrictFloat, in_range(gt=0, message=_TEMPERATURE.format(key="init"))]
+    min: Annotated[
+        StrictFloat, in_range(gt=0, message=_TEMPERATURE.format(key="min") + "; use e.g. min: 0.01")
+    ]
+    max: Annotated[StrictFloat, in_range(gt=0, message=_TEMPERATURE.format(key="max"))]
     learnable: StrictBool = True
 
     def __post_init__(self) -> None:
-        check_positive(self.min, "temperature min", "temperatures must be > 0; use e.g. min: 0.01")
-        check_positive(self.max, "temperature max", "temperatures must be > 0")
+        check_ranges(self, "temperature")
         if self.min > self.max:
             raise ConfigError(
                 f"temperature min={self.min!r} > max={self.max!r}; swap them or widen the range"
             )
-        check_positive(self.init, "temperature init", "temperatures must be > 0")
         if not (self.min <= self.init <= self.max):
             raise ConfigError(
                 f"temperature init={self.init!r} is outside [min={self.min!r}, max={self.max!r}]; "
@@ -124,12 +129,12 @@ class ItrLossConfig:
     """
 
     enabled: StrictBool = True
-    weight: StrictFloat = 1.0
+    weight: Annotated[StrictFloat, in_range(ge=0)] = 1.0
     mode: ItrMode = "mean"
     tau: TemperatureConfig = field(default_factory=lambda: TemperatureConfig(0.05, 0.01, 0.1))
 
     def __post_init__(self) -> None:
-        check_non_negative(self.weight, "loss.itr.weight")
+        check_ranges(self, "loss.itr")
 
 
 @with_config(SECTION)
@@ -151,7 +156,7 @@ class CsaLossConfig:
     """
 
     enabled: StrictBool = True
-    weight: StrictFloat = 0.1
+    weight: Annotated[StrictFloat, in_range(ge=0, fix="use alpha >= 0 (official 0.1)")] = 0.1
     combine: CombineMode = "each"
     objective: SoftObjective = "kl"
     mode: ItrMode = "mean"
@@ -163,7 +168,7 @@ class CsaLossConfig:
     )
 
     def __post_init__(self) -> None:
-        check_non_negative(self.weight, "loss.csa.weight", "use alpha >= 0 (official 0.1)")
+        check_ranges(self, "loss.csa")
 
 
 @with_config(SECTION)
@@ -182,7 +187,7 @@ class UsaLossConfig:
     """
 
     enabled: StrictBool = True
-    weight: StrictFloat = 0.5
+    weight: Annotated[StrictFloat, in_range(ge=0, fix="use beta >= 0 (official 0.5)")] = 0.5
     objective: SoftObjective = "kl"
     mode: ItrMode = "mean"
     tau: TemperaturePair | Literal["csa"] = field(
@@ -193,7 +198,7 @@ class UsaLossConfig:
     teacher_tau: TemperaturePair | Literal["csa"] = "csa"
 
     def __post_init__(self) -> None:
-        check_non_negative(self.weight, "loss.usa.weight", "use beta >= 0 (official 0.5)")
+        check_ranges(self, "loss.usa")
 
 
 @with_config(SECTION)

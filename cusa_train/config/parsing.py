@@ -4,7 +4,9 @@
 TOML; :func:`apply_overrides` applies ``--set section.key=value``; :func:`build` turns a mapping
 into a frozen config dataclass, with pydantic checking every field's type and refusing unknown
 keys, and turns pydantic's errors into one :class:`~cusa.errors.ConfigError` line that names the
-key, the value and the fix. Each section's ``__post_init__`` checks its ranges.
+key, the value and the fix. Value ranges are declared on the fields with :func:`in_range` (a
+pydantic ``Field`` constraint); :func:`check_ranges` applies the same declarations to a section
+built in Python, with the same message.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import Any, TypeVar, get_args
 import yaml
 from pydantic import (
     ConfigDict,
+    Field,
     TypeAdapter,
     ValidationError,
 )
+from pydantic.fields import FieldInfo
 
 from cusa.errors import ConfigError
 
@@ -60,8 +64,8 @@ def _adapter(cls: type) -> TypeAdapter:
 def build(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     """Build a config dataclass from a plain mapping, rejecting unknown keys.
 
-    The types of the dataclass fields are checked by pydantic; each section's ``__post_init__``
-    checks ranges.
+    pydantic checks the types and the declared ranges (:func:`in_range`) of the fields; each
+    section's ``__post_init__`` checks what involves several fields.
 
     Raises:
         ConfigError: an unknown key, a wrongly typed value or a value out of range.
@@ -104,7 +108,7 @@ def _config_error(exc: ValidationError, cls: type, data: Any, where: str) -> Con
                 value = value[part]
         elif section is not None and part in {f.name for f in dataclasses.fields(section)}:
             names.append(part)
-            owners.append(typing.get_type_hints(section)[part])
+            owners.append(_hints(section)[part])
             value = value.get(part) if isinstance(value, dict) else value
     name = ".".join(names)
     if kind in _UNKNOWN_KEY:
@@ -114,6 +118,11 @@ def _config_error(exc: ValidationError, cls: type, data: Any, where: str) -> Con
     if loc and isinstance(loc[-1], str) and loc[-1] != names[-1]:  # no form of a union fits
         forms = " / ".join(e["msg"] for e in errors if len(e["loc"]) == len(loc))
         return ConfigError(f"{name}={value!r} fits none of its forms: {forms}")
+    if kind in _RANGE_ERRORS and (declared := _declared_range(owners[-1])) is not None:
+        shown = error["input"]
+        if isinstance(shown, int) and _is_float_field(owners[-1]):
+            shown = float(shown)  # as the section would hold it
+        return ConfigError(range_message(declared, name, shown))
     if kind == "literal_error":
         return ConfigError(
             f"{name}={value!r} is not allowed; use one of {list(get_args(owners[-1]))}"
@@ -142,13 +151,139 @@ def to_dict(obj: Any) -> Any:
 
 
 def check_positive(value: float, name: str, fix: str = "use a value > 0") -> None:
+    """For a number that is not a config field (a function argument)."""
     if not (value > 0) or not math.isfinite(value):
         raise ConfigError(f"{name}={value!r} is out of range; {fix}")
 
 
-def check_non_negative(value: float, name: str, fix: str = "use a value >= 0") -> None:
-    if not (value >= 0) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} is out of range; {fix}")
+# ---- value ranges, declared on the fields ------------------------------------------------------
+
+#: pydantic's error types for a value outside a field's declared range.
+_RANGE_ERRORS = frozenset(
+    {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+)
+_DEFAULT_MESSAGE = "{name}={value!r} is out of range; {fix}"
+
+
+def in_range(
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    fix: str | None = None,
+    message: str | None = None,
+    finite: bool = True,
+) -> Any:
+    """A field's range, for ``Annotated[StrictFloat, in_range(gt=0)]``: a pydantic ``Field``
+    constraint (checked when a config is built from a mapping) that :func:`check_ranges` also
+    applies to a section built in Python.
+
+    Args:
+        gt, ge, lt, le: the bounds.
+        fix: how to fix a value outside them (default: the range in words).
+        message: the whole message, a format string with ``{name}``, ``{value}`` and ``{fix}``
+            (default ``"{name}={value!r} is out of range; {fix}"``).
+        finite: refuse ``inf`` and ``nan`` (float fields).
+    """
+    bounds = {"gt": gt, "ge": ge, "lt": lt, "le": le}
+    extra = {
+        "fix": fix or _range_words(bounds),
+        "message": message or _DEFAULT_MESSAGE,
+    }
+    kwargs: dict[str, Any] = {k: v for k, v in bounds.items() if v is not None}
+    if finite:
+        kwargs["allow_inf_nan"] = False
+    return Field(json_schema_extra=extra, **kwargs)
+
+
+def _range_words(bounds: dict[str, float | None]) -> str:
+    low = (
+        f"[{bounds['ge']}" if bounds["ge"] is not None
+        else f"({bounds['gt']}" if bounds["gt"] is not None
+        else None
+    )  # fmt: skip
+    high = (
+        f"{bounds['le']}]" if bounds["le"] is not None
+        else f"{bounds['lt']})" if bounds["lt"] is not None
+        else None
+    )  # fmt: skip
+    if low and high:
+        return f"use a value in {low}, {high}"
+    if low:
+        return f"use a value {'>=' if low[0] == '[' else '>'} {low[1:]}"
+    return f"use a value {'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+
+
+def range_message(declared: FieldInfo, name: str, value: Any) -> str:
+    """The one-line message for ``value`` outside the range ``declared`` for field ``name``."""
+    extra: Any = declared.json_schema_extra  # a dict: in_range sets it
+    return str(extra["message"]).format(name=name, value=value, fix=extra["fix"])
+
+
+def _in_declared_range(declared: FieldInfo, value: Any) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    for bound in declared.metadata:
+        for attr, ok in (
+            ("gt", lambda v, b: v > b),
+            ("ge", lambda v, b: v >= b),
+            ("lt", lambda v, b: v < b),
+            ("le", lambda v, b: v <= b),
+        ):
+            limit = getattr(bound, attr, None)
+            if limit is not None and not ok(value, limit):
+                return False
+    return True
+
+
+@functools.cache
+def _hints(section: type) -> dict[str, Any]:
+    return typing.get_type_hints(section, include_extras=True)
+
+
+def _declared_range(tp: Any) -> FieldInfo | None:
+    """The :func:`in_range` declaration inside a field type (``Annotated``, in a union or tuple)."""
+    if typing.get_origin(tp) is typing.Annotated:
+        for meta in tp.__metadata__:
+            extra = meta.json_schema_extra if isinstance(meta, FieldInfo) else None
+            if isinstance(extra, dict) and "message" in extra:
+                return meta
+        return None
+    for arg in get_args(tp):
+        found = _declared_range(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_float_field(tp: Any) -> bool:
+    if typing.get_origin(tp) is typing.Annotated:
+        return _is_float_field(get_args(tp)[0])
+    return tp is float or any(_is_float_field(a) for a in get_args(tp))
+
+
+def check_ranges(section: Any, where: str) -> None:
+    """Check every field of ``section`` against the range declared on it (:func:`in_range`).
+
+    pydantic does the same when a config is built from a mapping; this covers sections built in
+    Python (``OptimConfig(lr=-1)``), so both ways give the same message.
+
+    Raises:
+        ConfigError: a value outside its field's range, named ``<where>.<field>``.
+    """
+    hints = _hints(type(section))
+    for f in dataclasses.fields(section):
+        declared = _declared_range(hints[f.name])
+        value = getattr(section, f.name)
+        if declared is None or value is None:
+            continue
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, item in items:
+            number = isinstance(item, (int, float)) and not isinstance(item, bool)
+            if number and not _in_declared_range(declared, item):
+                name = f"{where}.{f.name}" + ("" if i is None else f"[{i}]")
+                raise ConfigError(range_message(declared, name, item))
 
 
 # ---- files and overrides ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Typed, frozen, validated configuration for CUSA training.
 
 Every section is a frozen dataclass checked on construction: an unknown key or an out-of-range
-value raises :class:`cusa.errors.ConfigError` naming the key or value and how to fix it.
+value (ranges are declared on the fields, :func:`cusa_train.config.parsing.in_range`) raises :class:`cusa.errors.ConfigError` naming the key or value and how to fix it.
 A whole run is a :class:`TrainConfig`, loadable from YAML, JSON or TOML with
 :meth:`TrainConfig.from_file`, and :meth:`TrainConfig.from_official` maps an official CUSA
 training YAML (lerogo/aaai24_itr_cusa) onto it. The loss section lives in
@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     StrictBool,
@@ -28,14 +28,22 @@ from cusa_train.config.loss import LossConfig
 from cusa_train.config.parsing import (
     SECTION,
     build,
-    check_non_negative,
-    check_positive,
+    check_ranges,
+    in_range,
     load_mapping,
     to_dict,
 )
 from cusa_train.students.clip_catalog import CLIP_STUDENTS
 
 # ---- model, teachers, data, optimisation, run -------------------------------------------------
+
+#: The largest seed every seeded generator accepts (torch takes 64 bits, the epoch is added).
+MAX_SEED = 2**63 - 1
+#: A seed: an integer that python, numpy (mod 2**32) and torch all accept.
+Seed = Annotated[StrictInt, in_range(ge=0, le=MAX_SEED, fix=f"use an integer in [0, {MAX_SEED}]")]
+#: AdamW's peak learning rate: larger than 1 only ever diverges (1e308 gave inf temperatures).
+MAX_LR = 1.0
+Beta = Annotated[StrictFloat, in_range(ge=0, lt=1, fix="each beta must be in [0, 1)")]
 
 
 @with_config(SECTION)
@@ -57,16 +65,14 @@ class ModelConfig:
 
     student: str = "mobilenetv2-minilm"
     student_options: dict[str, Any] = field(default_factory=dict)
-    embed_dim: StrictInt | None = None
-    head_init_std: StrictFloat = 0.02
+    embed_dim: (
+        Annotated[StrictInt, in_range(ge=1, fix="use >= 1, or null for the student's")] | None
+    ) = None
+    head_init_std: Annotated[StrictFloat, in_range(ge=0)] = 0.02
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        if self.embed_dim is not None and self.embed_dim < 1:
-            raise ConfigError(
-                f"model.embed_dim={self.embed_dim!r} must be >= 1 (or null for the student's)"
-            )
-        check_non_negative(self.head_init_std, "model.head_init_std")
+        check_ranges(self, "model")
 
 
 @with_config(SECTION)
@@ -116,21 +122,16 @@ class DataConfig:
     split: str = "train"
     store: str | None = None
     store_dataset: str | None = None
-    batch_size: StrictInt = 32
-    num_workers: StrictInt = 0
-    max_samples: StrictInt | None = None
+    batch_size: Annotated[
+        StrictInt, in_range(ge=2, message="{name}={value!r}; in-batch losses need at least 2")
+    ] = 32
+    num_workers: Annotated[StrictInt, in_range(ge=0)] = 0
+    max_samples: Annotated[StrictInt, in_range(ge=1, fix="use >= 1, or null")] | None = None
     captions: Literal["raw", "pre_caption"] = "raw"
-    shuffle_seed: StrictInt | None = None
+    shuffle_seed: Seed | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 2:
-            raise ConfigError(
-                f"data.batch_size={self.batch_size!r}; in-batch losses need at least 2"
-            )
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.num_workers!r} must be >= 0")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(f"data.max_samples={self.max_samples!r} must be >= 1 or null")
+        check_ranges(self, "data")
 
 
 @with_config(SECTION)
@@ -175,21 +176,25 @@ class OptimConfig:
         grad_clip_norm: clip the global grad norm; ``None`` disables (the official code does not clip).
     """
 
-    lr: StrictFloat = 1e-4
-    weight_decay: StrictFloat = 0.2
-    betas: tuple[StrictFloat, StrictFloat] = (0.9, 0.98)
-    eps: StrictFloat = 1e-6
+    lr: Annotated[
+        StrictFloat, in_range(gt=0, le=MAX_LR, fix=f"use e.g. 1e-4 (0 < lr <= {MAX_LR})")
+    ] = 1e-4
+    weight_decay: Annotated[StrictFloat, in_range(ge=0)] = 0.2
+    betas: tuple[Beta, Beta] = (0.9, 0.98)
+    eps: Annotated[StrictFloat, in_range(gt=0)] = 1e-6
     schedule: Literal["step-cosine", "epoch-cosine"] = "step-cosine"
-    warmup_steps: StrictInt = 100
-    warmup_epochs: StrictInt = 0
-    warmup_lr: StrictFloat | None = None
+    warmup_steps: Annotated[StrictInt, in_range(ge=0)] = 100
+    warmup_epochs: Annotated[StrictInt, in_range(ge=0)] = 0
+    warmup_lr: Annotated[StrictFloat, in_range(ge=0)] | None = None
     warmup_prefix: StrictBool = True
-    epochs: StrictInt = 1
-    max_steps: StrictInt | None = None
-    min_lr_ratio: StrictFloat = 0.0
-    min_lr: StrictFloat | None = None
+    epochs: Annotated[StrictInt, in_range(ge=1)] = 1
+    max_steps: Annotated[StrictInt, in_range(ge=1, fix="use >= 1, or null")] | None = None
+    min_lr_ratio: Annotated[StrictFloat, in_range(ge=0, le=1)] = 0.0
+    min_lr: Annotated[StrictFloat, in_range(ge=0)] | None = None
     decay_groups: Literal["matrices", "official"] = "matrices"
-    grad_clip_norm: StrictFloat | None = None
+    grad_clip_norm: Annotated[StrictFloat, in_range(gt=0, fix="use a value > 0 or null")] | None = (
+        None
+    )
 
     @property
     def final_lr(self) -> float:
@@ -197,30 +202,11 @@ class OptimConfig:
         return self.min_lr if self.min_lr is not None else self.lr * self.min_lr_ratio
 
     def __post_init__(self) -> None:
-        check_positive(self.lr, "optim.lr", "use e.g. 1e-4")
-        check_non_negative(self.weight_decay, "optim.weight_decay")
-        for b in self.betas:
-            if not 0 <= b < 1:
-                raise ConfigError(f"optim.betas={self.betas!r}; each beta must be in [0, 1)")
-        check_positive(self.eps, "optim.eps")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps!r} must be >= 0")
-        if self.epochs < 1:
-            raise ConfigError(f"optim.epochs={self.epochs!r} must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"optim.max_steps={self.max_steps!r} must be >= 1 or null")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+        check_ranges(self, "optim")
+        if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(
                 f"optim.min_lr={self.min_lr!r} must be in [0, lr={self.lr!r}] (or null for min_lr_ratio)"
             )
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs!r} must be >= 0")
-        if self.warmup_lr is not None:
-            check_non_negative(self.warmup_lr, "optim.warmup_lr")
-        if self.grad_clip_norm is not None:
-            check_positive(self.grad_clip_norm, "optim.grad_clip_norm", "use a value > 0 or null")
 
 
 @with_config(SECTION)
@@ -253,20 +239,17 @@ class RunConfig:
     """
 
     output_dir: str = "runs/cusa"
-    seed: StrictInt = 0
+    seed: Seed = 0
     device: str = "auto"
-    log_every: StrictInt = 1
-    checkpoint_every: StrictInt = 0
+    log_every: Annotated[StrictInt, in_range(ge=1)] = 1
+    checkpoint_every: Annotated[StrictInt, in_range(ge=0)] = 0
     resume: StrictBool = True
     progress: StrictBool = True
     all_gather: Literal["off", "on", "official"] = "on"
     on_config_change: Literal["refuse", "resume-anyway", "overwrite"] = "refuse"
 
     def __post_init__(self) -> None:
-        if self.log_every < 1:
-            raise ConfigError(f"run.log_every={self.log_every!r} must be >= 1")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"run.checkpoint_every={self.checkpoint_every!r} must be >= 0")
+        check_ranges(self, "run")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"run.device={self.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
@@ -292,8 +275,8 @@ class ValidationConfig:
     splits: tuple[str, ...] = ()
     select_on: str | None = "val"
     metric: str = "r_mean"
-    max_images: StrictInt | None = None
-    batch_size: StrictInt = 128
+    max_images: Annotated[StrictInt, in_range(ge=1, fix="use >= 1, or null")] | None = None
+    batch_size: Annotated[StrictInt, in_range(ge=1)] = 128
 
     def __post_init__(self) -> None:
         if self.splits and self.select_on is not None and self.select_on not in self.splits:
@@ -301,10 +284,7 @@ class ValidationConfig:
                 f"eval.select_on={self.select_on!r} is not one of eval.splits={list(self.splits)}; "
                 "add it to the splits or set select_on: null"
             )
-        if self.max_images is not None and self.max_images < 1:
-            raise ConfigError(f"eval.max_images={self.max_images!r} must be >= 1 or null")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size={self.batch_size!r} must be >= 1")
+        check_ranges(self, "eval")
 
 
 @with_config(SECTION)

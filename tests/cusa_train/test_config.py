@@ -189,8 +189,44 @@ def test_a_key_given_twice_is_refused(tmp_path):
         load_mapping(tmp_path / "dup.json")
     (tmp_path / "ok.yaml").write_text("optim: {lr: 3e-4}\nrun: {seed: 1}\n")
     assert TrainConfig.from_file(tmp_path / "ok.yaml").optim.lr == 3e-4  # YAML 1.1 string
-    (tmp_path / "exp.yaml").write_text("optim: {lr: 1.0e5, weight_decay: '2e-1'}\n")
+    (tmp_path / "exp.yaml").write_text("optim: {eps: 1.0e5, weight_decay: '2e-1'}\n")
     with pytest.raises(ConfigError, match=r"optim.weight_decay='2e-1' must be a number"):
         TrainConfig.from_file(tmp_path / "exp.yaml")  # a quoted number stays a string
     overridden = apply_overrides({}, ["optim.lr=3e-4", "optim.min_lr=1e-6", "run.device=cpu"])
     assert overridden == {"optim": {"lr": 3e-4, "min_lr": 1e-6}, "run": {"device": "cpu"}}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.seed=1e23", r"^run.seed=1e\+23 must be an integer$"),
+        (
+            "run.seed=100000000000000000000000",
+            r"^run.seed=100000000000000000000000 is out of range",
+        ),
+        ("run.seed=-1", r"^run.seed=-1 is out of range; use an integer in \[0, "),
+        ("data.shuffle_seed=-1", r"^data.shuffle_seed=-1 is out of range"),
+        ("optim.lr=1e308", r"^optim.lr=1e\+308 is out of range; use e.g. 1e-4"),
+        ("optim.lr=.nan", r"^optim.lr=nan is out of range"),
+        ("optim.betas=[0.9, 1.0]", r"^optim.betas\[1\]=1.0 is out of range; each beta must be in"),
+        ("eval.max_images=0", r"^eval.max_images=0 is out of range; use >= 1, or null$"),
+    ],
+)
+def test_input_numbers_are_range_checked_in_one_line_naming_the_key(override, message):
+    """issue 21: lr and seeds are checked before anything is built, in one line naming the key."""
+    with pytest.raises(ConfigError, match=message) as caught:
+        TrainConfig.from_dict(apply_overrides({}, [override]))
+    assert "\n" not in str(caught.value) and len(str(caught.value)) <= 500
+
+
+def test_ranges_declared_on_fields_apply_to_sections_built_in_python():
+    from cusa_train.config import OptimConfig
+
+    with pytest.raises(ConfigError, match=r"^optim.lr=-1.0 is out of range"):
+        OptimConfig(lr=-1.0)
+    with pytest.raises(ConfigError, match=r"optim.betas\[1\]=1.0 is out of range"):
+        OptimConfig(betas=(0.9, 1.0))
+    with pytest.raises(ConfigError, match=r"temperature min=0.0 is out of range"):
+        TemperatureConfig(0.05, 0.0, 0.1)
+    with pytest.raises(ConfigError, match=r"optim.min_lr=0.5 must be in \[0, lr=0.1\]"):
+        OptimConfig(lr=0.1, min_lr=0.5)  # a check across fields stays in __post_init__
