@@ -258,6 +258,15 @@ def check_dataset_name(name: str) -> str:
             "so use letters, digits, '.', '_', '+', '=' or '-', starting with a letter or digit "
             "(e.g. --name coco-lab-b)"
         )
+    stored = name.strip("._")
+    if stored != name:
+        # The store keeps a dataset in the folder of its name with trailing '.'/'_' stripped
+        # (cusa.store.layout.safe_name), so 'lab.' and 'lab_' would share 'lab''s folder.
+        raise DatasetError(
+            f"--name {name!r} ends in '.' or '_', so it would be stored in the folder {stored!r} "
+            f"and collide with --name {stored!r}; use --name {stored!r} for that same dataset, "
+            f"or a distinct name such as --name {stored + '-2'!r}"
+        )
     return name
 
 

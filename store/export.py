@@ -42,6 +42,32 @@ FAILED_FILE = "failed.parquet"
 SPEC_FILE = "spec.json"
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... [{len(text):,} chars]"
+
+
+def _check_destination(group: FeatureGroup, out: Path) -> None:
+    """Refuse a dangling symlink and any destination inside the store (its root, a folder in
+    it, or a symlink leading into it): an export must never add files to a store."""
+    if out.is_symlink() and not out.exists():
+        raise StoreError(
+            f"cannot export to {_short(str(out))!r}: it is a symlink to "
+            f"{_short(os.readlink(out))!r}, which does not exist; remove the link or pass --to "
+            "a directory"
+        )
+    if not group.fs.is_local:
+        return
+    store_root = Path(group.fs.local_path("")).resolve()
+    # realpath follows every link on the way and normalises '..' in the parts still to create
+    target = Path(os.path.realpath(out))
+    if target == store_root or target.is_relative_to(store_root):
+        raise StoreError(
+            f"cannot export to {_short(str(out))!r}: it lies inside the store "
+            f"{_short(str(store_root))!r} (as {_short(str(target))!r}); an export must not "
+            "write into a store — pass --to a directory outside it"
+        )
+
+
 def export_group(
     group: FeatureGroup,
     to_dir: str | os.PathLike,
@@ -66,6 +92,7 @@ def export_group(
             (nothing is exported from a corrupt group).
     """
     out = Path(to_dir).expanduser()
+    _check_destination(group, out)
     for parent in (out, *out.parents):
         if parent.exists():
             if not parent.is_dir():

@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import StoreError
 from .feature_store import FeatureStore
 from .group import FeatureGroup
+from .integrity import check_group
 from .layout import LAYOUT_VERSION, MARKER
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ def group_info(group: FeatureGroup) -> dict[str, Any]:
     ``rows`` counts committed feature rows (the sealed arrays once sealed); ``failed`` counts
     ledger entries, i.e. samples that produced no features.
     """
+    check_group(group)  # a group readers would refuse is BROKEN here too
     records = group.commit_records()
     sealed = group.sealed
     if sealed:

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from ..errors import StoreError
 from .feature_store import BrokenGroup, FeatureStore
 from .group import FeatureGroup
+from .integrity import array_meta_problems
 from .layout import MANIFEST, SEALED, Segment, parse_group_leaf, safe_name
 from .sealing import check_id_index
 from .spec import FINGERPRINT_FIELDS, spec_fingerprint
@@ -244,42 +245,9 @@ def _check_array_meta(
     except (ValueError, UnicodeDecodeError) as exc:
         report.errors.append(f"{where}: array metadata {name}/zarr.json is not valid JSON ({exc})")
         return
-    if not isinstance(meta, dict):
-        report.errors.append(f"{where}: array metadata {name}/zarr.json is not an object")
-        return
-    problems = []
-    if meta.get("node_type") != "array":
-        problems.append(f"node_type {meta.get('node_type')!r} != 'array'")
-    if meta.get("data_type") != data_type:
-        problems.append(f"data_type {meta.get('data_type')!r} != {data_type!r}")
-    if meta.get("shape") != list(shape):
-        problems.append(f"shape {meta.get('shape')!r} != {list(shape)!r}")
-    grid = meta.get("chunk_grid")
-    got_chunks = (
-        grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+    problems = array_meta_problems(
+        meta, shape=shape, chunks=chunks, data_type=data_type, raw_bytes=raw_bytes
     )
-    if chunks is not None and got_chunks != list(chunks):
-        problems.append(f"chunk_shape {got_chunks!r} != {list(chunks)!r}")
-    keys = meta.get("chunk_key_encoding")
-    if not (
-        isinstance(keys, dict)
-        and keys.get("name") == "default"
-        and keys.get("configuration", {}).get("separator", "/") == "/"
-    ):
-        problems.append(f"chunk_key_encoding {keys!r} is not the default '/' encoding")
-    if raw_bytes:
-        codecs = meta.get("codecs")
-        names = (
-            [c.get("name") for c in codecs]
-            if isinstance(codecs, list) and all(isinstance(c, dict) for c in codecs)
-            else None
-        )
-        endian = codecs[0].get("configuration", {}).get("endian") if names == ["bytes"] else None
-        if names != ["bytes"] or endian not in ("little", None):
-            problems.append(
-                f"codecs {names!r} are not raw little-endian bytes (no compressor), which "
-                "readers memory-map"
-            )
     if problems:
         report.errors.append(
             f"{where}: array metadata {name}/zarr.json does not match the spec and records "
@@ -519,7 +487,7 @@ def _check_unit(group: FeatureGroup, unit: _Unit, report: VerifyReport, check_ha
     row_bytes = group.dim * group.dtype.itemsize
     block_rows = max(1, _BLOCK_BYTES // (group.dim * 4))
     digest = hashlib.sha256() if check_hashes else None
-    with fs.fs.open(fs.path(seg.rel), "rb") as fh:  # streamed: never the whole chunk in memory
+    with fs.open_read(seg.rel) as fh:  # streamed: never the whole chunk in memory
         for start in range(0, seg.rows, block_rows):
             n = min(block_rows, seg.rows - start)
             raw = fh.read(n * row_bytes)
