@@ -51,3 +51,7 @@ class SampleNotFoundError(CusaError, KeyError):
 
 class DatasetError(CusaError, ValueError):
     """A dataset is malformed: duplicate ids, unreadable shards, bad layout."""
+
+
+class NonFiniteError(CusaError, FloatingPointError):
+    """Training met a non-finite value (loss term, temperature, gradient, eval metric)."""
