@@ -125,7 +125,8 @@ def select_groups(
             continue
         report = verify_group(g)
         if not report.ok:
-            problems.append(f"{g.rel} (verify: {report.errors[0][:160]})")
+            first = report.errors[0].replace(f"{store.fs.root}/", "").replace(f"{g.rel}: ", "")
+            problems.append(f"{g.rel} (verify: {first[:200]})")
     if problems:
         raise PublishRefusedError(
             f"only sealed, verified groups are published; refused {len(problems)} group(s) of "
