@@ -1,4 +1,4 @@
-"""Units of extraction work, shared by the local and the Ray runner so both give the same bits.
+"""Batches of prepared inputs, shared by the local and the Ray runner so both give the same bits.
 
 A shard is read and prepared into *work rows*: fixed batches of prepared images or captions
 (in shard order, ``batch_size`` at a time) plus one ``end`` row carrying the failure ledger and
@@ -20,14 +20,13 @@ import numpy as np
 
 from ..errors import ConfigError, SampleError
 from ..image_transforms import default_max_pixels
-from ..readers.base import ShardRef
+from ..readers.base import DatasetReader, ShardRef
 from ..store.ledger import ledger_text
+from .job import END, IMAGE, TEXT, ExtractConfig, RowKind
 from .teachers import get_teacher
-from .teachers.base import Teacher
+from .teachers.base import Preparer, Teacher
 
 log = logging.getLogger(__name__)
-
-IMAGE, TEXT, END = "image", "text", "end"
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class WorkRow:
     """
 
     shard: str
-    kind: str
+    kind: RowKind
     seq: int
     ids: list[str]
     payload: bytes = b""
@@ -56,7 +55,7 @@ class WorkRow:
         payload = self.payload if self.array is None else array_to_bytes(self.array)
         return {
             "shard": self.shard,
-            "kind": self.kind,
+            "kind": str(self.kind),
             "seq": self.seq,
             "ids": list(self.ids),
             "payload": payload,
@@ -68,7 +67,7 @@ class WorkRow:
     def from_dict(cls, d: dict[str, Any]) -> WorkRow:
         return cls(
             shard=str(d["shard"]),
-            kind=str(d["kind"]),
+            kind=RowKind(d["kind"]),
             seq=int(d["seq"]),
             ids=[str(i) for i in d["ids"]],
             payload=bytes(d["payload"]),
@@ -119,7 +118,7 @@ class OutputSizeGuard:
     whose output would exceed ``max_pixels`` are ledgered before any pixel is decoded.
     """
 
-    def __init__(self, teacher: Any) -> None:
+    def __init__(self, teacher: Preparer) -> None:
         prep = teacher.preparer() if hasattr(teacher, "preparer") else teacher
         resize = getattr(getattr(prep, "transform", None), "resize", None)
         self.resize = int(resize) if isinstance(resize, int) and resize > 0 else None
@@ -151,10 +150,10 @@ class OutputSizeGuard:
 
 
 def prepare_shard(
-    reader: Any,
+    reader: DatasetReader,
     shard: ShardRef,
-    image_teacher: Teacher | None,
-    text_teacher: Teacher | None,
+    image_teacher: Preparer | None,
+    text_teacher: Preparer | None,
     batch_size: int,
 ) -> Iterator[WorkRow]:
     """Read one shard and yield its prepared batches, then its ``end`` row.
@@ -167,7 +166,7 @@ def prepare_shard(
     counts = {"read": 0, IMAGE: 0, TEXT: 0}
     timing = {"read_s": 0.0, "prepare_s": 0.0}
 
-    def flush(kind: str) -> Iterator[WorkRow]:
+    def flush(kind: RowKind) -> Iterator[WorkRow]:
         ids, items = pending[kind]
         if not ids:
             return
@@ -184,7 +183,7 @@ def prepare_shard(
     # two escaping tar members of one name) must not make the commit fail on a duplicate id.
     used: dict[str, set[str]] = {IMAGE: set(), TEXT: set()}
 
-    def fail(kind: str, sample_id: str, reason: str) -> None:
+    def fail(kind: RowKind, sample_id: str, reason: str) -> None:
         if sample_id in used[kind]:
             log.warning(
                 "%s %r was already ledgered in shard %s: %s", kind, sample_id, shard.key, reason
@@ -273,15 +272,15 @@ def encode_row(row: WorkRow, teacher: Teacher) -> tuple[np.ndarray, float]:
     return feats, time.perf_counter() - t0
 
 
-def load_teachers(config: Any, device: str | None = None) -> dict[str, Teacher]:
-    """Build the teachers an ``ExtractConfig`` names; refuses a teacher of the wrong modality.
+def load_teachers(config: ExtractConfig, device: str | None = None) -> dict[RowKind, Teacher]:
+    """Build the teachers an :class:`ExtractConfig` names; refuses a teacher of the wrong modality.
 
     It lives here, beside the other pieces both runners share, so that the Ray actors build
     teachers exactly as the local runner does without importing the runner.
     """
     device = device or config.device
     check_device(device)
-    teachers: dict[str, Teacher] = {}
+    teachers: dict[RowKind, Teacher] = {}
     for modality, name in config.teacher_names().items():
         options: dict[str, Any] = {
             "device": None if device == "auto" else device,

@@ -1,6 +1,6 @@
 """The Ray runner: Ray Data streams shards through CPU read tasks and teacher actor pools.
 
-1. ``flat_map`` reads and prepares each shard in CPU tasks, emitting fixed batches (see work.py).
+1. ``flat_map`` reads and prepares each shard in CPU tasks, emitting fixed batches (see batches.py).
 2. Each teacher runs in an actor pool (``map_batches`` with a callable class). On GPU nodes an
    actor takes a GPU share; on CPU-only nodes actors take *fractional* CPUs sized from the
    cluster, leaving room for the read tasks (whole-CPU actors on a 2-core machine starve the
@@ -19,17 +19,13 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ConfigError, CusaError
-from ..readers.base import ShardRef
-from .progress import ProgressSink
-from .work import (
-    END,
-    IMAGE,
-    TEXT,
+from ..readers.base import DatasetReader, ShardRef
+from .batches import (
     WorkRow,
     array_to_bytes,
     bytes_to_array,
@@ -37,6 +33,9 @@ from .work import (
     load_teachers,
     prepare_shard,
 )
+from .job import END, IMAGE, TEXT, ExtractConfig, ExtractSummary, RowKind
+from .progress import ProgressSink
+from .teachers.base import Preparer, Teacher
 from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,9 @@ def plan_resources(resources: dict[str, float], n_teachers: int, actors: int | N
 class _ReadPrepare:
     """Picklable read+prepare step; teachers are rebuilt without weights-heavy state per task."""
 
-    def __init__(self, reader: Any, preparers: dict[str, Any], batch_size: int) -> None:
+    def __init__(
+        self, reader: DatasetReader, preparers: Mapping[RowKind, Preparer], batch_size: int
+    ) -> None:
         self.reader = reader
         self.preparers = preparers
         self.batch_size = batch_size
@@ -120,12 +121,12 @@ class _ReadPrepare:
 class _TeacherActor:
     """Holds one teacher on its worker and encodes rows of its modality; others pass through."""
 
-    def __init__(self, config: Any, modality: str, torch_threads: int) -> None:
+    def __init__(self, config: ExtractConfig, modality: RowKind, torch_threads: int) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
         self.modality = modality
-        sub = _only(config, modality)
+        sub = replace(config, modalities=(modality,))
         self.teacher = load_teachers(sub)[modality]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -155,12 +156,6 @@ def _plain(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x.tolist()
     return x
-
-
-def _only(config: Any, modality: str) -> Any:
-    from dataclasses import replace
-
-    return replace(config, modalities=(modality,))
 
 
 @contextlib.contextmanager
@@ -224,12 +219,12 @@ def _init_ray(address: str | None) -> Any:
 
 
 def run_ray(
-    config: Any,
-    reader: Any,
+    config: ExtractConfig,
+    reader: DatasetReader,
     shards: list[ShardRef],
-    teachers: dict[str, Any],
+    teachers: Mapping[RowKind, Teacher],
     writer: ShardWriter,
-    summary: Any,
+    summary: ExtractSummary,
     progress: ProgressSink,
 ) -> None:
     """Stream ``shards`` through Ray Data and commit each one as it completes."""
@@ -260,7 +255,7 @@ def run_ray(
         )
     try:
         for row in ds.iter_rows():
-            kind, shard = str(row["kind"]), str(row["shard"])
+            kind, shard = RowKind(row["kind"]), str(row["shard"])
             if kind == END:
                 writer.add_end(shard, str(row["meta"]))
                 continue

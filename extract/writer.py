@@ -12,28 +12,18 @@ import numpy as np
 
 from ..errors import StoreError
 from ..store import FeatureGroup
-from .work import END, IMAGE, TEXT
+from ..store.commits import CommittedIds
+from .job import IMAGE, TEXT, RowKind, ShardStats
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Pending:
-    batches: dict[str, dict[int, tuple[list[str], np.ndarray]]] = field(
+    batches: dict[RowKind, dict[int, tuple[list[str], np.ndarray]]] = field(
         default_factory=lambda: {IMAGE: {}, TEXT: {}}
     )
     meta: dict | None = None
-
-
-@dataclass
-class ShardStats:
-    """What happened to one shard, for the run summary."""
-
-    shard: str
-    rows: dict[str, int]
-    failed: dict[str, int]
-    status: dict[str, str]
-    meta: dict
 
 
 class ShardWriter:
@@ -45,11 +35,13 @@ class ShardWriter:
 
     def __init__(
         self,
-        groups: dict[str, FeatureGroup],
+        groups: dict[RowKind, FeatureGroup],
         on_commit: Callable[[ShardStats], None] | None = None,
     ) -> None:
         self.groups = groups
         self.on_commit = on_commit
+        # An id a second shard brings is ledgered when that shard commits (not found at seal).
+        self._committed = {kind: CommittedIds(g) for kind, g in groups.items()}
         self._pending: dict[str, _Pending] = {}
 
     @property
@@ -57,7 +49,7 @@ class ShardWriter:
         return len(self._pending)
 
     def add_features(
-        self, shard: str, kind: str, seq: int, ids: list[str], feats: np.ndarray
+        self, shard: str, kind: RowKind, seq: int, ids: list[str], feats: np.ndarray
     ) -> ShardStats | None:
         self._pending.setdefault(shard, _Pending()).batches[kind][seq] = (ids, feats)
         return self._maybe_commit(shard)
@@ -104,6 +96,17 @@ class ShardWriter:
                 keep = ~bad
                 ids = [i for i, k in zip(ids, keep, strict=True) if k]
                 feats = feats[keep]
+            dups = self._committed[kind].duplicates(shard, ids)
+            if dups:
+                failures += [
+                    (i, f"duplicate sample id {i!r}: shard {first!r} already committed it to "
+                     "this group (its features are kept); make ids unique across shards and "
+                     "re-extract")
+                    for i, first in dups.items()
+                ]  # fmt: skip
+                keep = np.array([i not in dups for i in ids], dtype=bool)
+                ids = [i for i in ids if i not in dups]
+                feats = feats[keep]
             try:
                 result = group.write_shard(
                     shard, ids, feats, failures=failures, source=p.meta.get("source", "")
@@ -116,6 +119,7 @@ class ShardWriter:
                     "committed and readers do not see any of it. Free space or fix the store, "
                     "then re-run the same command to complete it"
                 ) from exc
+            self._committed[kind].add(shard, ids)
             rows[kind], failed[kind], status[kind] = len(ids), len(failures), result.status
         p.meta.setdefault("timing", {})["write_s"] = time.perf_counter() - t0
         stats = ShardStats(shard, rows, failed, status, p.meta)
@@ -124,4 +128,4 @@ class ShardWriter:
         return stats
 
 
-__all__ = ["END", "ShardStats", "ShardWriter"]
+__all__ = ["ShardStats", "ShardWriter"]

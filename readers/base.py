@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import DatasetError
 
@@ -69,6 +69,8 @@ def split_caption_id(sample_id: str) -> tuple[str, int]:
 
 @runtime_checkable
 class DatasetReader(Protocol):
+    """What extraction, evaluation and ``cusa shard`` read a dataset through."""
+
     name: str
     split: str
 
@@ -82,4 +84,13 @@ class DatasetReader(Protocol):
 
     def manifest_hash(self) -> str:
         """SHA-256 identifying the dataset's content layout (ids and sources), stored in the group."""
+        ...
+
+    def manifest_info(self, modality: str | None = None) -> dict[str, Any] | None:
+        """What the features of ``modality`` (``None``: both) depend on, hashed, or ``None``.
+
+        A dict holds at least ``hash`` (stored as the group's manifest hash, so a caption edit
+        changes the text group's hash only) and is recorded in the group's attributes; ``None``
+        means the reader keeps no per-modality manifest and :meth:`manifest_hash` is stored.
+        """
         ...

@@ -284,5 +284,9 @@ class CaptionDatasetReader:
         rows = [d.image_ids, [str(p) for p in d.image_paths], d.captions, d.image_ids_of_texts]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
+    def manifest_info(self, modality: str | None = None) -> None:
+        """No per-modality manifest: :meth:`manifest_hash` identifies the whole set."""
+        return None
+
     def __repr__(self) -> str:
         return f"CaptionDatasetReader(source={self.data.source!r})"

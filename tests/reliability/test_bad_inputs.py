@@ -510,7 +510,7 @@ def test_pickle_instead_of_a_state_dict_is_never_executed(fmt, tmp_path, reliabi
 
 
 def test_npy_needing_pickle_is_refused(tmp_path, reliability_log):
-    from cusa.extract.work import bytes_to_array
+    from cusa.extract.batches import bytes_to_array
     from cusa_train.evaluation.evaluate import load_features
 
     marker = tmp_path / "PWNED"
