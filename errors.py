@@ -55,3 +55,32 @@ class DatasetError(CusaError, ValueError):
 
 class NonFiniteError(CusaError, FloatingPointError):
     """Training met a non-finite value (loss term, temperature, gradient, eval metric)."""
+
+
+# Classes for the conditions the CLI reports with their own exit codes (commands/exit_codes.py).
+# The CLI turns an error from the operating system (with an errno), from a remote-storage client
+# or out of memory into one of these; any other exception cusa did not raise is a bug (exit 70).
+
+
+class FileSystemError(CusaError, OSError):
+    """A local file-system operation failed: missing file, permission, read-only, disk full."""
+
+
+class MalformedFileError(CusaError, ValueError):
+    """A file cusa read cannot be parsed: invalid JSON, Parquet or text, or nested too deep."""
+
+
+class DeviceError(CusaError, RuntimeError):
+    """The compute device failed at run time (a CUDA error, an accelerator fault)."""
+
+
+class RemoteStorageError(CusaError, OSError):
+    """Remote storage refused or failed: missing credentials, endpoint or network errors."""
+
+
+class OutOfMemoryError(CusaError, MemoryError):
+    """The host or the device ran out of memory."""
+
+
+class MissingExtraError(CusaError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""

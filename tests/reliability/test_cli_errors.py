@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from cusa import cli
 from cusa.cli import app
+from cusa.errors import DeviceError, MalformedFileError
 from cusa.store.fs import StoreFS
 
 
@@ -188,20 +189,27 @@ def _no_credentials() -> Exception:
     return botocore.NoCredentialsError()
 
 
+# Exit codes go by meaning (commands/exit_codes.py): 2-7 only for cusa's own classes and the
+# foreign errors of certain meaning the CLI turns into them; any other foreign error is a bug (70).
 ERRORS = {
-    "JSONDecodeError": (
+    "MalformedFileError": (lambda: MalformedFileError("bad manifest"), cli.EXIT_MALFORMED),
+    "DeviceError": (lambda: DeviceError("CUDA error: an illegal memory access"), cli.EXIT_DEVICE),
+    "JSONDecodeError (foreign)": (
         lambda: json.JSONDecodeError("Expecting value", "{", 1),
-        cli.EXIT_MALFORMED,
+        cli.EXIT_INTERNAL,
     ),
-    "ArrowInvalid": (
+    "ArrowInvalid (foreign)": (
         lambda: pa.lib.ArrowInvalid("Parquet magic bytes not found"),
-        cli.EXIT_MALFORMED,
+        cli.EXIT_INTERNAL,
     ),
-    "UnicodeDecodeError": (
+    "UnicodeDecodeError (foreign)": (
         lambda: UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
-        cli.EXIT_MALFORMED,
+        cli.EXIT_INTERNAL,
     ),
-    "RecursionError": (lambda: RecursionError("maximum recursion depth"), cli.EXIT_MALFORMED),
+    "RecursionError (foreign)": (
+        lambda: RecursionError("maximum recursion depth"),
+        cli.EXIT_INTERNAL,
+    ),
     "FileNotFoundError": (
         lambda: FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/zarr.json"),
         cli.EXIT_FILE,
@@ -214,9 +222,9 @@ ERRORS = {
         lambda: PermissionError(errno.EACCES, "Permission denied", "/x"),
         cli.EXIT_FILE,
     ),
-    "RuntimeError (CUDA)": (
-        lambda: RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be async"),
-        cli.EXIT_DEVICE,
+    "RuntimeError (a torch shape bug)": (
+        lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"),
+        cli.EXIT_INTERNAL,
     ),
     "NoCredentialsError": (_no_credentials, cli.EXIT_REMOTE),
     "ConnectionError": (lambda: ConnectionRefusedError("connection refused"), cli.EXIT_REMOTE),
@@ -227,9 +235,12 @@ ERRORS = {
 
 
 @pytest.mark.parametrize("name", sorted(ERRORS))
-def test_every_error_is_one_line_with_its_exit_code(name, sample_reference, monkeypatch):
+def test_every_error_is_one_line_with_its_exit_code(
+    name, sample_reference, monkeypatch, tmp_path
+):
     make, code = ERRORS[name]
     exc = make()
+    monkeypatch.setenv("CUSA_LOG_DIR", str(tmp_path))  # where exit 70 writes the traceback
 
     def boom(store):
         raise exc
