@@ -110,6 +110,15 @@ def eval_cmd(
             help="raw or pre_caption (the official caption normalisation) [default: as the checkpoint was trained].",
         ),
     ] = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            "--protocol",
+            metavar="[official|strict]",
+            help="Rank-1 protocol of --task image-retrieval: official (as evaluation_img.py; a query's exact duplicate, or the query itself, can be its hit; reproduces the paper) or strict (the query excluded, ties are misses) [default: official].",
+            show_default=False,
+        ),
+    ] = None,
     ks: Annotated[str, typer.Option("--ks", help="Recall cut-offs, comma-separated.")] = "1,5,10",
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Images or captions encoded per forward pass.")
@@ -136,7 +145,7 @@ def eval_cmd(
         text_features=text_features, store=store, dataset=dataset, split=split, root=root,
         image_root=image_root, max_images=max_images, batch_size=batch_size, sts=sts,
         sts_tasks=sts_tasks, ks=cutoffs, eccv=eccv, captions=captions, device=device,
-        workers=workers,
+        workers=workers, protocol=protocol,
     )  # fmt: skip
     report = run_evaluation(config)
     if out:

@@ -243,6 +243,23 @@ class CusaModel(nn.Module):
         """Texts -> head embeddings (B, embed_dim), not normalised; ``uni_modal`` picks the USA head."""
         return self._head("text", uni_modal)(self.student.encode_text(texts))
 
+    def official_encode_image(self, images: Any, cross_modal: bool = True) -> Tensor:
+        """The official ``unire.encode_image(image, cross_modal)``: the cross-modal head, or with
+        ``cross_modal=False`` the USA head, or the student's backbone features when the model was
+        trained without USA heads (what ``evaluation_img.py`` scores)."""
+        return self._official("image", self.student.encode_image(images), cross_modal)
+
+    def official_encode_text(self, texts: Any, cross_modal: bool = True) -> Tensor:
+        """The official ``unire.encode_text(text, cross_modal)`` (see :meth:`official_encode_image`;
+        what ``evaluation_sts.py`` scores with ``cross_modal=False``)."""
+        return self._official("text", self.student.encode_text(texts), cross_modal)
+
+    def _official(self, modality: str, feats: Tensor, cross_modal: bool) -> Tensor:
+        if cross_modal:
+            return self._head(modality, False)(feats)
+        head = getattr(self, f"uni_{modality}_head")
+        return feats if head is None else head(feats)
+
     def _head(self, modality: str, uni_modal: bool) -> nn.Module:
         head = getattr(self, f"{'uni' if uni_modal else 'cross'}_{modality}_head")
         if head is None:

@@ -26,8 +26,13 @@ from cusa_train.wrapper import CusaModel
 
 T = TypeVar("T")
 
-HEADS = ("cross", "usa")
+HEADS = ("cross", "usa", "backbone")
 NO_USA_HEADS = "cross-modal head only: this model has no USA (uni-modal) heads (loss.usa was off)"
+BACKBONE_NOTE = (
+    "backbone+cross: this model has no USA (uni-modal) heads (loss.usa was off), so the uni-modal "
+    "column is the student's backbone features, what the official encode_*(cross_modal=False) "
+    "returns for such a model"
+)
 NOT_CUSA = "the model's own joint space only (not a CusaModel, so there are no USA heads)"
 
 
@@ -94,6 +99,10 @@ class HeadEncoder:
         heads: encode only these of the model's heads (default: all it has).
         preprocess: image bytes -> ``(3, H, W)`` tensor; default the model's (or its
             student's) ``preprocess_image``.
+        official_uni: also encode the features the official ``evaluation_img.py`` /
+            ``evaluation_sts.py`` score, ``encode_*(cross_modal=False)``: for a CusaModel without
+            USA heads that is the student's backbone output (head ``"backbone"``); with USA heads
+            it is the USA head, encoded anyway. :attr:`uni_head` names it.
     """
 
     def __init__(
@@ -103,6 +112,7 @@ class HeadEncoder:
         workers: int | None = None,
         heads: Sequence[str] | None = None,
         preprocess: Callable[[bytes], torch.Tensor] | None = None,
+        official_uni: bool = False,
     ) -> None:
         unknown = sorted(set(heads or ()) - set(HEADS))
         if unknown:
@@ -114,10 +124,15 @@ class HeadEncoder:
             and self.cusa.uni_image_head is not None
             and self.cusa.uni_text_head is not None
         )
-        own = HEADS if has_usa else ("cross",)
+        backbone = official_uni and self.cusa is not None and not has_usa
+        own = ("cross", "usa") if has_usa else ("cross", "backbone") if backbone else ("cross",)
         self.heads: tuple[str, ...] = tuple(h for h in own if heads is None or h in heads)
+        #: the head of the official uni-modal protocol (``encode_*(cross_modal=False)``), if any
+        self.uni_head: str | None = next((h for h in ("usa", "backbone") if h in self.heads), None)
         if has_usa:
             self.note = "usa+cross: USA (uni-modal) heads and the cross-modal head"
+        elif backbone:
+            self.note = BACKBONE_NOTE
         else:
             self.note = NO_USA_HEADS if self.cusa is not None else NOT_CUSA
         params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
@@ -161,6 +176,8 @@ class HeadEncoder:
         out = {"cross": cross(feats)} if "cross" in self.heads else {}
         if "usa" in self.heads:
             out["usa"] = usa(feats)
+        if "backbone" in self.heads:
+            out["backbone"] = feats  # official encode_*(cross_modal=False) without USA heads
         return out
 
     # ---- many -------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from cusa_train.evaluation.eccv import (
 )
 from cusa_train.evaluation.encoding import EncodedSplit, EvalEncoder, HeadEncoder, encode_dataset
 from cusa_train.evaluation.image_benchmarks import evaluate_image_benchmarks, parse_benchmark_names
-from cusa_train.evaluation.metrics import DEFAULT_KS, StsPairs, load_sts_pairs
+from cusa_train.evaluation.metrics import DEFAULT_KS, RANK1_PROTOCOLS, StsPairs, load_sts_pairs
 from cusa_train.evaluation.report import USA, EvalReport
 from cusa_train.evaluation.scores import (
     evaluate_features,
@@ -355,6 +355,8 @@ class EvalConfig:
             as the checkpoint's student read them in training.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         workers: threads decoding images.
+        protocol: rank-1 protocol of ``image-retrieval``: ``official`` (the default when None:
+            reproduces the paper's Table 3) or ``strict`` (ties are misses).
     """
 
     task: str = "retrieval"
@@ -376,10 +378,21 @@ class EvalConfig:
     captions: str | None = None
     device: str | None = None
     workers: int | None = None
+    protocol: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.protocol is not None:
+            if self.task != "image-retrieval":
+                raise ConfigError(
+                    f"--protocol {self.protocol!r} is the rank-1 protocol of --task "
+                    f"image-retrieval; --task {self.task} has no such choice"
+                )
+            if self.protocol not in RANK1_PROTOCOLS:
+                raise ConfigError(
+                    f"--protocol must be one of {', '.join(RANK1_PROTOCOLS)}, got {self.protocol!r}"
+                )
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if self.max_images is not None and self.max_images < 1:
@@ -473,6 +486,7 @@ def run_evaluation(config: EvalConfig) -> EvalReport:
         return evaluate_image_benchmarks(
             model, config.dataset, config.root,  # type: ignore[arg-type]
             batch_size=config.batch_size, workers=config.workers, info=meta,
+            protocol=config.protocol or "official",
         )  # fmt: skip
     if config.task == "sts":
         return evaluate_sts_benchmarks(

@@ -39,8 +39,8 @@ from cusa.errors import ConfigError, DatasetError
 from cusa.registry import Registry
 from cusa_train.evaluation.data import read_lines
 from cusa_train.evaluation.encoding import EvalEncoder, HeadEncoder
-from cusa_train.evaluation.metrics import nearest_neighbour_rank1
-from cusa_train.evaluation.report import USA, EvalReport
+from cusa_train.evaluation.metrics import RANK1_PROTOCOLS, nearest_neighbour_rank1
+from cusa_train.evaluation.report import BACKBONE, USA, EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -359,33 +359,43 @@ def evaluate_image_benchmarks(
     batch_size: int = 128,
     workers: int | None = None,
     chunk_size: int = 1024,
+    protocol: str = "official",
     info: Mapping[str, Any] | None = None,
 ) -> EvalReport:
     """Rank-1 image retrieval on the paper's benchmarks (Table 3), official layout and protocol.
 
     Each benchmark is read by its registered loader, encoded through every head
     of ``model`` and scored with :func:`cusa_train.evaluation.metrics.nearest_neighbour_rank1`
-    (Euclidean nearest neighbour on L2-normalised features; the query excluded; In-Shop:
-    queries against the gallery).
+    (Euclidean nearest neighbour on L2-normalised features; In-Shop: queries against the
+    gallery). The first column is what the official ``evaluation_img.py`` scores,
+    ``encode_image(cross_modal=False)``: the USA head, or for a model without USA heads the
+    student's backbone features (``_backbone``); the cross-modal head is the second.
 
     Args:
-        model: the model (a CusaModel gives the USA column, the official one).
+        model: the model (a CusaModel gives the official uni-modal column).
         names: benchmark names (``cub``, ``sop``, ``inshop``, ``inat``, ``cars``), a
             comma-separated string, or ``"all"`` (the paper's four).
         root: the folder holding ``cub/``, ``sop/``, ``inshop/``, ``inaturalist/``, ``cars/``
             (or, for a single benchmark, its own folder).
         batch_size: images encoded at once.
         workers: threads decoding images.
-        chunk_size: queries scored at once.
+        chunk_size: queries scored at once (the ``strict`` protocol; ``official`` scores 128
+            at a time as the official script does).
+        protocol: ``official`` (default: reproduces the paper's Table 3, ties resolved as the
+            official script's ``torch.topk``) or ``strict`` (the query never its own neighbour,
+            ties count as misses); see :func:`~cusa_train.evaluation.metrics.nearest_neighbour_rank1`.
         info: extra metadata recorded in the report.
 
     Returns:
-        Metrics ``{name}_r1`` (cross-modal head), ``{name}_r1_usa`` (USA head) and, for two or
-        more benchmarks, ``image_avg_r1`` (+ ``_usa``), the mean as the official script prints it.
+        Metrics ``{name}_r1`` (cross-modal head), ``{name}_r1_usa`` (USA head) or
+        ``{name}_r1_backbone`` (backbone of a model without USA heads) and, for two or more
+        benchmarks, ``image_avg_r1`` (+ the same suffix), the mean as the official script prints it.
     """
+    if protocol not in RANK1_PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {RANK1_PROTOCOLS}, got {protocol!r}")
     benches = [get_image_benchmark(n) for n in parse_benchmark_names(names)]
     splits = [b.open(root) for b in benches]  # read every index before encoding anything
-    enc = HeadEncoder(model, workers=workers)
+    enc = HeadEncoder(model, workers=workers, official_uni=True)
     metrics: dict[str, float] = {}
     counts: dict[str, int] = {}
     for bench, split in zip(benches, splits, strict=True):
@@ -393,11 +403,11 @@ def evaluate_image_benchmarks(
         feats = enc.encode_images(split.all_paths(), batch_size)
         nq = len(split.query_paths)
         for head, x in feats.items():
-            sfx = USA if head == "usa" else ""
+            sfx = {"usa": USA, "backbone": BACKBONE}.get(head, "")
             gallery = None if split.gallery_paths is None else x[nq:]
             res = nearest_neighbour_rank1(
                 x[:nq], split.query_labels, gallery, split.gallery_labels,
-                chunk_size=chunk_size, device=enc.device,
+                chunk_size=chunk_size, device=enc.device, protocol=protocol,
             )  # fmt: skip
             metrics[f"{bench.name}_r1{sfx}"] = res.r1
         counts[f"{bench.name}_queries"] = nq
@@ -406,7 +416,8 @@ def evaluate_image_benchmarks(
         )
         counts[f"{bench.name}_classes"] = split.num_classes
     if len(benches) > 1:
-        for sfx in ("", USA) if "usa" in enc.heads else ("",):
+        uni = {"usa": USA, "backbone": BACKBONE}.get(enc.uni_head or "")
+        for sfx in ("", uni) if uni else ("",):
             metrics[f"image_avg_r1{sfx}"] = float(
                 np.mean([metrics[f"{b.name}_r1{sfx}"] for b in benches])
             )
@@ -417,6 +428,8 @@ def evaluate_image_benchmarks(
             "task": "image-retrieval",
             "root": str(root),
             "heads": enc.note,
+            "uni_modal_features": enc.uni_head,
+            "rank1_protocol": protocol,
             "image_benchmarks": [b.name for b in benches],
             "image_benchmark_titles": {b.name: b.title for b in benches},
             "protocols": {b.name: b.protocol for b in benches},

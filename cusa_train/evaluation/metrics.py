@@ -494,6 +494,11 @@ class Rank1Result:
     num_hits: int
 
 
+#: ``official``: the official ``evaluation_img.py`` computation (ties as its ``torch.topk``);
+#: ``strict``: the query excluded by index, ties counted as misses.
+RANK1_PROTOCOLS = ("official", "strict")
+
+
 def nearest_neighbour_rank1(
     queries: np.ndarray | torch.Tensor,
     query_labels: Sequence | np.ndarray,
@@ -502,18 +507,25 @@ def nearest_neighbour_rank1(
     *,
     chunk_size: int = 1024,
     device: str | torch.device | None = None,
+    protocol: str = "strict",
 ) -> Rank1Result:
     """Rank-1 (R@1) as the official CUSA ``evaluation_img.py`` computes it.
 
     Both sides are L2-normalised, each query takes its Euclidean nearest neighbour and scores a
     hit when that neighbour has the query's label; the result is hits / all queries. On unit
     vectors ``|q - g|^2 = 2 - 2 cos``, so the nearest neighbour is the most cosine-similar item.
+    The two protocols differ only where distances tie (exact duplicates, collapsed features):
 
-    Without a gallery the queries are their own gallery and each query is excluded from its
-    own search (the official script takes the second-nearest item, which is the query itself
-    removed as long as no other item sits at distance 0). With a gallery (In-Shop) nothing is
-    excluded. Ties count against the query: a negative exactly as close as the nearest
-    positive is a miss, so a collapsed model scores 0, never 100.
+    - ``strict`` (default here): without a gallery the queries are their own gallery and each
+      query is excluded from its own search by index. With a gallery (In-Shop) nothing is
+      excluded. Ties count against the query: a negative exactly as close as the nearest
+      positive is a miss, so a collapsed model scores 0, never 100.
+    - ``official``: the official ``get_metric`` line for line (Euclidean distances via
+      ``addmm``, clamped at 1e-12 and square-rooted, ``torch.topk(k=2, largest=False)`` over 128
+      queries at a time; without a gallery the 2nd item, with one the 1st). When a query has an
+      exact duplicate in the gallery, the 2nd item can be the query itself, which counts as a
+      hit; tied negatives win or lose by ``topk``'s order. This reproduces the paper's numbers;
+      ``chunk_size`` is ignored (the official 128).
 
     Args:
         queries: ``(Q, D)`` query features.
@@ -522,10 +534,14 @@ def nearest_neighbour_rank1(
         gallery_labels: ``G`` labels, with ``gallery``.
         chunk_size: queries scored at once; memory is about ``chunk_size * G`` floats.
         device: where the similarity products run (default: CPU).
+        protocol: ``strict`` or ``official`` (see above).
 
     Raises:
         DatasetError: shapes or label counts do not match.
+        ConfigError: unknown protocol.
     """
+    if protocol not in RANK1_PROTOCOLS:
+        raise ConfigError(f"rank-1 protocol must be one of {RANK1_PROTOCOLS}, got {protocol!r}")
     q = as_features(queries, "queries")
     same = gallery is None
     if same != (gallery_labels is None):
@@ -544,6 +560,8 @@ def nearest_neighbour_rank1(
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size!r}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    if protocol == "official":
+        return _official_rank1(q.to(dev), ql.to(dev), None if same else g.to(dev), gl.to(dev))
     q, g = l2_normalize(q).to(dev), l2_normalize(g).to(dev)
     ql, gl = ql.to(dev), gl.to(dev)
     neg_inf = torch.tensor(float("-inf"), device=dev)
@@ -562,3 +580,27 @@ def nearest_neighbour_rank1(
         hits += int(hit.sum())
     n = int(q.shape[0])
     return Rank1Result(r1=100.0 * hits / n, num_queries=n, num_hits=hits)
+
+
+def _official_rank1(
+    q: torch.Tensor, ql: torch.Tensor, g: torch.Tensor | None, gl: torch.Tensor
+) -> Rank1Result:
+    """``get_metric`` of the official ``evaluation_img.py`` (``euclidean_distance`` with topk 2,
+    128 queries at a time), on features and integer labels."""
+    q = torch.nn.functional.normalize(q)
+    y = q if g is None else torch.nn.functional.normalize(g)
+    preds = []
+    for start in range(0, q.shape[0], 128):
+        x = q[start : start + 128]
+        m, n = x.size(0), y.size(0)
+        xx = torch.pow(x, 2).sum(1, keepdim=True).expand(m, n)
+        yy = torch.pow(y, 2).sum(1, keepdim=True).expand(n, m).t()
+        dist = xx + yy
+        dist.addmm_(mat1=x, mat2=y.t(), beta=1, alpha=-2)
+        dist = dist.clamp(min=1e-12).sqrt()
+        index = torch.topk(dist, min(2, n), largest=False).indices
+        preds.append(index[:, 1] if g is None else index[:, 0])
+    pred = torch.cat(preds)
+    hits = int((ql == gl[pred]).sum())
+    n_q = int(q.shape[0])
+    return Rank1Result(r1=100.0 * hits / n_q, num_queries=n_q, num_hits=hits)

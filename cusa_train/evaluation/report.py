@@ -2,7 +2,9 @@
 and provenance, as JSON and as a plain-text table.
 
 Metric keys without a suffix come from the features given, i.e. the cross-modal head of a
-model; the suffix :data:`USA` (``_usa``) marks the same metric through the USA head.
+model; the suffix :data:`USA` (``_usa``) marks the same metric through the USA head, and
+:data:`BACKBONE` (``_backbone``) through the student's backbone features (the image retrieval
+and STS benchmarks of a model without USA heads: what the official scripts score).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 from cusa_train.evaluation.metrics import DEFAULT_KS
 
 USA = "_usa"  # suffix of metrics computed through the USA (uni-modal) heads
+#: suffix of metrics computed on the student's backbone features: what the official
+#: ``encode_*(cross_modal=False)`` returns for a model trained without USA heads
+BACKBONE = "_backbone"
 
 
 @dataclass(frozen=True)
@@ -36,9 +41,10 @@ class EvalReport:
             - uni-modal: ``i2i_r1``, ``i2i_map_at_r`` (with image labels), ``t2t_r1``,
               ``t2t_map_at_r``, and their ``_usa`` twins;
             - STS pairs file: ``sts_spearman``, ``sts_spearman_usa``;
-            - image retrieval benchmarks: ``{cub,sop,inshop,inat,cars}_r1`` (+ ``_usa``),
-              ``image_avg_r1`` (+ ``_usa``);
-            - SentEval: ``sts12`` ... ``sts16``, ``stsb``, ``sickr``, ``sts_avg`` (+ ``_usa``).
+            - image retrieval benchmarks: ``{cub,sop,inshop,inat,cars}_r1`` (+ ``_usa`` or
+              ``_backbone``), ``image_avg_r1`` (+ the same);
+            - SentEval: ``sts12`` ... ``sts16``, ``stsb``, ``sickr``, ``sts_avg`` (+ ``_usa`` or
+              ``_backbone``).
         counts: sizes, e.g. ``num_images``, ``num_texts``, ``t2t_queries``, ``cub_queries``.
         info: how it was computed: ``task``, ``ks``, ``heads``, ``eccv``, ``i2i_positives``,
             ``t2t_positives``, ``sts_file`` and any caller metadata (``checkpoint``...).
@@ -145,29 +151,33 @@ class EvalReport:
             vals = [m.get("sts_spearman_usa"), m["sts_spearman"]] if two else [m["sts_spearman"]]
             lines.append(f"  {'Spearman':<10}" + "".join(f"{v:>9.4f}" for v in vals))
 
+        # The benchmarks' first column is what the official scripts score,
+        # encode_*(cross_modal=False): the USA head, or the backbone of a model without one.
+        uni = USA if two else BACKBONE if any(k.endswith(BACKBONE) for k in m) else None
+        bcols = ("USA head", "cross") if uni == USA else ("backbone", "cross") if uni else cols
+
+        def bench_vals(key: str) -> list[float | None]:
+            return [m.get(f"{key}{uni}"), m.get(key)] if uni else [m.get(key)]
+
         bench = info.get("image_benchmarks") or []
         if bench:
-            section("Image retrieval, rank-1 (official evaluation_img.py protocol)")
-            lines.append(header(cols, 26))
+            protocol = info.get("rank1_protocol", "official")
+            section(f"Image retrieval, rank-1 ({protocol} protocol"
+                    + (", as evaluation_img.py)" if protocol == "official" else ")"))  # fmt: skip
+            lines.append(header(bcols, 26))
             for name in bench:
                 title = info.get("image_benchmark_titles", {}).get(name, name)
-                vals = [m.get(f"{name}_r1{USA}"), m.get(f"{name}_r1")] if two else [m[f"{name}_r1"]]
-                lines.append(f"  {title:<26}{cells(vals)}")
+                lines.append(f"  {title:<26}{cells(bench_vals(f'{name}_r1'))}")
             if "image_avg_r1" in m:
-                vals = (
-                    [m.get(f"image_avg_r1{USA}"), m["image_avg_r1"]] if two else [m["image_avg_r1"]]
-                )
-                lines.append(f"  {'Avg.':<26}{cells(vals)}")
+                lines.append(f"  {'Avg.':<26}{cells(bench_vals('image_avg_r1'))}")
         sts_tasks = info.get("sts_tasks") or []
         if sts_tasks:
             section("STS, Spearman x 100 (SentEval; official aggregation)")
-            lines.append(header(cols, 18))
+            lines.append(header(bcols, 18))
             for key, name in sts_tasks:
-                vals = [m.get(f"{key}{USA}"), m.get(key)] if two else [m.get(key)]
-                lines.append(f"  {name:<18}{cells(vals)}")
+                lines.append(f"  {name:<18}{cells(bench_vals(key))}")
             if "sts_avg" in m:
-                vals = [m.get(f"sts_avg{USA}"), m["sts_avg"]] if two else [m["sts_avg"]]
-                lines.append(f"  {'Avg.':<18}{cells(vals)}")
+                lines.append(f"  {'Avg.':<18}{cells(bench_vals('sts_avg'))}")
         if info.get("heads") and not two and (bench or sts_tasks or "t2t_r1" in m):
             lines.append(f"  ({info['heads']})")
         return "\n".join(lines)

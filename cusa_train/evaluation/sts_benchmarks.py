@@ -41,7 +41,7 @@ from cusa.errors import ConfigError, DatasetError
 from cusa_train.evaluation.data import read_lines
 from cusa_train.evaluation.encoding import EvalEncoder, HeadEncoder
 from cusa_train.evaluation.metrics import StsPairs, l2_normalize, spearman
-from cusa_train.evaluation.report import USA, EvalReport
+from cusa_train.evaluation.report import BACKBONE, USA, EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,10 @@ def evaluate_sts_benchmarks(
     """SentEval STS12-16, STS-B and SICK-R (paper Table 4) through every text head of ``model``.
 
     Args:
-        model: the model (a CusaModel gives the USA column, the official one).
+        model: the model. A CusaModel gives the column the official ``evaluation_sts.py``
+            scores, ``encode_text(cross_modal=False)``: the USA head (``_usa``), or for a model
+            without USA heads the student's backbone features (``_backbone``); the cross-modal
+            head is the second column.
         root: SentEval's data folder (holding ``downstream/STS`` and ``downstream/SICK``).
         tasks: a subset, e.g. ``"STS12,STSBenchmark"``; default all seven.
         batch_size: sentences encoded at once.
@@ -281,21 +284,21 @@ def evaluate_sts_benchmarks(
 
     Returns:
         Spearman x 100 per task (``sts12`` ... ``sickr``) and ``sts_avg``, as the official
-        script prints them (see the module docstring), plus ``_usa`` twins.
+        script prints them (see the module docstring), plus ``_usa`` or ``_backbone`` twins.
     """
     chosen = parse_sts_tasks(tasks)
     data = {t.name: load_sts_task(root, t) for t in chosen}  # every file before any encoding
     unique = sorted(
         {s for d in data.values() for p in d.values() for s in (*p.sentence1, *p.sentence2)}
     )
-    enc = HeadEncoder(model)
+    enc = HeadEncoder(model, official_uni=True)
     feats = enc.encode_texts(unique, batch_size)  # each distinct sentence once
     row = {s: i for i, s in enumerate(unique)}
     metrics: dict[str, float] = {}
     counts: dict[str, int] = {}
     details: dict[str, Any] = {}
     for head, x in feats.items():
-        sfx = USA if head == "usa" else ""
+        sfx = {"usa": USA, "backbone": BACKBONE}.get(head, "")
 
         def embed(sentences: list[str], x: np.ndarray = x) -> np.ndarray:
             return x[[row[s] for s in sentences]]
@@ -316,6 +319,7 @@ def evaluate_sts_benchmarks(
             "task": "sts",
             "root": str(root),
             "heads": enc.note,
+            "uni_modal_features": enc.uni_head,
             "sts_tasks": [(t.key, t.name) for t in chosen],
             "sts_aggregation": "STS12-16: Spearman over all pairs of the year's subsets "
             "('all'); STS-B, SICK-R: the test split; Avg.: mean of the %.2f-rounded values",

@@ -104,6 +104,8 @@ def test_a_model_without_usa_heads_reports_the_cross_modal_column_and_says_so(im
     root, _ = image_root
     report = evaluate_image_benchmarks(tiny_model(usa=False), "cub", root)
     assert "cub_r1" in report.metrics and "cub_r1_usa" not in report.metrics
+    # the official evaluation_img.py scores such a model's backbone (issue 24, item 1)
+    assert "cub_r1_backbone" in report.metrics
     assert "no USA (uni-modal) heads" in report.info["heads"]
     assert "no USA (uni-modal) heads" in report.to_table()
     assert "image_avg_r1" not in report.metrics  # one benchmark: no average
