@@ -166,3 +166,60 @@ def is_commit_record(rec: Any) -> bool:
         and rec["rows"] >= 0
         and isinstance(rec.get("features_sha256"), str)
     )
+
+
+def _id_key(sample_id: str) -> int:
+    """A 64-bit hash of an id: the registry keeps ints, not one Python string per id."""
+    data = sample_id.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+class CommittedIds:
+    """Which shard committed each sample id of one group, so that an id a second shard brings
+    is found when that shard is committed, not only when the group is sealed.
+
+    Loaded once from the group's committed parts (a resumed run), then kept up to date with
+    :meth:`add`. Ids are held as 64-bit hashes; a hash match is confirmed against the earlier
+    shard's stored ids, so the answer is exact.
+    """
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+        self._where: dict[int, str] | None = None
+        self._shard_ids: dict[str, set[str]] = {}  # ids of shards read to confirm a match
+
+    def _load(self) -> dict[int, str]:
+        if self._where is None:
+            self._where = {}
+            if not self._group.sealed:  # a sealed group takes no more commits
+                for rec, seg in zip(
+                    [r for r in self._group.commit_records() if r["rows"] > 0],
+                    self._group.segments(),
+                    strict=False,
+                ):
+                    for sid in self._group.read_ids(seg):
+                        self._where.setdefault(_id_key(sid), rec["shard"])
+        return self._where
+
+    def _ids_of(self, shard: str) -> set[str]:
+        if shard not in self._shard_ids:
+            recs = [r for r in self._group.commit_records() if r["shard"] == shard]
+            segs = [s for s in self._group.segments() if recs and f"/{recs[0]['part']}/" in s.rel]
+            self._shard_ids[shard] = {i for s in segs for i in self._group.read_ids(s)}
+        return self._shard_ids[shard]
+
+    def duplicates(self, shard: str, ids: list[str]) -> dict[str, str]:
+        """``{id: earlier shard}`` for each of ``ids`` another shard of the group committed."""
+        where = self._load()
+        out = {}
+        for sid in ids:
+            first = where.get(_id_key(sid))
+            if first is not None and first != shard and sid in self._ids_of(first):
+                out[sid] = first
+        return out
+
+    def add(self, shard: str, ids: list[str]) -> None:
+        """Record ``ids`` as committed by ``shard``."""
+        where = self._load()
+        for sid in ids:
+            where.setdefault(_id_key(sid), shard)
