@@ -8,14 +8,12 @@ items to features on the teacher's device.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ...captions import CaptionNormalization
 from ...store.spec import Modality, TeacherSpec, library_versions
-
-if TYPE_CHECKING:
-    from .text import CaptionNormalization
 
 
 @runtime_checkable
@@ -115,7 +113,7 @@ class TextTeacherBase(TeacherBase):
     """Plumbing shared by text teachers: the caption normalisation as the preparer, the spec of
     an L2-normalised sentence embedding, and the empty batch.
 
-    Subclasses set ``_preparer`` (a :class:`~cusa.extract.teachers.text.CaptionNormalization`)
+    Subclasses set ``_preparer`` (a :class:`~cusa.captions.CaptionNormalization`)
     and ``_spec`` (with :meth:`_sentence_spec`) and implement ``_encode_captions(batch)`` ->
     ``(B, dim)`` float32, L2-normalised, on a non-empty batch.
     """

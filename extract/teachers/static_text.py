@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ...captions import CaptionNormalization
 from ...errors import WeightsError
 from ...weights import installed_package_dir, sha256_file
 from .base import TextTeacherBase, l2_normalize
-from .text import CaptionNormalization
 
 WORDLLAMA_CONFIG = "l2_supercat"
 WORDLLAMA_DIM = 256

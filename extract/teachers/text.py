@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ...captions import PRE_CAPTION_PUNCT, pre_caption
-from ...errors import ConfigError, SampleError, WeightsError
+from ...captions import CaptionNormalization
+from ...errors import ConfigError, WeightsError
 from ...paths import models_dir
 from ...weights import (
     MINILM_DISTRIBUTION,
@@ -47,74 +47,6 @@ from ...weights import (
 from .base import TextTeacherBase, l2_normalize
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CaptionNormalization:
-    """How captions are turned into teacher input; recorded in the spec's ``preprocessing``.
-
-    Args:
-        mode: ``"pre_caption"`` (official CUSA rule) or ``"raw"`` (unchanged, only rejected
-            when blank).
-        max_words: word limit of ``pre_caption``.
-    """
-
-    mode: str = "pre_caption"
-    max_words: int = 64
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("pre_caption", "raw"):
-            raise ConfigError(
-                f"caption normalisation must be 'pre_caption' or 'raw', got {self.mode!r}"
-            )
-        if self.max_words < 1:
-            raise ConfigError(f"max_words must be >= 1, got {self.max_words}")
-
-    @classmethod
-    def of(cls, normalization: str | CaptionNormalization, max_words: int) -> CaptionNormalization:
-        """``normalization`` itself if it is one, else ``CaptionNormalization(normalization, max_words)``."""
-        if isinstance(normalization, CaptionNormalization):
-            return normalization
-        return cls(normalization, max_words)
-
-    def __call__(self, caption: str | bytes) -> str:
-        """Normalise one caption.
-
-        Raises:
-            SampleError: not valid UTF-8, not text, or empty after normalisation.
-        """
-        if isinstance(caption, bytes | bytearray):
-            try:
-                caption = bytes(caption).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise SampleError(
-                    f"caption is not valid UTF-8 ({exc.reason} at byte {exc.start}): {bytes(caption)[:60]!r}"
-                ) from exc
-        if not isinstance(caption, str):
-            raise SampleError(f"caption must be str or UTF-8 bytes, got {type(caption).__name__}")
-        if self.mode == "raw":
-            if not caption.strip():
-                raise SampleError(f"caption is blank (raw: {caption!r})")
-            return caption
-        return pre_caption(caption, self.max_words)
-
-    def prepare(self, item: str | bytes) -> str:
-        """Same as calling it: the picklable ``prepare`` half of a text teacher."""
-        return self(item)
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.mode == "raw":
-            return {"caption": "raw"}
-        return {
-            "caption": "pre_caption",
-            "source": "lerogo/aaai24_itr_cusa dataset/utils.py pre_caption (ALBEF)",
-            "lowercase": True,
-            "punctuation_to_space": PRE_CAPTION_PUNCT,
-            "also_to_space": "-/",
-            "replace": {"<person>": "person"},
-            "collapse_whitespace": True,
-            "max_words": self.max_words,
-        }
 
 
 # ---- weights ---------------------------------------------------------------------------------

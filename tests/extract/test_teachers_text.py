@@ -14,12 +14,11 @@ import re
 import numpy as np
 import pytest
 
-from cusa.captions import pre_caption
+from cusa.captions import CaptionNormalization, pre_caption
 from cusa.errors import ConfigError, SampleError
 from cusa.extract.teachers import get_teacher
 from cusa.extract.teachers.text import (
     MPNET_SAFETENSORS_SHA256,
-    CaptionNormalization,
     SentenceTransformerTextTeacher,
     minilm_dir,
     mpnet_assembled,
