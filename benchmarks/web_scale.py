@@ -1,0 +1,420 @@
+"""Web scale (issue 22): a sealed group of N = 1M, 10M (100M) ids and what reading it costs.
+
+For each N a store of N caption ids shaped like a webdataset's (``000123456789#3``: a 12-digit
+``__key__`` and the caption number) and dim-8 fp16 unit rows is written through the real API
+(``write_shard`` in shuffled shard order), then, each phase in a fresh child process:
+
+* ``seal``: ``FeatureGroup.seal()``: wall time, CPU time, peak RSS (``VmHWM``);
+* ``verify``: ``verify_group`` (hashes included): wall, CPU, peak RSS;
+* ``read``: ``FeatureLookup.open``: time and the USS it adds (``/proc/self/smaps_rollup``);
+  the same open with the index file hidden (a group sealed by an older cusa); 4 forked
+  ``DataLoader`` workers, each doing 10,000 batches of ``gather`` of 128 random ids (made per
+  batch from random integers, as a webdataset stream hands keys in), their USS after the first
+  and after the last batch; the median latency of ``gather`` of 128 random ids against the
+  features in RAM as numpy plus a dict id -> row, and of ``gather_rows`` against bare numpy row
+  indexing (taking turns batch by batch, so the load of the shared machine falls on all alike);
+* bytes on disk per sample beyond the features.
+
+Run: ``python -m benchmarks.web_scale --sizes 1000000,10000000`` (``--workdir`` on a disk with
+room: 100M rows need ~15 GB). Writes ``benchmarks/results/web_scale.json`` (merged by N) and
+``docs/img/web_scale.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import IMG_DIR, RESULTS_DIR, pyplot, save_figure, versions, write_json
+
+DIM = 8
+BATCH = 128
+WORKERS = 4
+WORKER_BATCHES = 10_000
+SHARD_ROWS = 1_000_000
+#: 10**12 keys; a prime multiplier scatters the keys of consecutive samples over them.
+_KEY_MULT = 999_999_937
+RESULT = RESULTS_DIR / "web_scale.json"
+PLOT = IMG_DIR / "web_scale.png"
+
+
+def sample_id(i: int) -> str:
+    """The i-th synthetic caption id: ``<12-digit webdataset key>#<caption 0-4>``."""
+    return f"{(i // 5) * _KEY_MULT % 10**12:012d}#{i % 5}"
+
+
+def _spec():
+    from cusa.store.spec import TeacherSpec
+
+    return TeacherSpec(
+        name="web-teacher",
+        modality="text",
+        model="bench/random-unit-vectors",
+        weights_sha256="0" * 64,
+        preprocessing={"kind": "none"},
+        output_kind="sentence",
+        dim=DIM,
+        dtype="float16",
+        normalized=True,
+    )
+
+
+def _uss_kib(pid: int | str = "self") -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("Private_Clean", "Private_Dirty", "Anonymous", "Rss", "Pss"):
+                out[key] = int(rest.split()[0])
+    out["USS"] = out["Private_Clean"] + out["Private_Dirty"]
+    return out
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _group(root: str):
+    from cusa.store import FeatureStore
+
+    return FeatureStore.open(root).find_group("web", "train", "web-teacher")
+
+
+# -- phases, each run in a fresh child process ----------------------------------------------------
+
+
+def phase_write(root: str, n: int) -> dict[str, Any]:
+    from cusa.store import FeatureStore
+
+    store = FeatureStore.open(root, create=True)
+    group = store.group("web", "train", _spec(), create=True)
+    rng = np.random.default_rng(0)
+    bounds = list(range(0, n, SHARD_ROWS)) + [n]
+    t0 = time.perf_counter()
+    for s in rng.permutation(len(bounds) - 1):
+        lo, hi = bounds[s], bounds[s + 1]
+        feats = rng.standard_normal((hi - lo, DIM), dtype=np.float32)
+        feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+        group.write_shard(f"shard-{s:05d}", [sample_id(i) for i in range(lo, hi)], feats)
+    return {"write_s": round(time.perf_counter() - t0, 2), "shards": len(bounds) - 1}
+
+
+def phase_seal(root: str, n: int) -> dict[str, Any]:
+    group = _group(root)
+    t0, c0 = time.perf_counter(), _cpu_s()
+    group.seal()
+    return {
+        "seal_s": round(time.perf_counter() - t0, 2),
+        "seal_cpu_s": round(_cpu_s() - c0, 2),
+        "seal_peak_rss_mib": round(_peak_rss_mib(), 1),
+    }
+
+
+def phase_verify(root: str, n: int) -> dict[str, Any]:
+    from cusa.store.verify import verify_group
+
+    group = _group(root)
+    t0, c0 = time.perf_counter(), _cpu_s()
+    report = verify_group(group, check_hashes=True)
+    return {
+        "verify_s": round(time.perf_counter() - t0, 2),
+        "verify_cpu_s": round(_cpu_s() - c0, 2),
+        "verify_peak_rss_mib": round(_peak_rss_mib(), 1),
+        "verify_ok": report.ok,
+        "verify_errors": report.errors[:3],
+    }
+
+
+def _median_us_interleaved(paths: dict[str, Any], batches: list[Any]) -> dict[str, float]:
+    """Median µs per call of each ``name: fn(batch_index)``, the paths taking turns."""
+    times: dict[str, list[int]] = {name: [] for name in paths}
+    for k in range(len(batches)):
+        for name, fn in paths.items():
+            t0 = time.perf_counter_ns()
+            fn(k)
+            times[name].append(time.perf_counter_ns() - t0)
+    return {name: round(statistics.median(t[20:]) / 1e3, 2) for name, t in times.items()}
+
+
+def phase_read(root: str, n: int, worker_batches: int, reps: int) -> dict[str, Any]:
+    import torch
+
+    class RandomGathers(torch.utils.data.IterableDataset):
+        """An IterableDataset: each DataLoader worker gathers WORKER_BATCHES batches of random ids
+        and yields its USS after the first and after the last batch."""
+
+        def __init__(self, lookup: Any, n: int, batches: int) -> None:
+            super().__init__()
+            self.lookup, self.n, self.batches = lookup, n, batches
+
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            rng = np.random.default_rng(1000 + (info.id if info else 0))
+            for k in range(self.batches):
+                ids = [sample_id(int(i)) for i in rng.integers(0, self.n, BATCH)]
+                self.lookup.gather(ids)
+                if k == 0:
+                    first = _uss_kib()
+            yield {"worker": info.id if info else -1, "first": first, "last": _uss_kib()}
+
+    from cusa.store import FeatureLookup
+    from cusa.store.layout import ID_INDEX
+
+    out: dict[str, Any] = {}
+    group = _group(root)
+    index_file = group.fs.local_path(f"{group.rel}/{ID_INDEX}")
+
+    # a group sealed by an older cusa (no index file): the ids are read and indexed in RAM
+    hidden = index_file + ".hidden"
+    os.rename(index_file, hidden)
+    try:
+        u0, t0 = _uss_kib(), time.perf_counter()
+        old = FeatureLookup.open(root, dataset="web", split="train", teacher="web-teacher")
+        out["open_without_index_file_s"] = round(time.perf_counter() - t0, 3)
+        out["open_without_index_file_uss_mib"] = round((_uss_kib()["USS"] - u0["USS"]) / 1024, 1)
+        del old
+    finally:
+        os.rename(hidden, index_file)
+
+    u0, t0 = _uss_kib(), time.perf_counter()
+    lookup = FeatureLookup.open(root, dataset="web", split="train", teacher="web-teacher")
+    out["open_s"] = round(time.perf_counter() - t0, 4)
+    out["open_uss_mib"] = round((_uss_kib()["USS"] - u0["USS"]) / 1024, 2)
+    out["index_bytes"] = os.path.getsize(index_file)
+
+    # 4 forked DataLoader workers, 10,000 batches of 128 random ids each
+    loader = torch.utils.data.DataLoader(
+        RandomGathers(lookup, n, worker_batches),
+        batch_size=None,
+        num_workers=WORKERS,
+        multiprocessing_context="fork",
+    )
+    t0 = time.perf_counter()
+    workers = sorted(list(loader), key=lambda r: r["worker"])
+    out["workers_s"] = round(time.perf_counter() - t0, 1)
+    out["worker_batches"] = worker_batches
+    out["workers"] = [
+        {
+            "worker": w["worker"],
+            "uss_first_mib": round(w["first"]["USS"] / 1024, 1),
+            "uss_last_mib": round(w["last"]["USS"] / 1024, 1),
+            "uss_growth_mib": round((w["last"]["USS"] - w["first"]["USS"]) / 1024, 2),
+            "private_dirty_growth_mib": round(
+                (w["last"]["Private_Dirty"] - w["first"]["Private_Dirty"]) / 1024, 2
+            ),
+        }
+        for w in workers
+    ]
+
+    # gather latency against what a user would otherwise write, in this run
+    rng = np.random.default_rng(7)
+    idx = [rng.integers(0, n, BATCH) for _ in range(reps)]
+    batches = [[sample_id(int(i)) for i in b] for b in idx]
+    rows = [lookup.rows(b) for b in batches]
+    u0 = _uss_kib()["USS"]
+    t0 = time.perf_counter()
+    ram = np.array(lookup.gather_rows(np.arange(n)))  # (N, DIM) the features in RAM
+    row_of: dict[str, int] = {}
+    for block in lookup._id_index().iter_ids():
+        row_of.update(zip(block, range(len(row_of), len(row_of) + len(block)), strict=True))
+    out["baseline_build_s"] = round(time.perf_counter() - t0, 1)
+    out["baseline_uss_mib"] = round((_uss_kib()["USS"] - u0) / 1024, 1)
+    assert np.array_equal(lookup.gather(batches[0]), ram[[row_of[s] for s in batches[0]]])
+    med = _median_us_interleaved(
+        {
+            "gather": lambda k: lookup.gather(batches[k]),
+            "dict_plus_numpy": lambda k: ram[np.array([row_of[s] for s in batches[k]])],
+            "gather_rows": lambda k: lookup.gather_rows(rows[k]),
+            "numpy_rows": lambda k: ram[rows[k]],
+            "rows_only": lambda k: lookup.rows(batches[k]),
+        },
+        batches,
+    )
+    out["median_us"] = med
+    out["gather_vs_dict_plus_numpy"] = round(med["gather"] / med["dict_plus_numpy"], 2)
+    out["gather_rows_vs_numpy_rows"] = round(med["gather_rows"] / med["numpy_rows"], 2)
+    out["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+PHASES = {"write": phase_write, "seal": phase_seal, "verify": phase_verify}
+
+
+def _child(phase: str, root: str, n: int, extra: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.web_scale", "--child", phase, "--root", root]
+    cmd += ["--sizes", str(n), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"phase {phase} at N={n} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_size(n: int, workdir: str | None, worker_batches: int, reps: int) -> dict[str, Any]:
+    tmp = tempfile.mkdtemp(prefix=f"web-scale-{n}-", dir=workdir)
+    root = os.path.join(tmp, "store")
+    extra = ["--worker-batches", str(worker_batches), "--reps", str(reps)]
+    try:
+        result: dict[str, Any] = {"n": n, "dim": DIM, "dtype": "float16"}
+        for phase in ("write", "seal", "verify", "read"):
+            result.update(_child(phase, root, n, extra))
+            print(f"N={n:,} {phase}: done", file=sys.stderr, flush=True)
+        group = _group(root)
+        total = int(group.fs.du(group.rel)) if hasattr(group.fs, "du") else 0
+        if not total:
+            total = sum(
+                os.path.getsize(os.path.join(d, f))
+                for d, _, fs in os.walk(group.fs.local_path(group.rel))
+                for f in fs
+            )
+        result["bytes_on_disk"] = total
+        result["bytes_per_sample_beyond_features"] = round((total - n * DIM * 2) / n, 1)
+        result["index_bytes_per_sample"] = round(result["index_bytes"] / n, 1)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    sizes = sorted(results, key=int)
+    r = [results[s] for s in sizes]
+    worst_growth = max(w["uss_growth_mib"] for x in r for w in x["workers"])
+    out: dict[str, Any] = {
+        "worker_uss_growth_le_8mib_every_n": worst_growth <= 8,
+        "worst_worker_uss_growth_mib": worst_growth,
+        "gather_le_1_5x_dict_plus_numpy_every_n": all(
+            x["gather_vs_dict_plus_numpy"] <= 1.5 for x in r
+        ),
+        "gather_rows_le_1_2x_numpy_rows_every_n": all(
+            x["gather_rows_vs_numpy_rows"] <= 1.2 for x in r
+        ),
+    }
+    if len(r) > 1:
+        lo, hi = r[0], r[-1]
+        ratio = hi["n"] / lo["n"]
+        out["sizes_compared"] = [lo["n"], hi["n"]]
+        out["open_s_ratio"] = round(hi["open_s"] / lo["open_s"], 2)
+        out["open_uss_ratio"] = round(
+            max(hi["open_uss_mib"], 0.01) / max(lo["open_uss_mib"], 0.01), 2
+        )
+        out["gather_us_ratio"] = round(hi["median_us"]["gather"] / lo["median_us"]["gather"], 2)
+        out["seal_cpu_vs_linear"] = round(hi["seal_cpu_s"] / lo["seal_cpu_s"] / ratio, 2)
+        out["verify_cpu_vs_linear"] = round(hi["verify_cpu_s"] / lo["verify_cpu_s"] / ratio, 2)
+        out["open_gather_flat_within_1_3x"] = (
+            out["open_s_ratio"] <= 1.3 and out["gather_us_ratio"] <= 1.3
+        )
+        out["seal_verify_within_1_3x_of_linear"] = (
+            out["seal_cpu_vs_linear"] <= 1.3 and out["verify_cpu_vs_linear"] <= 1.3
+        )
+    at_100m = results.get(str(100_000_000))
+    if at_100m:
+        out["open_le_0_5s_at_100m"] = at_100m["open_s"] <= 0.5
+        out["open_le_64mib_at_100m"] = at_100m["open_uss_mib"] <= 64
+        out["seal_peak_rss_le_4gb_at_100m"] = at_100m["seal_peak_rss_mib"] <= 4096
+    else:
+        out["at_100m"] = "not measured"
+    return out
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    sizes = sorted(results, key=int)
+    ns = [int(s) for s in sizes]
+    r = [results[s] for s in sizes]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    ax = axes[0]
+    ax.plot(ns, [x["open_s"] for x in r], "o-", label="open, id index mapped")
+    ax.plot(ns, [x["open_without_index_file_s"] for x in r], "s--", label="open, no index file")
+    ax.set(xscale="log", yscale="log", xlabel="N ids", ylabel="seconds", title="open time")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.plot(ns, [x["open_uss_mib"] for x in r], "o-", label="opening process (index mapped)")
+    ax.plot(ns, [x["open_without_index_file_uss_mib"] for x in r], "s--", label="no index file")
+    ax.plot(ns, [x["baseline_uss_mib"] for x in r], "^:", label="numpy + dict baseline")
+    ax.plot(
+        ns,
+        [max(w["uss_growth_mib"] for w in x["workers"]) for x in r],
+        "d-",
+        label=f"worst worker growth, {r[0]['worker_batches']:,} batches",
+    )
+    ax.set(xscale="log", yscale="symlog", xlabel="N ids", ylabel="MiB private (USS)")
+    ax.set_title("private memory")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    ax.plot(ns, [x["median_us"]["gather"] for x in r], "o-", label="gather(ids)")
+    ax.plot(ns, [x["median_us"]["dict_plus_numpy"] for x in r], "^:", label="dict + numpy")
+    ax.plot(ns, [x["median_us"]["gather_rows"] for x in r], "o-", label="gather_rows(rows)")
+    ax.plot(ns, [x["median_us"]["numpy_rows"] for x in r], "^:", label="numpy rows")
+    ax.set(xscale="log", yscale="log", xlabel="N ids", ylabel="median µs / 128 ids")
+    ax.set_title("gather latency")
+    ax.legend(fontsize=8)
+    fig.suptitle("A sealed group of N caption ids (dim 8, fp16) on 2 shared CPU cores")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1000000,10000000")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--worker-batches", type=int, default=WORKER_BATCHES)
+    ap.add_argument("--reps", type=int, default=2000)
+    ap.add_argument("--child", choices=[*PHASES, "read"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        n = int(args.sizes)
+        if args.child == "read":
+            out = phase_read(args.root, n, args.worker_batches, args.reps)
+        else:
+            out = PHASES[args.child](args.root, n)
+        print(json.dumps(out))
+        return
+    data = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+    results = data.get("results", {})
+    for n in (int(s) for s in args.sizes.split(",")):
+        results[str(n)] = run_size(n, args.workdir, args.worker_batches, args.reps)
+        data = {
+            "benchmark": "web_scale",
+            "config": {
+                "dim": DIM,
+                "batch": BATCH,
+                "workers": WORKERS,
+                "shard_rows": SHARD_ROWS,
+                "ids": "caption ids <12-digit webdataset key>#<0-4>",
+                "cpus": os.cpu_count(),
+            },
+            "versions": versions(),
+            "results": results,
+            "targets": _targets(results),
+        }
+        write_json(RESULT, data)
+    plot(results, PLOT)
+    print(json.dumps(data["targets"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
