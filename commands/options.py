@@ -77,8 +77,9 @@ TeacherOption = Annotated[
     typer.Option(
         "--teacher",
         "-t",
-        help="Teacher: a name, a fingerprint, name@fingerprint, or the group's folder name "
-        "(name@fingerprint-float32) when it is stored in several dtypes.",
+        help="Teacher: a name, a fingerprint, name@fingerprint, or the group's folder name; a "
+        "name stored in both dtypes means float16, its folder name (name@fingerprint-float32) "
+        "picks float32.",
     ),
 ]
 GroupDatasetOption = Annotated[

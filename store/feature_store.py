@@ -315,6 +315,9 @@ class FeatureStore:
         exact = [g for g in matches if g.leaf == teacher]  # a folder name names one group
         if len(matches) == 1 or len(exact) == 1:
             return (exact or matches)[0]
+        default = default_dtype_group(matches) if dtype is None else None
+        if default is not None:
+            return default
         known = ", ".join(g.label for g in candidates) or "(none)"
         if not matches:
             prefix = f"{safe_name(dataset)}/{safe_name(split)}/"
@@ -328,10 +331,27 @@ class FeatureStore:
                 f"store {self.url!r} has no features of {wanted} for {dataset}/{split}; "
                 f"teachers there: {known}. Run `cusa extract` for it first."
             )
+        modality = "/".join(sorted({str(g.spec.get("modality")) for g in matches}))
         raise StoreError(
             f"teacher {teacher!r} matches several groups for {dataset}/{split} in {self.url!r}: "
-            f"{', '.join(g.label for g in matches)}; pass one of these names"
+            f"{', '.join(g.label for g in matches)}; name one of them instead (as --teacher, or "
+            f"as teachers.{modality} in a training config): its name@fingerprint, or its folder "
+            "name, which also picks the dtype"
         )
+
+
+def default_dtype_group(matches: list[FeatureGroup]) -> FeatureGroup | None:
+    """The group a bare teacher name means when one teacher is stored in several dtypes.
+
+    float16 and float32 features of one teacher live side by side (``name@fp`` and
+    ``name@fp-float32``); a name or fingerprint that matches both means the default float16
+    group, and the other is reached by its dtype or folder name. None when ``matches`` are
+    groups of different teachers, fingerprints or splits (then the name is ambiguous).
+    """
+    if len({(g.dataset, g.split, g.spec["name"], g.fingerprint) for g in matches}) != 1:
+        return None
+    plain = [g for g in matches if g.spec["dtype"] == PLAIN_DTYPE]
+    return plain[0] if len(plain) == 1 else None
 
 
 @dataclass(frozen=True)

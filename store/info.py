@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from ..errors import StoreError
-from .feature_store import FeatureStore
+from .feature_store import FeatureStore, default_dtype_group
 from .group import FeatureGroup
 from .integrity import check_group
 from .layout import LAYOUT_VERSION, MARKER
@@ -105,6 +105,9 @@ def resolve_group(
     exact = [g for g in groups if g.leaf == teacher]  # a folder name names one group per split
     if len(groups) == 1 or len(exact) == 1:
         return (exact or groups)[0]
+    default = default_dtype_group(groups) if dtype is None else None
+    if default is not None:  # the bare name of a teacher stored in two dtypes: float16
+        return default
     if not groups:
         known = sorted({f"{g.label} ({g.dataset}/{g.split})" for g in store.groups()})
         raise StoreError(

@@ -27,6 +27,7 @@ from .fs import fetch_verified
 from .group import FeatureGroup
 from .id_index import IdIndex, open_index_file
 from .layout import ID_INDEX, Segment
+from .quant import gather_dequantized
 from .sealing import (
     build_index_from_ids,
     check_index_header,
@@ -109,13 +110,17 @@ class FeatureLookup:
             StoreSpecMismatchError: the recorded spec differs from ``expected_spec``.
         """
         fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        given = (
+            None
+            if expected_spec is None
+            else expected_spec.to_dict()
+            if hasattr(expected_spec, "to_dict")
+            else dict(expected_spec)
+        )
+        if dtype is None and given and given.get("dtype"):  # e.g. teachers.text_spec.dtype
+            dtype = str(given["dtype"])
         group = fs.find_group(dataset, split, teacher, dtype=dtype)
-        if expected_spec is not None:
-            given = (
-                expected_spec.to_dict()
-                if hasattr(expected_spec, "to_dict")
-                else dict(expected_spec)
-            )
+        if given is not None:
             diff = spec_diff(group.spec, given, subset=True)
             if diff:
                 fields = format_spec_diff(diff, "store", expected_label)
@@ -196,6 +201,8 @@ class FeatureLookup:
         return self.gather_rows(self.rows(sample_ids))
 
     def gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        if self.dtype == np.int8:  # int8 groups: float32 rows, dequantised (cusa.store.quant)
+            return gather_dequantized(self, rows)
         maps = self._views if self._views is not None else self._plain_views()
         if len(maps) == 1:
             return maps[0][rows]
@@ -333,6 +340,7 @@ class FeatureLookup:
         state = dict(self.__dict__)
         state["_maps"] = None
         state["_views"] = None
+        state.pop("_scale_maps", None)  # int8 scale maps: mapped again on first use
         state.pop("ids", None)  # the cached list of every id, if a tool asked for it
         if self._index_path is not None:
             state["_index"] = None  # a memory map: the worker maps the same file again

@@ -49,17 +49,36 @@ def test_float16_and_float32_groups_coexist(both):
         )
 
 
-def test_a_name_that_matches_both_dtypes_asks_for_one(both):
+def test_a_bare_name_means_the_default_float16_group(both):
+    """fp32 beside fp16 (issue 23): the bare name keeps meaning the default float16 group, so
+    configs and commands written for it keep working; float32 is reached by dtype or folder."""
     store, half, full = both
-    with pytest.raises(StoreError, match="matches several groups") as err:
-        FeatureLookup.open(store, dataset="coco", split="train", teacher="toy-text")
-    assert half.group.leaf in str(err.value) and full.group.leaf in str(err.value)
+    for teacher in ("toy-text", half.group.fingerprint, f"toy-text@{half.group.fingerprint}"):
+        lookup = FeatureLookup.open(store, dataset="coco", split="train", teacher=teacher)
+        assert lookup.group.rel == half.group.rel and lookup.dtype == np.float16
+        assert resolve_group(store, teacher).rel == half.group.rel
     picked = FeatureLookup.open(
         store, dataset="coco", split="train", teacher="toy-text", dtype="float32"
     )
     assert picked.group.rel == full.group.rel
+    by_spec = FeatureLookup.open(  # a training config's teachers.text_spec: {dtype: float32}
+        store, dataset="coco", split="train", teacher="toy-text", expected_spec={"dtype": "float32"}
+    )
+    assert by_spec.group.rel == full.group.rel
     assert resolve_group(store, "toy-text", dtype="float16").rel == half.group.rel
     assert resolve_group(store, full.group.leaf).rel == full.group.rel
+
+
+def test_two_fingerprints_of_one_name_ask_for_one_and_name_the_config_key(both):
+    store, half, _ = both
+    other = fill_group(
+        store.group("coco", "train", toy_spec(weights_sha256="cd" * 32), create=True), seed=3
+    )
+    with pytest.raises(StoreError, match="matches several groups") as err:
+        FeatureLookup.open(store, dataset="coco", split="train", teacher="toy-text")
+    message = str(err.value)
+    assert half.group.leaf in message and other.group.leaf in message
+    assert "teachers.text in a training config" in message and "--teacher" in message
     with pytest.raises(StoreError, match="matches several groups"):
         resolve_group(store, "toy-text")
 
