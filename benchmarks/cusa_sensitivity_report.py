@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import pyplot, save_figure
+from benchmarks.cusa_stats import ci_from_summary, fmt_ci
 
 
 def plot_heatmaps(results: dict[str, Any], path: Path) -> None:
@@ -122,17 +123,26 @@ def _fmt(m: dict[str, float], signed: bool = False) -> str:
     return f"{m['mean']:+.1f} ± {m['std']:.1f}" if signed else f"{m['mean']:.1f} ± {m['std']:.1f}"
 
 
-def _row(results: dict[str, Any], label: str, key: str) -> str:
-    s = results["cells"][key]["summary"]
+def _ci(s: dict[str, Any], name: str = "delta_rsum") -> str:
+    """``+3.3 [−0.1, +6.7]``: the paired mean Δ and its 95% t interval."""
+    ci = s.get(f"{name}_ci") or ci_from_summary(s[name], s["seeds_above"])
+    return fmt_ci(ci)
+
+
+def _summary_row(label: str, s: dict[str, Any]) -> str:
     return (
-        f"| {label} | {_fmt(s['rsum'])} | **{_fmt(s['delta_rsum'], True)}** | {s['seeds_above']} | "
-        f"{_fmt(s['t2t_r1'])} | {_fmt(s['delta_t2t_r1'], True)} | {s['verdict']} |"
+        f"| {label} | {_fmt(s['rsum'])} | **{_ci(s)}** | {s['seeds_above']} | "
+        f"{_fmt(s['t2t_r1'])} | {_ci(s, 'delta_t2t_r1')} | {s['verdict']} |"
     )
 
 
+def _row(results: dict[str, Any], label: str, key: str) -> str:
+    return _summary_row(label, results["cells"][key]["summary"])
+
+
 HEADER = (
-    "| {0} | RSUM | Δ RSUM vs InfoNCE | seeds above | t2t R@1 | Δ t2t R@1 | verdict |\n"
-    "|---|---|---|---|---|---|---|"
+    "| {0} | RSUM | Δ RSUM vs InfoNCE [95% CI] | wins/n | t2t R@1 | Δ t2t R@1 [95% CI] | "
+    "verdict |\n|---|---|---|---|---|---|---|"
 )
 
 
@@ -164,14 +174,15 @@ def markdown_report(results: dict[str, Any]) -> str:
     for name, g in results.get("grids", {}).items():
         alphas = list(next(iter(g["keys"].values())))
         out.append(
-            f"\n### grid {name}: {g['image_teacher']} + {g['text_teacher']} (Δ RSUM, seeds above)\n"
+            f"\n### grid {name}: {g['image_teacher']} + {g['text_teacher']} "
+            "(Δ RSUM [95% CI], wins/n)\n"
         )
         out.append("| τ \\ α | " + " | ".join(alphas) + " |")
         out.append("|---" * (len(alphas) + 1) + "|")
         for t, row in g["keys"].items():
             cells = [results["cells"][row[a]]["summary"] for a in alphas]
             out.append(f"| {t} | " + " | ".join(
-                f"{_fmt(c['delta_rsum'], True)} ({c['seeds_above']})" for c in cells) + " |")  # fmt: skip
+                f"{_ci(c)} ({c['seeds_above']})" for c in cells) + " |")  # fmt: skip
     out.append(
         "\n### entropy of the soft labels (nats; uniform = ln 128 = 4.85), effective neighbours\n"
     )
@@ -188,12 +199,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         out.append(f"\n### confirmation, seeds {c['seeds']}\n" + HEADER.format("where / setting"))
         for where in ("eval", "holdout"):
             for name in ("official", "best"):
-                s = c[where][name]
-                out.append(
-                    f"| {where} / {name} | {_fmt(s['rsum'])} | **{_fmt(s['delta_rsum'], True)}** | "
-                    f"{s['seeds_above']} | {_fmt(s['t2t_r1'])} | {_fmt(s['delta_t2t_r1'], True)} | "
-                    f"{s['verdict']} |"
-                )
+                out.append(_summary_row(f"{where} / {name}", c[where][name]))
     out.append("\n" + json.dumps({"selection": results["selection"], "schedules": {
         k: v["chosen"] for k, v in results["schedules"].items()}}, indent=1))  # fmt: skip
     return "\n".join(out)

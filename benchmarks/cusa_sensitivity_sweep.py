@@ -28,6 +28,7 @@ from benchmarks.cusa_sensitivity_finetune import (
     TokenSplitFeatures,
     with_tokens,
 )
+from benchmarks.cusa_stats import direction, paired_ci
 from benchmarks.cusa_training import (
     choose_schedule,
     evaluate_model,
@@ -45,20 +46,22 @@ log = logging.getLogger("benchmarks.cusa_sensitivity_sweep")
 
 
 def summarize(runs: dict[int, dict[str, float]], base: dict[int, dict[str, float]]) -> dict:
-    """RSUM, paired Δ RSUM vs InfoNCE (same seeds), text->text R@1 and its Δ, seeds above."""
+    """RSUM, paired Δ RSUM vs InfoNCE (same seeds) with its 95% t interval and wins/n, text->text
+    R@1 and its Δ (with interval), and the :func:`verdict`."""
     seeds = sorted(s for s in runs if s in base)
     d_rsum = [runs[s]["rsum"] - base[s]["rsum"] for s in seeds]
     above = sum(d > 0 for d in d_rsum)
     out = {
         "rsum": mean_std([runs[s]["rsum"] for s in seeds], 3),
         "delta_rsum": mean_std(d_rsum, 3),
+        "delta_rsum_ci": paired_ci(d_rsum),
         "t2t_r1": mean_std([runs[s]["t2t_r1"] for s in seeds], 3),
         "delta_t2t_r1": mean_std([runs[s]["t2t_r1"] - base[s]["t2t_r1"] for s in seeds], 3),
+        "delta_t2t_r1_ci": paired_ci([runs[s]["t2t_r1"] - base[s]["t2t_r1"] for s in seeds]),
         "seeds_above": f"{above}/{len(seeds)}",
         "frac_above": round(above / len(seeds), 3),
     }
     sd = out["delta_rsum"]["std"]
-    # Paired t statistic of the mean difference; with 3 seeds |t| > 4.3 is p < 0.05 two-sided.
     out["paired_t"] = (
         round(out["delta_rsum"]["mean"] / (sd / math.sqrt(len(seeds))), 2) if sd else None
     )
@@ -67,12 +70,9 @@ def summarize(runs: dict[int, dict[str, float]], base: dict[int, dict[str, float
 
 
 def verdict(summary: dict[str, Any]) -> str:
-    """``helps`` / ``hurts``: every seed on the same side of InfoNCE; otherwise ``unclear``."""
-    if summary["frac_above"] == 1.0 and summary["delta_rsum"]["mean"] > 0:
-        return "helps"
-    if summary["frac_above"] == 0.0 and summary["delta_rsum"]["mean"] < 0:
-        return "hurts"
-    return "unclear"
+    """``helps`` / ``hurts``: the 95% interval of the paired Δ RSUM excludes zero, above / below;
+    otherwise ``unclear`` (a direction is stated only where the interval excludes zero)."""
+    return direction(summary["delta_rsum_ci"])
 
 
 # ---- the sweep -----------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from benchmarks.cusa_config import (
     loss_config,
 )
 from benchmarks.cusa_features import extract_features, load_split, soft_label_stats
+from benchmarks.cusa_stats import direction, paired_ci
 from benchmarks.cusa_training import choose_schedule, evaluate_model, reference_t2t, train_variant
 from benchmarks.cusa_vs_infonce_report import format_table, plot_rsum
 from cusa_train.config.parsing import to_dict
@@ -77,7 +78,8 @@ PLOT_PNG = IMG_DIR / "cusa_vs_infonce_rsum.png"
 
 
 def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Per-variant mean ± std of every metric, and paired (same seed) differences from InfoNCE."""
+    """Per-variant mean ± std of every metric, and paired (same seed) differences from InfoNCE
+    with the 95% t interval of Δ RSUM and Δ t2t R@1 and the interval-based verdict."""
     agg: dict[str, Any] = {}
     deltas: dict[str, Any] = {}
     for variant, by_seed in runs.items():
@@ -93,6 +95,11 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> tuple[dict[str, Any
             }
             wins = sum(by_seed[s]["metrics"]["rsum"] > base[s]["metrics"]["rsum"] for s in seeds)
             deltas[variant]["rsum_wins"] = f"{wins}/{len(seeds)}"
+            for k in ("rsum", "t2t_r1"):  # paired 95% t interval; a direction only if it excludes 0
+                deltas[variant][f"{k}_ci"] = paired_ci(
+                    [by_seed[s]["metrics"][k] - base[s]["metrics"][k] for s in seeds]
+                )
+            deltas[variant]["verdict"] = direction(deltas[variant]["rsum_ci"])
     return agg, deltas
 
 
