@@ -6,30 +6,24 @@ import hashlib
 import json
 import os
 import re
-import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DatasetError
+from ..safe_files import (  # the one rule for every file cusa reads; re-exported for readers
+    MAX_IMAGE_BYTES,
+    MAX_INDEX_BYTES,
+    file_kind,  # noqa: F401 - re-exported for the readers
+    is_inside,
+    read_regular_file,
+    short_repr,
+)
 
 #: File extensions treated as images (lower case, without the dot).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
-#: Largest image file (or tar member) read, in bytes; bigger ones are ledgered, never read.
-MAX_IMAGE_BYTES = 256 * 2**20
-#: Largest dataset index file (JSON, JSONL, TSV, manifest.json) read, in bytes.
-MAX_INDEX_BYTES = 4 * 2**30
-
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def short_repr(value: Any, limit: int = 120) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, for one-line messages."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[: limit - 20]}...({len(text):,} chars)"
 
 
 def raw_caption(text: str) -> str | bytes:
@@ -141,82 +135,6 @@ def layout_hash(
             for image_id in ids:
                 h.update(b"\x01" + image_id.encode("utf-8", "surrogatepass"))
     return h.hexdigest()
-
-
-_KINDS = (
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISDIR, "a directory"),
-)
-
-
-def file_kind(mode: int) -> str:
-    """A human name for a non-regular file type (``"a FIFO (named pipe)"``...)."""
-    for test, name in _KINDS:
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def read_regular_file(
-    path: str | os.PathLike, max_bytes: int, *, what: str = "image file"
-) -> tuple[bytes | None, str | None]:
-    """Bytes of a *regular* file of at most ``max_bytes``, or ``(None, reason)``.
-
-    The file is opened non-blocking and checked with ``fstat`` before any byte is read, so a
-    FIFO never blocks the reader and ``/dev/zero`` is never read. The reason names the path and
-    the problem; it never holds file contents.
-    """
-    name = str(path)
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        return None, f"{what} not found: {name!r}"
-    except IsADirectoryError:
-        return None, f"{what} path is a directory, not a file: {name!r}"
-    except OSError as exc:
-        return None, f"cannot read {what} {name!r}: {exc.strerror or type(exc).__name__}"
-    except ValueError as exc:  # an embedded NUL byte, or text that is no file name at all
-        return None, f"{what} path {short_repr(name)} is not a valid file name ({exc})"
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            return None, f"{what} path is a directory, not a file: {name!r}"
-        if not stat.S_ISREG(st.st_mode):
-            return None, (
-                f"{what} {name!r} is {file_kind(st.st_mode)}, not a regular file; not read"
-            )
-        if st.st_size > max_bytes:
-            return None, (
-                f"{what} {name!r} is {st.st_size:,} bytes, over the limit of {max_bytes:,}; "
-                "not read"
-            )
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > max_bytes:  # the file grew while we read it
-                return None, f"{what} {name!r} is over the limit of {max_bytes:,} bytes; not read"
-        return b"".join(chunks), None
-    except OSError as exc:
-        return None, f"cannot read {what} {name!r}: {exc.strerror or type(exc).__name__}"
-    finally:
-        os.close(fd)
-
-
-def is_inside(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> bool:
-    """Whether ``path`` (already resolved) lies inside one of the resolved ``roots``."""
-    target = os.fspath(path)
-    for root in roots:
-        base = os.fspath(root)
-        if target == base or target.startswith(base.rstrip(os.sep) + os.sep):
-            return True
-    return False
 
 
 def read_dataset_file(
