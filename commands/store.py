@@ -367,3 +367,40 @@ def reindex_cmd(
         typer.echo(f"{rel}: {status.replace('-', ' ')}")
     written = sum(s == "written" for s in results.values())
     typer.echo(f"{len(results)} group(s) in {fs.url}: {written} index(es) written")
+
+
+@app.command("quantize")
+@friendly_errors
+def quantize_cmd(
+    store: StoreOption = None,
+    teacher: TeacherOption = ...,
+    dataset: GroupDatasetOption = None,
+    split: GroupSplitOption = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Rewrite an int8 group made before.")
+    ] = False,
+    as_json: JsonSummaryOption = False,
+) -> None:
+    """Write an int8 copy (per-row scale) of a sealed group beside it, as <teacher>@<fp>-int8."""
+    from ..store.info import group_info
+    from ..store.quant import find_source, quantize_group
+
+    fs = _open_store(store)
+    source = find_source(fs, teacher, dataset, split)
+    group = quantize_group(fs, source, overwrite=overwrite)
+    info, src = group_info(group), group_info(source)
+    if as_json:
+        echo_json(
+            {
+                "source": src["path"],
+                "group": info["path"],
+                "source_bytes": src["size_bytes"],
+                "bytes": info["size_bytes"],
+            }
+        )
+        return
+    typer.echo(
+        f"wrote {info['path']}: N={info['rows']} dim={info['dim']} int8, "
+        f"{human_bytes(info['size_bytes'])} (from {src['dtype']} {human_bytes(src['size_bytes'])}); "
+        f"read it with --teacher {group.leaf}"
+    )

@@ -101,7 +101,7 @@ def export_group(
                     "pass --to a new or existing directory"
                 )
             break
-    out_dtype = np.dtype(dtype or group.dtype)
+    out_dtype = np.dtype(dtype or (np.float32 if group.dtype == np.int8 else group.dtype))
     if out_dtype.name not in ("float16", "float32"):
         raise ConfigError(f"export dtype must be float16 or float32, not {dtype!r}")
     targets = [out / EMB_FILE, out / METADATA_FILE, out / SPEC_FILE]

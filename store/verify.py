@@ -39,6 +39,7 @@ from .feature_store import BrokenGroup, FeatureStore
 from .group import FeatureGroup
 from .integrity import array_meta_problems
 from .layout import MANIFEST, SEALED, Segment, parse_group_leaf, safe_name
+from .quant import unit_scales
 from .sealing import check_id_index
 from .spec import FINGERPRINT_FIELDS, spec_fingerprint
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # |‖x‖ - 1| allowed for normalised features. fp16 keeps 11 significant bits, so each element
 # carries a relative rounding error up to 2**-11 and a 768-d norm drifts by ~1e-3 at worst.
-NORM_TOLERANCE = {"float16": 1e-2, "float32": 1e-3}
+NORM_TOLERANCE = {"float16": 1e-2, "float32": 1e-3, "int8": 1e-2}
 # Bytes of float32 scratch per step (rows = this // (dim * 4)): verifying a group reads each chunk
 # file block by block, so its memory is bounded by this, not by the chunk (up to 2 GiB) or N.
 _BLOCK_BYTES = 64 * 2**20
@@ -289,7 +290,9 @@ def _check_spec(group: FeatureGroup, report: VerifyReport) -> bool:
             f"attributes name {spec['name']!r}"
         )
     try:
-        ok = int(spec["dim"]) > 0 and np.dtype(spec["dtype"]).kind == "f"
+        ok = int(spec["dim"]) > 0 and (
+            np.dtype(spec["dtype"]).kind == "f" or spec["dtype"] == "int8"
+        )
     except (TypeError, ValueError):
         ok = False
     if not ok:
@@ -487,6 +490,12 @@ def _check_unit(group: FeatureGroup, unit: _Unit, report: VerifyReport, check_ha
     row_bytes = group.dim * group.dtype.itemsize
     block_rows = max(1, _BLOCK_BYTES // (group.dim * 4))
     digest = hashlib.sha256() if check_hashes else None
+    scales = None
+    if group.spec["dtype"] == "int8":  # int8 rows decode with their scales (cusa.store.quant)
+        scales, problem = unit_scales(group, seg.index)
+        if problem:
+            report.errors.append(f"{where}: {problem}")
+            return
     with fs.open_read(seg.rel) as fh:  # streamed: never the whole chunk in memory
         for start in range(0, seg.rows, block_rows):
             n = min(block_rows, seg.rows - start)
@@ -500,6 +509,8 @@ def _check_unit(group: FeatureGroup, unit: _Unit, report: VerifyReport, check_ha
             if digest is not None:
                 digest.update(raw)
             block = np.frombuffer(raw, dtype=group.dtype).reshape(n, group.dim).astype(np.float32)
+            if scales is not None:
+                block *= scales[start : start + n, None]
             finite = np.isfinite(block).all(axis=1)  # (b,)
             nonfinite += [ids[start + i] for i in np.flatnonzero(~finite)]
             if normalized:
