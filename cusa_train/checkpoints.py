@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,21 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def link_checkpoint(src: Path, dst: Path) -> None:
+    """Make ``dst`` the file ``src`` is, without writing its bytes again: a hard link under a
+    temporary name, then rename (atomic). Where hard links are not supported, a copy.
+
+    :func:`save_checkpoint` replaces ``src`` by a rename, so a later save leaves ``dst`` as it was.
+    """
+    tmp = dst.with_suffix(f".{os.getpid()}.partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # e.g. a file system without hard links
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a trainer checkpoint with ``weights_only=True`` (no code runs from the file).
 
@@ -70,6 +86,8 @@ RESUME_SAFE_FIELDS = frozenset(
     {
         "run.progress",
         "run.log_every",
+        "run.log_to",
+        "run.allow_non_finite",
         "run.checkpoint_every",
         "run.device",
         "run.resume",

@@ -219,7 +219,14 @@ class RunConfig:
         seed: seed for python, numpy and torch (offset by rank under DDP).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
         log_every: write a metrics line every N steps.
-        checkpoint_every: save a checkpoint every N steps (and always at the end); 0 = only at the end.
+        log_to: where metrics go: any of ``"jsonl"`` (``metrics.jsonl``), ``"tensorboard"``
+            (event files in ``tensorboard/``; extra ``cusa[tensorboard]``) and ``"wandb"``
+            (extra ``cusa[wandb]``; honours ``WANDB_MODE=offline``), each with the same scalars.
+        checkpoint_every: also save ``checkpoint-last.pt`` every N steps; 0 = only at the end of
+            every epoch (and of the run). Each save replaces the previous file atomically.
+        allow_non_finite: go on when a loss term, temperature, gradient or eval metric is
+            ``nan``/``inf`` (a warning is logged); by default the run stops with
+            :class:`~cusa.errors.NonFiniteError` naming the step, the term and the value.
         resume: continue from ``output_dir/checkpoint-last.pt`` when it exists.
         progress: show a progress bar.
         all_gather: under DDP, whether the in-batch losses see the global batch.
@@ -234,15 +241,18 @@ class RunConfig:
             field), ``"resume-anyway"`` (continue; the old ``config.json`` is kept as
             ``config-before-step-<N>.json``) or ``"overwrite"`` (start again; the old checkpoints
             and metrics are moved to ``previous-<time>/``). Settings that do not change the result
-            (``run.progress``, ``run.log_every``, ``run.checkpoint_every``, ``run.device``,
-            ``data.num_workers``, ``optim.max_steps``, ``eval.batch_size``) may always differ.
+            (``run.progress``, ``run.log_every``, ``run.log_to``, ``run.checkpoint_every``,
+            ``run.allow_non_finite``, ``run.device``, ``data.num_workers``, ``optim.max_steps``,
+            ``eval.batch_size``) may always differ.
     """
 
     output_dir: str = "runs/cusa"
     seed: Seed = 0
     device: str = "auto"
     log_every: Annotated[StrictInt, in_range(ge=1)] = 1
+    log_to: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl",)
     checkpoint_every: Annotated[StrictInt, in_range(ge=0)] = 0
+    allow_non_finite: StrictBool = False
     resume: StrictBool = True
     progress: StrictBool = True
     all_gather: Literal["off", "on", "official"] = "on"
