@@ -30,11 +30,8 @@ from .fs import StoreFS
 from .layout import DTYPES, MANIFEST, SEALED, Segment, json_bytes, parse_group_leaf
 from .ledger import (
     MANIFEST_SCHEMA,
-    failed_count,
     ledger_text,
-    parquet_bytes,
     read_manifest,
-    sealed_manifest,
 )
 from .sealing import (
     SEAL_ATTEMPTS,
@@ -44,6 +41,7 @@ from .sealing import (
     remove_temp_files,
     sort_unique_ids,
     write_id_index,
+    write_sealed_manifest,
     write_sorted_arrays,
 )
 from .spec import format_spec_diff, spec_diff
@@ -512,10 +510,9 @@ class FeatureGroup:
             self.fs, self.rel, segs, order, sorted_ids, self.dim, self.dtype
         )
         write_id_index(self.fs, self.rel, sorted_ids)
-        table = sealed_manifest(self.manifest(), sorted_ids)
-        self.fs.write_bytes_atomic(f"{self.rel}/{MANIFEST}", parquet_bytes(table))
+        failed = write_sealed_manifest(self, segs, order, sorted_ids)
         record = new_seal_record(
-            len(order), failed_count(table), [r["shard"] for r in records], chunk_rows, chunk_sha
+            len(order), failed, [r["shard"] for r in records], chunk_rows, chunk_sha
         )
         self.fs.write_bytes_atomic(f"{self.rel}/{SEALED}", json_bytes(record))
         # The parts are now redundant; readers that still map them keep their open files.

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from ..errors import ConfigError, StoreError
 from .fs import StoreFS
 from .id_index import IdIndex, index_file_blocks
-from .layout import ID_INDEX, ID_INDEX_LOCK, Segment, now
+from .layout import ID_INDEX, ID_INDEX_LOCK, MANIFEST, Segment, now
 
 # A sealed chunk holds at most this many bytes, so one chunk file stays mmap- and zarr-friendly.
 MAX_CHUNK_BYTES = 2**31 - 1
@@ -160,6 +160,78 @@ def sort_unique_ids(ids: pa.LargeStringArray, url: str) -> tuple[np.ndarray, pa.
                 "(duplicate ids) and re-extract into a new store"
             )
     return order.to_numpy().astype(np.int64, copy=False), sorted_ids
+
+
+# -- the sealed manifest, streamed ----------------------------------------------------------------
+
+#: Rows per Parquet row group of the sealed manifest (what sealing holds of it at a time).
+MANIFEST_BLOCK_ROWS = 1_000_000
+
+
+def write_sealed_manifest(
+    group: Any, segs: list[Segment], order: np.ndarray, sorted_ids: pa.LargeStringArray
+) -> int:
+    """Write the group's sealed ``manifest.parquet`` block by block; returns the failed count.
+
+    Its rows are those of :func:`cusa.store.ledger.sealed_manifest` (ok samples sorted by id with
+    their sealed row, then failed ones sorted by id), but it is not built from the merged
+    manifests: the ok rows come straight from the sorted ids and the order that sealed the
+    features (row ``p`` is ``sorted_ids[p]``, from the part of ``order[p]``), written one Parquet
+    row group at a time, and only the failed entries of the parts are read. So its memory is a
+    block plus the failures, not the whole ledger (100M rows: ~5 GB as one Arrow table).
+    """
+    import pyarrow.parquet as pq
+
+    from .ledger import MANIFEST_SCHEMA, read_manifest
+
+    shard_of_part = {r["part"]: r["shard"] for r in group.commit_records()}
+    seg_shards = pa.array(
+        [shard_of_part[seg.rel.split("/parts/", 1)[1].split("/", 1)[0]] for seg in segs],
+        pa.string(),
+    )
+    seg_starts = np.cumsum([0] + [s.rows for s in segs])[:-1]
+    failed = []
+    for rec in group.commit_records():
+        table = read_manifest(group.fs.read_bytes(f"{group.rel}/parts/{rec['part']}/{MANIFEST}"))
+        failed.append(table.filter(pc.fill_null(pc.not_equal(table["status"], "ok"), True)))
+    failed_table = (
+        pa.concat_tables(failed).sort_by([("sample_id", "ascending")])
+        if failed
+        else MANIFEST_SCHEMA.empty_table()
+    )
+    failed_table = failed_table.set_column(
+        failed_table.schema.get_field_index("row"),
+        "row",
+        pa.array(np.full(len(failed_table), -1, dtype=np.int64)),
+    ).cast(MANIFEST_SCHEMA)
+    n = len(order)
+    with tempfile.TemporaryDirectory(prefix="cusa-manifest-") as tmp:
+        local = os.path.join(tmp, MANIFEST)
+        with pq.ParquetWriter(local, MANIFEST_SCHEMA) as writer:
+            for lo in range(0, n, MANIFEST_BLOCK_ROWS):
+                hi = min(n, lo + MANIFEST_BLOCK_ROWS)
+                seg = np.searchsorted(seg_starts, order[lo:hi], side="right") - 1
+                block = pa.table(
+                    {
+                        "sample_id": sorted_ids.slice(lo, hi - lo).cast(pa.string()),
+                        "row": pa.array(np.arange(lo, hi, dtype=np.int64)),
+                        "shard": seg_shards.take(pa.array(seg)),
+                        "status": pa.array(["ok"]).take(pa.array(np.zeros(hi - lo, np.int64))),
+                        "error": pa.nulls(hi - lo, pa.string()),
+                    },
+                    schema=MANIFEST_SCHEMA,
+                )
+                writer.write_table(block)
+            if len(failed_table) or not n:
+                writer.write_table(failed_table)
+
+        def blocks() -> Iterator[bytes]:
+            with open(local, "rb") as fh:
+                while chunk := fh.read(8 * 2**20):
+                    yield chunk
+
+        group.fs.write_stream_atomic(f"{group.rel}/{MANIFEST}", blocks())
+    return len(failed_table)
 
 
 # -- the id index file -----------------------------------------------------------------------------
