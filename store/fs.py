@@ -95,13 +95,30 @@ def network_errors(what: str) -> Iterator[None]:
         yield
     except (FileNotFoundError, StoreError):
         raise
-    except _net_errors() as exc:
+    except Exception as exc:
+        if not _is_net_error(exc):
+            raise
         detail = " ".join(str(exc).split())[:200] or "no answer"
         raise StoreUnreachableError(
-            f"cannot read {what!r}: {type(exc).__name__}: {detail}; the host is unreachable or "
-            f"stopped answering (timeout {net_timeout():g}s, CUSA_NET_TIMEOUT) - check the "
-            "address and the network, then run the command again"
+            f"cannot read {what!r}: {type(exc).__name__}: {detail}; the host is unreachable, "
+            f"refused access or stopped answering (timeout {net_timeout():g}s, "
+            "CUSA_NET_TIMEOUT) - check the address, your access (HF_TOKEN, AWS credentials) "
+            "and the network, then run the command again"
         ) from exc
+
+
+#: Libraries whose exceptions are network or remote-access failures (HTTP clients, the Hub).
+_NET_MODULES = ("aiohttp", "httpx", "httpx2", "requests", "urllib3", "huggingface_hub", "botocore")
+
+
+def _is_net_error(exc: BaseException) -> bool:
+    if isinstance(exc, _net_errors()):
+        return True
+    return any(
+        k.__module__.split(".", 1)[0] in _NET_MODULES and issubclass(k, Exception)
+        for k in type(exc).__mro__
+        if k.__module__ not in ("builtins",)
+    )
 
 
 def network_options(url: str) -> dict[str, Any]:
@@ -145,12 +162,13 @@ def read_published_index(sfs: StoreFS) -> dict[str, Any] | None:
         StoreError: the index is malformed, too large, or of a newer format.
         StoreUnreachableError: the host cannot be reached.
     """
-    where = sfs.path(PUBLISHED_INDEX)
+    where = sfs.display(PUBLISHED_INDEX)
     try:
         if sfs.is_local:
-            if not os.path.isfile(where) or os.path.islink(where):
+            local = sfs.path(PUBLISHED_INDEX)
+            if not os.path.isfile(local) or os.path.islink(local):
                 return None
-            if os.path.getsize(where) > MAX_INDEX_BYTES:
+            if os.path.getsize(local) > MAX_INDEX_BYTES:
                 raise StoreError(
                     f"published index {where!r} is larger than {MAX_INDEX_BYTES} bytes"
                 )
@@ -252,6 +270,10 @@ class StoreFS:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *[p.strip("/") for p in parts if p]])
 
+    def display(self, rel: str) -> str:
+        """``rel`` as a user names it: the store's URL (with its protocol) and the path."""
+        return f"{self.url.rstrip('/')}/{rel.strip('/')}" if rel else self.url
+
     def _refuse_write(self, rel: str) -> None:
         if self.listing is not None:
             raise ReadOnlyStoreError(
@@ -281,7 +303,7 @@ class StoreFS:
         return self.fs.exists(full)
 
     def read_bytes(self, rel: str) -> bytes:
-        with network_errors(self.path(rel)):
+        with network_errors(self.display(rel)):
             return self.fs.cat_file(self.path(rel))
 
     def read_json(self, rel: str) -> Any:
@@ -289,9 +311,9 @@ class StoreFS:
 
     def open_read(self, rel: str) -> BinaryIO:
         """``rel`` opened for streamed reading; network failures become one clear error."""
-        with network_errors(self.path(rel)):
+        with network_errors(self.display(rel)):
             fh = self.fs.open(self.path(rel), "rb")
-        return _NetFile(fh, self.path(rel))  # type: ignore[return-value]
+        return _NetFile(fh, self.display(rel))  # type: ignore[return-value]
 
     def copy_to_local(
         self,
@@ -332,12 +354,12 @@ class StoreFS:
             got = digest.hexdigest()
             if size is not None and copied != size:
                 raise StoreError(
-                    f"chunk {self.path(rel)!r} has {copied} bytes, expected {size}; it is "
+                    f"chunk {self.display(rel)!r} has {copied} bytes, expected {size}; it is "
                     "truncated or was replaced - ask its publisher to re-publish it"
                 )
             if sha256 is not None and got != sha256:
                 raise StoreError(
-                    f"chunk {self.path(rel)!r} does not match its recorded SHA-256 (got "
+                    f"chunk {self.display(rel)!r} does not match its recorded SHA-256 (got "
                     f"{got[:16]}..., recorded {sha256[:16]}...); it was changed or damaged - "
                     "refused; ask its publisher to re-publish it"
                 )
@@ -393,7 +415,7 @@ class StoreFS:
             if rel.strip("/") not in self.listing:
                 raise FileNotFoundError(self.path(rel))
             return int(self.listing[rel.strip("/")])
-        with network_errors(self.path(rel)):
+        with network_errors(self.display(rel)):
             return int(self.fs.size(self.path(rel)))
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
