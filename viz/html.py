@@ -15,25 +15,25 @@ from typing import Any
 from .thumbnails import data_uri
 
 
-def _e(x: Any) -> str:
+def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _img(uri: str | None, alt: str, cls: str = "thumb", title: str | None = None) -> str:
+def img_tag(uri: str | None, alt: str, cls: str = "thumb", title: str | None = None) -> str:
     if uri is None:
-        return f'<div class="{cls} nothumb" title="{_e(title or alt)}">no image</div>'
-    return f'<img class="{cls}" src="{uri}" alt="{_e(alt)}" title="{_e(title or alt)}">'
+        return f'<div class="{cls} nothumb" title="{esc(title or alt)}">no image</div>'
+    return f'<img class="{cls}" src="{uri}" alt="{esc(alt)}" title="{esc(title or alt)}">'
 
 
-def _plot(png: bytes, alt: str) -> str:
-    return f'<img class="plot" src="{data_uri(png, "image/png")}" alt="{_e(alt)}">'
+def plot_tag(png: bytes, alt: str) -> str:
+    return f'<img class="plot" src="{data_uri(png, "image/png")}" alt="{esc(alt)}">'
 
 
-def _note(text: str, kind: str = "note") -> str:
+def note_box(text: str, kind: str = "note") -> str:
     return f'<p class="{kind}">{text}</p>'
 
 
-def _short(sample_id: str, n: int = 28) -> str:
+def short_id(sample_id: str, n: int = 28) -> str:
     return sample_id if len(sample_id) <= n else "…" + sample_id[-(n - 1) :]
 
 

@@ -35,17 +35,17 @@ from ..store import FeatureGroup, FeatureStore
 from ..store.info import store_info
 from ..store.lookup import FeatureLookup
 from . import plots
-from .html import _e, _note, _plot, render_page
+from .html import esc, note_box, plot_tag, render_page
 from .options import ReportOptions
 from .runs import RunLog, as_labelled, read_embeddings, read_eval, read_run
 from .sections import (
     StorePage,
-    _image_of,
-    _modality,
-    _normalized,
-    _Teacher,
+    TeacherView,
+    group_modality,
+    image_of,
     soft_labels,
     softmax_rows,
+    unit_rows,
 )
 from .thumbnails import DatasetView
 
@@ -166,7 +166,7 @@ class _Page(StorePage):
                 if len(pairs) > 1:
                     self.selection_note = (
                         f"The store holds several dataset splits ({self._pairs(groups)}); the "
-                        f"sections below show <b>{_e(self.dataset)}/{_e(split)}</b>. Pass "
+                        f"sections below show <b>{esc(self.dataset)}/{esc(split)}</b>. Pass "
                         "<code>--dataset</code>/<code>--split</code> to choose another."
                     )
             chosen = [g for g in groups if (g.dataset, g.split) == (self.dataset, split)]
@@ -176,12 +176,12 @@ class _Page(StorePage):
             lookup = FeatureLookup(g)
             if len(lookup) == 0:
                 continue
-            t = _Teacher(g, lookup, _modality(g))
+            t = TeacherView(g, lookup, group_modality(g))
             (self.image_teachers if t.modality == "image" else self.text_teachers).append(t)
 
         image_ids = set(self.image_teachers[0].lookup.ids) if self.image_teachers else set()
         for cid in self.text_teachers[0].lookup.ids if self.text_teachers else []:
-            self._caption_ids.setdefault(_image_of(cid), []).append(cid)
+            self._caption_ids.setdefault(image_of(cid), []).append(cid)
         with_features = image_ids | set(self._caption_ids)
 
         if reader is not None:
@@ -230,7 +230,7 @@ class _Page(StorePage):
             if str(spec).startswith("pipe:") or str(root).startswith("pipe:"):
                 # Never run a shell command read from a (shared, writable) store's attributes.
                 self._unreachable = (
-                    f"The store records the dataset as the shell command <code>{_e(spec)}</code>, "
+                    f"The store records the dataset as the shell command <code>{esc(spec)}</code>, "
                     "which a report does not run by itself,"
                 )
                 return None
@@ -241,8 +241,8 @@ class _Page(StorePage):
             except (CusaError, OSError) as exc:
                 where = f"{spec}" + (f" (root {root})" if root else "")
                 self._unreachable = (
-                    f"The store records the dataset as <code>{_e(where)}</code>, but it cannot "
-                    f"be opened here ({_e(str(exc)[:300])}),"
+                    f"The store records the dataset as <code>{esc(where)}</code>, but it cannot "
+                    f"be opened here ({esc(str(exc)[:300])}),"
                 )
                 return None
         if groups:
@@ -286,24 +286,24 @@ class _Page(StorePage):
             "soft-labels": self.soft_label_section(),
             "false-negatives": self.false_negative_section(),
             "neighbours": self.neighbour_section(),
-            "training": self.training or _note("No training run given."),
+            "training": self.training or note_box("No training run given."),
         }
         header = [
-            f'<p class="lead">Feature store <code>{_e(self.fs.url)}</code>'
+            f'<p class="lead">Feature store <code>{esc(self.fs.url)}</code>'
             + (
-                f", dataset <b>{_e(self.dataset)}</b> split <b>{_e(self.split)}</b>"
+                f", dataset <b>{esc(self.dataset)}</b> split <b>{esc(self.split)}</b>"
                 if self.dataset
                 else ""
             )
             + ".</p>"
         ]
         if self.selection_note:
-            header.append(_note(self.selection_note))
+            header.append(note_box(self.selection_note))
         if self.view.missing_reason:
-            header.append(_note(self.view.missing_reason, "warn"))
+            header.append(note_box(self.view.missing_reason, "warn"))
         elif self.view.has_images:
             header.append(
-                _note(
+                note_box(
                     f"Thumbnails: {len(self.view.thumbs)} made from the dataset ({self.view.scanned} images "
                     f"read, at most {self.opts.thumb_side}px, originals not copied)"
                     + (
@@ -314,18 +314,18 @@ class _Page(StorePage):
                     + "."
                 )
             )
-        nav = " ".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
+        nav = " ".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in SECTIONS)
         sections = "\n".join(
-            f'<section id="{sid}" data-section="{sid}"><h2>{_e(title)}</h2>\n{bodies[sid]}\n</section>'
+            f'<section id="{sid}" data-section="{sid}"><h2>{esc(title)}</h2>\n{bodies[sid]}\n</section>'
             for sid, title in SECTIONS
         )
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         return render_page(
-            title=_e(f"cusa report: {self.dataset or 'store'}"),
+            title=esc(f"cusa report: {self.dataset or 'store'}"),
             nav=nav,
             header="\n".join(header),
             sections=sections,
-            footer=_e(
+            footer=esc(
                 f"Made by cusa {version} on {stamp}; seed {self.opts.seed}, τ {self.opts.tau:g}."
             ),
         )
@@ -341,7 +341,7 @@ def _training_section(
     opts: ReportOptions,
 ) -> str:
     if not (runs or evals or embeds):
-        return _note(
+        return note_box(
             "No training run given. Pass <code>--run RUN_DIR</code> (its <code>metrics.jsonl</code>), "
             "<code>--eval EVAL_JSON</code> and <code>--embeddings LABEL=FEATURES.npz</code> (twice, "
             "e.g. with and without USA) to see loss curves, temperatures, metrics and a t-SNE here."
@@ -350,28 +350,30 @@ def _training_section(
     logs = [read_run(p, label) for label, p in runs.items()]
     if logs:
         out.append("<h3>Loss terms</h3>")
-        sources = ", ".join(f"<code>{_e(r.source)}</code> ({r.lines} lines)" for r in logs)
-        out.append(_note(f"From {sources}. One panel per term; runs overlaid."))
+        sources = ", ".join(f"<code>{esc(r.source)}</code> ({r.lines} lines)" for r in logs)
+        out.append(note_box(f"From {sources}. One panel per term; runs overlaid."))
         panels = _panels(logs, RunLog.loss_keys)
         if panels:
-            out.append(_plot(plots.curves(panels, logy=True), "loss curves"))
+            out.append(plot_tag(plots.curves(panels, logy=True), "loss curves"))
         else:
-            out.append(_note("The metrics log has no loss terms (loss, itr, csa, usa).", "warn"))
+            out.append(note_box("The metrics log has no loss terms (loss, itr, csa, usa).", "warn"))
         temps = _panels(logs, RunLog.temperature_keys)
         out.append("<h3>Temperatures</h3>")
         if temps:
-            out.append(_plot(plots.curves(temps, ncols=4), "temperatures over steps"))
+            out.append(plot_tag(plots.curves(temps, ncols=4), "temperatures over steps"))
         else:
-            out.append(_note("The metrics log records no temperatures (keys starting with tau)."))
+            out.append(
+                note_box("The metrics log records no temperatures (keys starting with tau).")
+            )
         other = _panels(logs, RunLog.other_keys)
         if other:
             out.append("<h3>Other logged values</h3>")
-            out.append(_plot(plots.curves(other, ncols=4), "other logged values"))
+            out.append(plot_tag(plots.curves(other, ncols=4), "other logged values"))
     if evals:
         out.append("<h3>Evaluation</h3>")
         tables = {label: read_eval(p) for label, p in evals.items()}
         keys = list(dict.fromkeys(k for t in tables.values() for k in t))
-        head = "".join(f"<th>{_e(label)}</th>" for label in tables)
+        head = "".join(f"<th>{esc(label)}</th>" for label in tables)
         rows = []
         for key in keys:
             vals = [t.get(key) for t in tables.values()]
@@ -383,7 +385,7 @@ def _training_section(
                 else f'<td class="num{" best" if best is not None and v == best else ""}">{v:.2f}</td>'
                 for v in vals
             )
-            rows.append(f"<tr><th>{_e(key)}</th>{cells}</tr>")
+            rows.append(f"<tr><th>{esc(key)}</th>{cells}</tr>")
         out.append(
             f'<table class="data metrics"><thead><tr><th>metric</th>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>"
@@ -410,7 +412,7 @@ def _tsne_block(embeds: Mapping[str, Path], opts: ReportOptions) -> str:
         from sklearn.manifold import TSNE
         from threadpoolctl import threadpool_limits
     except ImportError:
-        return _note(
+        return note_box(
             "The t-SNE needs scikit-learn: <code>pip install 'cusa[report]'</code>.", "warn"
         )
 
@@ -428,11 +430,11 @@ def _tsne_block(embeds: Mapping[str, Path], opts: ReportOptions) -> str:
     for t in tables:
         rows = [r for r, g in enumerate(t.groups) if g in keep][: opts.tsne_points]
         if len(rows) < 5:
-            return _note(
+            return note_box(
                 f"Too few rows in common between the feature files ({len(rows)}) for a t-SNE.",
                 "warn",
             )
-        x = _normalized(t.features[rows])
+        x = unit_rows(t.features[rows])
         perplexity = float(min(30.0, max(2.0, (len(rows) - 1) / 3)))
         # One thread: a few thousand points take ~1 s, while OpenMP threads competing with other
         # work on a small machine made the same fit 30x slower.
@@ -447,8 +449,8 @@ def _tsne_block(embeds: Mapping[str, Path], opts: ReportOptions) -> str:
                 [t.is_caption[r] for r in rows],
             )
         )
-    return _note(
+    return note_box(
         f"{len(keep)} images and their captions, the same in every panel; colour = image, "
         "circle = image feature, triangle = caption feature. USA should pull an image's "
         "captions together (paper Fig. 4)."
-    ) + _plot(plots.embedding_scatter(panels), "t-SNE of student features")
+    ) + plot_tag(plots.embedding_scatter(panels), "t-SNE of student features")

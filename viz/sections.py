@@ -19,16 +19,16 @@ from ..store.feature_store import FeatureGroup, FeatureStore
 from ..store.knn import build_index
 from ..store.lookup import FeatureLookup
 from . import plots
-from .html import _e, _img, _note, _plot, _short
+from .html import esc, img_tag, note_box, plot_tag, short_id
 from .options import ReportOptions
 from .thumbnails import DatasetView
 
 
-def _image_of(caption_id: str) -> str:
+def image_of(caption_id: str) -> str:
     return caption_id.rsplit("#", 1)[0]
 
 
-def _normalized(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -50,12 +50,12 @@ def soft_labels(features: np.ndarray, tau: float = 1.0) -> tuple[np.ndarray, np.
     Returns:
         ``(cos, labels)``, both ``(B, B)``; each row of ``labels`` sums to 1.
     """
-    f = _normalized(features)
+    f = unit_rows(features)
     cos = f @ f.T  # (B, B) cosine between teacher features
     return cos, softmax_rows(cos / tau)
 
 
-def _modality(group: FeatureGroup) -> str:
+def group_modality(group: FeatureGroup) -> str:
     modality = group.spec.get("modality")
     if modality in ("image", "text"):
         return modality
@@ -64,7 +64,7 @@ def _modality(group: FeatureGroup) -> str:
 
 
 @dataclass
-class _Teacher:
+class TeacherView:
     group: FeatureGroup
     lookup: FeatureLookup
     modality: str
@@ -74,7 +74,7 @@ class _Teacher:
         return self.group.spec["name"]
 
     def feats(self, ids: Sequence[str]) -> np.ndarray:
-        return _normalized(self.lookup.gather(list(ids)))
+        return unit_rows(self.lookup.gather(list(ids)))
 
 
 @dataclass
@@ -87,8 +87,8 @@ class StorePage:
     split: str | None = None
     selection_note: str = ""
     view: DatasetView = field(default_factory=DatasetView)
-    image_teachers: list[_Teacher] = field(default_factory=list)
-    text_teachers: list[_Teacher] = field(default_factory=list)
+    image_teachers: list[TeacherView] = field(default_factory=list)
+    text_teachers: list[TeacherView] = field(default_factory=list)
     batch: list[str] = field(default_factory=list)  # image ids of the soft-label batch
     batch_captions: list[str] = field(default_factory=list)  # one caption id per batch image
     training: str = ""
@@ -112,13 +112,13 @@ class StorePage:
 
     def caption(self, cid: str) -> str:
         text = self.view.captions.get(cid)
-        return _e(text) if text is not None else f'<span class="id">{_e(cid)}</span>'
+        return esc(text) if text is not None else f'<span class="id">{esc(cid)}</span>'
 
     def thumb(self, image_id: str, cls: str = "thumb") -> str:
         if not self.view.has_images:
-            return f'<div class="{cls} nothumb" title="{_e(image_id)}">{_e(_short(image_id))}</div>'
+            return f'<div class="{cls} nothumb" title="{esc(image_id)}">{esc(short_id(image_id))}</div>'
         reason = self.view.thumb_errors.get(image_id)
-        return _img(
+        return img_tag(
             self.view.thumb(image_id),
             image_id,
             cls,
@@ -137,17 +137,17 @@ class StorePage:
         datasets = sorted({f"{g['dataset']}/{g['split']}" for g in groups})
         out = [
             '<dl class="facts">',
-            f"<dt>Store</dt><dd><code>{_e(info['store'])}</code></dd>",
-            f"<dt>Layout version</dt><dd>{_e(info['layout_version'])}</dd>",
-            f"<dt>Created</dt><dd>{_e(info.get('created') or '?')}</dd>",
-            f"<dt>Dataset splits</dt><dd>{_e(', '.join(datasets) or 'none')}</dd>",
+            f"<dt>Store</dt><dd><code>{esc(info['store'])}</code></dd>",
+            f"<dt>Layout version</dt><dd>{esc(info['layout_version'])}</dd>",
+            f"<dt>Created</dt><dd>{esc(info.get('created') or '?')}</dd>",
+            f"<dt>Dataset splits</dt><dd>{esc(', '.join(datasets) or 'none')}</dd>",
             f"<dt>Feature groups</dt><dd>{len(groups)}</dd>",
             f"<dt>Size on disk</dt><dd>{human_bytes(total)}</dd>",
             "</dl>",
         ]
         if not groups:
             out.append(
-                _note(
+                note_box(
                     "This store holds no features yet. Fill it with "
                     "<code>cusa extract --dataset NAME --store PATH</code>.",
                     "warn",
@@ -163,11 +163,11 @@ class StorePage:
             state = "sealed" if g["sealed"] else f"{g['committed_shards']} shard(s) committed"
             failed_cls = ' class="bad"' if g["failed"] else ""
             out.append(
-                f"<tr><td>{_e(g['dataset'])}/{_e(g['split'])}</td>"
-                f'<td><b>{_e(g["teacher"])}</b><br><span class="id">@{_e(g["fingerprint"])}</span></td>'
-                f'<td>{_e(g["modality"] or "?")}</td><td class="num">{g["rows"]:,}</td>'
-                f'<td class="num">{g["dim"]}</td><td>{_e(g["dtype"])}</td>'
-                f'<td class="num"{failed_cls}>{g["failed"]:,}</td><td>{_e(state)}</td>'
+                f"<tr><td>{esc(g['dataset'])}/{esc(g['split'])}</td>"
+                f'<td><b>{esc(g["teacher"])}</b><br><span class="id">@{esc(g["fingerprint"])}</span></td>'
+                f'<td>{esc(g["modality"] or "?")}</td><td class="num">{g["rows"]:,}</td>'
+                f'<td class="num">{g["dim"]}</td><td>{esc(g["dtype"])}</td>'
+                f'<td class="num"{failed_cls}>{g["failed"]:,}</td><td>{esc(state)}</td>'
                 f'<td class="num">{human_bytes(g["size_bytes"])}</td></tr>'
             )
         out.append("</tbody></table>")
@@ -183,16 +183,16 @@ class StorePage:
             pre = spec.pop("preprocessing", {})
             versions = spec.pop("library_versions", {})
             rows = "".join(
-                f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in spec.items()
+                f"<tr><th>{esc(k)}</th><td><code>{esc(v)}</code></td></tr>" for k, v in spec.items()
             )
             out.append(
-                f'<details class="spec"><summary><b>{_e(g["teacher"])}</b> '
-                f'<span class="id">@{_e(g["fingerprint"])}</span> — {_e(spec.get("model", ""))}, '
-                f"{_e(spec.get('dim'))}-d {_e(spec.get('output_kind', ''))}</summary>"
+                f'<details class="spec"><summary><b>{esc(g["teacher"])}</b> '
+                f'<span class="id">@{esc(g["fingerprint"])}</span> — {esc(spec.get("model", ""))}, '
+                f"{esc(spec.get('dim'))}-d {esc(spec.get('output_kind', ''))}</summary>"
                 f'<table class="kv">{rows}</table>'
-                f"<p>Preprocessing</p><pre>{_e(json.dumps(pre, indent=2, sort_keys=True))}</pre>"
+                f"<p>Preprocessing</p><pre>{esc(json.dumps(pre, indent=2, sort_keys=True))}</pre>"
                 + (
-                    f"<p>Library versions</p><pre>{_e(json.dumps(versions, sort_keys=True))}</pre>"
+                    f"<p>Library versions</p><pre>{esc(json.dumps(versions, sort_keys=True))}</pre>"
                     if versions
                     else ""
                 )
@@ -204,13 +204,15 @@ class StorePage:
         failed_groups = [g for g in self.groups if g.url in failed]
         if not failed_groups:
             out.append(
-                _note("No failures: every sample read produced features for every teacher.", "ok")
+                note_box(
+                    "No failures: every sample read produced features for every teacher.", "ok"
+                )
             )
         limit = 50
         for group in failed_groups:
             fails = group.failures()
             out.append(
-                f"<p><b>{_e(group.spec['name'])}</b> on {_e(group.dataset)}/{_e(group.split)}: "
+                f"<p><b>{esc(group.spec['name'])}</b> on {esc(group.dataset)}/{esc(group.split)}: "
                 f"{len(fails):,} sample(s) without features</p>"
             )
             out.append(
@@ -219,23 +221,23 @@ class StorePage:
             )
             for f in fails[:limit]:
                 out.append(
-                    f"<tr><td><code>{_e(f['sample_id'])}</code></td><td>{_e(f['shard'])}</td>"
-                    f"<td>{_e(f['error'] or '')}</td></tr>"
+                    f"<tr><td><code>{esc(f['sample_id'])}</code></td><td>{esc(f['shard'])}</td>"
+                    f"<td>{esc(f['error'] or '')}</td></tr>"
                 )
             out.append("</tbody></table>")
             if len(fails) > limit:
                 out.append(
-                    _note(f"…and {len(fails) - limit:,} more; see <code>cusa store info</code>.")
+                    note_box(f"…and {len(fails) - limit:,} more; see <code>cusa store info</code>.")
                 )
         return "\n".join(out)
 
     def soft_label_section(self) -> str:
         if not (self.image_teachers or self.text_teachers):
-            return _note(
+            return note_box(
                 "No features for this dataset split, so there are no soft labels to show.", "warn"
             )
         if len(self.batch) < 2:
-            return _note(
+            return note_box(
                 f"Only {len(self.batch)} image(s) have features from every teacher; a batch "
                 "needs at least 2.",
                 "warn",
@@ -243,7 +245,7 @@ class StorePage:
         tau = self.opts.tau
         b = len(self.batch)
         out = [
-            _note(
+            note_box(
                 f"A random batch of {b} image-caption pairs (seed {self.opts.seed}). Soft labels are "
                 f"<code>softmax(cos / τ)</code> over the teacher's in-batch cosine similarities with "
                 f"τ = {tau:g}; CSA aligns the student's image-to-text distribution with them and USA its "
@@ -263,7 +265,7 @@ class StorePage:
                 sims.append((f"{kind} teacher {t.name}: cos({item}, {item})", cos))
                 labels.append((f"soft labels, {kind} teacher (τ={tau:g})", lab))
                 stats.append((t.name, cos, lab))
-        out.append(_plot(plots.heatmaps(sims, cmap="magma"), "teacher similarity heatmaps"))
+        out.append(plot_tag(plots.heatmaps(sims, cmap="magma"), "teacher similarity heatmaps"))
         out.append("<h3>The batch</h3>")
         cells = []
         for k, (i, c) in enumerate(zip(self.batch, self.batch_captions, strict=True)):
@@ -274,28 +276,34 @@ class StorePage:
             )
         out.append(f'<div class="grid">{"".join(cells)}</div>')
         out.append("<h3>Labels: one-hot and soft</h3>")
-        out.append(_plot(plots.heatmaps(labels, cmap="viridis"), "one-hot and soft labels"))
+        out.append(plot_tag(plots.heatmaps(labels, cmap="viridis"), "one-hot and soft labels"))
         rows = [0, 1, 2][: min(3, b)]
         out.append(
-            _plot(plots.label_distributions(rows, labels), "label distributions of three queries")
+            plot_tag(
+                plots.label_distributions(rows, labels), "label distributions of three queries"
+            )
         )
         items = []
         for name, cos, lab in stats:
             off = cos[~np.eye(b, dtype=bool)]
             diag = float(np.mean(np.diag(lab)))
             items.append(
-                f"<li><b>{_e(name)}</b>: off-diagonal cosine {off.mean():.3f} ± {off.std():.3f} "
+                f"<li><b>{esc(name)}</b>: off-diagonal cosine {off.mean():.3f} ± {off.std():.3f} "
                 f"(max {off.max():.3f}); the positive keeps {100 * diag:.1f}% of a row's mass on "
                 f"average (one-hot: 100%, uniform: {100 / b:.1f}%).</li>"
             )
         out.append(f"<ul>{''.join(items)}</ul>")
         if not self.image_teachers:
             out.append(
-                _note("No image teacher in this store: only the text-side soft labels are shown.")
+                note_box(
+                    "No image teacher in this store: only the text-side soft labels are shown."
+                )
             )
         if not self.text_teachers:
             out.append(
-                _note("No text teacher in this store: only the image-side soft labels are shown.")
+                note_box(
+                    "No text teacher in this store: only the image-side soft labels are shown."
+                )
             )
         return "\n".join(out)
 
@@ -303,24 +311,26 @@ class StorePage:
         it = self.image_teachers[0] if self.image_teachers else None
         tt = self.text_teachers[0] if self.text_teachers else None
         if it is None and tt is None:
-            return _note("No features for this dataset split, so no pairs can be scored.", "warn")
+            return note_box(
+                "No features for this dataset split, so no pairs can be scored.", "warn"
+            )
         images = [i for i in self._eligible() if self._caption_ids.get(i) or tt is None]
         caps = [c for i in images for c in self._caption_ids.get(i, [])]
         if len(images) < 2:
-            return _note(
+            return note_box(
                 f"Only {len(images)} image(s) in the pool have the features needed; "
                 "false negatives need at least 2.",
                 "warn",
             )
         if not caps:
-            return _note(
+            return note_box(
                 "The store has no text features and no dataset was given, so the images "
                 "have no captions to pair with. Pass <code>--dataset</code>.",
                 "warn",
             )
         n, m = len(images), len(caps)
         col = {i: k for k, i in enumerate(images)}
-        owner = np.array([col[_image_of(c)] for c in caps])  # (m,) image index of each caption
+        owner = np.array([col[image_of(c)] for c in caps])  # (m,) image index of each caption
         parts, used = [], []
         img_score = txt_score = None
         if it is not None:
@@ -329,7 +339,7 @@ class StorePage:
             img_score = s[:, owner].T  # (m, n): image i vs the image of caption c
             parts.append(img_score)
             used.append(
-                f"the image teacher <b>{_e(it.name)}</b> rates image <i>i</i> close to the image "
+                f"the image teacher <b>{esc(it.name)}</b> rates image <i>i</i> close to the image "
                 "that caption <i>c</i> belongs to"
             )
         if tt is not None:
@@ -340,7 +350,7 @@ class StorePage:
             txt_score = t @ mean.T  # (m, n): mean cosine of caption c to the captions of image i
             parts.append(txt_score)
             used.append(
-                f"the text teacher <b>{_e(tt.name)}</b> rates caption <i>c</i> close to the "
+                f"the text teacher <b>{esc(tt.name)}</b> rates caption <i>c</i> close to the "
                 "captions of image <i>i</i>"
             )
         score = np.mean(parts, axis=0)  # (m, n)
@@ -362,7 +372,7 @@ class StorePage:
             if len(picks) >= self.opts.false_negatives:
                 break
         out = [
-            _note(
+            note_box(
                 f"Pairs (image <i>i</i>, caption <i>c</i>) that the dataset labels as non-matching, "
                 f"scored over {n} pooled images and {m} captions: {' and '.join(used)}"
                 + (" (score = mean of both cosines)" if len(parts) == 2 else "")
@@ -373,7 +383,7 @@ class StorePage:
         if len(parts) == 1:
             which = "text" if tt is None else "image"
             out.append(
-                _note(
+                note_box(
                     f"This store has no {which} teacher, so pairs are ranked by one teacher only."
                 )
             )
@@ -391,7 +401,7 @@ class StorePage:
                 f'<div class="fn"><div class="rank">#{rank}</div>{self.thumb(img_i)}'
                 f'<div class="fn-text"><p class="cap">“{self.caption(caps[c])}”</p>'
                 f'<p class="meta">labelled as a caption of {self.thumb(j, "mini")} '
-                f'<span class="id">{_e(j)}</span></p>'
+                f'<span class="id">{esc(j)}</span></p>'
                 f'<p class="meta">scores: {" · ".join(scores)}</p>'
                 + (
                     f'<p class="meta">image\'s own caption: {self.caption(own[0])}</p>'
@@ -406,7 +416,7 @@ class StorePage:
     def neighbour_section(self) -> str:
         teachers = self.image_teachers + self.text_teachers
         if not teachers:
-            return _note(
+            return note_box(
                 "No features for this dataset split, so there are no neighbours to show.", "warn"
             )
         k = self.opts.neighbours
@@ -432,21 +442,21 @@ class StorePage:
             hits = index.search_ids(queries, k) if queries else []
             blocks.append((t, queries, hits, note))
             for qid, row in zip(queries, hits, strict=True):
-                needed.update(_image_of(x) for x in [qid, *(h for h, _ in row)])
+                needed.update(image_of(x) for x in [qid, *(h for h, _ in row)])
         self.view.ensure(needed, self.opts.max_scan)
         out = [
-            _note(
+            note_box(
                 f"For {self.opts.queries} query images and captions, their {k} nearest neighbours within "
                 "the same modality under each teacher (cosine similarity, exact faiss search). "
                 "Neighbours from the query's own image are marked."
             )
         ]
         for t, queries, hits, note in blocks:
-            out.append(f"<h3>{_e(t.modality)} teacher {_e(t.name)}</h3>")
+            out.append(f"<h3>{esc(t.modality)} teacher {esc(t.name)}</h3>")
             if note:
-                out.append(_note(note))
+                out.append(note_box(note))
             if not queries:
-                out.append(_note("No query with features in the pool.", "warn"))
+                out.append(note_box("No query with features in the pool.", "warn"))
             for qid, row in zip(queries, hits, strict=True):
                 out.append('<div class="nn-row">')
                 if t.modality == "image":
@@ -461,21 +471,21 @@ class StorePage:
                         )
                 else:
                     out.append(
-                        f'<div class="tq"><b>query</b> {self.thumb(_image_of(qid), "mini")} '
+                        f'<div class="tq"><b>query</b> {self.thumb(image_of(qid), "mini")} '
                         f'“{self.caption(qid)}”</div><ol class="tn">'
                     )
                     for hid, score in row:
-                        same = _image_of(hid) == _image_of(qid)
+                        same = image_of(hid) == image_of(qid)
                         badge = ' <span class="badge">same image</span>' if same else ""
                         out.append(
-                            f"<li>{self.thumb(_image_of(hid), 'mini')} “{self.caption(hid)}” "
+                            f"<li>{self.thumb(image_of(hid), 'mini')} “{self.caption(hid)}” "
                             f'<span class="score">{score:.3f}</span>{badge}</li>'
                         )
                     out.append("</ol>")
                 out.append("</div>")
         return "\n".join(out)
 
-    def _index(self, t: _Teacher, queries: list[str]) -> tuple[Any, str]:
+    def _index(self, t: TeacherView, queries: list[str]) -> tuple[Any, str]:
         n = len(t.lookup)
         if n <= self.opts.max_index_rows:
             return build_index(t.lookup, metric="ip", use_gpu=False), ""
@@ -496,12 +506,12 @@ class _SubsetIndex:
 
         self.lookup = lookup
         self.ids = [lookup.ids[r] for r in rows]
-        feats = np.ascontiguousarray(_normalized(lookup.gather_rows(rows)))  # (n, D)
+        feats = np.ascontiguousarray(unit_rows(lookup.gather_rows(rows)))  # (n, D)
         self.index = faiss.IndexFlatIP(feats.shape[1])
         self.index.add(feats)
 
     def search_ids(self, sample_ids: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
-        q = np.ascontiguousarray(_normalized(self.lookup.gather(list(sample_ids))))
+        q = np.ascontiguousarray(unit_rows(self.lookup.gather(list(sample_ids))))
         scores, rows = self.index.search(q, min(k + 1, len(self.ids)))  # (Q, k+1)
         out = []
         for sid, rr, ss in zip(sample_ids, rows, scores, strict=True):

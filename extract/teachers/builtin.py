@@ -193,9 +193,9 @@ def _mpnet_available() -> bool:
 
 
 def _minilm_available() -> bool:
-    from .text import MINILM_HUB_ID, _hf_cached_file, minilm_dir
+    from .text import MINILM_HUB_ID, hf_cached_file, minilm_dir
 
-    return minilm_dir() is not None or _hf_cached_file(MINILM_HUB_ID) is not None
+    return minilm_dir() is not None or hf_cached_file(MINILM_HUB_ID) is not None
 
 
 def _fetch_mpnet() -> str:

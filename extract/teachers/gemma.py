@@ -23,7 +23,7 @@ from __future__ import annotations
 from ...weights import numbered_parts
 from .text import (
     RegistryTextModel,
-    _hf_cached_file,
+    hf_cached_file,
 )
 
 GEMMA_HUB_ID = "google/embeddinggemma-300m"
@@ -95,4 +95,4 @@ resolve_embeddinggemma = EMBEDDINGGEMMA.resolve
 
 def gemma_available() -> bool:
     """Cheap: is the model on this machine now (assembled, or in the Hugging Face cache)?"""
-    return gemma_assembled() or _hf_cached_file(GEMMA_HUB_ID) is not None
+    return gemma_assembled() or hf_cached_file(GEMMA_HUB_ID) is not None

