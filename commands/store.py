@@ -1,4 +1,5 @@
-"""``cusa store info|verify|knn|export|reindex``: inspect, verify, search, export, index a store."""
+"""``cusa store info|verify|knn|export|publish|pull|quantize``: inspect, verify, search, export,
+share and compact a feature store."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from .options import (
     typer_app,
 )
 
-app = typer_app("Inspect, verify, search, export and index a feature store (--store).")
+app = typer_app(
+    "Inspect, verify, search, export, index, share (publish, pull) and compact (quantize) a feature store (--store)."
+)
 
 
 class Metric(str, Enum):
