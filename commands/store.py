@@ -1,5 +1,5 @@
-"""``cusa store info|verify|knn|export|publish|pull|quantize``: inspect, verify, search, export,
-share and compact a feature store."""
+"""``cusa store info|verify|knn|export|reindex|publish|pull|quantize``: inspect, verify, search,
+export, index, share and compact a feature store."""
 
 from __future__ import annotations
 
