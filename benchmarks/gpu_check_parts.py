@@ -161,7 +161,7 @@ def part_ray_num_gpus(ctx: Context) -> dict[str, Any]:
     ctx.need_ray()
     import ray
 
-    from cusa.extract.ray_runner import _init_ray, plan_resources
+    from cusa.extract.ray_runner import init_ray, plan_resources
     from cusa.extract.runner import ExtractConfig, extract
     from cusa.store import FeatureLookup, FeatureStore
 
@@ -190,7 +190,7 @@ def part_ray_num_gpus(ctx: Context) -> dict[str, Any]:
         }
         wall = time.perf_counter() - t0
         if runner == "ray":
-            _init_ray(None)
+            init_ray(None)
             resources = ray.cluster_resources()
             plan = plan_resources(resources, 2, None)
     identical = snaps["local"] == snaps["ray"]

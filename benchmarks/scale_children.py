@@ -160,7 +160,7 @@ def measure_extraction(job: dict[str, Any]) -> dict[str, Any]:
 def measure_store(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    from benchmarks.store_gather import _median_us_interleaved, write_store
+    from benchmarks.store_gather import median_us_interleaved, write_store
     from cusa.store import FeatureLookup, FeatureStore
     from cusa.store.sealing import seal_block_bytes
     from cusa.store.verify import verify_store
@@ -213,7 +213,7 @@ def measure_store(job: dict[str, Any]) -> dict[str, Any]:
         ram = np.array(lookup.gather_rows(np.arange(len(lookup))))
         row_of = {sid: i for i, sid in enumerate(lookup.ids)}
         assert np.array_equal(lookup.gather(batches[0]), ram[[row_of[s] for s in batches[0]]])
-        t = _median_us_interleaved(
+        t = median_us_interleaved(
             {
                 "gather": (lookup.gather, batches),
                 "ram_ids": (

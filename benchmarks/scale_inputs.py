@@ -123,12 +123,12 @@ def register_bench_teacher() -> None:
     from cusa.extract.teachers.registry import (
         TEACHERS,
         TeacherInfo,
-        _ensure_loaded,
+        load_plugin_teachers,
         register_teacher,
     )
     from cusa.extract.teachers.unicom import UnicomConfig, UnicomImageTeacher
 
-    _ensure_loaded()
+    load_plugin_teachers()
     if BENCH_TEACHER in TEACHERS.list():
         return
 

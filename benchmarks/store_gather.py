@@ -69,7 +69,7 @@ def _median_us(fn, batches, warmup: int = 20) -> float:
     return statistics.median(times) / 1e3
 
 
-def _median_us_interleaved(paths: dict, warmup: int = 20) -> dict[str, float]:
+def median_us_interleaved(paths: dict, warmup: int = 20) -> dict[str, float]:
     """Median µs of each ``name: (fn, batches)``, the paths taking turns batch by batch.
 
     Taking turns spreads the load of a shared machine evenly over the paths compared, so
@@ -150,7 +150,7 @@ def run_case(
         check = batches_ids[0]
         assert np.array_equal(lookup.gather(check), ram[[row_of[s] for s in check]])
 
-        t = _median_us_interleaved(
+        t = median_us_interleaved(
             {
                 "gather": (lookup.gather, batches_ids),
                 "gather_rows": (lookup.gather_rows, rows_batches),

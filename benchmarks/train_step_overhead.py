@@ -50,9 +50,9 @@ IMAGE_TEACHER = "mobilenetv2"  # offline stand-in; Unicom weights cannot be fetc
 
 
 def pick_text_teacher() -> str:
-    from cusa.extract.teachers.builtin import _mpnet_available
+    from cusa.extract.teachers.text import MPNET
 
-    return "all-mpnet-base-v2" if _mpnet_available() else "all-MiniLM-L6-v2"
+    return "all-mpnet-base-v2" if MPNET.available() else "all-MiniLM-L6-v2"
 
 
 def main() -> None:

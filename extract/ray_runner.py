@@ -180,7 +180,7 @@ def _stderr_to_log(quiet: bool) -> Iterator[None]:
                 log.debug("Ray start-up output:\n%s", text)
 
 
-def _init_ray(address: str | None) -> Any:
+def init_ray(address: str | None) -> Any:
     """Start (or join) Ray with its own messages kept out of cusa's output.
 
     Ray's Python loggers are set to ERROR (its token-authentication notice and Ray Data's
@@ -228,7 +228,7 @@ def run_ray(
     progress: ProgressSink,
 ) -> None:
     """Stream ``shards`` through Ray Data and commit each one as it completes."""
-    ray = _init_ray(config.ray_address)
+    ray = init_ray(config.ray_address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
@@ -282,4 +282,4 @@ def run_ray(
         )
 
 
-__all__ = ["ActorPlan", "plan_resources", "run_ray"]
+__all__ = ["ActorPlan", "init_ray", "plan_resources", "run_ray"]

@@ -131,7 +131,8 @@ def _from_entry_point(obj: Any) -> TeacherEntry:
     return entry
 
 
-def _ensure_loaded() -> None:
+def load_plugin_teachers() -> None:
+    """Register the teachers of installed plug-ins (entry points of :data:`ENTRY_POINT_GROUP`), once."""
     global _loaded
     if _loaded:
         return
@@ -145,7 +146,7 @@ def get_teacher_entry(name: str) -> TeacherEntry:
     Raises:
         UnknownNameError: no such teacher; the message lists the known names.
     """
-    _ensure_loaded()
+    load_plugin_teachers()
     return TEACHERS.get(name)
 
 
@@ -176,7 +177,7 @@ def get_teacher(name: str, **options: Any) -> Teacher:
 
 def list_teachers() -> list[TeacherInfo]:
     """Infos of all registered teachers (built-in and entry points), sorted by name."""
-    _ensure_loaded()
+    load_plugin_teachers()
     return [TEACHERS.get(n).info for n in TEACHERS.list()]
 
 
