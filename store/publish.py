@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +161,11 @@ def group_files(group: FeatureGroup) -> list[str]:
         inner = rel[len(group.rel) + 1 :]
         if inner.startswith("parts/") or name.endswith(_SKIP_SUFFIXES) or is_junk(name):
             continue
+        if sfs.is_local and os.path.islink(full):  # never follow a link out of the store
+            raise PublishRefusedError(
+                f"{full!r} is a symbolic link; a published store holds regular files only - "
+                "replace it with the file it points to, or remove it"
+            )
         out.append(rel)
     return sorted(out)
 
