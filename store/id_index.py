@@ -77,7 +77,8 @@ def mlh64(
         starts: (n,) int64 index of each id's first byte in ``data``, ascending.
         positions: (T,) int64 position of each byte inside its id.
         lengths: (n,) byte lengths; needed only when ``data`` has no separators (an empty id
-            then shares its start with the next id).
+            then shares its start with the next id, or starts past the end). Without them
+            every start must lie inside ``data``.
 
     Returns:
         (n,) uint64 hashes.
@@ -88,9 +89,10 @@ def mlh64(
     keys = _keys(int(positions.max()) + 1)
     prod = np.take(keys, positions)  # (T,) uint64; products wrap mod 2**64
     prod *= data.astype(np.uint64)
+    if lengths is None:  # separated ids: every start is inside data
+        return np.add.reduceat(prod, starts)
     sums = np.add.reduceat(prod, np.minimum(starts, len(data) - 1))
-    if lengths is not None:
-        sums[lengths == 0] = 0  # reduceat gives an element, not 0, for an empty range
+    sums[lengths == 0] = 0  # reduceat gives an element, not 0, for an empty range
     return sums
 
 
@@ -137,9 +139,9 @@ def hash_ids(offsets: np.ndarray, blob: np.ndarray, hash_name: str = DEFAULT_HAS
 class _Query:
     """Query ids as one uint8 stream ``data`` (T,): id ``k`` is ``data[starts[k]:][:lengths[k]]``
     and spans ``span[k]`` bytes of the stream (its separator included); ``positions`` (T,) is
-    each byte's position inside its id, and ``is_id_byte`` is False on separators."""
+    each byte's position inside its id, and ``seps`` the separators' indices (None without)."""
 
-    __slots__ = ("data", "starts", "lengths", "span", "positions", "is_id_byte")
+    __slots__ = ("data", "starts", "lengths", "span", "positions", "seps")
 
     def __init__(self, sample_ids: Sequence[Any]) -> None:
         n = len(sample_ids)
@@ -149,8 +151,7 @@ class _Query:
             data = ("\x00".join(sample_ids) + "\x00").encode("utf-8")
         if data is not None:
             arr = np.frombuffer(data, dtype=np.uint8)
-            is_sep = arr == 0
-            seps = np.flatnonzero(is_sep)
+            seps = np.flatnonzero(arr == 0)
             if len(seps) != n:  # an id holds a NUL character itself
                 data = None
         if data is None:
@@ -164,7 +165,7 @@ class _Query:
         self.lengths = seps - starts
         self.span = self.lengths + 1
         self.positions = np.arange(len(arr), dtype=np.int64) - np.repeat(starts, self.span)
-        self.is_id_byte = ~is_sep
+        self.seps = seps
 
     def _slow(self, sample_ids: Sequence[Any]) -> None:
         encoded = [_id_bytes(s) for s in sample_ids]
@@ -176,7 +177,7 @@ class _Query:
         self.lengths = lengths
         self.span = lengths
         self.positions = np.arange(len(data), dtype=np.int64) - np.repeat(starts, lengths)
-        self.is_id_byte = np.ones(len(data), dtype=bool)
+        self.seps = None
 
 
 def _id_bytes(sample_id: Any) -> bytes:
@@ -256,7 +257,8 @@ class IdIndex:
         if n == 0 or len(self.hashes) == 0:
             return np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
         q = _Query(sample_ids)
-        qh = self._hash(q.data, q.starts, q.positions, q.lengths)
+        # With separators every id, empty ones too, starts inside the stream: no length fix-up.
+        qh = self._hash(q.data, q.starts, q.positions, None if q.seps is not None else q.lengths)
         pos = np.searchsorted(self.hashes, qh)
         np.minimum(pos, len(self.hashes) - 1, out=pos)
         hit = np.take(self.hashes, pos) == qh
@@ -264,7 +266,7 @@ class IdIndex:
         found = hit & self._same_bytes(q, rows)
         if not found.all():
             self._probe(q, qh, pos, hit, found, rows)
-        rows[~found] = -1
+            rows[~found] = -1
         return rows, found
 
     def _same_bytes(self, q: _Query, rows: np.ndarray) -> np.ndarray:
@@ -276,7 +278,8 @@ class IdIndex:
             src += q.positions
             np.minimum(src, len(self.blob) - 1, out=src)
             differs = np.take(self.blob, src) != q.data
-            differs &= q.is_id_byte
+            if q.seps is not None:
+                differs[q.seps] = False  # a separator faces whatever byte follows the stored id
             if differs.any():
                 owner = np.repeat(np.arange(len(q.starts)), q.span)
                 same[np.unique(owner[differs])] = False
