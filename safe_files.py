@@ -25,6 +25,8 @@ MAX_IMAGE_BYTES = 256 * 2**20
 MAX_INDEX_BYTES = 4 * 2**30
 #: Largest config file (YAML/JSON) read, in bytes; checked before parsing.
 MAX_CONFIG_BYTES = 4 * 2**20
+#: Longest path text taken from an index file (Linux PATH_MAX); longer is no file name at all.
+MAX_PATH_CHARS = 4096
 #: How much of a value (a path, a line) a message shows.
 MESSAGE_VALUE_CHARS = 160
 
@@ -52,6 +54,20 @@ def short_path(path: str | os.PathLike, limit: int = MESSAGE_VALUE_CHARS) -> str
         return repr(text)
     keep = max(limit // 2 - 10, 10)
     return repr(f"{text[:keep]}...[{len(text):,} chars]...{text[-keep:]}")
+
+
+def path_text_problem(text: str, *, what: str = "path") -> str | None:
+    """Why ``text`` (a path read from an index file) cannot name a file, or None: longer than
+    :data:`MAX_PATH_CHARS`, or holding a NUL byte. Checked before any ``Path`` is built from it,
+    so a 50 MB "path" costs nothing and its message stays short."""
+    if len(text) > MAX_PATH_CHARS:
+        return (
+            f"{what} {short_repr(text)} is {len(text):,} characters, longer than any file name "
+            f"({MAX_PATH_CHARS:,}); not read"
+        )
+    if "\x00" in text:
+        return f"{what} {short_repr(text)} holds a NUL byte, which no file name can; not read"
+    return None
 
 
 def file_kind(mode: int) -> str:
@@ -242,12 +258,14 @@ def read_lines_under(
 
 
 __all__ = [
+    "MAX_PATH_CHARS",
     "MAX_CONFIG_BYTES",
     "MAX_IMAGE_BYTES",
     "MAX_INDEX_BYTES",
     "file_kind",
     "is_inside",
     "outside_root_problem",
+    "path_text_problem",
     "read_lines_under",
     "read_regular_file",
     "regular_file_problem",

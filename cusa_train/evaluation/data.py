@@ -29,6 +29,7 @@ from cusa.readers import (
     caption_id,
     open_dataset,
 )
+from cusa.safe_files import read_lines_under, short_path
 
 CAPTION_MODES = ("raw", "pre_caption")
 DEFAULT_SPLIT = "test"
@@ -51,15 +52,23 @@ def caption_transform(mode: str) -> Callable[[str], str] | None:
     return pre_caption if mode == "pre_caption" else None
 
 
-def read_lines(path: Path, what: str) -> list[str]:
-    """The lines of a UTF-8 index file; a missing or unreadable one is a :class:`DatasetError`
-    naming it (``what`` says what it is, e.g. ``"STS file"``)."""
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"{what} {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+def read_lines(path: Path, what: str, *, root: str | os.PathLike | None = None) -> list[str]:
+    """The lines of a UTF-8 index file, split as the official readers' ``for line in f`` does
+    (at newlines only, never at U+2028 or U+0085 as ``str.splitlines`` would).
+
+    The one rule of :mod:`cusa.safe_files` applies: a regular file of at most
+    ``MAX_INDEX_BYTES`` (a FIFO or ``/dev/zero`` is never read), inside ``root`` when given.
+
+    Raises:
+        DatasetError: the file is missing, not a regular file, too big, outside ``root`` or not
+            UTF-8; the message names it (``what`` says what it is, e.g. ``"STS file"``).
+    """
+    if not os.path.lexists(path):
+        raise DatasetError(f"{what} {short_path(path)} does not exist")
+    lines, reason = read_lines_under(path, root=root, what=what)
+    if lines is None:
+        raise DatasetError(f"{reason}; point --root at the benchmark's own files")
+    return lines
 
 
 def is_caption_file(spec: str | os.PathLike) -> bool:

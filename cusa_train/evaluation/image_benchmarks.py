@@ -37,6 +37,16 @@ import numpy as np
 
 from cusa.errors import ConfigError, DatasetError
 from cusa.registry import Registry
+from cusa.safe_files import (
+    MAX_IMAGE_BYTES,
+    MAX_INDEX_BYTES,
+    outside_root_problem,
+    path_text_problem,
+    regular_file_problem,
+    short_path,
+    short_repr,
+    walk_files,
+)
 from cusa_train.evaluation.data import read_lines
 from cusa_train.evaluation.encoding import EvalEncoder, HeadEncoder
 from cusa_train.evaluation.metrics import RANK1_PROTOCOLS, nearest_neighbour_rank1
@@ -118,17 +128,36 @@ class ImageBenchmark:
             f"hold {self.folder}/ in the official layout (see docs/evaluation.md)"
         )
 
-    def open(self, root: str | os.PathLike, *, check_files: bool = True) -> ImageRetrievalSet:
-        """Read the evaluation split; with ``check_files`` every image must exist."""
+    def open(
+        self,
+        root: str | os.PathLike,
+        *,
+        check_files: bool = True,
+        allow_outside_root: bool = False,
+    ) -> ImageRetrievalSet:
+        """Read the evaluation split; with ``check_files`` every image must be a regular file
+        of at most ``MAX_IMAGE_BYTES`` inside ``root`` (the extraction rules, :mod:`cusa.safe_files`),
+        so a ``../`` or absolute path, a symlink leading out, a FIFO or a huge file is refused
+        before anything is encoded; ``allow_outside_root`` lifts the inside-``root`` rule only."""
+        base = Path(root).expanduser()
         split = self.load(self.locate(root))
         if not split.query_paths:
-            raise DatasetError(f"{self.title}: {split.source!r} lists no evaluation image")
+            raise DatasetError(
+                f"{self.title}: {short_path(split.source)} lists no evaluation image"
+            )
         if check_files:
-            missing = [p for p in split.all_paths() if not p.is_file()]
-            if missing:
+            first, bad = None, 0
+            for p in split.all_paths():
+                problem = (
+                    None if allow_outside_root else outside_root_problem(p, base, what="image")
+                ) or regular_file_problem(p, MAX_IMAGE_BYTES, what="image")
+                if problem:
+                    first, bad = first or problem, bad + 1
+            if first:
                 raise DatasetError(
-                    f"{self.title}: image {str(missing[0])!r} listed in {split.source!r} does not "
-                    f"exist ({len(missing)} of {split.num_images} missing)"
+                    f"{self.title}: {first} (listed in {Path(split.source).name!r}; {bad} of "
+                    f"{split.num_images} images refused); each must be a regular file of at "
+                    f"most {MAX_IMAGE_BYTES // 2**20} MiB inside --root"
                 )
         return split
 
@@ -172,11 +201,19 @@ def parse_benchmark_names(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 # ---- loaders ----------------------------------------------------------------------------------
 
 
+def _check_path_text(rel: str, title: str, index: Path, lineno: int) -> None:
+    """Refuse a listed path that can name no file (50 MB long, a NUL) before a Path is built."""
+    problem = path_text_problem(rel, what="image path")
+    if problem:
+        raise DatasetError(f"{title}: {index.name!r} entry {lineno}: {problem}")
+
+
 def _load_cub(folder: Path) -> ImageRetrievalSet:
     """``torchvision.datasets.ImageFolder(images)``: labels are sorted class-folder indices;
     the eval split is labels 100-199; files whose name starts with ``._`` are skipped."""
     images = folder / "images"
-    classes = sorted(e.name for e in os.scandir(images) if e.is_dir())
+    with os.scandir(images) as entries:
+        classes = sorted(e.name for e in entries if e.is_dir())
     if len(classes) != 200:
         raise DatasetError(
             f"CUB-200-2011: {str(images)!r} has {len(classes)} class folders, expected the 200 "
@@ -187,8 +224,16 @@ def _load_cub(folder: Path) -> ImageRetrievalSet:
     for label, cls in enumerate(classes):
         if label < 100:
             continue
-        for dirpath, _, fnames in sorted(os.walk(images / cls, followlinks=True)):
-            for fname in sorted(fnames):
+        # ImageFolder walks with followlinks=True; walk_files follows links inside the folder
+        # only, each folder once, so `ln -s . loop` cannot make the walk endless.
+        try:
+            walked = list(walk_files(images / cls, folder))
+        except PermissionError as exc:
+            raise DatasetError(
+                f"CUB-200-2011: {exc}; move the class folder inside {short_path(folder)}"
+            ) from None
+        for dirpath, fnames in walked:
+            for fname in fnames:
                 if fname.lower().endswith(IMG_EXTENSIONS) and not fname.startswith("._"):
                     paths.append(Path(dirpath) / fname)
                     labels.append(label)
@@ -199,7 +244,7 @@ def _load_sop(folder: Path) -> ImageRetrievalSet:
     """``Ebay_test.txt``: a header, then ``image_id class_id super_class_id path``; eval classes
     are ``class_id - 1`` in 11318..22633."""
     index = folder / "Ebay_test.txt"
-    lines = read_lines(index, "Stanford Online Products file")
+    lines = read_lines(index, "Stanford Online Products file", root=folder)
     paths: list[Path] = []
     labels: list[int] = []
     for lineno, line in enumerate(lines[1:], 2):
@@ -212,9 +257,10 @@ def _load_sop(folder: Path) -> ImageRetrievalSet:
         except ValueError:
             raise DatasetError(
                 f"Stanford Online Products: {str(index)!r} line {lineno}: expected "
-                f"'image_id class_id super_class_id path', got {line!r}"
+                f"'image_id class_id super_class_id path', got {short_repr(line)}"
             ) from None
         if 11318 <= label < 22634:
+            _check_path_text(rel, "Stanford Online Products", index, lineno)
             paths.append(folder / rel)
             labels.append(label)
     return ImageRetrievalSet("sop", paths, labels, source=str(index))
@@ -225,12 +271,12 @@ def _load_inshop(folder: Path) -> ImageRetrievalSet:
     evaluation_status``), then one image per line; query and gallery labels are the item
     numbers (``id_00000001`` -> 1). Images live under ``Img/``."""
     index = folder / "Eval" / "list_eval_partition.txt"
-    lines = read_lines(index, "In-Shop file")
+    lines = read_lines(index, "In-Shop file", root=folder)
     header = lines[1].split() if len(lines) > 1 else []
     if header[:3] != ["image_name", "item_id", "evaluation_status"]:
         raise DatasetError(
             f"In-Shop: {str(index)!r} line 2 must be the header 'image_name item_id "
-            f"evaluation_status', got {lines[1] if len(lines) > 1 else ''!r}"
+            f"evaluation_status', got {short_repr(lines[1] if len(lines) > 1 else '')}"
         )
     sides: dict[str, tuple[list[Path], list[int]]] = {"query": ([], []), "gallery": ([], [])}
     for lineno, line in enumerate(lines[2:], 3):
@@ -243,14 +289,15 @@ def _load_inshop(folder: Path) -> ImageRetrievalSet:
         except ValueError:
             raise DatasetError(
                 f"In-Shop: {str(index)!r} line {lineno}: expected 'image_name item_id "
-                f"evaluation_status' with item ids like id_00000001, got {line!r}"
+                f"evaluation_status' with item ids like id_00000001, got {short_repr(line)}"
             ) from None
         if status in sides:
+            _check_path_text(name, "In-Shop", index, lineno)
             sides[status][0].append(folder / "Img" / name)
             sides[status][1].append(label)
         elif status != "train":
             raise DatasetError(
-                f"In-Shop: {str(index)!r} line {lineno}: evaluation_status {status!r} is not "
+                f"In-Shop: {str(index)!r} line {lineno}: evaluation_status {short_repr(status)} is not "
                 "train, query or gallery"
             )
     (qp, ql), (gp, gl) = sides["query"], sides["gallery"]
@@ -269,17 +316,18 @@ def _load_inat(folder: Path) -> ImageRetrievalSet:
     index = folder / "Inat_dataset_splits" / "Inaturalist_test_set1.txt"
     paths: list[Path] = []
     labels: list[int] = []
-    for lineno, line in enumerate(read_lines(index, "iNaturalist file"), 1):
+    for lineno, line in enumerate(read_lines(index, "iNaturalist file", root=folder), 1):
         rel = line.strip()
         if not rel:
             continue
+        _check_path_text(rel, "iNaturalist", index, lineno)
         parts = rel.split("/")
         try:
             label = int(parts[-2])
         except (ValueError, IndexError):
             raise DatasetError(
                 f"iNaturalist: {str(index)!r} line {lineno}: expected a path like "
-                f"train_val2018/<kingdom>/<species id>/<file>.jpg, got {rel!r}"
+                f"train_val2018/<kingdom>/<species id>/<file>.jpg, got {short_repr(rel)}"
             ) from None
         paths.append(folder / rel)
         labels.append(label)
@@ -295,6 +343,11 @@ def _load_cars(folder: Path) -> ImageRetrievalSet:
         from scipy.io.matlab import MatReadError
     except ImportError as exc:
         raise ConfigError("reading cars_annos.mat needs scipy: pip install scipy") from exc
+    problem = regular_file_problem(index, MAX_INDEX_BYTES, what="Cars196 file")
+    if problem is None:
+        problem = outside_root_problem(index, folder, what="Cars196 file")
+    if problem and "does not exist" not in problem:  # a FIFO or /dev/zero would block loadmat
+        raise DatasetError(f"{problem}; --root must hold cars/cars_annos.mat")
     try:
         mat = scipy.io.loadmat(str(index))
         annos = mat["annotations"][0]
@@ -317,6 +370,8 @@ def _load_cars(folder: Path) -> ImageRetrievalSet:
             f"Cars196: {str(index)!r} is not the Stanford Cars cars_annos.mat (an 'annotations' "
             f"struct with relative_im_path and class): {exc}"
         ) from exc
+    for lineno, (rel, _) in enumerate(rows, 1):
+        _check_path_text(rel, "Cars196", index, lineno)
     paths = [folder / rel for rel, y in rows if 98 <= y < 196]
     labels = [y for _, y in rows if 98 <= y < 196]
     return ImageRetrievalSet("cars", paths, labels, source=str(index))

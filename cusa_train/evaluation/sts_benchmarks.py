@@ -28,6 +28,7 @@ a model and scores each task as above.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from cusa.errors import ConfigError, DatasetError
+from cusa.safe_files import short_path, short_repr
 from cusa_train.evaluation.data import read_lines
 from cusa_train.evaluation.encoding import EvalEncoder, HeadEncoder
 from cusa_train.evaluation.metrics import StsPairs, l2_normalize, spearman
@@ -137,16 +139,25 @@ def _tok(sentence: str) -> str:
 
 def _score(text: str, path: Path, lineno: int) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise DatasetError(
-            f"{str(path)!r} line {lineno}: gold score {text!r} is not a number"
+            f"{short_path(path)} line {lineno}: gold score {short_repr(text)} is not a number"
         ) from None
+    if not math.isfinite(value):  # a nan or inf gold makes Spearman nan, reported as a score
+        raise DatasetError(
+            f"{short_path(path)} line {lineno}: gold score {short_repr(text)} is not a finite "
+            "number; fix the line (SentEval's gold scores are 0-5)"
+        )
+    return value
 
 
 def _load_year_subset(folder: Path, subset: str) -> StsPairs:
     inp, gs = folder / f"STS.input.{subset}.txt", folder / f"STS.gs.{subset}.txt"
-    inputs, golds = read_lines(inp, "STS file"), read_lines(gs, "STS file")
+    inputs, golds = (
+        read_lines(inp, "STS file", root=folder),
+        read_lines(gs, "STS file", root=folder),
+    )
     if len(inputs) != len(golds):
         raise DatasetError(
             f"{str(gs)!r} has {len(golds)} lines but {str(inp)!r} has {len(inputs)}; they must "
@@ -157,7 +168,8 @@ def _load_year_subset(folder: Path, subset: str) -> StsPairs:
         fields = line.split("\t")
         if len(fields) < 2:
             raise DatasetError(
-                f"{str(inp)!r} line {lineno}: expected two tab-separated sentences, got {line!r}"
+                f"{str(inp)!r} line {lineno}: expected two tab-separated sentences, got "
+                f"{short_repr(line)}"
             )
         if gold == "":
             continue  # SentEval drops pairs without a gold score
@@ -169,7 +181,7 @@ def _load_year_subset(folder: Path, subset: str) -> StsPairs:
 
 def _load_columns(path: Path, cols: tuple[int, int, int], skip_header: bool) -> StsPairs:
     s1, s2, scores = [], [], []
-    lines = read_lines(path, "STS file")
+    lines = read_lines(path, "STS file", root=path.parent)
     for lineno, line in enumerate(lines[1:] if skip_header else lines, 2 if skip_header else 1):
         fields = line.strip().split("\t")
         if len(fields) <= max(cols):

@@ -93,7 +93,9 @@ def test_missing_files_give_one_line_errors_naming_the_file(tmp_path):
     # A listed image that is not on disk.
     paths, _ = write_sop(tmp_path)
     paths[2].unlink()
-    with pytest.raises(DatasetError, match=r"image '.*11320_3\.JPG' listed in .*Ebay_test\.txt"):
+    with pytest.raises(
+        DatasetError, match=r"image '.*11320_3\.JPG' does not exist \(listed in .*Ebay_test\.txt"
+    ):
         get_image_benchmark("sop").open(tmp_path)
 
 
