@@ -21,6 +21,7 @@ import torch
 
 from cusa.errors import ConfigError, DatasetError, SampleError
 from cusa.readers import DatasetReader, Sample
+from cusa.safe_files import MAX_IMAGE_BYTES, read_regular_file
 from cusa_train.evaluation.data import CaptionDataset, CaptionDatasetReader
 from cusa_train.wrapper import CusaModel
 
@@ -187,8 +188,12 @@ class HeadEncoder:
         prep = self.preprocess()
 
         def load(path: Path) -> torch.Tensor:
+            # regular files <= MAX_IMAGE_BYTES only, as extraction (a FIFO never blocks)
+            data, reason = read_regular_file(path, MAX_IMAGE_BYTES, what="image file")
             try:
-                return prep(Path(path).read_bytes())
+                if data is None:
+                    raise SampleError(reason)
+                return prep(data)
             except (OSError, SampleError) as exc:
                 raise SampleError(f"cannot evaluate image {str(path)!r}: {exc}") from exc
 
