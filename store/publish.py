@@ -39,6 +39,7 @@ from .fs import (
 )
 from .group import FeatureGroup
 from .layout import LAYOUT_VERSION, MARKER, PUBLISHED_INDEX, is_junk, json_bytes, now
+from .verify import verify_group
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ def select_groups(
         PublishRefusedError: a selected group is broken, not sealed, or fails ``verify``; the
             message names every such group and why.
     """
-    from .verify import verify_group
-
     good, broken = store.scan()
     chosen = [g for g in good if group_matches(_summary(g), dataset, split, teacher)]
     problems = [

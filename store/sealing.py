@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 
 from ..errors import ConfigError, StoreError
 from .fs import StoreFS
-from .id_index import IdIndex, index_file_blocks
+from .id_index import IdIndex, hash_ids, index_file_blocks, open_index_file
 from .layout import ID_INDEX, ID_INDEX_LOCK, MANIFEST, Segment, now
+from .ledger import MANIFEST_SCHEMA, read_manifest
 
 # A sealed chunk holds at most this many bytes, so one chunk file stays mmap- and zarr-friendly.
 MAX_CHUNK_BYTES = 2**31 - 1
@@ -182,8 +183,6 @@ def write_sealed_manifest(
     """
     import pyarrow.parquet as pq
 
-    from .ledger import MANIFEST_SCHEMA, read_manifest
-
     shard_of_part = {r["part"]: r["shard"] for r in group.commit_records()}
     seg_shards = pa.array(
         [shard_of_part[seg.rel.split("/parts/", 1)[1].split("/", 1)[0]] for seg in segs],
@@ -336,8 +335,6 @@ def check_id_index(group: Any) -> tuple[list[str], list[str]]:
     All of it is numpy over the whole index (memory about 30 bytes per id), no Python object
     per id. A group without the file (sealed by an older cusa) only gets a warning.
     """
-    from .id_index import hash_ids, open_index_file
-
     rel, fs = group.rel, group.fs
     fix = "run `cusa store reindex --force` to rebuild it"
     if not fs.exists(f"{rel}/{ID_INDEX}"):
@@ -369,8 +366,6 @@ def check_id_index(group: Any) -> tuple[list[str], list[str]]:
 
 
 def _index_is_valid(group: Any) -> bool:
-    from .id_index import open_index_file
-
     rel = f"{group.rel}/{ID_INDEX}"
     if not group.fs.is_local or not group.fs.exists(rel):
         return False
