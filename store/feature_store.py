@@ -22,7 +22,7 @@ from ..errors import (
     StoreVersionError,
 )
 from ..paths import default_store
-from .fs import StoreFS, is_writable_url, read_published_listing
+from .fs import StoreFS, is_writable_url, open_published
 from .group import BrokenGroupError, FeatureGroup
 from .layout import (
     DTYPES,
@@ -92,9 +92,9 @@ class FeatureStore:
             StoreVersionError: the store was written by a newer layout version.
         """
         sfs = StoreFS.from_url(str(url or default_store()), **(storage_options or {}))
-        published = read_published_listing(sfs)
+        published = open_published(sfs)
         if published is not None:
-            sfs = sfs.with_listing(published)
+            sfs = published
         elif not is_writable_url(sfs.url):
             raise NotAStoreError(
                 f"no published cusa store at {sfs.url!r} (no {PUBLISHED_INDEX}); a store served "

@@ -216,14 +216,15 @@ def read_published_index(sfs: StoreFS) -> dict[str, Any] | None:
     return index
 
 
-def read_published_listing(sfs: StoreFS) -> dict[str, int] | None:
-    """``{path: size}`` of a published store's files (its index included), or None."""
+def open_published(sfs: StoreFS) -> StoreFS | None:
+    """``sfs`` read-only through its published index (sizes and hashes), or None when the
+    store at ``sfs`` is not a published one."""
     index = read_published_index(sfs)
     if index is None:
         return None
     listing = {rel: int(v["size"]) for rel, v in index["files"].items()}
     listing[PUBLISHED_INDEX] = 0
-    return listing
+    return sfs.with_listing(listing, {rel: v["sha256"] for rel, v in index["files"].items()})
 
 
 def _merge_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -246,6 +247,8 @@ class StoreFS:
     #: A published store's files (path relative to the root -> size), from its index; None for
     #: a writable store, which is listed by asking the file system.
     listing: Mapping[str, int] | None = None
+    #: A published store's SHA-256 per file (from its index), checked when a file is copied.
+    hashes: Mapping[str, str] | None = None
 
     @classmethod
     def from_url(cls, url: str, **storage_options: Any) -> StoreFS:
@@ -255,9 +258,15 @@ class StoreFS:
             path = os.path.abspath(path)
         return cls(fs=fs, root=path.rstrip("/"), url=str(url))
 
-    def with_listing(self, listing: Mapping[str, int]) -> StoreFS:
+    def with_listing(
+        self, listing: Mapping[str, int], hashes: Mapping[str, str] | None = None
+    ) -> StoreFS:
         """This store read-only, answering ``exists``/``ls``/``size`` from ``listing``."""
-        return dataclasses.replace(self, listing=dict(listing))
+        return dataclasses.replace(self, listing=dict(listing), hashes=dict(hashes or {}))
+
+    def recorded_sha256(self, rel: str) -> str | None:
+        """The SHA-256 a published store's index records for ``rel`` (None elsewhere)."""
+        return (self.hashes or {}).get(rel.strip("/"))
 
     @property
     def read_only(self) -> bool:
@@ -501,7 +510,7 @@ class StoreFS:
 PROGRESS_MIN_BYTES = 64 * 2**20
 
 
-def fetch_verified(sfs: StoreFS, rel: str, target: str, sha256: str) -> str:
+def fetch_verified(sfs: StoreFS, rel: str, target: str, sha256: str | None) -> str:
     """Copy the chunk ``rel`` once into the local file ``target``, checking its SHA-256.
 
     A chunk of :data:`PROGRESS_MIN_BYTES` or more shows a byte progress bar on stderr when it

@@ -328,10 +328,8 @@ class FeatureLookup:
         ).hexdigest()
         target = self._cache_dir / f"idx-{key}.bin"
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".{os.getpid()}.partial")
-            fs.fs.get_file(fs.path(rel), str(tmp))
-            os.replace(tmp, target)
+            # streamed; a published store's index records its SHA-256, checked here
+            fetch_verified(fs, rel, str(target), fs.recorded_sha256(rel))
         return str(target)
 
     # -- pickling for spawn-based DataLoader workers -------------------------------------------

@@ -344,3 +344,17 @@ def test_publish_to_s3_and_read_pull_from_there(filled, s3_store_url, tmp_path):
     result = pull_store(store, str(tmp_path / "local"))
     assert list(result.groups.values()) == ["pulled"]
     assert os.path.isfile(tmp_path / "local" / filled.group.rel / "sealed.json")
+
+
+def test_tampered_id_index_is_refused_naming_it(served, published, filled, tmp_path):
+    index_file = published / filled.group.rel / "id_index.bin"
+    if not index_file.exists():
+        pytest.skip("this cusa seals without an id index")
+    data = bytearray(index_file.read_bytes())
+    data[-1] ^= 0x01
+    index_file.write_bytes(bytes(data))
+    store = FeatureStore.open(served.url)
+    with pytest.raises(StoreError, match=r"id_index.bin'? does not match its recorded SHA-256"):
+        FeatureLookup.open(
+            store, dataset="coco", split="train", teacher="toy-text", cache_dir=tmp_path / "c"
+        )
