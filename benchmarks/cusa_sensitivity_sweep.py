@@ -2,14 +2,13 @@
 
 :class:`Sweep` loads the stored splits (and the fine-tuned student's input), chooses each
 schedule once, trains every cell and every InfoNCE baseline once per seed, and keeps the runs;
-:func:`summarize` gives a cell's paired Δ RSUM against InfoNCE and its :func:`verdict`;
+:func:`~benchmarks.cusa_stats.summarize` gives a cell's paired Δ RSUM against InfoNCE and its verdict;
 :func:`grid` runs the (τ, α) grid of one teacher pair.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -28,7 +27,7 @@ from benchmarks.cusa_sensitivity_finetune import (
     TokenSplitFeatures,
     with_tokens,
 )
-from benchmarks.cusa_stats import direction, paired_ci
+from benchmarks.cusa_stats import summarize
 from benchmarks.cusa_training import (
     choose_schedule,
     evaluate_model,
@@ -40,39 +39,6 @@ from cusa_train.config.loss import LossConfig
 from cusa_train.config.parsing import to_dict
 
 log = logging.getLogger("benchmarks.cusa_sensitivity_sweep")
-
-
-# ---- paired comparison with InfoNCE --------------------------------------------------------------
-
-
-def summarize(runs: dict[int, dict[str, float]], base: dict[int, dict[str, float]]) -> dict:
-    """RSUM, paired Δ RSUM vs InfoNCE (same seeds) with its 95% t interval and wins/n, text->text
-    R@1 and its Δ (with interval), and the :func:`verdict`."""
-    seeds = sorted(s for s in runs if s in base)
-    d_rsum = [runs[s]["rsum"] - base[s]["rsum"] for s in seeds]
-    above = sum(d > 0 for d in d_rsum)
-    out = {
-        "rsum": mean_std([runs[s]["rsum"] for s in seeds], 3),
-        "delta_rsum": mean_std(d_rsum, 3),
-        "delta_rsum_ci": paired_ci(d_rsum),
-        "t2t_r1": mean_std([runs[s]["t2t_r1"] for s in seeds], 3),
-        "delta_t2t_r1": mean_std([runs[s]["t2t_r1"] - base[s]["t2t_r1"] for s in seeds], 3),
-        "delta_t2t_r1_ci": paired_ci([runs[s]["t2t_r1"] - base[s]["t2t_r1"] for s in seeds]),
-        "seeds_above": f"{above}/{len(seeds)}",
-        "frac_above": round(above / len(seeds), 3),
-    }
-    sd = out["delta_rsum"]["std"]
-    out["paired_t"] = (
-        round(out["delta_rsum"]["mean"] / (sd / math.sqrt(len(seeds))), 2) if sd else None
-    )
-    out["verdict"] = verdict(out)
-    return out
-
-
-def verdict(summary: dict[str, Any]) -> str:
-    """``helps`` / ``hurts``: the 95% interval of the paired Δ RSUM excludes zero, above / below;
-    otherwise ``unclear`` (a direction is stated only where the interval excludes zero)."""
-    return direction(summary["delta_rsum_ci"])
 
 
 # ---- the sweep -----------------------------------------------------------------------------------

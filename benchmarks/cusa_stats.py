@@ -16,6 +16,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks.common import mean_std
+
 #: Two-sided 97.5% quantiles of Student's t, by degrees of freedom (1..30); above: 1.96 + a
 #: correction that stays within 0.003 of the exact value.
 _T975 = (
@@ -100,9 +102,37 @@ def ci_from_summary(delta: dict[str, Any], wins_n: str, ndigits: int = 3) -> dic
     }  # fmt: skip
 
 
-def _summary(runs: dict[str, dict], base: dict[str, dict]) -> dict[str, Any]:
-    from benchmarks.cusa_sensitivity_sweep import summarize
+def summarize(runs: dict[int, dict[str, float]], base: dict[int, dict[str, float]]) -> dict:
+    """RSUM, paired Δ RSUM vs InfoNCE (same seeds) with its 95% t interval and wins/n, text->text
+    R@1 and its Δ (with interval), and the :func:`verdict`."""
+    seeds = sorted(s for s in runs if s in base)
+    d_rsum = [runs[s]["rsum"] - base[s]["rsum"] for s in seeds]
+    above = sum(d > 0 for d in d_rsum)
+    out = {
+        "rsum": mean_std([runs[s]["rsum"] for s in seeds], 3),
+        "delta_rsum": mean_std(d_rsum, 3),
+        "delta_rsum_ci": paired_ci(d_rsum),
+        "t2t_r1": mean_std([runs[s]["t2t_r1"] for s in seeds], 3),
+        "delta_t2t_r1": mean_std([runs[s]["t2t_r1"] - base[s]["t2t_r1"] for s in seeds], 3),
+        "delta_t2t_r1_ci": paired_ci([runs[s]["t2t_r1"] - base[s]["t2t_r1"] for s in seeds]),
+        "seeds_above": f"{above}/{len(seeds)}",
+        "frac_above": round(above / len(seeds), 3),
+    }
+    sd = out["delta_rsum"]["std"]
+    out["paired_t"] = (
+        round(out["delta_rsum"]["mean"] / (sd / math.sqrt(len(seeds))), 2) if sd else None
+    )
+    out["verdict"] = verdict(out)
+    return out
 
+
+def verdict(summary: dict[str, Any]) -> str:
+    """``helps`` / ``hurts``: the 95% interval of the paired Δ RSUM excludes zero, above / below;
+    otherwise ``unclear`` (a direction is stated only where the interval excludes zero)."""
+    return direction(summary["delta_rsum_ci"])
+
+
+def _summary(runs: dict[str, dict], base: dict[str, dict]) -> dict[str, Any]:
     return summarize({int(s): r for s, r in runs.items()}, {int(s): r for s, r in base.items()})
 
 
