@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..errors import ConfigError
+from ..paths import default_store
 from .exit_codes import friendly_errors
 from .options import DeviceOption, echo_json
+
+#: What ``--image-features`` / ``--text-features`` take as files; anything else names a group.
+FEATURE_FILE_SUFFIXES = (".npz", ".npy", ".parquet")
+
+
+def _is_feature_file(value: str) -> bool:
+    return value.lower().endswith(FEATURE_FILE_SUFFIXES) or Path(value).exists()
+
+
+def _store_of_groups(
+    image_features: str | None,
+    text_features: str | None,
+    store: str | None,
+    dataset: str | None,
+    split: str | None,
+) -> str | None:
+    """The store to read ``--image-features``/``--text-features`` groups from.
+
+    Values that are not feature files name groups in ``--store``, which defaults to
+    ``$CUSA_HOME/store`` as ``--help`` says; ``None`` when they are files.
+    """
+    named = [
+        (flag, v)
+        for flag, v in (("--image-features", image_features), ("--text-features", text_features))
+        if v is not None and not _is_feature_file(v)
+    ]
+    if store is not None or not named:
+        return store
+    if not (dataset and split):
+        flag, value = named[0]
+        raise ConfigError(
+            f"{flag} {value!r} is not a feature file ({', '.join(FEATURE_FILE_SUFFIXES)}), so it "
+            f"names a group in the store ({default_store()!r}, or --store); pass --dataset and "
+            "--split to find the groups"
+        )
+    return default_store()
 
 
 @friendly_errors
@@ -46,7 +85,8 @@ def eval_cmd(
         str | None,
         typer.Option(
             "--image-features",
-            help="Stored image features: .npz/.npy/.parquet, or a group name with --store.",
+            help="Stored image features: .npz/.npy/.parquet, or a group name in the store "
+            "(--store, default $CUSA_HOME/store) with --dataset and --split.",
         ),
     ] = None,
     text_features: Annotated[
@@ -136,6 +176,7 @@ def eval_cmd(
     Caption on COCO 5K, uni-modal), the paper's image retrieval benchmarks, or SentEval STS."""
     from cusa_train.evaluation.evaluate import EvalConfig, run_evaluation
 
+    store = _store_of_groups(image_features, text_features, store, dataset, split)
     try:
         cutoffs = tuple(int(k) for k in ks.split(",") if k.strip())
     except ValueError:
