@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from cusa.errors import ConfigError
+from cusa.errors import MissingExtraError
 
 #: ``run.log_to`` name -> (module that must be importable, extra that installs it).
 NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
@@ -37,12 +37,12 @@ def check_sinks(names: tuple[str, ...]) -> None:
     """Refuse a sink whose package is missing, before anything is built.
 
     Raises:
-        ConfigError: naming the extra to install.
+        MissingExtraError: naming the extra to install.
     """
     for name in names:
         module, extra = NEEDS.get(name, (None, None))
         if module is not None and importlib.util.find_spec(module) is None:
-            raise ConfigError(
+            raise MissingExtraError(
                 f"run.log_to includes {name!r} but the {module!r} package is not installed; "
                 f"pip install 'cusa[{extra}]' or remove {name!r} from run.log_to"
             )

@@ -12,7 +12,7 @@ import torch
 from conftest import IMAGE_TEACHER, TEXT_TEACHER
 from tiny_student import TinyDualEncoder
 
-from cusa.errors import ConfigError
+from cusa.errors import ConfigError, MissingExtraError
 from cusa_train.checkpoints import METRICS_NAME
 from cusa_train.config import TrainConfig
 from cusa_train.run_log import check_sinks, scalars
@@ -91,7 +91,7 @@ def test_a_sink_without_its_package_is_refused_naming_the_extra(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
     )
-    with pytest.raises(ConfigError, match=r"pip install 'cusa\[wandb\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'cusa\[wandb\]'"):
         check_sinks(("jsonl", "wandb"))
 
 
