@@ -26,6 +26,7 @@ from .feature_store import FeatureStore
 from .fs import fetch_verified
 from .group import FeatureGroup
 from .id_index import IdIndex, open_index_file
+from .integrity import check_group  # what verify refuses, readers refuse too
 from .layout import ID_INDEX, Segment
 from .quant import gather_dequantized
 from .sealing import (
@@ -62,8 +63,6 @@ class FeatureLookup:
             # A writer may seal the group (and remove its parts) while we open it; then the
             # sealed arrays hold the same rows, so open again from those.
             try:
-                from .integrity import check_group  # what verify refuses, readers refuse
-
                 check_group(group)
                 self._segments: list[Segment] = group.segments()
                 self._index: IdIndex | None = self._open_index()
@@ -166,7 +165,7 @@ class FeatureLookup:
             raise SampleNotFoundError(
                 f"sample id {missing!r} is not in {self.group.url!r} (teacher "
                 f"{self.spec['name']!r}); it failed extraction or belongs to another "
-                "dataset/split — see `cusa store info` for the failure ledger"
+                "dataset/split — `cusa store verify` lists the failed ids with their reasons"
             )
         return rows
 
