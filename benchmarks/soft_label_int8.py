@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cusa.extract.teachers.cnn  # noqa: F401 - imported up front: a long run keeps its code
+import cusa.extract.teachers.text  # noqa: F401
 from cusa.extract.teachers import get_teacher
 from cusa.extract.teachers.registry import get_teacher_entry
 from cusa.extract.teachers.unicom import UnicomImageTeacher, build_unicom
@@ -65,7 +67,12 @@ def load_batch(n: int) -> tuple[list[str], list[bytes], list[str], list[str]]:
         first.setdefault(r["image_path"], caption)
     paths = list(first)[:n]
     ids = [Path(p).name for p in paths]
-    return ids, [(COCO / p).read_bytes() for p in paths], [f"{i}#0" for i in ids], [first[p] for p in paths]
+    return (
+        ids,
+        [(COCO / p).read_bytes() for p in paths],
+        [f"{i}#0" for i in ids],
+        [first[p] for p in paths],
+    )
 
 
 def encode(teacher, inputs: list, batch_size: int = 32) -> np.ndarray:
@@ -81,7 +88,9 @@ def stored_variants(spec, ids: list[str], feats: np.ndarray, tmp: str) -> dict[s
     out = {}
     groups = {}
     for dtype in ("float32", "float16"):
-        group = store.group("coco-example", "train", dataclasses.replace(spec, dtype=dtype), create=True)
+        group = store.group(
+            "coco-example", "train", dataclasses.replace(spec, dtype=dtype), create=True
+        )
         order = np.random.default_rng(0).permutation(len(ids))  # shuffled, read back by id
         group.write_shard("shard-0", [ids[i] for i in order], feats[order])
         group.seal()
@@ -129,7 +138,9 @@ def compare(ref_rows: np.ndarray, rows: np.ndarray, same_space: bool) -> dict:
     return out
 
 
-def measure(name: str, weights: str, ref: dict, variants: dict[str, dict], same_space: bool) -> dict:
+def measure(
+    name: str, weights: str, ref: dict, variants: dict[str, dict], same_space: bool
+) -> dict:
     """One teacher: each variant against ``ref`` (the float32 rows of the reference teacher)."""
     ref_bytes = ref["bytes_per_row"]
     result = {"teacher": name, "weights": weights, "dim": int(ref["rows"].shape[1]), "variants": {}}
@@ -171,6 +182,40 @@ def main() -> None:
     results = []
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
+        if get_teacher_entry("efficientnet-lite0").info.available():
+            t = get_teacher("efficientnet-lite0", device=args.device)
+            v = stored_variants(t.spec, image_ids, encode(t, images), tmp)
+            results.append(
+                measure(
+                    "efficientnet-lite0",
+                    "real ImageNet weights",
+                    v["float32"],
+                    {"float16": v["float16"], "int8": v["int8"]},
+                    same_space=True,
+                )  # fmt: skip
+            )
+        else:
+            notes.append("efficientnet-lite0 is not installed (extra offline-teachers): skipped")
+        text_name = "all-mpnet-base-v2"
+        try:
+            t = get_teacher(text_name, device=args.device)
+        except Exception as exc:  # noqa: BLE001 - say why, use MiniLM
+            notes.append(
+                f"all-mpnet-base-v2 unavailable ({type(exc).__name__}: {exc}); used all-MiniLM-L6-v2"
+            )
+            text_name = "all-MiniLM-L6-v2"
+            t = get_teacher(text_name, device=args.device)
+        v = stored_variants(t.spec, caption_ids, encode(t, captions, batch_size=64), tmp)
+        results.append(
+            measure(
+                text_name,
+                "real weights (registry packages)",
+                v["float32"],
+                {"float16": v["float16"], "int8": v["int8"]},
+                same_space=True,
+            )  # fmt: skip
+        )
+
         if args.unicom_weights:
             weights, label, unofficial = args.unicom_weights, "official checkpoint", False
         else:
@@ -214,28 +259,6 @@ def main() -> None:
                 same_space=True,
             )
         )
-        if get_teacher_entry("efficientnet-lite0").info.available():
-            t = get_teacher("efficientnet-lite0", device=args.device)
-            v = stored_variants(t.spec, image_ids, encode(t, images), tmp)
-            results.append(
-                measure("efficientnet-lite0", "real ImageNet weights", v["float32"],
-                        {"float16": v["float16"], "int8": v["int8"]}, same_space=True)  # fmt: skip
-            )
-        else:
-            notes.append("efficientnet-lite0 is not installed (extra offline-teachers): skipped")
-        text_name = "all-mpnet-base-v2"
-        try:
-            t = get_teacher(text_name, device=args.device)
-        except Exception as exc:  # noqa: BLE001 - say why, use MiniLM
-            notes.append(f"all-mpnet-base-v2 unavailable ({type(exc).__name__}: {exc}); used all-MiniLM-L6-v2")
-            text_name = "all-MiniLM-L6-v2"
-            t = get_teacher(text_name, device=args.device)
-        v = stored_variants(t.spec, caption_ids, encode(t, captions, batch_size=64), tmp)
-        results.append(
-            measure(text_name, "real weights (registry packages)", v["float32"],
-                    {"float16": v["float16"], "int8": v["int8"]}, same_space=True)  # fmt: skip
-        )
-
     out = {
         "benchmark": "soft_label_int8",
         "what": (
