@@ -71,7 +71,7 @@ def extract_job(
     if not summary.ok:
         raise StoreError(
             f"extraction {key} of {dataset!r} failed on {summary.total_failed} samples; "
-            f"see `cusa store info {store}` for the failure ledger"
+            f"`cusa store verify --store {store}` lists the failed ids with their reasons"
         )
     return summary, seconds
 

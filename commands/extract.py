@@ -148,7 +148,7 @@ def extract_cmd(
     if not summary.ok:
         typer.secho(
             f"{summary.total_failed} sample(s) failed (allowed: {summary.max_failures}); "
-            "see `cusa store info` for the failure ledger",
+            "`cusa store verify` lists the failed ids with their reasons",
             fg=typer.colors.RED,
             err=True,
         )

@@ -77,7 +77,8 @@ def info_cmd(
         typer.echo(
             f"  {g['dataset']}/{g['split']}  {g['path'].rsplit('/', 1)[-1]}  "
             f"N={g['rows']} dim={g['dim']} {g['dtype']}{' normalized' if g['normalized'] else ''}  "
-            f"shards={g['committed_shards']} failed={g['failed']}  "
+            f"shards={g['committed_shards']} failed={g['failed']}"
+            f"{' (ids: cusa store verify)' if g['failed'] else ''}  "
             f"{'sealed' if g['sealed'] else 'NOT sealed'}  {human_bytes(g['size_bytes'])}"
         )
         spec = g["spec"]

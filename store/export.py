@@ -108,7 +108,8 @@ def export_group(
     if not overwrite and any(t.exists() for t in targets):
         raise StoreError(
             f"{str(out)!r} already holds an export ({EMB_FILE}, {METADATA_FILE}); pass "
-            "overwrite=True (--overwrite) or choose another directory"
+            "--overwrite to replace it (export_group(..., overwrite=True) from Python), or "
+            "choose another directory"
         )
     lookup = FeatureLookup(group)
     check_chunk_hashes(group, lookup._segments)

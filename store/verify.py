@@ -155,7 +155,7 @@ def verify_group(group: FeatureGroup, *, check_hashes: bool = True) -> VerifyRep
         # Unsealed when we started and sealed now: the sealer removed the parts we were
         # reading. Its seal holds the same rows; verify that instead of reporting them lost.
         log.info("%s was sealed by another writer while verifying; verifying again", group.rel)
-    log.info(
+    log.debug(  # callers print the report; INFO here made `cusa store verify` say it twice
         "verified %s: %d error(s), %d warning(s)",
         group.rel,
         len(report.errors),

@@ -227,7 +227,9 @@ class StorePage:
             out.append("</tbody></table>")
             if len(fails) > limit:
                 out.append(
-                    note_box(f"…and {len(fails) - limit:,} more; see <code>cusa store info</code>.")
+                    note_box(
+                        f"…and {len(fails) - limit:,} more; <code>cusa store verify</code> lists them all."
+                    )
                 )
         return "\n".join(out)
 
