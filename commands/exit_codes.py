@@ -50,7 +50,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 
 #: The epilog of ``cusa --help``.
 CODES_HELP = (
-    "Exit codes: 0 ok; 1 samples failed beyond --max-failures, or verify found problems; "
+    "Exit codes: 0 ok; 1 samples failed beyond --max-failures, verify found problems, or "
+    "training met nan/inf; "
     "2 usage error, or refused input (bad option value, dataset, weights, store, a missing "
     "extra); 3 file-system error; 4 malformed file; 5 device failure; 6 remote storage; "
     "7 out of memory; 70 internal error (a bug: the message names the log with the traceback); "
