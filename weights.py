@@ -36,6 +36,7 @@ from typing import Any
 
 from .errors import WeightsError
 from .paths import models_dir
+from .safe_files import regular_file_problem, short_path
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +224,21 @@ def weights_file(weights: str | os.PathLike, what: str) -> tuple[Path, str]:
         WeightsError: there is no such file.
     """
     path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"{what} weights file {str(path)!r} does not exist")
+    problem = _weights_file_problem(path, f"{what} weights file")
+    if problem:
+        raise WeightsError(problem)
     return path, sha256_file(path)
+
+
+def _weights_file_problem(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be weights (missing, a FIFO, a folder, a device, empty), or None.
+    Checked before hashing or loading: a FIFO would block both, ``/dev/zero`` never ends."""
+    problem = regular_file_problem(path, what=what)
+    if problem is None and path.stat().st_size == 0:
+        problem = f"{what} {short_path(path)} is empty (0 bytes)"
+    if problem is None:
+        return None
+    return f"{problem}; pass the path of the downloaded weights file (.pt, .pth or .safetensors)"
 
 
 #: The registry package that ships all-MiniLM-L6-v2 (the ``offline-teachers`` extra): the name
@@ -522,6 +535,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
 
     import torch
 
+    problem = _weights_file_problem(Path(path), "weights file")
+    if problem:
+        raise WeightsError(problem)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -531,7 +547,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         ) from exc
     except (RuntimeError, OSError, EOFError, ValueError, struct.error) as exc:
         # struct.error: a file of a few junk bytes, too short for torch's zip/pickle headers.
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {exc}") from exc
+        reason = str(exc).strip() or f"{type(exc).__name__}, the file is truncated or not weights"
+        raise WeightsError(f"cannot read weights file {short_path(path)}: {reason[:300]}") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):

@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from cusa.errors import ConfigError
+from cusa.safe_files import MAX_CONFIG_BYTES, read_regular_file, short_path, short_repr
 
 C = TypeVar("C")
 
@@ -117,7 +118,7 @@ def _config_error(exc: ValidationError, cls: type, data: Any, where: str) -> Con
         return ConfigError(f"unknown config key {key!r}; allowed keys here: {allowed}")
     if loc and isinstance(loc[-1], str) and loc[-1] != names[-1]:  # no form of a union fits
         forms = " / ".join(e["msg"] for e in errors if len(e["loc"]) == len(loc))
-        return ConfigError(f"{name}={value!r} fits none of its forms: {forms}")
+        return ConfigError(f"{name}={short_repr(value)} fits none of its forms: {forms}")
     if kind in _RANGE_ERRORS and (declared := _declared_range(owners[-1])) is not None:
         shown = error["input"]
         if isinstance(shown, int) and _is_float_field(owners[-1]):
@@ -125,18 +126,20 @@ def _config_error(exc: ValidationError, cls: type, data: Any, where: str) -> Con
         return ConfigError(range_message(declared, name, shown))
     if kind == "literal_error":
         return ConfigError(
-            f"{name}={value!r} is not allowed; use one of {list(get_args(owners[-1]))}"
+            f"{name}={short_repr(value)} is not allowed; use one of {list(get_args(owners[-1]))}"
         )
     if kind == "missing" and isinstance(loc[-1], int):
-        return ConfigError(f"{name}={value!r} must have {len(get_args(owners[-1]))} items")
+        return ConfigError(
+            f"{name}={short_repr(value)} must have {len(get_args(owners[-1]))} items"
+        )
     if kind == "missing":
         return ConfigError(
             f"{'.'.join(names[:-1]) or cls.__name__}: missing required key {names[-1]!r}"
         )
     if kind == "dataclass_type":
         keys = [f.name for f in dataclasses.fields(_section(owners[-1]))]
-        return ConfigError(f"{name} must be a mapping of {keys}, got {value!r}")
-    return ConfigError(f"{name}={value!r} {_TYPE_MESSAGES.get(kind, error['msg'])}")
+        return ConfigError(f"{name} must be a mapping of {keys}, got {short_repr(value)}")
+    return ConfigError(f"{name}={short_repr(value)} {_TYPE_MESSAGES.get(kind, error['msg'])}")
 
 
 def to_dict(obj: Any) -> Any:
@@ -345,6 +348,43 @@ class ConfigLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_document(self, node: Any) -> Any:
+        # Aliases share nodes, so a few lines can stand for billions of values ("billion
+        # laughs"); count the values with every alias expanded, before building anything.
+        _check_expanded_size(node)
+        return super().construct_document(node)
+
+
+#: Most values a config (or one ``--set`` value) may hold with its YAML aliases expanded.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_expanded_size(root: Any) -> None:
+    sizes: dict[int, int] = {}  # id(node) -> values under it, aliases expanded
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:  # iterative post-order: deep nesting cannot overflow the Python stack
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children: list[Any] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            total = 1 + sum(sizes.get(id(c), 0) for c in children)
+            if total > MAX_CONFIG_VALUES:
+                line = node.start_mark.line + 1
+                raise ConfigError(
+                    f"the YAML at line {line} expands to more than {MAX_CONFIG_VALUES:,} values "
+                    "through its aliases (*name); a config needs a few hundred — write the values "
+                    "out instead of nesting aliases"
+                )
+            sizes[id(node)] = total
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+
 
 ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789"))
 
@@ -352,12 +392,18 @@ ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, lis
 def load_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML, JSON or TOML file into a dict, with errors naming the file."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(
-            f"config file {str(p)!r} does not exist; give the path of a .yaml, .json or .toml file"
-        )
+    # Regular files up to MAX_CONFIG_BYTES only (cusa.safe_files), checked before any parsing:
+    # a FIFO, a folder or /dev/zero is named as what it is, a 1 GB file is never read.
+    data, reason = read_regular_file(p, MAX_CONFIG_BYTES, what="config file")
+    if data is None:
+        if "not found" in str(reason):
+            reason = f"config file {short_path(p)} does not exist"
+        raise ConfigError(f"{reason}; give the path of a .yaml, .json or .toml file")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {short_path(p)} is not UTF-8 text ({exc.reason})") from None
     try:
         if suffix in (".yaml", ".yml"):
             data = yaml.load(text, Loader=ConfigLoader)  # ConfigLoader is a SafeLoader
