@@ -8,14 +8,12 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import IMAGE_TEACHER, TEXT_TEACHER  # this script's folder, first on sys.path
+from tiny_student import TinyDualEncoder  # tests/, on PYTHONPATH (test_ddp.py sets it)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import IMAGE_TEACHER, TEXT_TEACHER  # noqa: E402
-from tiny_student import TinyDualEncoder  # noqa: E402
-
-from cusa_train.config import TrainConfig  # noqa: E402
-from cusa_train.distributed import rank, world_size  # noqa: E402
-from cusa_train.trainer import train  # noqa: E402
+from cusa_train.config import TrainConfig
+from cusa_train.distributed import rank, world_size
+from cusa_train.trainer import train
 
 
 def main() -> None:

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tiny_student import TinyDualEncoder  # tests/, on PYTHONPATH (test_ddp.py sets it)
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_student import TinyDualEncoder  # noqa: E402
-
-from cusa_train.distributed import all_gather_no_grad, ids_to_codes, is_distributed  # noqa: E402
-from cusa_train.wrapper import CusaModel  # noqa: E402
+from cusa_train.distributed import all_gather_no_grad, ids_to_codes, is_distributed
+from cusa_train.wrapper import CusaModel
 
 # Captions of image "a" sit on both ranks, so multi-positives must be found after gathering.
 IMAGE_IDS = ["a", "b", "a", "c", "d", "a", "e", "e"]

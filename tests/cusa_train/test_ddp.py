@@ -17,6 +17,7 @@ from cusa_train.distributed import (
 )
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def test_gather_is_a_no_op_without_a_process_group():
@@ -42,13 +43,20 @@ def test_ids_to_codes_is_stable_and_keeps_numeric_ids():
     assert int(other.stdout) == codes[1].item()
 
 
+def worker_env() -> dict[str, str]:
+    """The workers run as scripts (their folder first on sys.path); tests/ holds tiny_student."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_two_rank_gloo_ddp_matches_the_single_process_full_batch(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         str(WORKER), str(tmp_path),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = worker_env()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -70,11 +78,12 @@ def test_two_rank_gloo_ddp_matches_the_single_process_full_batch(tmp_path):
     assert modes["official_vs_scaled_backbone_ratio"] == pytest.approx(0.5)  # 1 / world size
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_reference_trainer_under_torchrun(sample_store, tmp_path):
     worker = Path(__file__).with_name("ddp_train_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = worker_env()
     proc = subprocess.run(
         [*cmd, str(worker), str(sample_store), str(tmp_path)],
         capture_output=True,

@@ -446,17 +446,14 @@ def test_cli_report(coco_store, tmp_path):
 @pytest.mark.slow
 def test_real_training_runs(coco_store, tmp_path):
     """End to end: two real (tiny) CUSA runs with and without USA, evaluated, in one report."""
-    import sys
 
     import torch
+    from tiny_student import TinyDualEncoder
 
     from cusa.readers import coco_sample_root
     from cusa_train.config import TrainConfig
     from cusa_train.evaluation.evaluate import encode_dataset, evaluate_model, load_caption_json
     from cusa_train.trainer import train
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cusa_train"))
-    from tiny_student import TinyDualEncoder
 
     data = load_caption_json(coco_sample_root() / "new_train.json")
     runs, evals, embeds = {}, {}, {}
