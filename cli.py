@@ -44,6 +44,7 @@ from .commands.exit_codes import (
     friendly_errors,
 )
 from .commands.options import typer_app
+from .commands.version import print_version
 
 __all__ = [
     "EXIT_DEVICE",
@@ -86,6 +87,16 @@ def _main(
         bool,
         typer.Option(
             "--verbose", "-v", help="Log debug output, tracebacks and Ray's own messages."
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=print_version,
+            help="Print cusa's version, the store layout version it writes, and the versions "
+            "of torch, zarr, sentence-transformers, transformers and numpy; then exit.",
         ),
     ] = False,
 ) -> None:
