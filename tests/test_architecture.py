@@ -282,6 +282,19 @@ def test_no_private_name_crosses_a_module():
     assert not bad, "private names imported across modules:\n" + "\n".join(bad)
 
 
+def test_no_module_is_imported_by_a_second_name():
+    """``benchmarks`` tests put the repository root on the path, where ``store`` or ``errors``
+    would import a second copy of ``cusa.store``/``cusa.errors``: always import them as cusa.*."""
+    roots = {m.split(".")[1] for m in MODULES if m.startswith("cusa.")}
+    bad = [
+        f"{m} line {imp.line} imports {imp.target}; import cusa.{imp.target}"
+        for m in MODULES
+        for imp in IMPORTS[m]
+        if _known(imp.target) is None and imp.target.split(".")[0] in roots
+    ]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_cusa_import_hides_inside_a_function():
     bad = [
         f"{m} line {imp.line} imports {t} inside a function"

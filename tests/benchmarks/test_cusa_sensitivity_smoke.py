@@ -13,35 +13,29 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # benchmarks/ is not an installed package; plain `pytest` needs this
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.cusa_config import ExperimentConfig, Schedule, loss_config  # noqa: E402
-from benchmarks.cusa_features import load_split  # noqa: E402
-from benchmarks.cusa_sensitivity import run_sweep  # noqa: E402
-from benchmarks.cusa_sensitivity_config import OFFICIAL, Cell, SweepConfig, sweep_loss  # noqa: E402
-from benchmarks.cusa_sensitivity_finetune import (  # noqa: E402
+from benchmarks.cusa_config import ExperimentConfig, Schedule, loss_config
+from benchmarks.cusa_features import load_split
+from benchmarks.cusa_sensitivity import run_sweep
+from benchmarks.cusa_sensitivity_config import OFFICIAL, Cell, SweepConfig, sweep_loss
+from benchmarks.cusa_sensitivity_finetune import (
     MiniLMTail,
     PartialTextTowerStudent,
     with_tokens,
 )
-from benchmarks.cusa_sensitivity_report import (  # noqa: E402
+from benchmarks.cusa_sensitivity_report import (
     plot_factors,
     plot_heatmaps,
     plot_teachers,
 )
-from benchmarks.cusa_sensitivity_sweep import Sweep, summarize  # noqa: E402
-from cusa.errors import ConfigError  # noqa: E402
-from cusa_train.config.loss import LossConfig  # noqa: E402
+from benchmarks.cusa_sensitivity_sweep import Sweep, summarize
+from cusa.errors import ConfigError
+from cusa_train.config.loss import LossConfig
 
 BASE = ExperimentConfig(
     train="coco-sample",
@@ -133,6 +127,7 @@ def test_summary_is_paired_and_counts_seeds_above() -> None:
     assert summarize(runs, base)["verdict"] == "helps"
 
 
+@pytest.mark.benchmark
 def test_whole_sweep_runs_on_real_stored_features(tiny) -> None:
     results, _ = tiny
     json.dumps(results)  # plain JSON
@@ -166,6 +161,7 @@ def test_whole_sweep_runs_on_real_stored_features(tiny) -> None:
     assert results["timings_s"]["runs"] > 0 and results["load_average"]["cpu_count"]
 
 
+@pytest.mark.benchmark
 def test_finetuned_student_trains_through_the_sweep(tiny) -> None:
     _, store = tiny
     sweep = Sweep(replace(TINY, finetune=True), store, "coco-sample", "train")
@@ -177,6 +173,7 @@ def test_finetuned_student_trains_through_the_sweep(tiny) -> None:
     assert sweep.timings["tokens_s"] > 0  # MiniLM hidden states of train and val captions
 
 
+@pytest.mark.benchmark
 def test_holdout_check_scores_on_held_out_train_images(tiny) -> None:
     _, store = tiny
     sweep = Sweep(TINY, store, "coco-sample", "train")
@@ -188,6 +185,7 @@ def test_holdout_check_scores_on_held_out_train_images(tiny) -> None:
     assert 0.0 <= out[cell.key]["runs"][0]["rsum"] <= 600.0
 
 
+@pytest.mark.benchmark
 def test_soft_label_entropy_falls_with_tau(tiny) -> None:
     results, _ = tiny
     for teacher, e in results["entropy"].items():
@@ -198,6 +196,7 @@ def test_soft_label_entropy_falls_with_tau(tiny) -> None:
         ), teacher
 
 
+@pytest.mark.benchmark
 def test_finetuned_text_layer_starts_at_the_stored_tower(tiny) -> None:
     _, store = tiny
     towers = replace(BASE, image_teacher="mobilenetv2", text_teacher="all-MiniLM-L6-v2")
@@ -215,6 +214,7 @@ def test_finetuned_text_layer_starts_at_the_stored_tower(tiny) -> None:
     assert sum(p.requires_grad for p in student.text_layers.parameters()) > 0
 
 
+@pytest.mark.benchmark
 def test_plots_are_written(tiny, tmp_path) -> None:
     results, _ = tiny
     for fn in (plot_factors, plot_heatmaps, plot_teachers):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,17 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # benchmarks/ is not an installed package; plain `pytest` needs this
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.cusa_config import VARIANTS, ExperimentConfig, Schedule, loss_config  # noqa: E402
-from benchmarks.cusa_features import load_split  # noqa: E402
-from benchmarks.cusa_training import build_model  # noqa: E402
-from benchmarks.cusa_vs_infonce import run_experiment  # noqa: E402
-from benchmarks.cusa_vs_infonce_report import plot_rsum  # noqa: E402
-from cusa.errors import ConfigError  # noqa: E402
-from cusa_train.config.loss import LossConfig  # noqa: E402
+from benchmarks.cusa_config import VARIANTS, ExperimentConfig, Schedule, loss_config
+from benchmarks.cusa_features import load_split
+from benchmarks.cusa_training import build_model
+from benchmarks.cusa_vs_infonce import run_experiment
+from benchmarks.cusa_vs_infonce_report import plot_rsum
+from cusa.errors import ConfigError
+from cusa_train.config.loss import LossConfig
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -73,6 +68,7 @@ def test_bad_experiment_config_is_refused() -> None:
         replace(TINY, adapter="deep")
 
 
+@pytest.mark.benchmark
 def test_whole_experiment_runs_on_real_stored_features(tiny_results) -> None:
     results, _ = tiny_results
     json.dumps(results)  # the results file must be plain JSON
@@ -104,6 +100,7 @@ def test_whole_experiment_runs_on_real_stored_features(tiny_results) -> None:
     assert 0.0 < ref["t2t_map_at_r"] <= 100.0
 
 
+@pytest.mark.benchmark
 def test_same_seed_gives_every_variant_the_same_start(tiny_results) -> None:
     _, store = tiny_results
     data = load_split(TINY, store, "coco-sample", "train")
@@ -120,6 +117,7 @@ def test_same_seed_gives_every_variant_the_same_start(tiny_results) -> None:
         assert (model.uni_text_head is not None) == VARIANTS[variant][1]
 
 
+@pytest.mark.benchmark
 def test_plot_is_written(tiny_results, tmp_path) -> None:
     results, _ = tiny_results
     path = tmp_path / "rsum.png"

@@ -27,6 +27,7 @@ def _check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dic
     return proc, (json.loads(out.read_text()) if out.exists() else {})
 
 
+@pytest.mark.benchmark
 @pytest.mark.timeout(900)
 def test_cpu_smoke_runs_every_non_cuda_path(coco_example, tmp_path):
     proc, res = _check(tmp_path, "--cpu-smoke", "--no-ray")

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # benchmarks/ is not an installed package; plain `pytest` needs this
-    sys.path.insert(0, str(REPO))
+from benchmarks import proc_monitor, scale_inputs
+from cusa.readers.wds import WebDatasetReader
 
-from benchmarks import proc_monitor, scale_inputs  # noqa: E402
-from cusa.readers.wds import WebDatasetReader  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(tmp_path: Path, *args: str) -> dict:
@@ -58,6 +56,7 @@ def test_memory_helpers_read_this_process():
         assert proc_monitor.proc_status()["VmHWM"] <= status["VmHWM"]
 
 
+@pytest.mark.benchmark
 def test_scale_benchmark_local_smoke(coco_example, tmp_path):
     res = _run(
         tmp_path, "--sizes", "40,80", "--shard-size", "20", "--runners", "local",
