@@ -167,6 +167,36 @@ def read_dataset_file(
     return read_regular_file(real, MAX_IMAGE_BYTES if max_bytes is None else max_bytes)
 
 
+#: The content check of an image manifest: every image's size, plus the SHA-256 of one image in
+#: :data:`CONTENT_SAMPLE_STRIDE` (by position in the index). Measured and compared with the
+#: other options in docs/extraction.md (benchmarks/dataset_identity.py).
+CONTENT_CHECK = "size+sampled-sha256"
+CONTENT_SAMPLE_STRIDE = 1000
+
+
+def image_fingerprint(
+    root: Path,
+    rel: str,
+    *,
+    sample: bool,
+    allowed_roots: Sequence[str] | None = None,
+    allow_outside_root: bool = False,
+) -> str:
+    """What an image manifest records of one image file: its size (``stat``, no read), and
+    with ``sample`` a short SHA-256 of its bytes, read under the dataset-root rules. A file
+    that cannot be stat'ed or read gives ``-`` (its sample is ledgered when extracted)."""
+    try:
+        size = str(os.stat(root / rel).st_size)
+    except (OSError, ValueError):
+        size = "-"
+    if not sample:
+        return size
+    data, _ = read_dataset_file(
+        root, rel, allowed_roots=allowed_roots, allow_outside_root=allow_outside_root
+    )
+    return f"{size}:{hashlib.sha256(data).hexdigest()[:16] if data is not None else '-'}"
+
+
 def read_image_bytes(path: Path) -> tuple[bytes | None, str | None]:
     """Raw bytes of an image file, or ``(None, reason)`` when it cannot be read.
 

@@ -17,9 +17,12 @@ from typing import Any, ClassVar
 
 from ..errors import DatasetError
 from ._common import (
+    CONTENT_CHECK,
+    CONTENT_SAMPLE_STRIDE,
     MANIFEST_HASH_FORMAT,
     captions_digest,
     check_split,
+    image_fingerprint,
     json_shard_ranges,
     layout_hash,
     read_dataset_file,
@@ -180,17 +183,34 @@ class IndexedReader:
             items = self.items()
             name = self._index_file().name
 
-            def entry(it: IndexItem) -> str:
+            with_images = modality in (None, "image")
+            prints = self._image_fingerprints() if with_images else None
+
+            def entry(i: int, it: IndexItem, content: bool = True) -> str:
                 parts = [it.image_id]
-                if modality in (None, "image"):
+                if with_images:
                     parts.append(it.image_path)
+                    if content and prints is not None:
+                        parts.append(prints[i])  # size (+ sampled hash): the image bytes
                 if modality in (None, "text"):
                     parts.append(captions_digest(it.captions, it.ann_ids))
                 return "\x02".join(parts)
 
-            entries = [entry(it) for it in items]
+            entries = [entry(i, it) for i, it in enumerate(items)]
             ranges = json_shard_ranges(len(items), self.shard_size)
             extra = {**self._options(), **({"modality": modality} if modality else {})}
+            legacy = None
+            if with_images:
+                # The hash before image content was covered, so groups written then still
+                # resume (their recorded hash is this one); see docs/extraction.md.
+                old = [entry(i, it, content=False) for i, it in enumerate(items)]
+                legacy = layout_hash(
+                    self.kind,
+                    self.split,
+                    ((key, f"{name}[{a}:{b}]", old[a:b]) for key, a, b in ranges),
+                    extra=extra,
+                )
+                extra = {**extra, "content": f"{CONTENT_CHECK}/{CONTENT_SAMPLE_STRIDE}"}
             self._manifest[modality] = {
                 "format": MANIFEST_HASH_FORMAT,
                 "modality": modality,
@@ -205,8 +225,30 @@ class IndexedReader:
                 "shards": len(ranges),
                 "images": len(items),
                 "captions": sum(len(it.captions) for it in items),
+                **(
+                    {"content_check": CONTENT_CHECK, "legacy_hash": legacy}
+                    if legacy is not None
+                    else {}
+                ),
             }
         return dict(self._manifest[modality])
+
+    def _image_fingerprints(self) -> list[str]:
+        """Each image's size, and one in CONTENT_SAMPLE_STRIDE's bytes hashed (see
+        :func:`~cusa.readers._common.image_fingerprint`); computed once per reader."""
+        if getattr(self, "_prints", None) is None:
+            roots = self._allowed_roots()
+            self._prints = [
+                image_fingerprint(
+                    self.root,
+                    it.image_path,
+                    sample=i % CONTENT_SAMPLE_STRIDE == 0,
+                    allowed_roots=roots,
+                    allow_outside_root=self.allow_outside_root,
+                )
+                for i, it in enumerate(self.items())
+            ]
+        return self._prints
 
     def manifest_hash(self) -> str:
         return self.manifest_info()["hash"]
@@ -220,6 +262,7 @@ class IndexedReader:
         state["_items"] = None
         state["_ranges"] = None
         state["_manifest"] = None
+        state["_prints"] = None
         return state
 
     def __repr__(self) -> str:

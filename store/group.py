@@ -204,6 +204,11 @@ class FeatureGroup:
         recorded = self.attrs.get("manifest_hash")
         if manifest_hash is None or recorded is None or recorded == manifest_hash:
             return
+        if recorded == (manifest_info or {}).get("legacy_hash"):
+            # Written before the image manifest covered file content (sizes, sampled hashes):
+            # the ids and paths match, the bytes cannot be checked against this group.
+            log.warning("%s: recorded before image content was hashed; not checked", self.rel)
+            return
         raise StoreSpecMismatchError(self._manifest_change(recorded, manifest_hash, manifest_info))
 
     def _manifest_change(self, recorded: str, given: str, info: dict[str, Any] | None) -> str:
@@ -238,13 +243,14 @@ class FeatureGroup:
                 if k in old and k in new and old.get(k) != new.get(k)
             ]
             what = (
-                "the dataset's image ids, captions or tars changed since this group was "
-                "extracted"
+                "the dataset's image ids, captions, image files (sizes or sampled bytes) or "
+                "tars changed since this group was extracted"
                 + (f" ({', '.join(counts)})" if counts else " (same counts, edited content)")
             )
         return (
             f"dataset manifest of {where} differs from the one recorded (manifest_hash: stored "
-            f"{recorded!r} != given {given!r}): {what}. Resuming would mix features of "
+            f"{str(recorded)[:12]!r} != given {str(given)[:12]!r}): {what}. Resuming would mix "
+            "features of "
             f"the old and the new data, so cusa refuses; {redo}"
         )
 

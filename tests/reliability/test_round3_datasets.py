@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from helpers import IMAGE_T, TEXT_T, extract_args
+from helpers import IMAGE_T, TEXT_T, extract_args, store_snapshot
 from typer.testing import CliRunner
 
 from cusa.cli import app
@@ -76,3 +76,52 @@ def test_an_id_in_two_tars_is_ledgered_when_the_second_shard_commits(tmp_path, r
     assert any(k.startswith("a#") for k in ledgers["text"]), ledgers["text"]
     assert sorted(FeatureLookup(groups["image"]).ids) == ["a", "b", "c"]
     assert _cli("store", "verify", str(store)).exit_code == 0
+
+
+# -- same --name, same file names and index, other image bytes -------------------------------------
+
+
+def _albef(root: Path, pics: list[Path]) -> Path:
+    import json
+    import shutil
+
+    (root / "pics").mkdir(parents=True)
+    recs = []
+    for k, pic in enumerate(pics):
+        shutil.copyfile(pic, root / "pics" / f"im{k}.jpg")
+        recs.append({"image_path": f"pics/im{k}.jpg", "caption": f"photo {k}", "image_id": f"{k}"})
+    (root / "new_train.json").write_text(json.dumps(recs))
+    return root
+
+
+def test_same_name_other_image_bytes_is_refused(tmp_path, reliability_log):
+    """Folder B has A's file names, index and captions but other pixels: re-extracting it under
+    A's --name must not serve A's features (it did: exit 0, 0 rows written)."""
+    pics = _pics()
+    a = _albef(tmp_path / "A", pics[:3])
+    b = _albef(tmp_path / "B", pics[3:6])
+    store = tmp_path / "store"
+    first = _extract(a, store, name="lab", shard_size=2)
+    assert first.exit_code == 0, first.output
+    before = store_snapshot(store)
+    res = _extract(b, store, name="lab", shard_size=2)
+    after = store_snapshot(store)
+    line = next((ln for ln in res.output.splitlines() if ln.startswith("error: ")), "")
+    ok = (
+        res.exit_code == 2
+        and "image files (sizes or sampled bytes)" in line
+        and "delete the group folder" in line
+        and after == before
+    )
+    reliability_log.bad_input(
+        "dataset: same --name, same file names, other image bytes",
+        "dataset",
+        caught=ok,
+        outcome="refused in one line (image sizes and sampled bytes are in the manifest hash); "
+        "store unchanged",
+        message=line,
+    )
+    assert ok, res.output
+    # Captions did not change, so the text group alone still resumes (its features are valid).
+    text_only = _extract(b, store, name="lab", shard_size=2, modalities="text")
+    assert text_only.exit_code == 0, text_only.output
