@@ -188,6 +188,12 @@ def eval_cmd(
         sts_tasks=sts_tasks, ks=cutoffs, eccv=eccv, captions=captions, device=device,
         workers=workers, protocol=protocol,
     )  # fmt: skip
+    if config.checkpoint and config.data and config.task == "retrieval":
+        from cusa_train.evaluation.data import is_caption_file, open_eval_data
+
+        if not is_caption_file(config.data):  # cheap: a wrong --split is refused before the
+            # model loads (a caption file is parsed once, by the evaluation itself)
+            open_eval_data(config.data, root=config.root, split=config.split)
     report = run_evaluation(config)
     if out:
         report.to_json(out)
