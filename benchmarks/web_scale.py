@@ -10,7 +10,7 @@ For each N a store of N caption ids shaped like a webdataset's (``000123456789#3
   the same open with the index file hidden (a group sealed by an older cusa); 4 forked
   ``DataLoader`` workers, each doing 10,000 batches of ``gather`` of 128 random ids (made per
   batch from random integers, as a webdataset stream hands keys in), their USS after the first
-  and after the last batch; the median latency of ``gather`` of 128 random ids against the
+  and after the last batch (all workers at the same moment); the median latency of ``gather`` of 128 random ids against the
   features in RAM as numpy plus a dict id -> row, and of ``gather_rows`` against bare numpy row
   indexing (taking turns batch by batch, so the load of the shared machine falls on all alike);
 * bytes on disk per sample beyond the features.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import resource
 import shutil
@@ -167,6 +168,9 @@ def phase_read(root: str, n: int, worker_batches: int, reps: int) -> dict[str, A
         def __init__(self, lookup: Any, n: int, batches: int) -> None:
             super().__init__()
             self.lookup, self.n, self.batches = lookup, n, batches
+            # Every worker reads its USS at the same moment: a page of the mapped files counts
+            # as private to a worker once the others that shared it have exited.
+            self.done = mp.get_context("fork").Barrier(WORKERS)
 
         def __iter__(self):
             info = torch.utils.data.get_worker_info()
@@ -176,6 +180,7 @@ def phase_read(root: str, n: int, worker_batches: int, reps: int) -> dict[str, A
                 self.lookup.gather(ids)
                 if k == 0:
                     first = _uss_kib()
+            self.done.wait(timeout=3600)
             yield {"worker": info.id if info else -1, "first": first, "last": _uss_kib()}
 
     from cusa.store import FeatureLookup
@@ -339,6 +344,34 @@ def _targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """The table docs/scale.md shows, rendered from the results (``--tables``)."""
+    rows = [
+        "| N | open s (USS MiB) | open without index file s (USS MiB) | worker USS growth MiB, "
+        "max of 4 (private dirty) | gather µs vs dict + numpy | gather_rows µs vs numpy rows | "
+        "seal s (CPU s), peak RSS MiB | verify s (CPU s), peak RSS MiB | bytes/sample beyond "
+        "features (index) | load |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key in sorted(results, key=int):
+        x = results[key]
+        m = x["median_us"]
+        growth = max(w["uss_growth_mib"] for w in x["workers"])
+        dirty = max(w["private_dirty_growth_mib"] for w in x["workers"])
+        rows.append(
+            f"| {x['n']:,} | {x['open_s']:.3f} ({x['open_uss_mib']:.1f}) | "
+            f"{x['open_without_index_file_s']:.1f} ({x['open_without_index_file_uss_mib']:.0f}) | "
+            f"{growth:.2f} ({dirty:.2f}) | {m['gather']:.0f} vs {m['dict_plus_numpy']:.0f} "
+            f"({x['gather_vs_dict_plus_numpy']:.2f}×) | {m['gather_rows']:.1f} vs "
+            f"{m['numpy_rows']:.1f} ({x['gather_rows_vs_numpy_rows']:.2f}×) | "
+            f"{x['seal_s']:.1f} ({x['seal_cpu_s']:.1f}), {x['seal_peak_rss_mib']:,.0f} | "
+            f"{x['verify_s']:.1f} ({x['verify_cpu_s']:.1f}), {x['verify_peak_rss_mib']:,.0f} | "
+            f"{x['bytes_per_sample_beyond_features']:.1f} ({x['index_bytes_per_sample']:.1f}) | "
+            f"{x['load_average_1min']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt = pyplot()
     sizes = sorted(results, key=int)
@@ -356,9 +389,9 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.plot(ns, [x["baseline_uss_mib"] for x in r], "^:", label="numpy + dict baseline")
     ax.plot(
         ns,
-        [max(w["uss_growth_mib"] for w in x["workers"]) for x in r],
+        [max(w["private_dirty_growth_mib"] for w in x["workers"]) for x in r],
         "d-",
-        label=f"worst worker growth, {r[0]['worker_batches']:,} batches",
+        label=f"worst worker, private dirty growth over {r[0]['worker_batches']:,} batches",
     )
     ax.set(xscale="log", yscale="symlog", xlabel="N ids", ylabel="MiB private (USS)")
     ax.set_title("private memory")
@@ -382,9 +415,17 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--worker-batches", type=int, default=WORKER_BATCHES)
     ap.add_argument("--reps", type=int, default=2000)
+    ap.add_argument("--tables", action="store_true", help="print the docs table and exit")
+    ap.add_argument("--plot", action="store_true", help="redraw the plot from the results")
     ap.add_argument("--child", choices=[*PHASES, "read"], help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tables:
+        print(markdown_table(json.loads(RESULT.read_text())["results"]))
+        return
+    if args.plot:
+        plot(json.loads(RESULT.read_text())["results"], PLOT)
+        return
     if args.child:
         n = int(args.sizes)
         if args.child == "read":
