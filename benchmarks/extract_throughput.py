@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from cusa.extract.batches import RunnerJob
 from cusa.extract.progress import NullProgress
 from cusa.extract.runner import (
     ExtractConfig,
@@ -72,7 +73,7 @@ def _local_pipeline(config: ExtractConfig, reader, teachers) -> tuple[float, Ext
     summary = ExtractSummary(reader.name, reader.split, "local", store.url, {})
     writer = ShardWriter(groups, on_commit=summary.record)
     t0 = time.perf_counter()
-    run_local(config, reader, shards, teachers, writer, summary, NullProgress())
+    run_local(RunnerJob(config, reader, shards, teachers, writer, summary, NullProgress()))
     for g in groups.values():
         g.seal([s.key for s in shards])
     elapsed = time.perf_counter() - t0

@@ -12,9 +12,9 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,9 +22,11 @@ from ..errors import ConfigError, SampleError
 from ..image_transforms import default_max_pixels
 from ..readers.base import DatasetReader, ShardRef
 from ..store.ledger import ledger_text
-from .job import END, IMAGE, TEXT, ExtractConfig, RowKind
+from .job import END, IMAGE, TEXT, ExtractConfig, ExtractSummary, RowKind
+from .progress import ProgressSink
 from .teachers import get_teacher
 from .teachers.base import Preparer, Teacher
+from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -316,3 +318,29 @@ def check_device(device: str) -> None:
             f"--device {device!r} is not available: {have} to this process; use --device cpu "
             "(or auto), or check CUDA_VISIBLE_DEVICES and the driver"
         )
+
+
+@dataclass(frozen=True)
+class RunnerJob:
+    """What a runner gets from :func:`cusa.extract.runner.extract`: the job, its reader, the
+    shards still to do and the loaded teachers, and where results go (the writer commits each
+    complete shard; the summary and the progress sink count)."""
+
+    config: ExtractConfig
+    reader: DatasetReader
+    shards: list[ShardRef]
+    teachers: Mapping[RowKind, Teacher]
+    writer: ShardWriter
+    summary: ExtractSummary
+    progress: ProgressSink
+
+
+class Runner(Protocol):
+    """Encodes a job's pending shards and hands each batch to the job's writer.
+
+    Two implement it: :func:`cusa.extract.local_runner.run_local` (in-process) and
+    :func:`cusa.extract.ray_runner.run_ray` (Ray Data); both cut batches with
+    :func:`prepare_shard`, so they write the same bits.
+    """
+
+    def __call__(self, job: RunnerJob) -> None: ...

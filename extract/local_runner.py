@@ -4,43 +4,31 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Mapping
 
-from ..readers.base import DatasetReader, ShardRef
-from .batches import encode_row, prepare_shard
-from .job import END, IMAGE, TEXT, ExtractConfig, ExtractSummary, RowKind
-from .progress import ProgressSink
-from .teachers.base import Teacher
-from .writer import ShardWriter
+from .batches import RunnerJob, encode_row, prepare_shard
+from .job import END, IMAGE, TEXT
 
 #: Prepared batches the reader thread may hold ahead of the teachers.
 PREFETCH_ROWS = 4
 _DONE = object()
 
 
-def run_local(
-    config: ExtractConfig,
-    reader: DatasetReader,
-    shards: list[ShardRef],
-    teachers: Mapping[RowKind, Teacher],
-    writer: ShardWriter,
-    summary: ExtractSummary,
-    progress: ProgressSink,
-) -> None:
+def run_local(job: RunnerJob) -> None:
     """In-process runner: same batches as the Ray runner, so the same bits.
 
     A reader thread reads and prepares the next batches while the teachers encode the
     current one (JPEG decoding and PIL resizing release the GIL); the queue is bounded, so
     host memory stays at ``batch_size x PREFETCH_ROWS`` prepared items whatever the dataset size.
     """
+    config, teachers, writer = job.config, job.teachers, job.writer
     image_t, text_t = teachers.get(IMAGE), teachers.get(TEXT)
     rows: queue.Queue = queue.Queue(maxsize=PREFETCH_ROWS)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for shard in shards:
-                for row in prepare_shard(reader, shard, image_t, text_t, config.batch_size):
+            for shard in job.shards:
+                for row in prepare_shard(job.reader, shard, image_t, text_t, config.batch_size):
                     while not stop.is_set():
                         try:
                             rows.put(row, timeout=0.1)
@@ -66,8 +54,8 @@ def run_local(
                 writer.add_end(row.shard, row.meta)
                 continue
             feats, secs = encode_row(row, teachers[row.kind])
-            summary.add_stage(f"{row.kind} teacher", secs, len(row.ids))
-            progress.advance(f"{row.kind} teacher", len(row.ids))
+            job.summary.add_stage(f"{row.kind} teacher", secs, len(row.ids))
+            job.progress.advance(f"{row.kind} teacher", len(row.ids))
             writer.add_features(row.shard, row.kind, row.seq, row.ids, feats)
     finally:
         stop.set()

@@ -26,6 +26,7 @@ from typing import Any
 from ..errors import ConfigError, CusaError
 from ..readers.base import DatasetReader, ShardRef
 from .batches import (
+    RunnerJob,
     WorkRow,
     array_to_bytes,
     bytes_to_array,
@@ -33,10 +34,8 @@ from .batches import (
     load_teachers,
     prepare_shard,
 )
-from .job import END, IMAGE, TEXT, ExtractConfig, ExtractSummary, RowKind
-from .progress import ProgressSink
-from .teachers.base import Preparer, Teacher
-from .writer import ShardWriter
+from .job import END, IMAGE, TEXT, ExtractConfig, RowKind
+from .teachers.base import Preparer
 
 log = logging.getLogger(__name__)
 
@@ -218,16 +217,11 @@ def init_ray(address: str | None) -> Any:
     return ray
 
 
-def run_ray(
-    config: ExtractConfig,
-    reader: DatasetReader,
-    shards: list[ShardRef],
-    teachers: Mapping[RowKind, Teacher],
-    writer: ShardWriter,
-    summary: ExtractSummary,
-    progress: ProgressSink,
-) -> None:
-    """Stream ``shards`` through Ray Data and commit each one as it completes."""
+def run_ray(job: RunnerJob) -> None:
+    """Stream the job's shards through Ray Data and commit each one as it completes."""
+    config, shards, teachers, writer, summary = (
+        job.config, job.shards, job.teachers, job.writer, job.summary
+    )  # fmt: skip
     ray = init_ray(config.ray_address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -242,7 +236,9 @@ def run_ray(
 
     items = [{"key": s.key, "source": s.source, "num_samples": s.num_samples} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(_ReadPrepare(reader, preparers, config.batch_size), num_cpus=plan.read_cpus)
+    ds = ds.flat_map(
+        _ReadPrepare(job.reader, preparers, config.batch_size), num_cpus=plan.read_cpus
+    )
     for modality in modalities:
         ds = ds.map_batches(
             _TeacherActor,
@@ -262,7 +258,7 @@ def run_ray(
             feats = bytes_to_array(bytes(row["features"]))
             ids = [str(i) for i in row["ids"]]
             summary.add_stage(f"{kind} teacher", float(row["seconds"]), len(ids))
-            progress.advance(f"{kind} teacher", len(ids))
+            job.progress.advance(f"{kind} teacher", len(ids))
             writer.add_features(shard, kind, int(row["seq"]), ids, feats)
     except Exception as exc:
         inner = _unwrap(exc)
