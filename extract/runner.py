@@ -23,6 +23,7 @@ from .batches import Runner, RunnerJob, load_teachers
 from .job import (
     MODALITIES,
     RUNNERS,
+    TEXT,
     ExtractConfig,
     ExtractSummary,
     RowKind,
@@ -94,9 +95,14 @@ def choose_runner(
         num_images: images in the job (``None`` when unknown, e.g. bare tars).
         gpus / ray_installed: override the probes (for tests).
     """
+    ray_ok = _ray_installed() if ray_installed is None else ray_installed
+    if config.runner == "ray" and not ray_ok:  # refused before any model or store is touched
+        raise ConfigError(
+            "--runner ray needs Ray Data, which is not installed: pip install 'cusa[ray]', or "
+            "use --runner local"
+        )
     if config.runner != "auto":
         return RunnerChoice(config.runner, f"--runner {config.runner} was given")
-    ray_ok = _ray_installed() if ray_installed is None else ray_installed
     if config.ray_address:
         if not ray_ok:
             raise ConfigError(
@@ -201,6 +207,51 @@ def pending_shards(
     return [s for s in shards if not all(g.is_committed(s.key) for g in groups.values())]
 
 
+def finished_groups(
+    config: ExtractConfig, reader: DatasetReader, shards: list[ShardRef]
+) -> dict[RowKind, FeatureGroup] | None:
+    """The sealed groups of an extraction that is already finished, found without loading a
+    teacher; None when that cannot be told cheaply (then the job runs as usual and skips
+    committed shards).
+
+    Finished means: for each modality, exactly one group of this dataset and split in the store
+    has the configured teacher name, dtype and caption mode, records this dataset's manifest
+    hash, is sealed and has committed every shard. With ``--image-teacher-weights`` the weights'
+    hash is part of the group's fingerprint, so the teachers are loaded to check it.
+    """
+    if config.image_teacher_weights:
+        return None
+    try:
+        store = FeatureStore.open(config.store, storage_options=config.storage_options)
+    except StoreError:  # no store yet (or not one): nothing is finished
+        return None
+    groups = [g for g in store.groups() if g.dataset == reader.name and g.split == reader.split]
+    found: dict[RowKind, FeatureGroup] = {}
+    for kind, name in config.teacher_names().items():
+        info = reader.manifest_info(modality=kind)
+        manifest_hash = info["hash"] if info else reader.manifest_hash()
+        caption_mode = "raw" if config.raw_captions else "pre_caption"
+        matches = [
+            g
+            for g in groups
+            if g.spec.get("name") == name
+            and g.spec.get("dtype") == config.dtype
+            and g.spec.get("modality") == kind
+            and (kind != TEXT or g.spec.get("preprocessing", {}).get("caption") == caption_mode)
+        ]
+        if len(matches) != 1:
+            return None
+        group = matches[0]
+        if (
+            group.attrs.get("manifest_hash") != manifest_hash
+            or not group.sealed
+            or not all(group.is_committed(s.key) for s in shards)
+        ):
+            return None
+        found[kind] = group
+    return found
+
+
 def extract(
     config: ExtractConfig,
     progress: ProgressSink | None = None,
@@ -233,6 +284,20 @@ def extract(
         on_runner(choice)
     else:
         log.info("runner: %s (%s)", runner, choice.reason)
+    done = finished_groups(config, reader, shards)
+    if done is not None:  # re-running a finished job: no teacher is loaded to do nothing
+        log.info(
+            "%s/%s: every shard is committed and sealed; nothing to do", reader.name, reader.split
+        )
+        summary = ExtractSummary(
+            dataset=reader.name, split=reader.split, runner=runner, runner_reason=choice.reason,
+            store=next(iter(done.values())).store.url, groups={k: g.url for k, g in done.items()},
+            shards_total=len(shards), shards_skipped=len(shards), sealed=True,
+            max_failures=config.max_failures,
+        )  # fmt: skip
+        _add_totals_from_ledger(summary, done)
+        summary.elapsed_s = time.perf_counter() - t_start
+        return summary
     teachers = load_teachers(config, device="cpu" if runner == "ray" else None)
     store, groups = open_groups(config, reader, {k: t.spec for k, t in teachers.items()})
     todo = pending_shards(shards, groups)
@@ -312,7 +377,6 @@ __all__ = [
     "ExtractConfig",
     "ExtractSummary",
     "Runner",
-    "RunnerJob",
     "RunnerChoice",
     "ShardStats",
     "choose_runner",
