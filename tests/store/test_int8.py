@@ -49,7 +49,9 @@ def test_int8_group_lives_beside_and_decodes_by_the_documented_layout(int8_group
     # Decode with numpy alone, as docs/store.md describes: int8 rows x D, float32 LE scales.
     q = np.frombuffer((root / "features/c/0/0").read_bytes(), dtype=np.int8).reshape(n, d)
     s = np.frombuffer((root / "scale/c/0").read_bytes(), dtype="<f4")
-    assert hashlib.sha256((root / "scale/c/0").read_bytes()).hexdigest() == sealed["scale_sha256"][0]
+    assert (
+        hashlib.sha256((root / "scale/c/0").read_bytes()).hexdigest() == sealed["scale_sha256"][0]
+    )
     decoded = q.astype(np.float32) * s[:, None]
     ids = sorted(filled.expected)
     want = np.stack([filled.expected[i] for i in ids])
@@ -81,7 +83,9 @@ def test_int8_group_verifies_and_a_damaged_scale_is_reported(int8_group):
 
 def test_int8_teacher_name_picks_by_dtype_and_extraction_refuses_int8(int8_group):
     filled, group = int8_group
-    lookup = FeatureLookup.open(filled.store, dataset="coco", split="train", teacher="toy-text", dtype="int8")
+    lookup = FeatureLookup.open(
+        filled.store, dataset="coco", split="train", teacher="toy-text", dtype="int8"
+    )
     assert lookup.group.rel == group.rel
     with pytest.raises(ConfigError, match="cusa store quantize"):
         filled.store.group("coco", "val", toy_spec(dtype="int8"), create=True)
