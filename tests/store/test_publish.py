@@ -358,3 +358,21 @@ def test_tampered_id_index_is_refused_naming_it(served, published, filled, tmp_p
         FeatureLookup.open(
             store, dataset="coco", split="train", teacher="toy-text", cache_dir=tmp_path / "c"
         )
+
+
+def test_publish_cli_refuses_then_publishes(filled, tmp_path):
+    out = tmp_path / "pub"
+    result = runner.invoke(
+        app, ["store", "publish", "--store", filled.store.url, "--out", str(out)]
+    )
+    assert result.exit_code == 2 and "not sealed" in result.output
+    assert result.output.strip().count("\n") == 0  # one line
+    filled.group.seal()
+    result = runner.invoke(
+        app,
+        ["store", "publish", "--store", filled.store.url, "--out", str(out), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert [g["path"] for g in summary["groups"]] == [filled.group.rel]
+    assert FeatureStore.open(out).published
