@@ -320,11 +320,11 @@ class FeatureLookup:
             if not os.path.isfile(path):
                 raise FileNotFoundError(path)
             return path
-        # Object storage: one copy per node, named by what identifies this sealed index.
-        sealed = self.group.sealed or {}
-        key = hashlib.sha256(
-            f"{self.group.url}|{sealed.get('sealed')}|{fs.size(rel)}".encode()
-        ).hexdigest()
+        # Object storage: one copy per node, named by what identifies this version of the
+        # file (a reindex rewrites it in place: its ETag or modification time changes).
+        info = fs.fs.info(fs.path(rel))
+        version = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+        key = hashlib.sha256(f"{self.group.url}|{info.get('size')}|{version}".encode()).hexdigest()
         target = self._cache_dir / f"idx-{key}.bin"
         if not target.exists():
             # streamed; a published store's index records its SHA-256, checked here

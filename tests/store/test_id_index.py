@@ -281,3 +281,22 @@ def test_sealed_manifest_is_streamed_with_the_same_rows(filled, monkeypatch):
     assert got.to_pylist() == expected.to_pylist()
     assert record["failed"] == len(filled.failures) > 0
     assert verify_group(group).ok
+
+
+def test_object_store_index_is_copied_once_and_mapped(s3_store_url, tmp_path):
+    from cusa.store import FeatureStore
+
+    url, options = s3_store_url
+    store = FeatureStore.open(url, create=True, storage_options=options)
+    group = store.group("coco", "train", toy_spec(), create=True)
+    expected = _write(group, ODD_IDS)
+    group.seal()
+    assert group.fs.exists(f"{group.rel}/{ID_INDEX}")
+    cache = tmp_path / "cache"
+    lookup = FeatureLookup(group, cache_dir=cache)
+    path = lookup._id_index().path
+    assert path is not None and path.startswith(str(cache))
+    _check_all(lookup, expected)
+    assert FeatureLookup(group, cache_dir=cache)._id_index().path == path  # one copy per node
+    assert reindex_group(group) == "written"  # remote indexes are not validated: rewritten
+    _check_all(FeatureLookup(group, cache_dir=cache), expected)
