@@ -376,3 +376,23 @@ def test_publish_cli_refuses_then_publishes(filled, tmp_path):
     summary = json.loads(result.output)
     assert [g["path"] for g in summary["groups"]] == [filled.group.rel]
     assert FeatureStore.open(out).published
+
+
+def test_large_chunk_copy_path_with_progress_bar(served, filled, tmp_path, monkeypatch):
+    import cusa.store.fs as store_fs
+
+    monkeypatch.setattr(store_fs, "PROGRESS_MIN_BYTES", 1)  # every chunk counts as large
+    seen: list[int] = []
+    real = store_fs.StoreFS.copy_to_local
+
+    def spy(self, rel, target, **kw):
+        assert kw.get("progress") is not None  # the bar's update hook is wired in
+        seen.append(1)
+        return real(self, rel, target, **kw)
+
+    monkeypatch.setattr(store_fs.StoreFS, "copy_to_local", spy)
+    lookup = FeatureLookup.open(
+        FeatureStore.open(served.url), dataset="coco", split="train", teacher="toy-text",
+        cache_dir=tmp_path / "c",
+    )  # fmt: skip
+    assert seen and len(lookup) == len(filled.expected)
