@@ -333,9 +333,15 @@ def extract(
 
     def on_commit(stats: ShardStats) -> None:
         summary.record(stats)
-        progress.advance("read", stats.meta.get("counts", {}).get("read", 0))
-        progress.advance("decode", stats.meta.get("counts", {}).get("read", 0))
-        progress.advance("write")
+        # The bars show the summary's rates (items per busy second of each stage), so the two
+        # agree; a per-wall-second rate of read/decode, advanced only at commits, did not.
+        rates = summary.throughput()
+        read = stats.meta.get("counts", {}).get("read", 0)
+        progress.advance("read", read, rate=rates.get("read"))
+        progress.advance("decode", read, rate=rates.get("decode"))
+        progress.advance("write", rate=rates.get("write"))
+        for kind in teachers:
+            progress.advance(f"{kind} teacher", 0, rate=rates.get(f"{kind} teacher"))
         progress.failures(sum(stats.failed.values()))
 
     writer = ShardWriter(groups, on_commit=on_commit)

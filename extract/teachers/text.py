@@ -21,8 +21,10 @@ published architecture and tokenizer (shipped in ``all_mpnet_base_v2/``) with ra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,24 @@ from ...weights import (
 from .base import TextTeacherBase, l2_normalize
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _no_transformers_progress_bars() -> Iterator[None]:
+    """Library code never prints: transformers' "Loading weights" bar is off while a model
+    loads, and put back as it was afterwards (the caller's own setting is kept)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - sentence-transformers needs transformers
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -424,7 +444,10 @@ class SentenceTransformerTextTeacher(TextTeacherBase):
         self.resolved = resolved
         log.info("loading sentence-transformers model from %s (%s)", resolved.source, resolved.how)
         try:
-            self.model = SentenceTransformer(resolved.source, device=device, local_files_only=True)
+            with _no_transformers_progress_bars():
+                self.model = SentenceTransformer(
+                    resolved.source, device=device, local_files_only=True
+                )
         except OSError as exc:
             raise WeightsError(
                 f"cannot load sentence-transformers model from {resolved.source!r}: {exc}"
