@@ -21,8 +21,9 @@ from helpers import IMAGE_T, TEXT_T, extract_args
 from typer.testing import CliRunner
 
 from cusa.cli import app
+from cusa.errors import DatasetError
+from cusa.readers import AlbefReader, FolderReader, WebDatasetReader, coco_sample_root
 from cusa.readers import _common as common
-from cusa.readers import coco_sample_root
 from cusa.store import FeatureLookup, FeatureStore
 from cusa.store.ledger import MAX_REASON_CHARS
 
@@ -319,10 +320,21 @@ def _tiny_albef(root: Path, captions: dict[str, list[str]]) -> Path:
     return root
 
 
-def test_json_nested_200k_deep_is_refused(tmp_path, reliability_log):
+# Each dataset-level refusal below is one scenario checked at two levels: the reader raises the
+# one-line DatasetError, and `cusa extract` turns it into exit 2 with that line.
+LEVELS = ["reader", "cli"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_json_nested_200k_deep_is_refused(tmp_path, level, reliability_log):
     root = tmp_path / "deep"
     root.mkdir()
     (root / "new_train.json").write_text("[" * 200_000 + "]" * 200_000)
+    if level == "reader":
+        with pytest.raises(DatasetError, match="nests JSON arrays/objects too deeply") as info:
+            AlbefReader(root, "train").shards()
+        assert "\n" not in str(info.value) and len(str(info.value)) < 400
+        return
     res = _extract(root, tmp_path / "store", modalities="text")
     line = _one_line(res)
     ok = res.exit_code == 2 and "nests JSON arrays/objects too deeply" in line
@@ -337,18 +349,36 @@ def test_json_nested_200k_deep_is_refused(tmp_path, reliability_log):
     assert "Traceback" not in res.output
 
 
-@pytest.mark.parametrize("how", ["../", "absolute"])
-def test_manifest_naming_a_tar_outside_is_refused(tmp_path, how, reliability_log):
+@pytest.mark.parametrize(
+    ("how", "level"),
+    [
+        ("../", "reader"),
+        ("absolute", "reader"),
+        ("symlink", "reader"),
+        ("../", "cli"),
+        ("absolute", "cli"),
+    ],
+)
+def test_manifest_naming_a_tar_outside_is_refused(tmp_path, how, level, reliability_log):
     folder = tmp_path / "shards"
     folder.mkdir()
     outside = _write_tar(tmp_path / "outside.tar", [_tar_member("x.jpg", _pics()[0].read_bytes())])
-    name = "../outside.tar" if how == "../" else str(outside)
+    name = {"../": "../outside.tar", "absolute": str(outside), "symlink": "link.tar"}[how]
+    if how == "symlink":
+        (folder / "link.tar").symlink_to(outside)
     manifest = {
         "format": "cusa-webdataset",
         "version": 1,
         "splits": {"train": {"shards": [{"file": name, "samples": 1}]}},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    if level == "reader":
+        with pytest.raises(DatasetError, match="outside") as info:
+            WebDatasetReader(str(folder), "train")
+        assert repr(name) in str(info.value) and "--allow-outside-root" in str(info.value)
+        reader = WebDatasetReader(str(folder), "train", allow_outside_root=True)
+        assert [s.image_id for s in reader.read(reader.shards()[0])] == ["x"]
+        return
     res = _extract(folder, tmp_path / "store", modalities="text")
     line = _one_line(res)
     ok = res.exit_code == 2 and repr(name) in line and "--allow-outside-root" in line
@@ -362,10 +392,18 @@ def test_manifest_naming_a_tar_outside_is_refused(tmp_path, how, reliability_log
     assert ok, res.output
 
 
-def test_dataset_index_that_is_a_fifo_is_refused(tmp_path, reliability_log):
+@pytest.mark.parametrize("level", LEVELS)
+def test_dataset_index_that_is_a_fifo_is_refused(tmp_path, level, reliability_log):
     root = tmp_path / "fifo"
     (root / "pics").mkdir(parents=True)
     os.mkfifo(root / "new_train.json")
+    if level == "reader":
+        with pytest.raises(DatasetError, match="is a FIFO .named pipe., not a regular file"):
+            AlbefReader(root, "train")  # never opened
+        os.mkfifo(root / "pics" / "captions.tsv")
+        with pytest.raises(DatasetError, match="no captions file"):
+            FolderReader(root / "pics", "train")
+        return
     res = _extract(root, tmp_path / "store", modalities="text")
     line = _one_line(res)
     ok = res.exit_code == 2 and "new_train.json' is a FIFO (named pipe), not a regular" in line
