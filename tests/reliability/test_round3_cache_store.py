@@ -280,7 +280,7 @@ def test_export_refuses_a_destination_inside_the_store_or_dangling(tmp_path, cas
 @pytest.mark.parametrize("name", ["lab.", "lab_", "lab._"])
 def test_a_name_that_would_share_another_names_folder_is_refused(tmp_path, name, reliability_log):
     from cusa.errors import DatasetError
-    from cusa.extract.runner import ExtractConfig
+    from cusa.extract.job import ExtractConfig
 
     with pytest.raises(DatasetError, match="collide with --name 'lab'"):
         ExtractConfig(dataset="coco-sample", name=name, store=str(tmp_path / "s"))
