@@ -235,9 +235,7 @@ ERRORS = {
 
 
 @pytest.mark.parametrize("name", sorted(ERRORS))
-def test_every_error_is_one_line_with_its_exit_code(
-    name, sample_reference, monkeypatch, tmp_path
-):
+def test_every_error_is_one_line_with_its_exit_code(name, sample_reference, monkeypatch, tmp_path):
     make, code = ERRORS[name]
     exc = make()
     monkeypatch.setenv("CUSA_LOG_DIR", str(tmp_path))  # where exit 70 writes the traceback
