@@ -88,10 +88,11 @@ def summaries(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def run(cfg: SweepConfig, store: str, train: str, seeds: Sequence[int], out: Path) -> dict:
+def run(cfg: SweepConfig, store: str, train: str, seeds: Sequence[int], out: Path,
+        extract: bool = True) -> dict:  # fmt: skip
     t0, cpu0 = time.perf_counter(), _cpu_s()
     load_start = os.getloadavg()
-    extraction = extract_all(cfg, store, train, cfg.base.train_split)
+    extraction = extract_all(cfg, store, train, cfg.base.train_split) if extract else {}
     if cfg.train_threads:
         torch.set_num_threads(cfg.train_threads)
     sweep = Sweep(cfg, store, train, cfg.base.train_split)
@@ -115,9 +116,12 @@ def run(cfg: SweepConfig, store: str, train: str, seeds: Sequence[int], out: Pat
                     runs.setdefault(cell_key(schedule, n, tau), {})[seed] = sweep._run(
                         "cusa", loss, data, sweep.val, seed, sched, "frozen"
                     )
-        loads.append([round(x, 2) for x in os.getloadavg()])
-        results = _results(cfg, sweep, runs, extraction, seeds, t0, cpu0, load_start, loads)
-        write_json(out, results, indent=1)
+                # after every block, so an interrupted run keeps what it finished
+                loads.append([round(x, 2) for x in os.getloadavg()])
+                results = _results(cfg, sweep, runs, extraction, seeds, t0, cpu0, load_start, loads)
+                write_json(out, results, indent=1)
+                log.info("seed %d %s n=%d done: %.0f s wall, %.0f s CPU", seed, schedule, n,
+                         time.perf_counter() - t0, _cpu_s() - cpu0)  # fmt: skip
         log.info("seed %d done: %.0f s wall, %.0f s CPU, load %s", seed,
                  time.perf_counter() - t0, _cpu_s() - cpu0, loads[-1])  # fmt: skip
     return results
@@ -174,6 +178,33 @@ def _results(cfg: SweepConfig, sweep: Sweep, runs: dict, extraction: dict, seeds
     }
 
 
+def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from runs of disjoint seed sets (e.g. run side by side on a shared
+    machine): the runs are joined, the summaries recomputed, and the timings of every part kept;
+    ``wall_total`` is the longest part's and ``cpu_total_process`` the sum."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for part in parts:
+        for key, by_seed in part["runs"].items():
+            for seed, run in by_seed.items():
+                if int(seed) in runs.get(key, {}):
+                    raise ValueError(f"seed {seed} of {key} is in two parts; merge disjoint seeds")
+                runs.setdefault(key, {})[int(seed)] = run
+    out = dict(parts[0])
+    seeds = sorted({s for r in runs.values() for s in r})
+    out["config"] = {**parts[0]["config"], "seeds_planned": seeds, "seeds_done": seeds}
+    out["summary"] = summaries(runs)
+    out["runs"] = {k: {str(s): r for s, r in sorted(v.items())} for k, v in runs.items()}
+    out["timings_s"] = {
+        "wall_total": max(p["timings_s"]["wall_total"] for p in parts),
+        "cpu_total_process": round(sum(p["timings_s"]["cpu_total_process"] for p in parts), 1),
+        "runs": sum(p["timings_s"]["runs"] for p in parts),
+        "parts": [{"seeds": p["config"]["seeds_done"], **p["timings_s"]} for p in parts],
+        "note": "the parts ran side by side, each in its own process with 1 torch thread",
+    }
+    out["load_average"] = {"parts": [p["load_average"] for p in parts]}
+    return out
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """The page's headline table: paired Δ RSUM [95% CI] (wins/n) per schedule, size and τ."""
     s = results["summary"]
@@ -203,9 +234,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
                     help="comma list of seeds (>= 8 for the headline claims)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    ap.add_argument("--no-extract", action="store_true",
+                    help="the store is already filled: skip the extraction check")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS_JSON))
     ap.add_argument("--report", default=None, help="only print the table of a results file")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="join results files of disjoint seeds into --out")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.merge:
+        merged = merge([json.loads(Path(p).read_text()) for p in args.merge])
+        write_json(Path(args.out), merged, indent=1)
+        sys.stdout.write(markdown_table(merged) + "\n")
+        return 0
     if args.report:
         sys.stdout.write(markdown_table(json.loads(Path(args.report).read_text())) + "\n")
         return 0
@@ -218,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_teachers=(base.image_teacher,),
         text_teachers=(base.text_teacher,),
         train_sizes=SIZES,
-        seeds=seeds,
+        seeds=DEFAULT_SEEDS,  # unused by run(), which trains ``seeds``; a part may have one seed
         tau_variants=("cusa",),
         grids=False,
         weight_sweep=False,
@@ -230,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.store is None:
         ap.error("--store is required: the study reuses an extracted store")
-    results = run(cfg, args.store, args.train, seeds, Path(args.out))
+    results = run(cfg, args.store, args.train, seeds, Path(args.out), extract=not args.no_extract)
     sys.stdout.write(markdown_table(results) + "\n")
     t = results["timings_s"]
     sys.stdout.write(f"wall {t['wall_total']:.0f} s, CPU {t['cpu_total_process']:.0f} s, "
