@@ -379,7 +379,8 @@ class SoftLabelStage:
     """A webdataset pipeline stage that adds teacher features to every sample (or batch).
 
     Use it as a stage, ``wds.DataPipeline(..., SoftLabelStage(teachers), ...)``, or per sample,
-    ``dataset.map(stage.attach)``. A sample's ids are read from ``image_id_key`` and
+    ``dataset.map(stage.attach)``. As a stage it looks up ``lookahead`` samples at a time (one
+    vectorised index lookup per teacher instead of one per sample) and yields them in order. A sample's ids are read from ``image_id_key`` and
     ``caption_id_key`` (str, bytes, or lists of them for batched samples); features go to
     ``teacher_image`` / ``teacher_text`` as (Ti,) / (Tt,) tensors, or (B, Ti) / (B, Tt) for batches.
 
@@ -393,12 +394,15 @@ class SoftLabelStage:
         teachers: TeacherFeatures,
         image_id_key: str = IMAGE_ID_KEY,
         caption_id_key: str = CAPTION_ID_KEY,
+        lookahead: int = 64,
     ) -> None:
         self.teachers = teachers
         self.image_id_key = image_id_key
         self.caption_id_key = caption_id_key
+        self.lookahead = max(1, int(lookahead))
 
-    def attach(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def _ids(self, sample: dict[str, Any]) -> tuple[bool, list[Any], list[Any]]:
+        """``(single, image_ids, caption_ids)`` of a sample (or of an already batched one)."""
         try:
             image_ids, caption_ids = sample[self.image_id_key], sample[self.caption_id_key]
         except KeyError as exc:
@@ -408,13 +412,27 @@ class SoftLabelStage:
             ) from None
         single = isinstance(image_ids, (str, bytes))
         if single:
-            image_ids, caption_ids = [image_ids], [caption_ids]
-        t_img, t_txt = self.teachers.gather(list(image_ids), list(caption_ids))
-        sample = dict(sample)
-        sample[TEACHER_IMAGE_KEY] = t_img[0] if single else t_img
-        sample[TEACHER_TEXT_KEY] = t_txt[0] if single else t_txt
-        return sample
+            return True, [image_ids], [caption_ids]
+        return False, list(image_ids), list(caption_ids)
+
+    def attach(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return self._attach_many([sample])[0]
+
+    def _attach_many(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        parts = [self._ids(s) for s in samples]
+        image_ids = [i for _, ids, _ in parts for i in ids]
+        caption_ids = [c for _, _, ids in parts for c in ids]
+        t_img, t_txt = self.teachers.gather(image_ids, caption_ids)  # (sum B, Ti), (sum B, Tt)
+        out, start = [], 0
+        for sample, (single, ids, _) in zip(samples, parts, strict=True):
+            stop = start + len(ids)
+            sample = dict(sample)
+            sample[TEACHER_IMAGE_KEY] = t_img[start] if single else t_img[start:stop]
+            sample[TEACHER_TEXT_KEY] = t_txt[start] if single else t_txt[start:stop]
+            out.append(sample)
+            start = stop
+        return out
 
     def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for sample in source:
-            yield self.attach(sample)
+        for chunk in _chunks(source, self.lookahead):
+            yield from self._attach_many(chunk)

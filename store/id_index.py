@@ -243,7 +243,7 @@ class IdIndex:
         hash_name = hash_name or DEFAULT_HASH
         hashes = hash_ids(offsets, blob, hash_name)
         order = np.argsort(hashes, kind="stable")
-        hashes = hashes[order]
+        hashes = np.take(hashes, order)  # the unsorted hashes are freed here
         rows = order.astype(np.uint32 if len(order) < 2**32 else np.uint64)
         del order
         max_run = _check_runs(hashes, rows, offsets, blob, what)

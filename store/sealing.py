@@ -160,7 +160,8 @@ def sort_unique_ids(ids: pa.LargeStringArray, url: str) -> tuple[np.ndarray, pa.
                 "two shards; ids must be unique across the dataset — fix the dataset "
                 "(duplicate ids) and re-extract into a new store"
             )
-    return order.to_numpy().astype(np.int64, copy=False), sorted_ids
+    # a view, not a copy: Arrow's uint64 indices are < 2**63
+    return order.to_numpy().view(np.int64), sorted_ids
 
 
 # -- the sealed manifest, streamed ----------------------------------------------------------------
