@@ -29,6 +29,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .paths import cusa_home, default_store, models_dir, segments_dir
+from .safe_files import short_path
 from .store import FeatureStore
 from .store.layout import MARKER
 from .weights import lock_path
@@ -123,14 +124,10 @@ def _check_home() -> Path:
     if os.path.lexists(home) and not home.is_dir():
         kind = "a regular file" if home.is_file() else "not a folder"
         raise ConfigError(
-            f"$CUSA_HOME {_short(str(home))!r} is {kind}, not a folder; point CUSA_HOME at a "
+            f"$CUSA_HOME {short_path(str(home))} is {kind}, not a folder; point CUSA_HOME at a "
             "folder (or unset it to use ~/.cache/cusa)"
         )
     return home
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}... [{len(text):,} chars]"
 
 
 def _link_on_way(path: Path, home: Path) -> Path | None:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError, StoreError
+from ..safe_files import short_path
 from .group import FeatureGroup
 from .layout import Segment
 from .lookup import READ_BLOCK_ROWS, FeatureLookup
@@ -42,17 +43,13 @@ FAILED_FILE = "failed.parquet"
 SPEC_FILE = "spec.json"
 
 
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}... [{len(text):,} chars]"
-
-
 def _check_destination(group: FeatureGroup, out: Path) -> None:
     """Refuse a dangling symlink and any destination inside the store (its root, a folder in
     it, or a symlink leading into it): an export must never add files to a store."""
     if out.is_symlink() and not out.exists():
         raise StoreError(
-            f"cannot export to {_short(str(out))!r}: it is a symlink to "
-            f"{_short(os.readlink(out))!r}, which does not exist; remove the link or pass --to "
+            f"cannot export to {short_path(str(out))}: it is a symlink to "
+            f"{short_path(os.readlink(out))}, which does not exist; remove the link or pass --to "
             "a directory"
         )
     if not group.fs.is_local:
@@ -62,8 +59,8 @@ def _check_destination(group: FeatureGroup, out: Path) -> None:
     target = Path(os.path.realpath(out))
     if target == store_root or target.is_relative_to(store_root):
         raise StoreError(
-            f"cannot export to {_short(str(out))!r}: it lies inside the store "
-            f"{_short(str(store_root))!r} (as {_short(str(target))!r}); an export must not "
+            f"cannot export to {short_path(str(out))}: it lies inside the store "
+            f"{short_path(str(store_root))} (as {short_path(str(target))}); an export must not "
             "write into a store — pass --to a directory outside it"
         )
 
