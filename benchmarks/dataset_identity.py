@@ -101,7 +101,7 @@ def costs(root: Path) -> dict:
     """Seconds each option adds to the manifest (the content part only; the index is parsed
     and the paths resolved once, outside the timing), per image, and extrapolated to COCO."""
     from cusa.readers import AlbefReader
-    from cusa.readers._common import CONTENT_SAMPLE_STRIDE, image_fingerprint
+    from cusa.readers.indexed import CONTENT_SAMPLE_STRIDE, image_fingerprint
 
     paths = _paths(root)
     base = root.resolve()

@@ -115,9 +115,9 @@ def _package_of(module: str) -> str:
     return module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
 
 
-def _imports(module: str) -> list[Import]:
+def _imports(module: str, source: str | None = None) -> list[Import]:
     """Every import of ``module``, relative ones resolved, nested ones (functions, ``if``) too."""
-    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8") if source is None else source)
     found: list[Import] = []
 
     def add(target: str, names: tuple[str, ...], in_function: bool, line: int) -> None:
@@ -177,6 +177,26 @@ def _layer(module: str) -> int | None:
 
 def _edges(module: str) -> list[tuple[str, Import]]:
     return [(t, imp) for imp in IMPORTS[module] if (t := _known(imp.target)) is not None]
+
+
+def test_the_parser_sees_every_kind_of_import():
+    """What the rules below rely on, on a made-up ``cusa.extract.teachers.base``."""
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "from ...store import spec\n"
+        "from . import text\n"
+        "if TYPE_CHECKING:\n"
+        "    from .text import CaptionNormalization\n"
+        "def f():\n"
+        "    from ..runner import extract\n"
+    )
+    got = {
+        (i.target, i.names, i.in_function) for i in _imports("cusa.extract.teachers.base", source)
+    }
+    assert ("cusa.store.spec", (), False) in got  # from a package: the submodule
+    assert ("cusa.extract.teachers.text", (), False) in got
+    assert ("cusa.extract.teachers.text", ("CaptionNormalization",), False) in got  # TYPE_CHECKING
+    assert ("cusa.extract.runner", ("extract",), True) in got  # inside a function
 
 
 def test_the_walk_finds_every_package_and_root_module():
