@@ -14,7 +14,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,9 +184,14 @@ class FeatureLookup:
         for training readers, which use :meth:`rows`, :meth:`gather` and ``in``.
         """
         out: list[str] = []
-        for block in self._id_index().iter_ids():
+        for block in self.iter_ids():
             out.extend(block)
         return out
+
+    def iter_ids(self, block: int = 65536) -> Iterator[list[str]]:
+        """Every sample id in row order, ``block`` at a time: walks a group while holding one
+        block of Python strings, where :attr:`ids` keeps them all."""
+        return self._id_index().iter_ids(block)
 
     # -- gathering ----------------------------------------------------------------------------
 
