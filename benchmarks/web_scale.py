@@ -241,7 +241,7 @@ def phase_read(root: str, n: int, worker_batches: int, reps: int) -> dict[str, A
     t0 = time.perf_counter()
     ram = np.array(lookup.gather_rows(np.arange(n)))  # (N, DIM) the features in RAM
     row_of: dict[str, int] = {}
-    for block in lookup._id_index().iter_ids():
+    for block in lookup.iter_ids():
         row_of.update(zip(block, range(len(row_of), len(row_of) + len(block)), strict=True))
     out["baseline_build_s"] = round(time.perf_counter() - t0, 1)
     out["baseline_uss_mib"] = round((_uss_kib()["USS"] - u0) / 1024, 1)
