@@ -89,7 +89,7 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
 
 _CLI_EXCEPTIONS = (typer.Exit, typer.Abort, typer.exceptions.TyperException)
 _REMOTE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "aiohttp", "requests")
-_MAX_MESSAGE = 600
+_MAX_MESSAGE = 500  # docs/reliability.md: one line of at most 500 characters
 #: Where the traceback of an internal error goes (``$CUSA_LOG_DIR`` overrides).
 LOG_DIR_ENV = "CUSA_LOG_DIR"
 
@@ -103,7 +103,12 @@ def _fail(message: str, code: int = EXIT_REFUSED) -> None:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+    if len(text) <= _MAX_MESSAGE:
+        return text
+    # Cut the middle: the start says what is wrong, the end says how to fix it.
+    kept = _MAX_MESSAGE - 40  # room for the marker
+    head = kept * 3 // 5
+    return f"{text[:head]} ...[{len(text) - kept:,} chars cut]... {text[head - kept :]}"
 
 
 def _command() -> str:

@@ -157,3 +157,19 @@ def test_a_billion_laughs_set_value_is_refused_fast(reliability_log):
         message=message,
     )
     assert ok, message
+
+
+def test_a_50mb_path_makes_a_bounded_one_line_message(tmp_path):
+    """Every CLI error line is cut to 500 characters in the middle: the start says what is
+    wrong, the end keeps the fix (it printed the whole 50 MB path)."""
+    huge = str(tmp_path) + "/a" * 25_000_000
+    res = CliRunner().invoke(app, ["store", "info", "--store", huge])
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+    ok = (
+        res.exit_code != 0
+        and len(lines) == 1
+        and len(lines[0]) <= MAX_MESSAGE + len("error: ")
+        and "chars cut" in lines[0]
+        and lines[0].rstrip().endswith("readable/writable")
+    )
+    assert ok, res.output[:1000]
