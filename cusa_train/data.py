@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cusa.errors import DatasetError, SampleNotFoundError
+from cusa.readers import DatasetReader, Sample
 from cusa.store import FeatureLookup, FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ class PairDataset(Dataset):
 
     def __init__(
         self,
-        reader: Any,
+        reader: DatasetReader,
         preprocess_image: Callable[[bytes], Tensor],
         *,
         max_images: int | None = None,
@@ -367,7 +368,7 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _samples(reader: Any) -> Iterator[Any]:
+def _samples(reader: DatasetReader) -> Iterator[Sample]:
     for shard in reader.shards():
         yield from reader.read(shard)
 

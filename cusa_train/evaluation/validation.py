@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
+from cusa.readers import DatasetReader
 from cusa_train.evaluation.encoding import HeadEncoder
 from cusa_train.evaluation.scores import evaluate_features
 
 
 def evaluate_split(
     model: Any,
-    reader: Any,
+    reader: DatasetReader,
     *,
     preprocess_image: Callable[[bytes], torch.Tensor],
     caption_transform: Callable[[str], str] | None = None,
