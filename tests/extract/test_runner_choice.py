@@ -93,3 +93,20 @@ def test_two_albef_folders_share_a_split_under_their_names(tmp_path):
     attrs = json.loads((group / "zarr.json").read_text())["attributes"]["cusa"]
     assert attrs["dataset_source"]["dataset"] == str((b / "new_val.json").resolve())
     assert attrs["dataset_source"]["split"] == "val"
+
+
+def test_the_ray_runner_is_imported_only_when_ray_is_asked_for():
+    """``extract`` with the local runner never imports the Ray runner (nor Ray); get_runner does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cusa.extract.runner import get_runner, run_local\n"
+        "assert get_runner('local') is run_local\n"
+        "print(sorted(m for m in ('ray', 'cusa.extract.ray_runner') if m in sys.modules))\n"
+        "get_runner('ray')\n"
+        "print('cusa.extract.ray_runner' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout + out.stderr
