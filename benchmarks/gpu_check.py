@@ -107,11 +107,14 @@ def summary_markdown(result: dict[str, Any]) -> str:
     """A short markdown summary of a check's result: machine, one line per part, what was skipped."""
     m = result["machine"]
     gpu = m.get("gpu") or "no GPU"
+    took = (
+        f"{result['elapsed_s']} s" if "elapsed_s" in result else "unfinished (cut off or running)"
+    )
     lines = [
         "# GPU check",
         "",
         f"{m['mode']} on {gpu} (torch {m['torch']}, CUDA {m.get('cuda') or '-'}, "
-        f"{m['cpus']} CPUs, Python {m['python']}), {result.get('elapsed_s', '?')} s. "
+        f"{m['cpus']} CPUs, Python {m['python']}), {took}. "
         "Written by `python -m benchmarks.gpu_check`; figures in `gpu_check.json`.",
         "",
         "| part | status | s | figure | note |",
@@ -198,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{entry.get('reason') or entry.get('error') or ''}",
                 flush=True,
             )
-            write_json(args.out, result)
+            _write(args, result)  # a run cut off by its time limit keeps what it measured
     finally:
         with contextlib.suppress(Exception):
             import ray
@@ -215,11 +218,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     result["failed"] = sorted(n for n, p in result["parts"].items() if p["status"] == "failed")
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    _write(args, result)
+    return result
+
+
+def _write(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """The JSON (``--out``) and the markdown summary beside it (``--summary``)."""
     write_json(args.out, result)
     summary = args.summary or args.out.with_suffix(".md")
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(summary_markdown(result), encoding="utf-8")
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:

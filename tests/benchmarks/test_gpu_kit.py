@@ -8,7 +8,7 @@ a copy of the tree that travels, the kit from ``python -m benchmarks.gpu_kit``, 
 command run as printed with ``--cpu-smoke`` appended.
 
 The venv takes a few GB and minutes to build; set ``CUSA_GPU_IMAGE_VENV=/some/dir`` to keep it
-between runs (it is rebuilt when its requirement list changes).
+between runs (pip then only checks it, and removes again what the image lacks).
 """
 
 from __future__ import annotations
@@ -117,18 +117,14 @@ def _image_venv(where: Path, image: dict[str, str | None], used: list[str]) -> P
     if python is None:
         pytest.skip("no python3.12 on this machine")
     wanted = sorted(f"{n}=={image[n]}" if image[n] else n for n in used)
-    stamp = where / "cusa-image-requirements.txt"
-    if stamp.exists() and stamp.read_text() == "\n".join(wanted):
-        return where
-    shutil.rmtree(where, ignore_errors=True)
-    _run([python, "-m", "venv", str(where)])
+    if not (where / "bin" / "python").exists():
+        _run([python, "-m", "venv", str(where)])
     pip = [str(where / "bin" / "python"), "-m", "pip"]
-    _run([*pip, "install", "-q", *wanted], timeout=3000)
+    _run([*pip, "install", "-q", *wanted], timeout=3000)  # quick where a kept venv has them
     listed = json.loads(_run([*pip, "list", "--format=json"]).stdout)
-    extra = [d["name"] for d in listed if canonical(d["name"]) not in image | BASE_PACKAGES]
-    if extra:  # pulled in by newer requirements; the image does not have them
+    extra = [d["name"] for d in listed if canonical(d["name"]) not in set(image) | BASE_PACKAGES]
+    if extra:  # pulled in by requirements of versions newer than the image's; it lacks them
         _run([*pip, "uninstall", "-y", *extra])
-    stamp.write_text("\n".join(wanted))
     return where
 
 
@@ -156,7 +152,7 @@ def test_kit_runs_the_check_on_a_bare_gpu_image_venv(tmp_path):
     target, out = tmp_path / "target", tmp_path / "out"
     made = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_kit", "--kit", str(kit), "--target", str(target),
-         "--results", str(out)],
+         "--results", str(out), "--timeout-s", "1500"],  # 2 busy cores, not a GPU
         cwd=REPO, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr[-4000:]
@@ -192,7 +188,7 @@ def test_kit_runs_the_check_on_a_bare_gpu_image_venv(tmp_path):
     }
     ran = subprocess.run(
         ["bash", "-c", command + " --cpu-smoke"],
-        cwd=tree, env=env, capture_output=True, text=True, timeout=1200,
+        cwd=tree, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stdout[-4000:] + ran.stderr[-4000:]
     assert all(
