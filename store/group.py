@@ -215,26 +215,27 @@ class FeatureGroup:
         old = self.attrs.get("dataset_manifest")
         old = old if isinstance(old, dict) else {}
         new = info or {}
-        where = f"{self.dataset}/{self.split} in {self.url!r}"
+        # The group's URL once (in the fix): the message must fit one line of 500 characters.
+        where = f"{self.dataset}/{self.split}"
         redo = (
-            f"to re-extract, delete the group folder {self.url!r} and run the same command "
-            "again; to keep both, give this dataset its own name in the store with --name NAME, "
-            "or write to another --store"
+            f"To re-extract, delete the group folder {self.url!r}; to keep both, give this "
+            "dataset its own name in the store with --name NAME, or another --store"
         )
         same_content = old.get("content_hash") and old.get("content_hash") == new.get(
             "content_hash"
         )
         if same_content and old.get("shard_size") != new.get("shard_size"):
             return (
-                f"the dataset {where} is unchanged but cut into other shards: this group was "
-                f"written with --shard-size {old.get('shard_size')} ({old.get('shards')} shards), "
-                f"this run uses {new.get('shard_size')} ({new.get('shards')} shards); re-run with "
-                f"--shard-size {old.get('shard_size')} to resume it, or {redo}"
+                f"the dataset {where} is unchanged but cut into other shards: written with "
+                f"--shard-size {old.get('shard_size')} ({old.get('shards')} shards), this run "
+                f"uses {new.get('shard_size')} ({new.get('shards')}); re-run with --shard-size "
+                f"{old.get('shard_size')} to resume it. {redo}"
             )
+        hashes = f"manifest_hash: stored {str(recorded)[:8]!r} != given {str(given)[:8]!r}"
         if old.get("format") is None:
             what = (
-                "this group was written by an older cusa whose manifest hash did not cover "
-                "captions, or the dataset's ids or shard layout changed since"
+                f"was written by an older cusa whose manifest did not cover captions, or its ids "
+                f"or shards changed since ({hashes})"
             )
         else:
             counts = [
@@ -243,15 +244,11 @@ class FeatureGroup:
                 if k in old and k in new and old.get(k) != new.get(k)
             ]
             what = (
-                "the dataset's image ids, captions, image files (sizes or sampled bytes) or "
-                "tars changed since this group was extracted"
-                + (f" ({', '.join(counts)})" if counts else " (same counts, edited content)")
+                "changed since this group was extracted: ids, captions, image files (size, "
+                f"sampled bytes) or tars differ ({', '.join(counts or [hashes])})"
             )
         return (
-            f"dataset manifest of {where} differs from the one recorded (manifest_hash: stored "
-            f"{str(recorded)[:12]!r} != given {str(given)[:12]!r}): {what}. Resuming would mix "
-            "features of "
-            f"the old and the new data, so cusa refuses; {redo}"
+            f"dataset manifest of {where} {what}; resuming would mix old and new features. {redo}"
         )
 
     # -- commits ----------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_same_name_other_image_bytes_is_refused(tmp_path, reliability_log):
     line = next((ln for ln in res.output.splitlines() if ln.startswith("error: ")), "")
     ok = (
         res.exit_code == 2
-        and "image files (sizes or sampled bytes)" in line
+        and "image files (size, sampled bytes)" in line
         and "delete the group folder" in line
         and after == before
     )
