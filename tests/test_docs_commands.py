@@ -309,6 +309,7 @@ def test_cheap_documented_commands_work(name, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_report_page_commands_work(tmp_path):
     _run_scenario("report-offline", tmp_path)
     assert (tmp_path / "work" / "report.html").stat().st_size > 10_000
@@ -316,6 +317,7 @@ def test_report_page_commands_work(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.network
+@pytest.mark.timeout(3600)  # the README's sample training run takes minutes on 2 busy cores
 @pytest.mark.parametrize("name", sorted(NEEDS_MPNET))
 def test_documented_commands_with_the_paper_text_teacher_work(name, tmp_path):
     if not _mpnet_here():
