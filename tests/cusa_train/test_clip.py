@@ -163,6 +163,7 @@ def test_state_dict_layout_is_the_official_one(arch, official_shapes):
 @pytest.mark.parametrize(
     ("name", "dim", "side"), [("clip-rn50", 1024, 224), ("clip-vit-b32", 512, 224)]
 )
+@pytest.mark.slow
 def test_random_full_size_students_encode_real_data(name, dim, side, coco_example, official_shapes):
     student = build_student(name, pretrained=False, freeze="none")
     arch = CLIP_STUDENTS[name]
@@ -311,6 +312,7 @@ def test_torchscript_is_loaded_only_for_official_hashes(
 # ---- the Hugging Face adapter through the registry ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_hf_clip_student_from_a_local_folder(tmp_path, coco_example):
     """``hf-clip`` builds HFClipStudent from a tiny random CLIPModel saved offline."""
     import gzip

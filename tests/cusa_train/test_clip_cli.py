@@ -7,6 +7,7 @@ checkpoint takes; the soft labels are real teacher features of the embedded COCO
 
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 from conftest import IMAGE_TEACHER, TEXT_TEACHER
@@ -28,6 +29,7 @@ SMALL_CLIP = ClipConfig(
 )
 
 
+@pytest.mark.slow
 def test_train_and_eval_a_clip_student_from_the_cli(sample_store, tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "small-clip.pt"

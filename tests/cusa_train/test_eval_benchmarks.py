@@ -310,6 +310,7 @@ def _karpathy_coco_test(tmp_path, extra_caption: bool = True):
     return path
 
 
+@pytest.mark.slow
 def test_eccv_is_detected_on_the_coco_5k_test_split_only(tmp_path):
     pytest.importorskip(
         "eccv_caption", reason="eccv-caption not installed (pip install eccv-caption)"

@@ -53,6 +53,7 @@ def test_registry_lists_and_refuses_unknown_names():
         build_student("clip-vit-b64")
 
 
+@pytest.mark.slow
 def test_encodes_real_coco_images_and_captions(student, four_images):
     pixels = torch.stack(
         [student.preprocess_image(p.read_bytes()) for p in four_images.image_paths]
@@ -193,6 +194,7 @@ def test_evaluate_model_needs_a_joint_space(student, coco_example):
         evaluate_model(student, coco_example / "new_val.json", max_images=2)
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoint_round_trip(coco_example, tmp_path):
     """A checkpoint in the trainer's format ({"config", "model"}) is rebuilt and scored."""
     from typer.testing import CliRunner

@@ -146,6 +146,7 @@ def test_schedule_and_sampler():
     assert EpochSampler(20, seed=1, epoch=1).indices() != full
 
 
+@pytest.mark.slow
 def test_cli_train_with_the_builtin_student(sample_store, tmp_path):
     """`cusa train --config` end to end: real MobileNetV2 + MiniLM student, real teacher features."""
     cfg = {

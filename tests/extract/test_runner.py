@@ -60,6 +60,7 @@ def test_rerun_is_a_noop(reference_store, tmp_path):
     assert store_snapshot(store) == before
 
 
+@pytest.mark.slow
 def test_shuffled_resume_gives_identical_store(reference_store, tmp_path):
     """Commit shards in another order across two runs: same ids, same bytes."""
     store = tmp_path / "store"
@@ -147,6 +148,7 @@ def test_ray_and_local_runners_give_identical_stores(reference_store, tmp_path):
     assert store_snapshot(store) == store_snapshot(reference_store)
 
 
+@pytest.mark.slow
 def test_extract_from_shards_equals_extract_from_root(reference_store, tmp_path):
     """`cusa shard` then extract from the tars gives the same ids and bytes as the root."""
     from cusa.readers import open_dataset
@@ -161,6 +163,7 @@ def test_extract_from_shards_equals_extract_from_root(reference_store, tmp_path)
     assert sorted(ours.values()) == sorted(ref.values())
 
 
+@pytest.mark.slow
 def test_float16_and_float32_of_one_teacher_live_side_by_side(reference_store, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(reference_store, store)
