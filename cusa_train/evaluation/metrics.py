@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cusa.errors import ConfigError, DatasetError
+from cusa.safe_files import MAX_INDEX_BYTES, regular_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -372,8 +373,10 @@ def load_sts_pairs(path: str | Path) -> StsPairs:
         DatasetError: the file is missing, empty, malformed, or has fewer than 2 pairs.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DatasetError(f"STS pairs file {str(p)!r} does not exist")
+    # regular file, size-capped (cusa.safe_files): a FIFO never blocks, /dev/zero is never read
+    problem = regular_file_problem(p, MAX_INDEX_BYTES, what="STS pairs file")
+    if problem:
+        raise DatasetError(problem)
     suffix = p.suffix.lower()
     rows: list[tuple[str, str, str]] = []
     if suffix == ".jsonl":
@@ -416,6 +419,12 @@ def load_sts_pairs(path: str | Path) -> StsPairs:
         raise DatasetError(
             f"STS pairs file {str(p)!r} has a score that is not a number ({exc})"
         ) from exc
+    if not np.isfinite(scores).all():  # nan/inf gold scores would make Spearman nan
+        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+        raise DatasetError(
+            f"STS pairs file {str(p)!r} pair {bad + 1}: score {rows[bad][2]!r} is not a finite "
+            "number; fix that row"
+        )
     return StsPairs([str(r[0]) for r in rows], [str(r[1]) for r in rows], scores, source=str(p))
 
 
