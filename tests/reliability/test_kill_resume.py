@@ -123,6 +123,7 @@ def _kill_local_trial(seed, tmp_path, sample_reference, log) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", FAST_LOCAL)
 def test_kill_local_runner_then_resume(seed, tmp_path, sample_reference, reliability_log):
     _kill_local_trial(seed, tmp_path, sample_reference, reliability_log)
@@ -236,6 +237,7 @@ def test_kill_ray_actor_then_resume_slow(seed, tmp_path, sample_reference, relia
     _kill_actor_trial(seed, tmp_path, sample_reference, reliability_log)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_inside_seal_leaves_no_temp_files(
     tmp_path, sample_reference, monkeypatch
 ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 from helpers import (
     cusa_command,
     extract_args,
@@ -21,6 +22,7 @@ from cusa.store import FeatureStore
 from cusa.store.verify import verify_store
 
 
+@pytest.mark.slow
 def test_s3_store_kill_then_resume(tmp_path, s3_endpoint, sample_reference, reliability_log):
     import s3fs
 
