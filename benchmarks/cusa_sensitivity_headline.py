@@ -89,7 +89,7 @@ def summaries(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
 
 
 def run(cfg: SweepConfig, store: str, train: str, seeds: Sequence[int], out: Path,
-        extract: bool = True) -> dict:  # fmt: skip
+        extract: bool = True, schedules: Sequence[str] = tuple(SCHEDULES)) -> dict:  # fmt: skip
     t0, cpu0 = time.perf_counter(), _cpu_s()
     load_start = os.getloadavg()
     extraction = extract_all(cfg, store, train, cfg.base.train_split) if extract else {}
@@ -102,6 +102,8 @@ def run(cfg: SweepConfig, store: str, train: str, seeds: Sequence[int], out: Pat
     results: dict[str, Any] = {}
     for seed in seeds:
         for schedule, by_size in SCHEDULES.items():
+            if schedule not in schedules:
+                continue
             for n in SIZES:
                 lr, epochs = by_size[n]
                 sched = replace(cfg.base.schedule, lr=lr, epochs=epochs)
@@ -183,7 +185,7 @@ def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     machine): the runs are joined, the summaries recomputed, and the timings of every part kept;
     ``wall_total`` is the longest part's and ``cpu_total_process`` the sum."""
     runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for part in parts:
+    for part in parts:  # parts may split seeds, or schedules of the same seeds
         for key, by_seed in part["runs"].items():
             for seed, run in by_seed.items():
                 if int(seed) in runs.get(key, {}):
@@ -191,6 +193,8 @@ def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 runs.setdefault(key, {})[int(seed)] = run
     out = dict(parts[0])
     seeds = sorted({s for r in runs.values() for s in r})
+    for p in parts:
+        p["config"].setdefault("schedules_run", list(SCHEDULES))
     out["config"] = {**parts[0]["config"], "seeds_planned": seeds, "seeds_done": seeds}
     out["summary"] = summaries(runs)
     out["runs"] = {k: {str(s): r for s, r in sorted(v.items())} for k, v in runs.items()}
@@ -203,6 +207,54 @@ def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     out["load_average"] = {"parts": [p["load_average"] for p in parts]}
     return out
+
+
+def committed_runs(sweep: dict[str, Any], origin: str) -> dict[str, dict[int, dict[str, Any]]]:
+    """The runs of a committed sensitivity results file (``--size-by-tau``) that are one of this
+    study's cells: same variant, τ, α, β, teachers and size, trained with the same schedule (its
+    held-out choice) by the same ``train_variant``; keyed like :func:`cell_key`. Their seeds (0-2)
+    are disjoint from this study's (300+)."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for n in SIZES:
+        chosen = sweep["schedules"].get(f"n={n}|frozen", {}).get("chosen")
+        names = [
+            k for k, v in SCHEDULES.items() if chosen and v[n] == (chosen["lr"], chosen["epochs"])
+        ]
+        if not names:
+            continue
+        base = sweep["baselines"][f"infonce|n={n}|frozen"]["runs"]
+        for schedule in names:
+            out[cell_key(schedule, n, None)] = {
+                int(s): {**r, "origin": origin} for s, r in base.items()
+            }
+            for cell in sweep["cells"].values():
+                spec = cell["spec"]
+                if (spec["variant"], spec["train_size"], spec["student"]) != ("cusa", n, "frozen"):
+                    continue
+                if (spec["alpha"], spec["beta"]) != (OFFICIAL["alpha"], OFFICIAL["beta"]):
+                    continue
+                if spec["tau"] in TAUS and spec["image_teacher"] == "efficientnet-lite0" and \
+                        spec["text_teacher"] == "all-mpnet-base-v2":  # fmt: skip
+                    out[cell_key(schedule, n, spec["tau"])] = {
+                        int(s): {**r, "origin": origin} for s, r in cell["runs"].items()
+                    }
+    return out
+
+
+def pooled(results: dict[str, Any], sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Summaries of this study's runs joined with the committed runs of the same cells (seeds
+    0-2 of the files in ``sweeps``), for the cells where this study has fewer than 8 seeds."""
+    runs = {k: {int(s): r for s, r in v.items()} for k, v in results["runs"].items()}
+    added: dict[str, list[int]] = {}
+    for origin, sweep in sweeps.items():
+        for key, by_seed in committed_runs(sweep, origin).items():
+            if len(runs.get(key, {})) >= 8:
+                continue
+            for seed, run in by_seed.items():
+                if seed not in runs.setdefault(key, {}):
+                    runs[key][seed] = run
+                    added.setdefault(key, []).append(seed)
+    return {"summary": summaries(runs), "added_seeds": added, "from": list(sweeps)}
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -234,15 +286,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
                     help="comma list of seeds (>= 8 for the headline claims)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES),
+                    help="comma list: run only these schedules (parts to --merge)")  # fmt: skip
     ap.add_argument("--no-extract", action="store_true",
                     help="the store is already filled: skip the extraction check")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS_JSON))
     ap.add_argument("--report", default=None, help="only print the table of a results file")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="join results files of disjoint seeds into --out")  # fmt: skip
+    ap.add_argument("--pool", nargs="+", default=None,
+                    help="with --merge: also summarise cells with < 8 seeds joined with the "
+                    "committed runs of these sensitivity results files")  # fmt: skip
     args = ap.parse_args(argv)
     if args.merge:
         merged = merge([json.loads(Path(p).read_text()) for p in args.merge])
+        if args.pool:
+            sweeps = {Path(p).name: json.loads(Path(p).read_text()) for p in args.pool}
+            merged["pooled_with_committed"] = pooled(merged, sweeps)
         write_json(Path(args.out), merged, indent=1)
         sys.stdout.write(markdown_table(merged) + "\n")
         return 0
@@ -270,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.store is None:
         ap.error("--store is required: the study reuses an extracted store")
-    results = run(cfg, args.store, args.train, seeds, Path(args.out), extract=not args.no_extract)
+    results = run(cfg, args.store, args.train, seeds, Path(args.out), extract=not args.no_extract,
+                  schedules=args.schedules.split(","))  # fmt: skip
     sys.stdout.write(markdown_table(results) + "\n")
     t = results["timings_s"]
     sys.stdout.write(f"wall {t['wall_total']:.0f} s, CPU {t['cpu_total_process']:.0f} s, "
