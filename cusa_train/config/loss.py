@@ -237,7 +237,7 @@ class LossConfig:
         128 for every teacher measured). In the sensitivity study (``docs/cusa_sensitivity.md``:
         150-600 COCO images, frozen towers, 95% intervals of the paired difference from InfoNCE)
         τ = 0.5 is the only setting whose interval is never below zero in the headline cells; it
-        helps with a longer schedule (lr 3e-3 x 40 epochs: +30.4 [+15.9, +44.8] RSUM at 600
+        helps with a longer schedule (lr 3e-3 x 40 epochs: +28.5 [+20.9, +36.1] RSUM at 600
         images, +11.2 [+3.4, +19.0] at 150) and does nothing measurable with InfoNCE's short one
         (-0.1 [-2.9, +2.7] at 600). It is an option to test, not a better default: the paper
         presets keep the official ``LossConfig()``; check it against InfoNCE on held-out training
