@@ -144,6 +144,7 @@ def _travelling_copy(dest: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.gpu_kit
 @pytest.mark.network
 @pytest.mark.timeout(3600)
 def test_kit_runs_the_check_on_a_bare_gpu_image_venv(tmp_path):

@@ -92,8 +92,10 @@ def test_tiny_official_clip_features_match_step0(golden, tiny_weights):
     finally:
         torch.set_num_threads(threads)
     assert image.shape == text.shape == (8, student.image_dim) == (8, 32)
-    torch.testing.assert_close(image, step["clip_image_features"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(text, step["clip_text_features"], rtol=0, atol=1e-6)
+    # The fixture's README: expect agreement to about 1e-5, relative (float32 kernels differ by
+    # machine; one element here lands 1.2e-6 away, absolute).
+    torch.testing.assert_close(image, step["clip_image_features"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(text, step["clip_text_features"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(text_int32, text, rtol=0, atol=0)
 
 
