@@ -297,16 +297,24 @@ class FeatureStore:
         return self.scan()[1]
 
     def find_group(
-        self, dataset: str, split: str, teacher: str, dtype: str | None = None
+        self,
+        dataset: str,
+        split: str,
+        teacher: str,
+        dtype: str | None = None,
+        *,
+        expected_label: str = "expected",
     ) -> FeatureGroup:
         """The group of ``teacher`` (a name, a fingerprint, ``name@fingerprint`` or the group's
         folder name such as ``name@fingerprint-float32``).
 
         Args:
             dtype: only groups of this dtype, when a teacher is stored in several.
+            expected_label: how a dtype mismatch names the expectation (e.g. ``"configured"``).
 
         Raises:
             StoreError: no such group, or the name matches several groups.
+            StoreSpecMismatchError: ``teacher`` is stored, but only in other dtypes than ``dtype``.
             BrokenGroupError: the only matching group is malformed; the message says how.
         """
         good, broken = self.scan()
@@ -326,6 +334,15 @@ class FeatureStore:
                 leaf = b.rel.rsplit("/", 1)[-1]
                 if b.rel.startswith(prefix) and teacher in (name, fp, f"{name}@{fp}", leaf):
                     raise BrokenGroupError(b.error)
+            others = sorted({str(g.spec["dtype"]) for g in candidates if g.matches(teacher)})
+            if dtype and others:  # the teacher is there, in another dtype: a spec mismatch
+                stored = repr(others[0]) if len(others) == 1 else f"one of {others}"
+                raise StoreSpecMismatchError(
+                    f"store {self.url!r} holds teacher {teacher!r} for {dataset}/{split} only "
+                    f"in {', '.join(others)} (dtype: store {stored} != {expected_label} "
+                    f"{dtype!r}); extract it with `cusa extract ... --dtype {dtype}`, or ask "
+                    f"for the stored dtype ({', '.join(others)})"
+                )
             wanted = f"teacher {teacher!r}" + (f" in {dtype}" if dtype else "")
             raise StoreError(
                 f"store {self.url!r} has no features of {wanted} for {dataset}/{split}; "

@@ -118,7 +118,7 @@ class FeatureLookup:
         )
         if dtype is None and given and given.get("dtype"):  # e.g. teachers.text_spec.dtype
             dtype = str(given["dtype"])
-        group = fs.find_group(dataset, split, teacher, dtype=dtype)
+        group = fs.find_group(dataset, split, teacher, dtype=dtype, expected_label=expected_label)
         if given is not None:
             diff = spec_diff(group.spec, given, subset=True)
             if diff:
