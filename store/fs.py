@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import StoreError
+from ..errors import RemoteStorageError, StoreError
 from .layout import PUBLISHED_INDEX
 
 #: Seconds a network connect or read may wait before it fails (``CUSA_NET_TIMEOUT`` overrides).
@@ -39,6 +39,19 @@ COPY_BLOCK_BYTES = 8 * 2**20
 
 class StoreUnreachableError(StoreError):
     """A remote store's host could not be reached, or stopped answering, within the timeout."""
+
+
+class StoreCredentialsError(StoreError, RemoteStorageError):
+    """Object storage needs credentials that are missing or name no profile (CLI exit 6)."""
+
+
+#: botocore's exceptions for credentials that are absent, incomplete or name no profile.
+_CREDENTIALS_ERRORS = (
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "ProfileNotFound",
+    "CredentialRetrievalError",
+)
 
 
 class ReadOnlyStoreError(StoreError):
@@ -96,9 +109,16 @@ def network_errors(what: str) -> Iterator[None]:
     except (FileNotFoundError, StoreError):
         raise
     except Exception as exc:
+        detail = " ".join(str(exc).split())[:200] or "no answer"
+        if _is_credentials_error(exc):
+            raise StoreCredentialsError(
+                f"cannot read {what!r}: no usable AWS credentials ({type(exc).__name__}: "
+                f"{detail}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE to "
+                "a profile in ~/.aws/credentials (unset an empty AWS_PROFILE), and "
+                "AWS_ENDPOINT_URL for a non-AWS host, then run the command again"
+            ) from exc
         if not _is_net_error(exc):
             raise
-        detail = " ".join(str(exc).split())[:200] or "no answer"
         raise StoreUnreachableError(
             f"cannot read {what!r}: {type(exc).__name__}: {detail}; the host is unreachable, "
             f"refused access or stopped answering (timeout {net_timeout():g}s, "
@@ -109,6 +129,13 @@ def network_errors(what: str) -> Iterator[None]:
 
 #: Libraries whose exceptions are network or remote-access failures (HTTP clients, the Hub).
 _NET_MODULES = ("aiohttp", "httpx", "httpx2", "requests", "urllib3", "huggingface_hub", "botocore")
+
+
+def _is_credentials_error(exc: BaseException) -> bool:
+    return any(
+        k.__module__.split(".", 1)[0] == "botocore" and k.__name__ in _CREDENTIALS_ERRORS
+        for k in type(exc).__mro__
+    )
 
 
 def _is_net_error(exc: BaseException) -> bool:
@@ -342,40 +369,13 @@ class StoreFS:
                 chunk and both hashes; nothing is left at ``target``).
             StoreUnreachableError: the host went away or stopped answering mid-copy.
         """
-        digest = hashlib.sha256()
-        copied = 0
-
-        def blocks() -> Iterator[bytes]:
-            nonlocal copied
-            with self.open_read(rel) as fh:
-                while True:
-                    block = fh.read(COPY_BLOCK_BYTES)
-                    if not block:
-                        return
-                    digest.update(block)
-                    copied += len(block)
-                    if progress is not None:
-                        progress(len(block))
-                    yield block
-
-        tmp = _write_partial(target, blocks())
+        blocks = CheckedBlocks(self, rel, size=size, sha256=sha256, progress=progress)
+        tmp = _write_partial(target, blocks)
         try:
-            got = digest.hexdigest()
-            if size is not None and copied != size:
-                raise StoreError(
-                    f"chunk {self.display(rel)!r} has {copied} bytes, expected {size}; it is "
-                    "truncated or was replaced - ask its publisher to re-publish it"
-                )
-            if sha256 is not None and got != sha256:
-                raise StoreError(
-                    f"chunk {self.display(rel)!r} does not match its recorded SHA-256 (got "
-                    f"{got[:16]}..., recorded {sha256[:16]}...); it was changed or damaged - "
-                    "refused; ask its publisher to re-publish it"
-                )
             os.replace(tmp, target)
         finally:
             _unlink_quietly(tmp)
-        return got
+        return blocks.sha256
 
     def du(self, rel: str) -> int:
         """Bytes of every file under ``rel``."""
@@ -508,6 +508,53 @@ class StoreFS:
 
 #: Chunks at least this large show a progress bar while they are copied (on a terminal).
 PROGRESS_MIN_BYTES = 64 * 2**20
+
+
+class CheckedBlocks:
+    """The blocks of one file, streamed, with its size and SHA-256 checked at the end.
+
+    Iterating yields ``COPY_BLOCK_BYTES`` blocks; after the last one a size or SHA-256 that
+    differs from the expected one raises :class:`StoreError` naming the file and both values, so
+    a writer consuming the blocks (``_write_partial``, ``write_stream_atomic``) removes its
+    temporary file and nothing becomes visible. ``sha256`` and ``nbytes`` hold what was read.
+    """
+
+    def __init__(
+        self,
+        sfs: StoreFS,
+        rel: str,
+        *,
+        size: int | None = None,
+        sha256: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.sfs, self.rel, self.size, self.expected = sfs, rel, size, sha256
+        self.progress = progress
+        self.nbytes = 0
+        self.sha256 = ""
+
+    def __iter__(self) -> Iterator[bytes]:
+        digest = hashlib.sha256()
+        with self.sfs.open_read(self.rel) as fh:
+            while block := fh.read(COPY_BLOCK_BYTES):
+                digest.update(block)
+                self.nbytes += len(block)
+                if self.progress is not None:
+                    self.progress(len(block))
+                yield block
+        self.sha256 = digest.hexdigest()
+        what = self.sfs.display(self.rel)
+        if self.size is not None and self.nbytes != self.size:
+            raise StoreError(
+                f"{what!r} has {self.nbytes} bytes, expected {self.size}; it is truncated or was "
+                "replaced - refused; ask its publisher to re-publish it"
+            )
+        if self.expected is not None and self.sha256 != self.expected:
+            raise StoreError(
+                f"{what!r} does not match its recorded SHA-256 (got {self.sha256[:16]}..., "
+                f"recorded {self.expected[:16]}...); it was changed or damaged - refused; ask "
+                "its publisher to re-publish it"
+            )
 
 
 def fetch_verified(sfs: StoreFS, rel: str, target: str, sha256: str | None) -> str:
