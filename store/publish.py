@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from .fs import (
     COPY_BLOCK_BYTES,
     PUBLISHED_FORMAT,
     PUBLISHED_INDEX_VERSION,
+    CheckedBlocks,
     StoreFS,
     is_writable_url,
     read_published_index,
@@ -191,32 +192,9 @@ def copy_file(
     With ``sha256``/``size`` given, a copy whose bytes differ is refused before it becomes
     visible (the error names the file and both hashes).
     """
-    digest = hashlib.sha256()
-    count = 0
-
-    def blocks() -> Iterator[bytes]:
-        nonlocal count
-        with src.open_read(rel) as fh:
-            while block := fh.read(COPY_BLOCK_BYTES):
-                digest.update(block)
-                count += len(block)
-                if progress is not None:
-                    progress(len(block))
-                yield block
-        got = digest.hexdigest()
-        if size is not None and count != size:
-            raise StoreError(
-                f"{src.path(rel)!r} has {count} bytes, the index records {size}; it is "
-                "truncated or was replaced - refused (ask its publisher to re-publish)"
-            )
-        if sha256 is not None and got != sha256:
-            raise StoreError(
-                f"{src.path(rel)!r} does not match its recorded SHA-256 (got {got[:16]}..., "
-                f"recorded {sha256[:16]}...); it was changed or damaged - refused"
-            )
-
-    dst.write_stream_atomic(rel, blocks())
-    return count, digest.hexdigest()
+    blocks = CheckedBlocks(src, rel, size=size, sha256=sha256, progress=progress)
+    dst.write_stream_atomic(rel, blocks)
+    return blocks.nbytes, blocks.sha256
 
 
 def file_sha256(sfs: StoreFS, rel: str) -> str:
