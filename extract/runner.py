@@ -18,7 +18,8 @@ from ..errors import ConfigError, StoreError
 from ..readers import DATASETS, open_dataset
 from ..readers.base import DatasetReader, ShardRef
 from ..store import FeatureGroup, FeatureStore
-from ..store.spec import TeacherSpec
+from ..store.layout import parse_group_leaf
+from ..store.spec import FINGERPRINT_FIELDS, TeacherSpec, spec_diff, spec_fingerprint
 from .batches import Runner, RunnerJob, load_teachers
 from .job import (
     MODALITIES,
@@ -32,6 +33,7 @@ from .job import (
 )
 from .local_runner import run_local
 from .progress import NullProgress, ProgressSink
+from .teachers.registry import get_teacher_entry
 from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -216,8 +218,13 @@ def finished_groups(
 
     Finished means: for each modality, exactly one group of this dataset and split in the store
     has the configured teacher name, dtype and caption mode, records this dataset's manifest
-    hash, is sealed and has committed every shard. With ``--image-teacher-weights`` the weights'
-    hash is part of the group's fingerprint, so the teachers are loaded to check it.
+    hash, is sealed and has committed every shard. Its recorded spec must also agree with what
+    the registry declares of the teacher without loading it (modality, output kind,
+    ``normalized``) and still hash to the fingerprint in its folder name (attributes edited to
+    another model, weights or preprocessing do not); otherwise the teachers are loaded and
+    :func:`open_groups` refuses the mismatch with the differing fields. A teacher that declares
+    no ``normalized``, and ``--image-teacher-weights`` (the weights' hash is part of the
+    fingerprint), are loaded to check as well.
     """
     if config.image_teacher_weights:
         return None
@@ -228,6 +235,9 @@ def finished_groups(
     groups = [g for g in store.groups() if g.dataset == reader.name and g.split == reader.split]
     found: dict[RowKind, FeatureGroup] = {}
     for kind, name in config.teacher_names().items():
+        known = {**get_teacher_entry(name).info.known_spec(), "dtype": config.dtype}
+        if "normalized" not in known:  # only the built teacher can tell: load it to check
+            return None
         info = reader.manifest_info(modality=kind)
         manifest_hash = info["hash"] if info else reader.manifest_hash()
         caption_mode = "raw" if config.raw_captions else "pre_caption"
@@ -243,13 +253,24 @@ def finished_groups(
             return None
         group = matches[0]
         if (
-            group.attrs.get("manifest_hash") != manifest_hash
+            spec_diff(group.spec, known, subset=True)  # the open_groups path names the fields
+            or not _spec_matches_folder(group)
+            or group.attrs.get("manifest_hash") != manifest_hash
             or not group.sealed
             or not all(group.is_committed(s.key) for s in shards)
         ):
             return None
         found[kind] = group
     return found
+
+
+def _spec_matches_folder(group: FeatureGroup) -> bool:
+    """Does the group's recorded spec still hash to the fingerprint its folder name carries?"""
+    spec = group.spec
+    if not all(k in spec for k in FINGERPRINT_FIELDS):
+        return False
+    path_fp = parse_group_leaf(group.leaf)[1]
+    return spec_fingerprint(spec) == path_fp == group.attrs.get("fingerprint")
 
 
 def extract(

@@ -38,16 +38,25 @@ _ARCH_SLUGS = {
 }
 
 
-def _register(name, factory, check, fetch, *, stand_in=False, **info):
+def _register(name, factory, check, fetch, *, stand_in=False, normalized=True, **info):
     """Register a built-in teacher; each is stored as float16 by default.
 
+    ``normalized``: whether its features are L2-normalised, as its spec will say (declared so
+    that a re-run can check a finished group's spec without loading the teacher).
     ``info``: the other :class:`TeacherInfo` fields (``modality``, ``dim``, ``output_kind``,
     ``weights_source``, ``description``).
     """
     register_teacher(
         name,
         factory,
-        TeacherInfo(name=name, default_dtype="float16", stand_in=stand_in, check=check, **info),
+        TeacherInfo(
+            name=name,
+            default_dtype="float16",
+            stand_in=stand_in,
+            check=check,
+            normalized=normalized,
+            **info,
+        ),
         fetch=fetch,
     )
 
@@ -117,6 +126,7 @@ def _register_unicom() -> None:
                 functools.partial(unicom_weights_available, arch),
                 functools.partial(_fetch_unicom, arch),
                 modality="image", dim=dim, output_kind=kind, weights_source=source,
+                normalized=kind != "tokens",  # raw tokens are stored as they come
                 description=f"Unicom {arch}: {desc}{paper}",
             )  # fmt: skip
 

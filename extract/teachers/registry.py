@@ -46,6 +46,8 @@ class TeacherInfo:
         stand_in: True for offline stand-ins that are not the paper's teachers.
         description: one line.
         check: cheap "are the weights on this machine now" test (no hashing, no loading).
+        normalized: whether the features are L2-normalised (the spec's ``normalized``), when the
+            teacher declares it; ``None``: known only once the teacher is built.
     """
 
     name: str
@@ -57,6 +59,17 @@ class TeacherInfo:
     stand_in: bool = False
     description: str = ""
     check: Callable[[], bool] = field(default=_always_false, repr=False, compare=False)
+    normalized: bool | None = None
+
+    def known_spec(self) -> dict[str, Any]:
+        """The fields of this teacher's :class:`~cusa.store.spec.TeacherSpec` known without
+        loading it: name and modality, and output kind and ``normalized`` where declared."""
+        known: dict[str, Any] = {"name": self.name, "modality": self.modality}
+        if self.output_kind:
+            known["output_kind"] = self.output_kind
+        if self.normalized is not None:
+            known["normalized"] = self.normalized
+        return known
 
     def available(self) -> bool:
         """Are the weights on this machine now (cheap: file/package presence only)?"""

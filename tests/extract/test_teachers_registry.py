@@ -144,6 +144,9 @@ def test_teacher_contract(name, offline_teachers, coco_example):
     info = registry_mod.get_teacher_entry(name).info
     assert (t.spec.name, t.spec.modality, t.spec.dim) == (name, info.modality, info.dim)
     assert t.modality == info.modality and len(t.spec.weights_sha256) == 64
+    # What the registry declares without loading (a finished re-run checks a group by it).
+    known = info.known_spec()
+    assert "normalized" in known and {k: t.spec.to_dict()[k] for k in known} == known
     json.dumps(t.spec.to_dict())  # serialisable for the store
     if t.modality == "image":
         items = [p.read_bytes() for p in sorted((coco_example / "pics").glob("*.jpg"))[:3]]
