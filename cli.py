@@ -83,6 +83,7 @@ app.add_typer(datasets.app, name="datasets")
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     verbose: Annotated[
         bool,
         typer.Option(
@@ -108,9 +109,23 @@ def _main(
     )
     logging.getLogger("cusa").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
-        # The weight-loading bars of huggingface_hub/transformers interleave with ours.
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # The weight-loading bars of huggingface_hub/transformers interleave with ours. Set for
+        # this command only (and its child processes): a caller running the CLI in-process
+        # (tests, scripts) gets its environment back, so a later `import transformers` keeps
+        # its own progress-bar and verbosity defaults.
+        quiet = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        before = {k: os.environ.get(k) for k in quiet}
+        for key, value in quiet.items():
+            os.environ.setdefault(key, value)
+        ctx.call_on_close(lambda: _restore_env(before))
+
+
+def _restore_env(before: dict[str, str | None]) -> None:
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def main() -> None:

@@ -35,8 +35,12 @@ class RecordingProgress:
         return None
 
 
-def test_library_extract_prints_nothing_and_bars_agree_with_the_summary(tmp_path, capfd):
+def test_library_extract_prints_nothing_and_bars_agree_with_the_summary(tmp_path, capfd, request):
     transformers_logging = pytest.importorskip("transformers.utils.logging")
+    # The caller's setting: bars on, whatever an earlier test or import left (put back after).
+    if not transformers_logging.is_progress_bar_enabled():
+        request.addfinalizer(transformers_logging.disable_progress_bar)
+    transformers_logging.enable_progress_bar()
     assert transformers_logging.is_progress_bar_enabled()
     progress = RecordingProgress()
     config = ExtractConfig(
