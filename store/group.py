@@ -416,6 +416,10 @@ class FeatureGroup:
                     )
                 )
             return segs
+        return self._part_segments(self.commit_records())
+
+    def _part_segments(self, records: list[dict[str, Any]]) -> list[Segment]:
+        """The committed parts of ``records`` as segments, in row order of an unsealed group."""
         return [
             Segment(
                 f"{self.rel}/parts/{r['part']}/features/c/0/0",
@@ -424,7 +428,7 @@ class FeatureGroup:
                 f"{self.rel}/parts/{r['part']}/sample_id",
                 0,
             )
-            for r in self.commit_records()
+            for r in records
             if r["rows"] > 0
         ]
 
@@ -506,7 +510,15 @@ class FeatureGroup:
         raise AssertionError("unreachable")
 
     def _seal(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        segs = self.segments()
+        existing = self.sealed
+        if existing:
+            # A writer that lost the race: the other's seal record is the answer, and its
+            # arrays, index and manifest are left as they are (never rebuilt from themselves).
+            return existing
+        # The parts of ``records``, never ``segments()``: that would turn into the sealed chunks
+        # if another writer seals meanwhile. A part it removes then fails the read
+        # (FileNotFoundError), and ``seal`` answers with that writer's record.
+        segs = self._part_segments(records)
         # Arrow arrays, never a Python string per id (sealing 100M rows: cusa.store.sealing)
         order, sorted_ids = sort_unique_ids(read_segment_ids(self, segs), self.url)
         chunk_rows, chunk_sha = write_sorted_arrays(
