@@ -310,6 +310,8 @@ def extract(
         log.info(
             "%s/%s: every shard is committed and sealed; nothing to do", reader.name, reader.split
         )
+        for group in done.values():
+            group.seal()  # already sealed: only removes what a killed writer left (*.partial, parts/)
         summary = ExtractSummary(
             dataset=reader.name, split=reader.split, runner=runner, runner_reason=choice.reason,
             store=next(iter(done.values())).store.url, groups={k: g.url for k, g in done.items()},

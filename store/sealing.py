@@ -343,10 +343,25 @@ def check_id_index(group: Any) -> tuple[list[str], list[str]]:
             f"{rel}: no {ID_INDEX} (sealed by an older cusa): every lookup reads all its ids "
             "when it opens; `cusa store reindex` writes the index"
         ]
-    if not fs.is_local:
-        return [], [f"{rel}: {ID_INDEX} is checked on local stores only"]
+    if fs.is_local:
+        return _check_index_file(group, fs.local_path(f"{rel}/{ID_INDEX}"), fix)
+    # An object store: the index is checked from a local copy (a temporary file, removed after).
+    with tempfile.TemporaryDirectory(prefix="cusa-verify-") as tmp:
+        local = os.path.join(tmp, ID_INDEX)
+        try:
+            fs.copy_to_local(
+                f"{rel}/{ID_INDEX}", local, sha256=fs.recorded_sha256(f"{rel}/{ID_INDEX}")
+            )
+        except StoreError as exc:
+            return [f"{rel}: {ID_INDEX} is unusable ({exc}); {fix}"], []
+        return _check_index_file(group, local, fix)
+
+
+def _check_index_file(group: Any, path: str, fix: str) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)`` of the id index file at the local ``path`` of ``group``."""
+    rel = group.rel
     try:
-        index, header = open_index_file(fs.local_path(f"{rel}/{ID_INDEX}"))
+        index, header = open_index_file(path)
         check_index_header(header, group)
     except StoreError as exc:
         return [f"{rel}: {ID_INDEX} is unusable ({exc}); {fix}"], []
