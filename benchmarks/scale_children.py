@@ -30,7 +30,7 @@ class _CommitClock:
     def start(self, totals: dict[str, int | None]) -> None:
         return None
 
-    def advance(self, stage: str, n: int = 1) -> None:
+    def advance(self, stage: str, n: int = 1, rate: float | None = None) -> None:
         if stage == "read":
             self.commits.append((time.perf_counter(), n))
         elif stage.endswith("teacher") and self.first_batch is None:
