@@ -58,6 +58,9 @@ class FeatureLookup:
         self.spec: dict[str, Any] = dict(group.spec)
         self.dim = group.dim
         self.dtype = group.dtype
+        # int8 groups gather float32 rows, dequantised (cusa.store.quant); decided once here,
+        # not per batch (a dtype comparison costs about 1 us of every gather_rows call).
+        self._int8 = self.dtype == np.int8
         self._cache_dir = Path(cache_dir) if cache_dir else segments_dir()
         for attempt in range(3):
             # A writer may seal the group (and remove its parts) while we open it; then the
@@ -205,7 +208,7 @@ class FeatureLookup:
         return self.gather_rows(self.rows(sample_ids))
 
     def gather_rows(self, rows: np.ndarray) -> np.ndarray:
-        if self.dtype == np.int8:  # int8 groups: float32 rows, dequantised (cusa.store.quant)
+        if self._int8:
             return gather_dequantized(self, rows)
         maps = self._views if self._views is not None else self._plain_views()
         if len(maps) == 1:
