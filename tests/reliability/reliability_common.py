@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +28,26 @@ SAMPLE = dict(
     device="cpu",
 )
 SAMPLE_SHARDS = 4
+
+
+#: The longest one-line message a refusal may print (docs/reliability.md).
+MAX_MESSAGE = 500
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging (a FIFO read, an endless walk)."""
+
+    def boom(*_):
+        raise TimeoutError(f"still running after {seconds} s (a hang)")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def sample_config(store: str | os.PathLike, **changes: Any) -> ExtractConfig:

@@ -10,35 +10,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from reliability_common import MAX_MESSAGE, deadline
 
 from cusa.errors import DatasetError
 from cusa.readers import coco_sample_root
 from cusa_train.evaluation.image_benchmarks import get_image_benchmark
 from cusa_train.evaluation.sts_benchmarks import SENTEVAL_STS_TASKS, load_sts_task
-
-MAX_MESSAGE = 500
-
-
-@contextmanager
-def _deadline(seconds: int) -> Iterator[None]:
-    """Fail instead of hanging (a FIFO read, an endless walk)."""
-
-    def boom(*_):
-        raise TimeoutError(f"still running after {seconds} s (a hang)")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _pics() -> list[Path]:
@@ -132,7 +113,7 @@ def test_hostile_benchmark_inputs_are_refused_without_hanging(tmp_path, case, re
     root.mkdir()
     make(root)
     message = ""
-    with _deadline(60):
+    with deadline(60):
         try:
             split = get_image_benchmark(bench).open(root)
         except DatasetError as exc:
@@ -208,7 +189,7 @@ def test_hostile_senteval_files_are_refused(tmp_path, case, reliability_log):
     make, expected = _STS_CASES[case]
     make(tmp_path)
     message = ""
-    with _deadline(60):
+    with deadline(60):
         try:
             load_sts_task(tmp_path, _task("STSBenchmark"))
         except DatasetError as exc:

@@ -10,35 +10,18 @@ library call it reaches, in one parametrised test.
 from __future__ import annotations
 
 import os
-import signal
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from reliability_common import MAX_MESSAGE, deadline
 from typer.testing import CliRunner
 
 from cusa.cli import app
 from cusa.errors import ConfigError, WeightsError
 from cusa.weights import load_state_dict, weights_file
 from cusa_train.config.parsing import MAX_CONFIG_VALUES, apply_overrides, load_mapping
-
-MAX_MESSAGE = 500
-
-
-@contextmanager
-def _deadline(seconds: int) -> Iterator[None]:
-    def boom(*_):
-        raise TimeoutError(f"still running after {seconds} s (a hang)")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _fifo(tmp: Path, name: str) -> Path:
@@ -118,7 +101,7 @@ def _cli(consumer: str, path: Path) -> Any:
 def test_config_and_weights_files_are_named_for_what_they_are(tmp_path, case, reliability_log):
     make, consumer, expected = _CASES[case]
     path = make(tmp_path, "cfg.yaml" if consumer == "config" else "w.pt")
-    with _deadline(60):
+    with deadline(60):
         said = {"library": _library(consumer, path)}
         if consumer == "weights":
             try:
@@ -142,7 +125,7 @@ def test_config_and_weights_files_are_named_for_what_they_are(tmp_path, case, re
 
 
 def test_a_billion_laughs_set_value_is_refused_fast(reliability_log):
-    with _deadline(30):
+    with deadline(30):
         try:
             apply_overrides({}, ["data.split=" + "{" + _laughs().replace("\n", ", ") + "}"])
             message = ""
