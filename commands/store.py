@@ -352,7 +352,7 @@ def reindex_cmd(
     written under a temporary name and renamed; a second reindex of a group at the same time is
     refused.
     """
-    from ..store.sealing import reindex_group
+    from ..store.reindex import reindex_group
 
     fs = _open_store(store_arg(store, store_pos))
     if teacher is not None:

@@ -29,9 +29,9 @@ from .id_index import IdIndex, open_index_file
 from .integrity import check_group  # what verify refuses, readers refuse too
 from .layout import ID_INDEX, Segment
 from .quant import gather_dequantized
+from .reindex import check_index_header
 from .sealing import (
     build_index_from_ids,
-    check_index_header,
     empty_ids,
     read_sealed_ids,
     read_segment_ids,

@@ -40,7 +40,7 @@ from .group import FeatureGroup
 from .integrity import array_meta_problems
 from .layout import MANIFEST, SEALED, Segment, parse_group_leaf, safe_name
 from .quant import unit_scales
-from .sealing import check_id_index
+from .reindex import check_id_index
 from .spec import FINGERPRINT_FIELDS, spec_fingerprint
 
 log = logging.getLogger(__name__)

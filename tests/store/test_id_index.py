@@ -20,7 +20,7 @@ from cusa.store import FeatureLookup, sealing
 from cusa.store import id_index as id_index_mod
 from cusa.store.id_index import mlh64, open_index_file, read_index_header
 from cusa.store.layout import ID_INDEX, ID_INDEX_LOCK
-from cusa.store.sealing import reindex_group
+from cusa.store.reindex import reindex_group
 from cusa.store.verify import verify_group
 
 ODD_IDS = [
