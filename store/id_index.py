@@ -6,10 +6,15 @@ A sealed group carries ``id_index.bin`` (see :mod:`cusa.store.layout`), which
 * ``hashes`` (N,) ``<u8``: a 64-bit hash of every id's UTF-8 bytes, sorted;
 * ``rows`` (N,) ``<u4`` (``<u8`` from 2**32 rows): the row of each hash entry;
 * ``offsets`` (N+1,) ``<i8`` and ``blob``: the id bytes in row order (the sealed rows
-  are sorted by id), so a hash hit is confirmed by comparing the id bytes themselves.
+  are sorted by id), so a hash hit is confirmed by comparing the id bytes themselves;
+* ``buckets`` (2**b+1,) ``<u4`` (``<u8`` from 2**32 rows): where the hashes of each value of
+  their top ``b`` bits start, ``2**b`` between N/2 and N (2-4 bytes per id). A file without
+  it (written before it existed) is searched with ``np.searchsorted`` instead.
 
-A lookup hashes the query ids in one vectorised pass, finds them with ``np.searchsorted`` over
-the mapped hashes and compares their bytes with the mapped blob; equal hashes of different ids
+A lookup hashes the query ids in one vectorised pass, reads the bucket of each hash and finds
+it among the few hashes of that bucket (at most ``bucket_max``, counted when the index is
+built): two random reads per id however large N is, where a binary search makes ~log2(N). It
+then compares the ids' bytes with the mapped blob; equal hashes of different ids
 (collisions) sit next to each other and are probed, at most ``max_run`` entries (counted when
 the index is built). Nothing in it is a Python object, so forked DataLoader workers share its
 pages instead of copying them (reading a Python object writes its reference count).
@@ -17,6 +22,7 @@ pages instead of copying them (reading a Python object writes its reference coun
 The hash (``mlh64-v1``) is multilinear over the id bytes with fixed 64-bit keys (splitmix64 of
 the byte position): at most 2**-57 per pair of ids (see :func:`mlh64`). Groups being written (unsealed) and sealed groups without the file
 (sealed by an older cusa) get the same index built in memory when a lookup opens them.
+Sealing writes the file with :class:`IndexFileBuilder`, whose memory does not grow with N.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -86,8 +93,9 @@ def mlh64(
     n = len(starts)
     if len(data) == 0:
         return np.zeros(n, dtype=np.uint64)
-    keys = _keys(int(positions.max()) + 1)
-    prod = np.take(keys, positions)  # (T,) uint64; products wrap mod 2**64
+    # every position is below len(data): the cached keys cover them without a max() pass
+    keys = _keys_cache if len(data) <= len(_keys_cache) else _keys(int(positions.max()) + 1)
+    prod = keys.take(positions)  # (T,) uint64; products wrap mod 2**64
     prod *= data.astype(np.uint64)
     if lengths is None:  # separated ids: every start is inside data
         return np.add.reduceat(prod, starts)
@@ -144,27 +152,31 @@ class _Query:
     __slots__ = ("data", "starts", "lengths", "span", "positions", "seps")
 
     def __init__(self, sample_ids: Sequence[Any]) -> None:
+        # Per batch of ~128 ids each numpy call's overhead (~1 us) is what this costs: few calls.
         n = len(sample_ids)
-        data = None
-        with contextlib.suppress(TypeError, UnicodeEncodeError):
+        try:
             # Fast path: one C call joins and encodes the whole batch; 0 bytes separate the ids.
             data = ("\x00".join(sample_ids) + "\x00").encode("utf-8")
+        except (TypeError, UnicodeEncodeError):  # bytes ids, lone surrogates
+            data = None
         if data is not None:
             arr = np.frombuffer(data, dtype=np.uint8)
-            seps = np.flatnonzero(arr == 0)
+            seps = (arr == 0).nonzero()[0]
             if len(seps) != n:  # an id holds a NUL character itself
                 data = None
         if data is None:
             self._slow(sample_ids)
             return
-        starts = np.empty(n, dtype=np.int64)
-        starts[:1] = 0
-        starts[1:] = seps[:-1] + 1
+        span = np.empty(n, dtype=np.int64)  # each id's bytes and its separator
+        span[0] = seps[0] + 1
+        np.subtract(seps[1:], seps[:-1], out=span[1:])  # (np.diff with prepend: 6x slower)
+        starts = seps - span
+        starts += 1
         self.data = arr
         self.starts = starts
-        self.lengths = seps - starts
-        self.span = self.lengths + 1
-        self.positions = np.arange(len(arr), dtype=np.int64) - np.repeat(starts, self.span)
+        self.lengths = span - 1
+        self.span = span
+        self.positions = np.arange(len(arr), dtype=np.int64) - starts.repeat(span)
         self.seps = seps
 
     def _slow(self, sample_ids: Sequence[Any]) -> None:
@@ -199,6 +211,9 @@ class IdIndex:
         offsets: (N+1,) id byte offsets into ``blob``, in row order.
         blob: uint8 id bytes.
         max_run: longest run of equal hashes (1 without collisions).
+        buckets: (2**b+1,) start of each bucket of hashes (see :func:`bucket_table`); None
+            (a file written before buckets existed): lookups binary-search the hashes.
+        bucket_max: the most hashes in one bucket.
     """
 
     def __init__(
@@ -210,6 +225,8 @@ class IdIndex:
         max_run: int,
         hash_name: str = DEFAULT_HASH,
         path: str | None = None,
+        buckets: np.ndarray | None = None,
+        bucket_max: int = 0,
     ) -> None:
         self.hashes, self.rows_of_hash = hashes, rows
         self.offsets = np.asarray(offsets, dtype=np.int64)  # a view when already int64
@@ -218,13 +235,20 @@ class IdIndex:
         self.hash_name = hash_name
         self._hash = _hash_fn(hash_name)
         self.path = path  # set when memory-mapped from a file
+        self.buckets = buckets
+        self._window: np.ndarray | None = None
+        if buckets is not None and len(hashes):
+            bits = (len(buckets) - 1).bit_length() - 1
+            self._shift = np.uint64(64 - bits) if bits else None  # None: one bucket
+            self._window = np.arange(max(1, int(bucket_max)), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.hashes)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.hashes, self.rows_of_hash, self.offsets, self.blob))
+        arrays = (self.hashes, self.rows_of_hash, self.offsets, self.blob, self.buckets)
+        return sum(a.nbytes for a in arrays if a is not None)
 
     @classmethod
     def build(
@@ -244,10 +268,12 @@ class IdIndex:
         hashes = hash_ids(offsets, blob, hash_name)
         order = np.argsort(hashes, kind="stable")
         hashes = np.take(hashes, order)  # the unsorted hashes are freed here
-        rows = order.astype(np.uint32 if len(order) < 2**32 else np.uint64)
+        rows = order.astype(_rows_dtype(len(order)))
         del order
         max_run = _check_runs(hashes, rows, offsets, blob, what)
-        return cls(hashes, rows, offsets, blob, max_run, hash_name)
+        buckets = bucket_table(hashes, bucket_bits(len(hashes)))
+        bucket_max = int(np.diff(buckets).max()) if len(hashes) else 0
+        return cls(hashes, rows, offsets, blob, max_run, hash_name, None, buckets, bucket_max)
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -259,25 +285,44 @@ class IdIndex:
         q = _Query(sample_ids)
         # With separators every id, empty ones too, starts inside the stream: no length fix-up.
         qh = self._hash(q.data, q.starts, q.positions, None if q.seps is not None else q.lengths)
-        pos = np.searchsorted(self.hashes, qh)
-        np.minimum(pos, len(self.hashes) - 1, out=pos)
-        hit = np.take(self.hashes, pos) == qh
-        rows = np.take(self.rows_of_hash, pos).astype(np.int64)
+        pos = self._first_at_or_after(qh)
+        # "clip": a hash past the last one reads the last entry, which then differs
+        hit = self.hashes.take(pos, mode="clip") == qh
+        rows = self.rows_of_hash.take(pos, mode="clip").astype(np.int64)
         found = hit & self._same_bytes(q, rows)
         if not found.all():
             self._probe(q, qh, pos, hit, found, rows)
             rows[~found] = -1
         return rows, found
 
+    def _first_at_or_after(self, qh: np.ndarray) -> np.ndarray:
+        """(n,) int64: where each hash of ``qh`` is, or would be, in the sorted hashes (N when
+        past the last one).
+
+        Methods (``a.take``), not ``np.take``, and ``mode="clip"`` rather than a bounds pass:
+        the batches are small (128 ids), so each numpy call's overhead is what this costs.
+        """
+        if self._window is None:  # no bucket table: a binary search, ~log2(N) reads per id
+            return np.searchsorted(self.hashes, qh)
+        # The bucket of each hash, then the first hash of the window from there that is not
+        # smaller: the window (the bucket and what follows) is sorted, so that is argmin of
+        # "smaller". All smaller (argmin 0): the hash is not in its bucket, and the entry at
+        # the bucket's start, which differs from it, says so.
+        if self._shift is None:
+            lo = np.zeros(len(qh), dtype=np.int64)
+        else:
+            lo = self.buckets.take((qh >> self._shift).view(np.int64)).astype(np.int64)
+        win = self.hashes.take(lo[:, None] + self._window, mode="clip")  # (n, bucket_max)
+        return lo + (win < qh[:, None]).argmin(axis=1)
+
     def _same_bytes(self, q: _Query, rows: np.ndarray) -> np.ndarray:
         """(n,) whether the stored id of ``rows[k]`` has the bytes of query id ``k``."""
-        start = np.take(self.offsets, rows)
-        same = (np.take(self.offsets, rows + 1) - start) == q.lengths
+        start = self.offsets.take(rows)
+        same = (self.offsets.take(rows + 1) - start) == q.lengths
         if len(q.data) and len(self.blob):
-            src = np.repeat(start, q.span)  # (T,) the stored byte under each query byte
+            src = start.repeat(q.span)  # (T,) the stored byte under each query byte
             src += q.positions
-            np.minimum(src, len(self.blob) - 1, out=src)
-            differs = np.take(self.blob, src) != q.data
+            differs = self.blob.take(src, mode="clip") != q.data
             if q.seps is not None:
                 differs[q.seps] = False  # a separator faces whatever byte follows the stored id
             if differs.any():
@@ -356,6 +401,42 @@ def _check_runs(
     return max_run
 
 
+def _rows_dtype(n: int) -> np.dtype:
+    return np.dtype(np.uint32 if n < 2**32 else np.uint64)
+
+
+def bucket_bits(n: int) -> int:
+    """Bits of the bucket table of ``n`` hashes: ``2**b`` buckets, between n/2 and n.
+
+    One or two hashes per bucket on average and ~12 at most at 100M: fewer buckets (n/8) made
+    the search within one twice as slow (``np.take`` of a wider window), more saved little.
+    """
+    return max(0, n.bit_length() - 1)
+
+
+def bucket_table(
+    hashes: np.ndarray,
+    bits: int,
+    *,
+    base: int = 0,
+    lo: int = 0,
+    hi: int | None = None,
+    dtype: np.dtype | None = None,
+) -> np.ndarray:
+    """Where each bucket ``lo:hi`` (of ``2**bits``, by the top bits) starts in sorted ``hashes``,
+    plus ``base``; ``hi`` None: every bucket and the end (``2**bits + 1`` entries)."""
+    end = hi is None
+    hi = 2**bits if hi is None else hi
+    if bits == 0:
+        starts = np.zeros(hi - lo, dtype=np.int64)
+    else:
+        tops = hashes >> np.uint64(64 - bits)
+        starts = np.searchsorted(tops, np.arange(lo, hi, dtype=np.uint64))
+    if end:
+        starts = np.append(starts, len(hashes))
+    return (starts + base).astype(dtype or _rows_dtype(base + len(hashes)))
+
+
 # -- the file ------------------------------------------------------------------------------------
 
 
@@ -363,47 +444,222 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def index_file_blocks(index: IdIndex, extra: dict[str, Any]) -> Iterator[bytes | memoryview]:
-    """The bytes of ``id_index.bin`` for ``index``, block by block (the file is never whole).
-
-    ``extra`` (e.g. the row count and the sample_id chunk it was built from) goes into the
-    header, which readers check before trusting the file.
-    """
-    rows_dtype = "<u4" if len(index.hashes) < 2**32 else "<u8"
+def _layout(n: int, blob_bytes: int, buckets: int) -> dict[str, dict[str, Any]]:
+    """Where each array of an index file of ``n`` ids starts (after the header), and its type."""
+    rows_dtype = _rows_dtype(n).newbyteorder("<").str
     arrays = [
-        ("hashes", index.hashes, "<u8"),
-        ("rows", index.rows_of_hash, rows_dtype),
-        ("offsets", index.offsets, "<i8"),  # int64: lookups subtract them from int64 rows
-        ("blob", index.blob, "|u1"),
+        ("hashes", n, "<u8"),
+        ("rows", n, rows_dtype),
+        ("offsets", n + 1, "<i8"),  # int64: lookups subtract them from int64 rows
+        ("blob", blob_bytes, "|u1"),
+        ("buckets", buckets, rows_dtype),
     ]
     layout, pos = {}, 0
-    for name, arr, dtype in arrays:
-        layout[name] = {"offset": pos, "dtype": dtype, "shape": [len(arr)]}
-        pos = _aligned(pos + len(arr) * np.dtype(dtype).itemsize)
-    header = {
-        "format": "cusa-id-index",
-        "version": INDEX_VERSION,
-        "hash": index.hash_name,
-        "n": len(index.hashes),
-        "max_run": index.max_run,
-        "arrays": layout,
-        **extra,
-    }
+    for name, length, dtype in arrays:
+        layout[name] = {"offset": pos, "dtype": dtype, "shape": [length]}
+        pos = _aligned(pos + length * np.dtype(dtype).itemsize)
+    return layout
+
+
+def _file_blocks(
+    fields: dict[str, Any],
+    layout: dict[str, dict[str, Any]],
+    sources: dict[str, Iterator[np.ndarray]],
+) -> Iterator[bytes | memoryview]:
+    """The bytes of an index file: its header (``fields`` and ``layout``), then each array from
+    its ``sources`` blocks, padded to the layout's offsets."""
+    header = {"format": "cusa-id-index", "version": INDEX_VERSION, **fields, "arrays": layout}
     head = json.dumps(header, sort_keys=True).encode()
     data_start = _aligned(len(MAGIC) + 8 + len(head))
     yield MAGIC + len(head).to_bytes(8, "little") + head
     yield bytes(data_start - len(MAGIC) - 8 - len(head))
     written = 0
-    step = 2**22
-    for name, arr, dtype in arrays:
-        pad = layout[name]["offset"] - written
+    for name, spec in layout.items():
+        pad = spec["offset"] - written
         if pad:
             yield bytes(pad)
             written += pad
-        for lo in range(0, len(arr), step):
-            block = np.ascontiguousarray(arr[lo : lo + step], dtype=np.dtype(dtype))
+        dtype = np.dtype(spec["dtype"])
+        count = 0
+        for block in sources[name]:
+            block = np.ascontiguousarray(block, dtype=dtype)
             yield memoryview(block).cast("B")
             written += block.nbytes
+            count += len(block)
+        if count != spec["shape"][0]:  # a bug, never a user's error: refuse to write the file
+            raise AssertionError(f"id index array {name}: {count} entries for {spec['shape']}")
+
+
+def _blocks_of(arr: np.ndarray, step: int = 2**22) -> Iterator[np.ndarray]:
+    for lo in range(0, len(arr), step):
+        yield arr[lo : lo + step]
+
+
+def index_file_blocks(index: IdIndex, extra: dict[str, Any]) -> Iterator[bytes | memoryview]:
+    """The bytes of ``id_index.bin`` for an in-memory ``index``, block by block.
+
+    ``extra`` (e.g. the row count and the sample_id chunk it was built from) goes into the
+    header, which readers check before trusting the file.
+    """
+    buckets = index.buckets
+    if buckets is None:
+        buckets = bucket_table(index.hashes, bucket_bits(len(index)))
+    fields = {
+        "hash": index.hash_name,
+        "n": len(index),
+        "max_run": index.max_run,
+        "bucket_max": int(np.diff(buckets).max()) if len(index) else 0,
+        **extra,
+    }
+    layout = _layout(len(index), len(index.blob), len(buckets))
+    arrays = {
+        "hashes": index.hashes,
+        "rows": index.rows_of_hash,
+        "offsets": index.offsets,
+        "blob": index.blob,
+        "buckets": buckets,
+    }
+    yield from _file_blocks(fields, layout, {k: _blocks_of(v) for k, v in arrays.items()})
+
+
+#: The top bits of a hash that pick its spill partition in :class:`IndexFileBuilder`.
+SPILL_BITS = 6
+_SPILL = np.dtype([("hash", "<u8"), ("row", "<u8")])
+_COPY_BYTES = 4 * 2**20
+
+
+class IndexFileBuilder:
+    """``id_index.bin`` of ids fed block by block in row order, with memory that does not grow
+    with N (sealing: 100M ids).
+
+    :meth:`add` hashes each block and appends ``(hash, row)`` to one of ``2**SPILL_BITS`` files
+    in ``tmpdir`` by the hash's top bits, and the ids' bytes to two more; :meth:`blocks` sorts
+    one spill file at a time (N/64 entries: 16 bytes each, e.g. 25 MB at 100M ids), which
+    together are the sorted hashes, and streams the file. ``tmpdir`` needs about 50 bytes per id.
+
+    Example:
+        >>> builder = IndexFileBuilder(tmp, what=repr(url))
+        >>> for offsets, blob in id_blocks:      # (k+1,) offsets into blob, row order
+        ...     builder.add(offsets, blob)
+        >>> fs.write_stream_atomic(path, builder.blocks({"rows": n}))
+    """
+
+    def __init__(self, tmpdir: str, *, hash_name: str | None = None, what: str = "the ids"):
+        self.hash_name = hash_name or DEFAULT_HASH
+        _hash_fn(self.hash_name)  # an unknown name fails here, not after the spill
+        self.what = what
+        self.dir = os.path.join(tmpdir, "id-index")
+        os.makedirs(self.dir, exist_ok=True)
+        self.n = 0
+        self.blob_bytes = 0
+        self._spill = [os.path.join(self.dir, f"spill-{p:03d}") for p in range(2**SPILL_BITS)]
+        self._offsets = open(os.path.join(self.dir, "offsets"), "wb")  # noqa: SIM115
+        self._blob = open(os.path.join(self.dir, "blob"), "wb")  # noqa: SIM115
+        self._offsets.write(np.zeros(1, dtype="<i8").tobytes())
+
+    def add(self, offsets: np.ndarray, blob: np.ndarray) -> None:
+        """The next ids in row order: ``blob[offsets[i]:offsets[i+1]]``."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        k = len(offsets) - 1
+        if k <= 0:
+            return
+        base = int(offsets[0])
+        rel = offsets - base
+        data = np.ascontiguousarray(blob[base : int(offsets[-1])], dtype=np.uint8)
+        hashes = hash_ids(rel, data, self.hash_name)
+        part = (hashes >> np.uint64(64 - SPILL_BITS)).astype(np.intp)
+        order = np.argsort(part, kind="stable")  # rows stay ascending within a partition
+        spill = np.empty(k, dtype=_SPILL)
+        spill["hash"] = hashes[order]
+        spill["row"] = order + self.n
+        ends = np.cumsum(np.bincount(part, minlength=2**SPILL_BITS))
+        lo = 0
+        for p, hi in enumerate(ends.tolist()):
+            if hi > lo:
+                with open(self._spill[p], "ab") as fh:
+                    fh.write(memoryview(spill[lo:hi]).cast("B"))
+            lo = hi
+        self._offsets.write((rel[1:] + self.blob_bytes).astype("<i8").tobytes())
+        self._blob.write(memoryview(data).cast("B"))
+        self.n += k
+        self.blob_bytes += len(data)
+
+    def blocks(self, extra: dict[str, Any]) -> Iterator[bytes | memoryview]:
+        """The bytes of the file, once every id is added; sorts the spills first.
+
+        Raises:
+            StoreError: an id occurs twice; the message names it and ``what``.
+        """
+        self._offsets.close()
+        self._blob.close()
+        n, bits = self.n, bucket_bits(self.n)
+        rows_dtype = _rows_dtype(n)
+        offsets = np.memmap(self._offsets.name, dtype="<i8", mode="r")
+        blob = np.memmap(self._blob.name, dtype=np.uint8, mode="r") if self.blob_bytes else None
+        blob = blob if blob is not None else np.zeros(0, dtype=np.uint8)
+        sorted_hashes = os.path.join(self.dir, "hashes")
+        sorted_rows = os.path.join(self.dir, "rows")
+        table = os.path.join(self.dir, "buckets")
+        max_run, start = 1, 0
+        with (
+            open(sorted_hashes, "wb") as fh,
+            open(sorted_rows, "wb") as fr,
+            open(table, "wb") as ft,
+        ):
+            for p, path in enumerate(self._spill):
+                spill = np.fromfile(path, dtype=_SPILL) if os.path.exists(path) else None
+                spill = spill if spill is not None else np.zeros(0, dtype=_SPILL)
+                order = np.argsort(spill["hash"], kind="stable")
+                hashes = spill["hash"][order]
+                rows = spill["row"][order].astype(rows_dtype)
+                del spill, order
+                max_run = max(max_run, _check_runs(hashes, rows, offsets, blob, self.what))
+                fh.write(hashes.astype("<u8").tobytes())
+                fr.write(rows.tobytes())
+                if bits >= SPILL_BITS:  # this partition is exactly buckets lo:hi
+                    per = 2 ** (bits - SPILL_BITS)
+                    ft.write(
+                        bucket_table(
+                            hashes, bits, base=start, lo=p * per, hi=(p + 1) * per, dtype=rows_dtype
+                        ).tobytes()
+                    )
+                start += len(hashes)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            if bits >= SPILL_BITS:
+                ft.write(np.array([n], dtype=rows_dtype).tobytes())
+        hashes = np.fromfile(sorted_hashes, dtype="<u8") if n else np.zeros(0, np.uint64)
+        if bits < SPILL_BITS:  # a small index (N < 64): one table from every hash
+            bucket_table(hashes, bits, dtype=rows_dtype).tofile(table)
+        buckets = np.fromfile(table, dtype=rows_dtype)
+        fields = {
+            "hash": self.hash_name,
+            "n": n,
+            "max_run": max_run,
+            "bucket_max": int(np.diff(buckets).max()) if n else 0,
+            **extra,
+        }
+        del hashes, buckets, offsets, blob
+        layout = _layout(n, self.blob_bytes, 2**bits + 1)
+        sources = {
+            "hashes": _file_blocks_of(sorted_hashes, "<u8"),
+            "rows": _file_blocks_of(sorted_rows, rows_dtype),
+            "offsets": _file_blocks_of(self._offsets.name, "<i8"),
+            "blob": _file_blocks_of(self._blob.name, np.uint8),
+            "buckets": _file_blocks_of(table, rows_dtype),
+        }
+        try:
+            yield from _file_blocks(fields, layout, sources)
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _file_blocks_of(path: str, dtype: Any) -> Iterator[np.ndarray]:
+    """The array in the file ``path``, read ``_COPY_BYTES`` at a time."""
+    dtype = np.dtype(dtype)
+    with open(path, "rb") as fh:
+        while raw := fh.read(_COPY_BYTES // dtype.itemsize * dtype.itemsize):
+            yield np.frombuffer(raw, dtype=dtype)
 
 
 def read_index_header(path: str) -> tuple[dict[str, Any], int]:
@@ -461,6 +717,7 @@ def open_index_file(path: str) -> tuple[IdIndex, dict[str, Any]]:
         n = int(header["n"])
         if len(views["hashes"]) != n or len(views["rows"]) != n or len(views["offsets"]) != n + 1:
             raise StoreError(f"{path!r}: id index arrays disagree with n={n}")
+        buckets = _map_buckets(path, header, start, size, mm, n)
         index = IdIndex(
             views["hashes"],
             views["rows"],
@@ -469,7 +726,27 @@ def open_index_file(path: str) -> tuple[IdIndex, dict[str, Any]]:
             int(header.get("max_run", 1)),
             str(header.get("hash")),
             path=path,
+            buckets=buckets,
+            bucket_max=int(header.get("bucket_max", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{path!r}: malformed id index header ({exc})") from exc
     return index, header
+
+
+def _map_buckets(
+    path: str, header: dict[str, Any], start: int, size: int, mm: np.ndarray, n: int
+) -> np.ndarray | None:
+    """The bucket table of an index file; None for a file written before tables existed."""
+    spec = header["arrays"].get("buckets")
+    if spec is None or not n:
+        return None
+    dtype = np.dtype(spec["dtype"])
+    (length,) = spec["shape"]
+    lo = start + int(spec["offset"])
+    if lo + int(length) * dtype.itemsize > size:
+        raise StoreError(f"{path!r} is truncated in its bucket table; run `cusa store reindex`")
+    count = int(length) - 1  # 2**b buckets
+    if count < 1 or count & (count - 1) or int(header.get("bucket_max", 0)) < 1:
+        raise StoreError(f"{path!r}: malformed bucket table of {length} entries")
+    return np.ndarray((int(length),), dtype=dtype, buffer=mm, offset=lo)

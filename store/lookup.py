@@ -82,6 +82,8 @@ class FeatureLookup:
         self._offsets = np.cumsum([0] + [s.rows for s in self._segments]).astype(np.int64)
         self._rows = int(self._offsets[-1])
         self._views: list[np.ndarray] | None = None
+        # gather_rows' fast path: the one plain (not int8) segment's rows as an ndarray view
+        self._single: np.ndarray | None = None
 
     @classmethod
     def open(
@@ -208,10 +210,22 @@ class FeatureLookup:
         return self.gather_rows(self.rows(sample_ids))
 
     def gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Features of precomputed :meth:`rows` (skips the id lookup), ``(len(rows), dim)``.
+
+        A sealed group is one segment: then this is bare numpy row indexing of the memory map
+        (the fast path below is all the Python it adds; ``benchmarks/web_scale.py`` measures it).
+        """
+        single = self._single
+        if single is not None:
+            return single[rows]
+        return self._gather_rows(rows)
+
+    def _gather_rows(self, rows: np.ndarray) -> np.ndarray:
         if self._int8:
             return gather_dequantized(self, rows)
         maps = self._views if self._views is not None else self._plain_views()
         if len(maps) == 1:
+            self._single = maps[0]
             return maps[0][rows]
         out = np.empty((len(rows), self.dim), dtype=self.dtype)
         seg = np.searchsorted(self._offsets, rows, side="right") - 1
@@ -345,6 +359,7 @@ class FeatureLookup:
         state = dict(self.__dict__)
         state["_maps"] = None
         state["_views"] = None
+        state["_single"] = None
         state.pop("_scale_maps", None)  # int8 scale maps: mapped again on first use
         state.pop("ids", None)  # the cached list of every id, if a tool asked for it
         if self._index_path is not None:
