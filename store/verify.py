@@ -24,23 +24,37 @@ so a concurrent seal never shows up as lost rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import StoreError
+from . import reindex
 from .feature_store import BrokenGroup, FeatureStore
 from .group import FeatureGroup
 from .integrity import array_meta_problems
-from .layout import MANIFEST, SEALED, Segment, parse_group_leaf, safe_name
+from .layout import ID_INDEX, MANIFEST, SEALED, Segment, parse_group_leaf, safe_name
 from .quant import unit_scales
-from .reindex import check_id_index
+from .reindex import (
+    SealedIds,
+    arrow_buffers,
+    chunk_matches,
+    index_problems,
+    memory_ids,
+    open_mapped_ids,
+    read_sealed_id_array,
+)
 from .spec import FINGERPRINT_FIELDS, spec_fingerprint
 
 log = logging.getLogger(__name__)
@@ -100,10 +114,30 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _preview(ids: Iterable[str]) -> str:
+def _preview(ids: Iterable[str], total: int | None = None) -> str:
+    """The first ids of ``ids`` and how many more; ``total``: how many there are in all, when
+    ``ids`` holds only the first few."""
     ids = list(ids)
+    total = len(ids) if total is None else total
     shown = ", ".join(repr(i) for i in ids[:_PREVIEW])
-    return shown + (f" and {len(ids) - _PREVIEW} more" if len(ids) > _PREVIEW else "")
+    return shown + (f" and {total - _PREVIEW} more" if total > _PREVIEW else "")
+
+
+class _Tally:
+    """How many of something there are, and the first few of them (for messages)."""
+
+    __slots__ = ("count", "first")
+
+    def __init__(self) -> None:
+        self.count, self.first = 0, []
+
+    def add(self, items: list[Any], count: int | None = None) -> None:
+        self.count += len(items) if count is None else count
+        if len(self.first) < _PREVIEW:
+            self.first += items[: _PREVIEW - len(self.first)]
+
+    def preview(self) -> str:
+        return _preview(self.first, self.count)
 
 
 @dataclass
@@ -112,8 +146,21 @@ class _Unit:
 
     label: str  # "shard 'x'" or "sealed chunk 0"
     segment: Segment
-    ids: list[str]
+    ids: list[str] | None  # a part's ids; None for a sealed chunk (named from ``sealed``)
     record: str  # where the size/hash were recorded, for messages
+    sealed: SealedIds | None = None  # the sealed ids; this chunk's are ``start:start+count``
+    start: int = 0
+    count: int = 0
+
+    @property
+    def n_ids(self) -> int:
+        return len(self.ids) if self.ids is not None else self.count
+
+    def name(self, i: int) -> str:
+        """The id of the chunk's row ``i`` (one string, for messages)."""
+        if self.ids is not None:
+            return self.ids[i]
+        return self.sealed.id_at(self.start + i) if self.sealed is not None else f"row {i}"
 
 
 # A group sealed by another writer while it is verified is verified again, at most this often.
@@ -200,14 +247,11 @@ def _verify_into(group: FeatureGroup, report: VerifyReport, check_hashes: bool) 
         return  # dim/dtype are unknown, so nothing below can be read reliably
 
     if sealed is not None:
-        units, manifest = _sealed_units(group, sealed, records, report)
-        if sealed.get("rows"):
-            index_errors, index_warnings = check_id_index(group)
-            report.errors += index_errors
-            report.warnings += index_warnings
-    else:
-        units, manifest = _part_units(group, records, report)
-        _check_orphans(group, records, report)
+        with contextlib.ExitStack() as stack:  # temporary local copies (object stores)
+            _verify_sealed(group, sealed, records, report, check_hashes, stack)
+        return
+    units, manifest = _part_units(group, records, report)
+    _check_orphans(group, records, report)
 
     for unit in units:
         _check_unit(group, unit, report, check_hashes)
@@ -387,12 +431,24 @@ def _part_units(
     return units, manifest
 
 
-def _sealed_units(
-    group: FeatureGroup, sealed: dict[str, Any], records: list[dict[str, Any]], report: VerifyReport
-) -> tuple[list[_Unit], list[dict[str, Any]] | None]:
-    import zarr
+def _verify_sealed(
+    group: FeatureGroup,
+    sealed: dict[str, Any],
+    records: list[dict[str, Any]],
+    report: VerifyReport,
+    check_hashes: bool,
+    stack: contextlib.ExitStack,
+) -> None:
+    """Verify a sealed group with memory bounded by a block, not by N.
 
-    fs, rel = group.fs, group.rel
+    The ids are those of ``id_index.bin`` (memory-mapped) once the sealed ``sample_id`` chunk is
+    found to hold exactly them, byte for byte, and the file is consistent; every pass (ids
+    sorted, feature chunks, manifest) streams blocks of them. Memory: a block of
+    :data:`cusa.store.reindex.VERIFY_BLOCK_IDS` ids, one byte per row (the rows the manifest
+    names), and the failed entries. Without a usable index file (sealed by an older cusa, or
+    damaged) the ids are read with zarr and indexed in memory (about 40 bytes per id).
+    """
+    rel = group.rel
     committed = {r["shard"] for r in records}
     in_seal = set(sealed.get("shards", []))
     late = sorted(committed - in_seal)
@@ -404,47 +460,150 @@ def _sealed_units(
     gone = sorted(in_seal - committed)
     if gone:
         report.warnings.append(f"{rel}: sealed shard(s) {_preview(gone)} have no commit record")
-    try:
-        manifest = _read_manifest(group, f"{rel}/{MANIFEST}")
-    except (OSError, ValueError) as exc:
-        report.errors.append(f"{rel}: sealed manifest {MANIFEST} is missing or unreadable ({exc})")
-        manifest = None  # ids cannot be compared with it; the error above says why
+    manifest = _open_sealed_manifest(group, report, stack)
     rows = int(sealed.get("rows", 0))
-    if not rows:
-        return [], manifest
-    chunk_rows = sealed["chunk_rows"]
-    where = f"{rel}: sealed arrays"
-    _check_array_meta(
-        group, f"{rel}/features", report, where, shape=(rows, group.dim),
-        chunks=(chunk_rows[0], group.dim) if chunk_rows else None,
-        data_type=group.spec["dtype"], raw_bytes=True,
-    )  # fmt: skip
-    if any(r != chunk_rows[0] for r in chunk_rows[:-1]) or chunk_rows[-1] > chunk_rows[0]:
-        report.errors.append(f"{where}: {SEALED} records uneven chunk rows {chunk_rows[:5]!r}")
-    _check_array_meta(
-        group, f"{rel}/sample_id", report, where, shape=(rows,), chunks=None,
-        data_type="string", raw_bytes=False,
-    )  # fmt: skip
+    ids: SealedIds | None = None
+    dups: list[tuple[int, int]] = []
+    if rows:
+        chunk_rows = sealed["chunk_rows"]
+        where = f"{rel}: sealed arrays"
+        _check_array_meta(
+            group, f"{rel}/features", report, where, shape=(rows, group.dim),
+            chunks=(chunk_rows[0], group.dim) if chunk_rows else None,
+            data_type=group.spec["dtype"], raw_bytes=True,
+        )  # fmt: skip
+        if any(r != chunk_rows[0] for r in chunk_rows[:-1]) or chunk_rows[-1] > chunk_rows[0]:
+            report.errors.append(f"{where}: {SEALED} records uneven chunk rows {chunk_rows[:5]!r}")
+        _check_array_meta(
+            group, f"{rel}/sample_id", report, where, shape=(rows,), chunks=None,
+            data_type="string", raw_bytes=False,
+        )  # fmt: skip
+        ids, dups = _sealed_ids(group, report, stack)
+    segs = group.segments() if rows else []
+    if ids is not None:
+        if len(ids) != rows:
+            report.errors.append(
+                f"{rel}: sealed sample_id array has {len(ids)} ids but {SEALED} records {rows} "
+                "rows; rows were deleted or added after sealing"
+            )
+        if not _ids_sorted(ids):
+            report.errors.append(
+                f"{rel}: sealed sample ids are not sorted; the arrays were rewritten"
+            )
+        start = 0
+        for seg in segs:
+            count = max(0, min(seg.rows, len(ids) - start))
+            unit = _Unit(f"sealed chunk {seg.index}", seg, None, SEALED, ids, start, count)
+            _check_unit(group, unit, report, check_hashes)
+            report.rows += seg.rows
+            start += seg.rows
+    if manifest is None:
+        return
+    if ids is None:  # unreadable ids: every committed entry lacks its row
+        ids = memory_ids(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.uint8))[0]
+    starts = np.cumsum([0] + [seg.rows for seg in segs])[:-1]
     try:
-        arr = zarr.open_array(store=fs.zarr_store(f"{rel}/sample_id", read_only=True), mode="r")
-        all_ids = [str(x) for x in arr[:]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        report.errors.append(f"{rel}: sealed sample_id array is missing or unreadable ({exc})")
-        return [], manifest
-    if len(all_ids) != rows:
+        _check_sealed_ids(group, ids, dups, manifest, starts, report)
+    except (OSError, ValueError, pa.ArrowException) as exc:  # a row group unreadable midway
+        report.errors.append(f"{rel}: sealed manifest {MANIFEST} is missing or unreadable ({exc})")
+
+
+def _open_sealed_manifest(
+    group: FeatureGroup, report: VerifyReport, stack: contextlib.ExitStack
+) -> pq.ParquetFile | None:
+    """The sealed manifest, opened for streaming (an object store's is copied to a temporary
+    file first); None, with the error reported, when it is missing or unreadable."""
+    fs, rel = group.fs, f"{group.rel}/{MANIFEST}"
+    try:
+        if fs.is_local:
+            if not os.path.isfile(fs.local_path(rel)):
+                raise FileNotFoundError(fs.path(rel))
+            path = fs.local_path(rel)
+        else:
+            path = os.path.join(_tempdir(stack), MANIFEST)
+            fs.copy_to_local(rel, path, sha256=fs.recorded_sha256(rel))
+        return stack.enter_context(pq.ParquetFile(path))
+    except (OSError, ValueError, StoreError, pa.ArrowException) as exc:
         report.errors.append(
-            f"{rel}: sealed sample_id array has {len(all_ids)} ids but {SEALED} records {rows} "
-            "rows; rows were deleted or added after sealing"
+            f"{group.rel}: sealed manifest {MANIFEST} is missing or unreadable ({exc})"
         )
-    if all_ids != sorted(all_ids):
-        report.errors.append(f"{rel}: sealed sample ids are not sorted; the arrays were rewritten")
-    units, start = [], 0
-    for seg in group.segments():
-        units.append(
-            _Unit(f"sealed chunk {seg.index}", seg, all_ids[start : start + seg.rows], SEALED)
+        return None
+
+
+def _tempdir(stack: contextlib.ExitStack) -> str:
+    return stack.enter_context(tempfile.TemporaryDirectory(prefix="cusa-verify-"))
+
+
+def _sealed_ids(
+    group: FeatureGroup, report: VerifyReport, stack: contextlib.ExitStack
+) -> tuple[SealedIds | None, list[tuple[int, int]]]:
+    """``(ids, duplicates)``: the sealed ids with an index over them, and the row pairs of
+    duplicate ids; ``(None, [])`` when the sealed ``sample_id`` array is unreadable.
+
+    Checks the index file on the way: it must hold exactly the sealed ids (the ``sample_id``
+    chunk compared with its bytes as it streams) and be consistent
+    (:func:`cusa.store.reindex.index_problems`). A sound file is the reference itself; otherwise
+    the ids are indexed in memory.
+    """
+    fs, rel = group.fs, group.rel
+    fix = "run `cusa store reindex --force` to rebuild it"
+    mapped: SealedIds | None = None
+    if not fs.exists(f"{rel}/{ID_INDEX}"):
+        report.warnings.append(
+            f"{rel}: no {ID_INDEX} (sealed by an older cusa): every lookup reads all its ids "
+            "when it opens; `cusa store reindex` writes the index"
         )
-        start += seg.rows
-    return units, manifest
+    else:
+        try:
+            if fs.is_local:
+                path = fs.local_path(f"{rel}/{ID_INDEX}")
+            else:  # an object store: the index is checked from a local copy, removed after
+                path = os.path.join(_tempdir(stack), ID_INDEX)
+                fs.copy_to_local(
+                    f"{rel}/{ID_INDEX}", path, sha256=fs.recorded_sha256(f"{rel}/{ID_INDEX}")
+                )
+            mapped = open_mapped_ids(group, path)
+        except (StoreError, OSError) as exc:
+            report.errors.append(f"{rel}: {ID_INDEX} is unusable ({exc}); {fix}")
+    mismatch = f"{rel}: {ID_INDEX} does not match the sealed ids: {{}}; {fix}"
+    if mapped is not None and chunk_matches(group, mapped):
+        problem, dups = index_problems(mapped)
+        if problem is None:
+            return mapped, dups
+        report.errors.append(mismatch.format(problem))
+        return memory_ids(np.asarray(mapped.offsets), np.asarray(mapped.blob))
+    # No usable index, or a sample_id chunk that is not its bytes: read the ids with zarr.
+    try:
+        offsets, blob = arrow_buffers(read_sealed_id_array(group))
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        report.errors.append(f"{rel}: sealed sample_id array is missing or unreadable ({exc})")
+        return None, []
+    if mapped is not None:
+        if np.array_equal(mapped.offsets, offsets) and np.array_equal(mapped.blob, blob):
+            problem, dups = index_problems(mapped)  # the same ids, in another zarr encoding
+            if problem is None:
+                return mapped, dups
+            report.errors.append(mismatch.format(problem))
+        else:
+            report.errors.append(
+                mismatch.format("its id bytes differ from the sealed sample_id array")
+            )
+    return memory_ids(offsets, blob)
+
+
+def _ids_sorted(ids: SealedIds) -> bool:
+    """Whether the ids are in ascending (UTF-8 byte, i.e. code point) order, block by block."""
+    prev: bytes | None = None
+    for lo, hi in ids.bounds():
+        block = ids.binary(lo, hi)
+        if hi - lo > 1 and pc.any(pc.less(block.slice(1), block.slice(0, hi - lo - 1))).as_py():
+            return False
+        first = ids.id_bytes(lo)
+        if prev is not None and first < prev:
+            return False
+        prev = ids.id_bytes(hi - 1)
+        ids.release()
+    return True
 
 
 def _check_orphans(
@@ -465,9 +624,9 @@ def _check_orphans(
 def _check_unit(group: FeatureGroup, unit: _Unit, report: VerifyReport, check_hashes: bool) -> None:
     fs, rel, seg = group.fs, group.rel, unit.segment
     where = f"{rel}: {unit.label}"
-    if len(unit.ids) != seg.rows:
+    if unit.n_ids != seg.rows:
         report.errors.append(
-            f"{where}: {len(unit.ids)} sample ids for {seg.rows} feature rows recorded in {unit.record}"
+            f"{where}: {unit.n_ids} sample ids for {seg.rows} feature rows recorded in {unit.record}"
         )
     expected = seg.rows * group.dim * group.dtype.itemsize
     try:
@@ -479,12 +638,14 @@ def _check_unit(group: FeatureGroup, unit: _Unit, report: VerifyReport, check_ha
         report.errors.append(
             f"{where}: chunk file {fs.path(seg.rel)!r} is truncated or corrupt: {size} bytes, "
             f"expected {expected} ({seg.rows} rows x {group.dim} x {group.dtype}); samples "
-            f"{_preview(unit.ids)} are unreadable — re-extract the shard"
+            f"{_preview(map(unit.name, range(min(unit.n_ids, _PREVIEW))), unit.n_ids)} are "
+            "unreadable — re-extract the shard"
         )
         return
-    ids = unit.ids if len(unit.ids) == seg.rows else [f"row {i}" for i in range(seg.rows)]
-    nonfinite: list[str] = []
-    off_norm: list[tuple[str, float]] = []
+    # rows named by id only for the messages' previews, and only when each row has its id
+    name = unit.name if unit.n_ids == seg.rows else (lambda i: f"row {i}")
+    nonfinite = _Tally()  # rows
+    off_norm = _Tally()  # (row, norm)
     normalized = bool(group.spec.get("normalized", False))
     tol = NORM_TOLERANCE.get(group.dtype.name, 1e-3)
     row_bytes = group.dim * group.dtype.itemsize
@@ -512,27 +673,29 @@ def _check_unit(group: FeatureGroup, unit: _Unit, report: VerifyReport, check_ha
             if scales is not None:
                 block *= scales[start : start + n, None]
             finite = np.isfinite(block).all(axis=1)  # (b,)
-            nonfinite += [ids[start + i] for i in np.flatnonzero(~finite)]
+            bad = np.flatnonzero(~finite)
+            nonfinite.add((bad[:_PREVIEW] + start).tolist(), len(bad))
             if normalized:
                 with np.errstate(all="ignore"):  # rows with NaN/inf are reported above
                     norms = np.linalg.norm(block, axis=1)
                 bad = np.flatnonzero(finite & (np.abs(norms - 1.0) > tol))
-                off_norm += [(ids[start + i], float(norms[i])) for i in bad]
+                off_norm.add([(start + i, float(norms[i])) for i in bad[:_PREVIEW]], len(bad))
             del raw, block
     if digest is not None and digest.hexdigest() != seg.sha256:
         report.errors.append(
             f"{where}: chunk file {fs.path(seg.rel)!r} does not match the SHA-256 recorded in "
             f"{unit.record}; its bytes changed after the commit"
         )
-    if nonfinite:
+    if nonfinite.count:
         report.errors.append(
-            f"{where}: NaN/inf features for {len(nonfinite)} sample(s): {_preview(nonfinite)}"
+            f"{where}: NaN/inf features for {nonfinite.count} sample(s): "
+            f"{_preview(map(name, nonfinite.first), nonfinite.count)}"
         )
-    if off_norm:
-        shown = ", ".join(f"{i!r} (norm {n:.4f})" for i, n in off_norm[:_PREVIEW])
-        more = f" and {len(off_norm) - _PREVIEW} more" if len(off_norm) > _PREVIEW else ""
+    if off_norm.count:
+        shown = ", ".join(f"{name(i)!r} (norm {n:.4f})" for i, n in off_norm.first)
+        more = f" and {off_norm.count - _PREVIEW} more" if off_norm.count > _PREVIEW else ""
         report.errors.append(
-            f"{where}: the spec says features are L2-normalised but {len(off_norm)} sample(s) have "
+            f"{where}: the spec says features are L2-normalised but {off_norm.count} sample(s) have "
             f"norms off 1 by more than {tol}: {shown}{more}"
         )
 
@@ -608,3 +771,132 @@ def _check_ids(
         report.errors.append(
             f"{rel}: {len(wrong)} manifest entr(ies) point at the wrong row: {_preview(wrong)}"
         )
+
+
+def _block() -> int:
+    """Ids per block of the streamed passes (read at each use, so tests can make it small)."""
+    return reindex.VERIFY_BLOCK_IDS
+
+
+def _check_sealed_ids(
+    group: FeatureGroup,
+    ids: SealedIds,
+    dups: list[tuple[int, int]],
+    manifest: pq.ParquetFile,
+    starts: np.ndarray,
+    report: VerifyReport,
+) -> None:
+    """The ids checks of :func:`_check_ids` for a sealed group, streamed: the manifest a row
+    group at a time, each ``ok`` entry compared with the id of the row it names (vectorised);
+    entries that do not match are looked up in the index. Memory: one byte per sealed row (the
+    rows the manifest names), a block, and the failed entries (the ledger).
+
+    ``starts``: the first row of each sealed chunk (to name the chunk of a row).
+    """
+    rel, n = group.rel, len(ids)
+
+    def label(row: int) -> str:
+        return f"sealed chunk {max(0, int(np.searchsorted(starts, row, side='right')) - 1)}"
+
+    by_place: dict[tuple[str, str], _Tally] = {}
+    for first, second in dups:
+        by_place.setdefault((label(first), label(second)), _Tally()).add([ids.id_at(second)])
+    for (first, second), tally in sorted(by_place.items()):
+        place = first if first == second else f"{first} and {second}"
+        report.errors.append(f"{rel}: duplicate sample id(s) {tally.preview()} in {place}")
+
+    seen = np.zeros(n, dtype=bool)
+    missing: dict[str, _Tally] = {}
+    wrong, failed_dups = _Tally(), _Tally()
+    failed: list[dict[str, Any]] = []
+    columns = ["sample_id", "row", "shard", "status", "error"]
+    for batch in manifest.iter_batches(batch_size=_block(), columns=columns):
+        ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+        ok = ok.to_numpy(zero_copy_only=False)
+        bad_status = np.flatnonzero(~ok)
+        if len(bad_status):  # the ledger; failed ids that have a feature row get a warning
+            entries = batch.take(pa.array(bad_status)).select(["sample_id", "shard", "error"])
+            entries = entries.to_pylist()
+            failed += entries
+            _, found = ids.index.lookup([str(e["sample_id"]) for e in entries])
+            failed_dups.add(
+                [e["sample_id"] for e, f in zip(entries, found.tolist(), strict=True) if f]
+            )
+        at = np.flatnonzero(ok)
+        if not len(at):
+            continue
+        sample_ids = batch.column("sample_id").take(pa.array(at))
+        rows = pc.fill_null(batch.column("row").take(pa.array(at)), -1)
+        rows = rows.to_numpy(zero_copy_only=False).astype(np.int64)
+        same = _same_ids(ids, sample_ids, rows)
+        seen[rows[same]] = True
+        other = np.flatnonzero(~same)
+        if len(other):  # not the id of the row it names: where is it, if anywhere?
+            names = sample_ids.take(pa.array(other)).to_pylist()
+            shards = batch.column("shard").take(pa.array(at[other])).to_pylist()
+            found_rows, found = ids.index.lookup([str(s) for s in names])
+            for sid, shard, row, hit in zip(
+                names, shards, found_rows.tolist(), found.tolist(), strict=True
+            ):
+                if hit:
+                    seen[row] = True
+                    wrong.add([sid])
+                else:
+                    missing.setdefault(shard, _Tally()).add([sid])
+        ids.release()
+
+    if failed_dups.count:
+        report.warnings.append(
+            f"{rel}: sample(s) {failed_dups.preview()} are recorded as failed in one shard and "
+            "have features from another"
+        )
+    for shard, tally in sorted(missing.items(), key=lambda kv: str(kv[0])):
+        report.errors.append(
+            f"{rel}: shard {shard!r}: {tally.count} sample(s) listed in the manifest as committed "
+            f"have no feature row: {tally.preview()}"
+        )
+    for i, lo in enumerate(starts.tolist()):
+        hi = int(starts[i + 1]) if i + 1 < len(starts) else n  # the last chunk: any extra ids
+        unseen = _Tally()
+        for b0 in range(min(lo, n), min(hi, n), _block()):
+            gap = np.flatnonzero(~seen[b0 : min(hi, b0 + _block())])
+            unseen.add([ids.id_at(b0 + int(r)) for r in gap[:_PREVIEW]], len(gap))
+            ids.release()
+        if unseen.count:
+            report.errors.append(
+                f"{rel}: sealed chunk {i}: {unseen.count} sample(s) have feature rows but are "
+                f"not in the manifest: {unseen.preview()}"
+            )
+    if wrong.count:
+        report.errors.append(
+            f"{rel}: {wrong.count} manifest entr(ies) point at the wrong row: {wrong.preview()}"
+        )
+    report.failed = [
+        {"sample_id": e["sample_id"], "shard": e["shard"], "error": e["error"]} for e in failed
+    ]
+
+
+def _same_ids(ids: SealedIds, sample_ids: pa.Array, rows: np.ndarray) -> np.ndarray:
+    """(k,) whether ``sample_ids[k]`` is the id of row ``rows[k]``: byte comparisons, vectorised."""
+    same = np.zeros(len(rows), dtype=bool)
+    q_off, q_blob = arrow_buffers(sample_ids)
+    valid = sample_ids.is_valid().to_numpy(zero_copy_only=False)
+    sel = np.flatnonzero(valid & (rows >= 0) & (rows < len(ids)))
+    if not len(sel):
+        return same
+    r = rows[sel]
+    r_start = ids.offsets[r]
+    length = q_off[sel + 1] - q_off[sel]
+    keep = (ids.offsets[r + 1] - r_start) == length
+    sel, r_start, length = sel[keep], r_start[keep], length[keep]
+    total = int(length.sum())
+    if total:
+        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(length) - length, length)
+        stored = ids.blob[np.repeat(r_start, length) + within]
+        asked = q_blob[np.repeat(q_off[sel], length) + within]
+        owner = np.repeat(np.arange(len(sel)), length)
+        differs = np.zeros(len(sel), dtype=bool)
+        differs[owner[stored != asked]] = True
+        sel = sel[~differs]
+    same[sel] = True
+    return same
