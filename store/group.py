@@ -8,6 +8,7 @@ files for readers, and seals (:mod:`cusa.store.sealing`). The layout is in
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,9 @@ from .fs import StoreFS
 from .layout import DTYPES, MANIFEST, SEALED, Segment, json_bytes, parse_group_leaf
 from .ledger import (
     MANIFEST_SCHEMA,
+    failed_rows,
     ledger_text,
+    manifest_batches,
     read_manifest,
 )
 from .sealing import (
@@ -399,8 +402,34 @@ class FeatureGroup:
             ) from exc
 
     def failures(self) -> list[dict[str, Any]]:
-        table = self.manifest()
-        return [r for r in table.to_pylist() if r["status"] != "ok"]
+        """The ledger's failed entries (id, row, shard, status, error), read a batch at a time:
+        a Python dict per failure, none per committed sample.
+
+        Raises:
+            BrokenGroupError: a manifest file is missing or not valid Parquet of the schema.
+        """
+        if self.sealed:
+            rels = [f"{self.rel}/{MANIFEST}"]
+        else:
+            rels = [f"{self.rel}/parts/{r['part']}/{MANIFEST}" for r in self.commit_records()]
+        out: list[dict[str, Any]] = []
+        for rel in rels:
+            name = rel[len(self.rel) + 1 :]
+            try:
+                source = (
+                    self.fs.local_path(rel)
+                    if self.fs.is_local
+                    else io.BytesIO(self.fs.read_bytes(rel))
+                )
+                for batch in manifest_batches(source):
+                    out += failed_rows(batch).to_pylist()
+            except FileNotFoundError as exc:
+                raise self._broken(f"{name} is missing") from exc
+            except (pa.ArrowException, ValueError, KeyError, OSError) as exc:
+                raise self._broken(
+                    f"{name} is not a valid ledger ({type(exc).__name__}: {exc})"
+                ) from exc
+        return out
 
     def segments(self) -> list[Segment]:
         """The raw feature files of the committed rows, in row order (see FeatureLookup)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -96,6 +98,32 @@ def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
+
+
+#: Rows per batch when a ledger is streamed (:func:`manifest_batches`).
+MANIFEST_BATCH_ROWS = 1_000_000
+
+
+def manifest_batches(source: Any, batch_rows: int = MANIFEST_BATCH_ROWS) -> Iterator[pa.Table]:
+    """The ledger in the Parquet file ``source`` (a path or a seekable file), a batch of rows at
+    a time, each cut and cast to :data:`MANIFEST_SCHEMA`: a 100M-row ledger never whole.
+
+    Raises:
+        pyarrow.ArrowException, ValueError, KeyError: the file is not such a ledger.
+    """
+    parquet = pq.ParquetFile(source)
+    missing = [n for n in MANIFEST_SCHEMA.names if n not in parquet.schema_arrow.names]
+    if missing:
+        raise KeyError(f"ledger columns {missing} are missing")
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=MANIFEST_SCHEMA.names):
+        yield pa.Table.from_batches([batch]).cast(MANIFEST_SCHEMA)
+
+
+def failed_rows(table: pa.Table) -> pa.Table:
+    """The entries of ``table`` whose status is not ``ok`` (a missing status counts as failed)."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.fill_null(pc.not_equal(table["status"], "ok"), True))
 
 
 def read_manifest(data: bytes) -> pa.Table:
