@@ -10,9 +10,11 @@ For each N a store of N caption ids shaped like a webdataset's (``000123456789#3
   the same open with the index file hidden (a group sealed by an older cusa); 4 forked
   ``DataLoader`` workers, each doing 10,000 batches of ``gather`` of 128 random ids (made per
   batch from random integers, as a webdataset stream hands keys in), their USS after the first
-  and after the last batch (all workers at the same moment); the median latency of ``gather`` of 128 random ids against the
-  features in RAM as numpy plus a dict id -> row, and of ``gather_rows`` against bare numpy row
-  indexing (taking turns batch by batch, so the load of the shared machine falls on all alike);
+  and after the last batch (all workers at the same moment); the median latency of ``gather``
+  of 128 random ids against the features in RAM as numpy plus a dict id -> row, of
+  ``gather_rows`` against bare numpy row indexing, and of the id lookup alone with and without
+  the index's bucket table (``rows_only``, ``rows_binary_search``), taking turns batch by batch
+  so the load of the shared machine falls on all alike;
 * bytes on disk per sample beyond the features.
 
 The dict baseline needs a Python string and a dict entry per id (~15 GB at 100M): it runs up to
@@ -257,8 +259,14 @@ def phase_read(
     u0 = _uss_kib()["USS"]
     t0 = time.perf_counter()
     ram = np.array(lookup.gather_rows(np.arange(n)))  # (N, DIM) the features in RAM
+    # the same mapped index without its bucket table: what a binary search of the hashes costs
+    from cusa.store.id_index import IdIndex
+
+    index = lookup._id_index()
+    searched = IdIndex(index.hashes, index.rows_of_hash, index.offsets, index.blob, index.max_run)
     paths = {
         "gather": lambda k: lookup.gather(batches[k]),
+        "rows_binary_search": lambda k: searched.lookup(batches[k]),
         "gather_rows": lambda k: lookup.gather_rows(rows[k]),
         "numpy_rows": lambda k: ram[rows[k]],
         "rows_only": lambda k: lookup.rows(batches[k]),
