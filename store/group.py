@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -40,10 +41,9 @@ from .sealing import (
     SEAL_ATTEMPTS,
     is_seal_record,
     new_seal_record,
-    read_segment_ids,
     remove_temp_files,
-    sort_unique_ids,
-    write_id_index,
+    sort_ids_external,
+    write_sealed_index,
     write_sealed_manifest,
     write_sorted_arrays,
 )
@@ -548,21 +548,23 @@ class FeatureGroup:
         # if another writer seals meanwhile. A part it removes then fails the read
         # (FileNotFoundError), and ``seal`` answers with that writer's record.
         segs = self._part_segments(records)
-        # Arrow arrays, never a Python string per id (sealing 100M rows: cusa.store.sealing)
-        order, sorted_ids = sort_unique_ids(read_segment_ids(self, segs), self.url)
-        chunk_rows, chunk_sha = write_sorted_arrays(
-            self.fs, self.rel, segs, order, sorted_ids, self.dim, self.dtype
-        )
-        write_id_index(self.fs, self.rel, sorted_ids)
-        failed = write_sealed_manifest(self, segs, order, sorted_ids)
+        # The ids are sorted out of core into a temporary file that every step below streams:
+        # memory does not grow with N (cusa.store.sealing); TMPDIR says where the files go.
+        with tempfile.TemporaryDirectory(prefix="cusa-seal-") as tmp:
+            ids = sort_ids_external(self, segs, tmp)
+            chunk_rows, chunk_sha = write_sorted_arrays(
+                self.fs, self.rel, segs, ids, self.dim, self.dtype
+            )
+            write_sealed_index(self.fs, self.rel, ids, tmp)
+            failed = write_sealed_manifest(self, segs, ids, tmp)
         record = new_seal_record(
-            len(order), failed, [r["shard"] for r in records], chunk_rows, chunk_sha
+            ids.rows, failed, [r["shard"] for r in records], chunk_rows, chunk_sha
         )
         self.fs.write_bytes_atomic(f"{self.rel}/{SEALED}", json_bytes(record))
         # The parts are now redundant; readers that still map them keep their open files.
         self.fs.remove(f"{self.rel}/parts")
         remove_temp_files(self.fs, self.rel)
-        log.info("sealed %s: %d rows in %d chunk(s)", self.rel, len(order), len(chunk_rows))
+        log.info("sealed %s: %d rows in %d chunk(s)", self.rel, ids.rows, len(chunk_rows))
         return record
 
     def nbytes_on_disk(self) -> int:
