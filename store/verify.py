@@ -810,7 +810,7 @@ def _check_sealed_ids(
     wrong, failed_dups = _Tally(), _Tally()
     failed: list[dict[str, Any]] = []
     columns = ["sample_id", "row", "shard", "status", "error"]
-    for batch in manifest.iter_batches(batch_size=_block(), columns=columns):
+    for batch in _manifest_batches(manifest, columns):
         ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
         ok = ok.to_numpy(zero_copy_only=False)
         bad_status = np.flatnonzero(~ok)
@@ -874,6 +874,16 @@ def _check_sealed_ids(
     report.failed = [
         {"sample_id": e["sample_id"], "shard": e["shard"], "error": e["error"]} for e in failed
     ]
+
+
+def _manifest_batches(manifest: pq.ParquetFile, columns: list[str]) -> Iterable[pa.RecordBatch]:
+    """The manifest's rows, a row group at a time (sealing writes groups of 1M rows), in
+    batches of a block. ``ParquetFile.iter_batches`` was not used: its memory grew with every
+    row group it read (pyarrow 26: +15 MiB per group of 1M rows), this stays flat."""
+    for i in range(manifest.num_row_groups):
+        table = manifest.read_row_group(i, columns=columns, use_threads=False)
+        yield from table.to_batches(max_chunksize=_block())
+        del table
 
 
 def _same_ids(ids: SealedIds, sample_ids: pa.Array, rows: np.ndarray) -> np.ndarray:
