@@ -335,3 +335,27 @@ def test_sealed_norm_previews_name_the_ids(store):
         r"off 1 by more than 0\.01: 'id02' \(norm 1\.[45]\d+\), 'id05' .* and 2 more",
         text,
     ), text
+
+
+def test_sealed_group_on_an_object_store(s3_store_url, tmp_path):
+    """The index and the manifest are copied to temporary local files, the sample_id chunk is
+    streamed from the bucket."""
+    from cusa.store import FeatureStore
+
+    url, opts = s3_store_url
+    store = FeatureStore.open(url, storage_options=opts, create=True)
+    group = store.group("coco", "train", toy_spec(), create=True)
+    filled = fill_group(group, shards=3, rows=5, fail_every=3)
+    group.seal()
+    local = str(tmp_path / ID_INDEX)
+    group.fs.copy_to_local(f"{group.rel}/{ID_INDEX}", local)
+    assert reindex.chunk_matches(group, reindex.open_mapped_ids(group, local)) is True
+    report = verify_group(group)
+    assert report.ok and not report.warnings, report.summary()
+    assert report.rows == len(filled.expected)
+    victim = sorted(filled.expected)[BLOCK]
+    _edit_manifest(group, lambda t: t.filter(pc.not_equal(t["sample_id"], victim)))
+    assert verify_group(group).errors == [
+        f"{group.rel}: sealed chunk 0: 1 sample(s) have feature rows but are not in the "
+        f"manifest: {victim!r}"
+    ]
