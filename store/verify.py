@@ -823,26 +823,27 @@ def _check_sealed_ids(
                 [e["sample_id"] for e, f in zip(entries, found.tolist(), strict=True) if f]
             )
         at = np.flatnonzero(ok)
-        if not len(at):
-            continue
-        sample_ids = batch.column("sample_id").take(pa.array(at))
-        rows = pc.fill_null(batch.column("row").take(pa.array(at)), -1)
-        rows = rows.to_numpy(zero_copy_only=False).astype(np.int64)
-        same = _same_ids(ids, sample_ids, rows)
-        seen[rows[same]] = True
-        other = np.flatnonzero(~same)
-        if len(other):  # not the id of the row it names: where is it, if anywhere?
-            names = sample_ids.take(pa.array(other)).to_pylist()
-            shards = batch.column("shard").take(pa.array(at[other])).to_pylist()
-            found_rows, found = ids.index.lookup([str(s) for s in names])
-            for sid, shard, row, hit in zip(
-                names, shards, found_rows.tolist(), found.tolist(), strict=True
-            ):
-                if hit:
-                    seen[row] = True
-                    wrong.add([sid])
-                else:
-                    missing.setdefault(shard, _Tally()).add([sid])
+        if len(at):
+            sample_ids = batch.column("sample_id").take(pa.array(at))
+            rows = pc.fill_null(batch.column("row").take(pa.array(at)), -1)
+            rows = rows.to_numpy(zero_copy_only=False).astype(np.int64)
+            same = _same_ids(ids, sample_ids, rows)
+            seen[rows[same]] = True
+            other = np.flatnonzero(~same)
+            if len(other):  # not the id of the row it names: where is it, if anywhere?
+                names = sample_ids.take(pa.array(other)).to_pylist()
+                shards = batch.column("shard").take(pa.array(at[other])).to_pylist()
+                found_rows, found = ids.index.lookup([str(s) for s in names])
+                for sid, shard, row, hit in zip(
+                    names, shards, found_rows.tolist(), found.tolist(), strict=True
+                ):
+                    if hit:
+                        seen[row] = True
+                        wrong.add([sid])
+                    else:
+                        missing.setdefault(shard, _Tally()).add([sid])
+        # the batch holds its row group: let go of it before the next group is read
+        del batch
         ids.release()
 
     if failed_dups.count:
