@@ -553,7 +553,7 @@ class FeatureGroup:
         with tempfile.TemporaryDirectory(prefix="cusa-seal-") as tmp:
             ids = sort_ids_external(self, segs, tmp)
             chunk_rows, chunk_sha = write_sorted_arrays(
-                self.fs, self.rel, segs, ids, self.dim, self.dtype
+                self.fs, self.rel, segs, ids, self.dim, self.dtype, tmp
             )
             write_sealed_index(self.fs, self.rel, ids, tmp)
             failed = write_sealed_manifest(self, segs, ids, tmp)

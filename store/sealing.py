@@ -1,10 +1,13 @@
 """Sealing: a group's committed parts consolidated into arrays sorted by sample id.
 
-The sorted ``features`` are streamed chunk by chunk, and each chunk block by block: a block
-gathers its rows from memory maps of the parts that are unmapped again right after, so sealing
-memory is bounded by :func:`seal_block_bytes`, not by the number of rows. The seal record
-``sealed.json`` is written last (see :mod:`cusa.store.layout`);
-:meth:`cusa.store.group.FeatureGroup.seal` runs these steps.
+Sealing memory does not grow with the number of rows N. The ids are sorted out of core
+(:func:`sort_ids_external`: sorted runs in temporary Arrow files, merged partition by partition)
+into one temporary file of ``(sample_id, src)`` in sorted order, which every step then streams:
+the ``features`` chunk by chunk, and each chunk block by block (a block gathers its rows from
+memory maps of the parts that are unmapped again right after, :func:`seal_block_bytes`), the
+sealed ``sample_id`` chunk frame by frame, the id index (spilled by its builder) and the manifest
+a row group at a time. The seal record ``sealed.json`` is written last (see
+:mod:`cusa.store.layout`); :meth:`cusa.store.group.FeatureGroup.seal` runs these steps.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -27,7 +31,7 @@ from ..errors import ConfigError, StoreError
 from .fs import StoreFS
 from .id_index import IdIndex, IndexFileBuilder, index_file_blocks
 from .layout import ID_INDEX, MANIFEST, Segment, now
-from .ledger import MANIFEST_SCHEMA, read_manifest
+from .ledger import MANIFEST_SCHEMA, failed_rows, manifest_batches
 
 log = logging.getLogger(__name__)
 
@@ -438,8 +442,10 @@ def write_sealed_manifest(group: Any, segs: list[Segment], ids: SortedIds, tmpdi
     seg_starts = np.cumsum([0] + [s.rows for s in segs])[:-1]
     failed = []
     for rec in group.commit_records():
-        table = read_manifest(group.fs.read_bytes(f"{group.rel}/parts/{rec['part']}/{MANIFEST}"))
-        failed.append(table.filter(pc.fill_null(pc.not_equal(table["status"], "ok"), True)))
+        # a part's ledger a batch at a time, keeping its failures only (not its ok rows)
+        data = io.BytesIO(group.fs.read_bytes(f"{group.rel}/parts/{rec['part']}/{MANIFEST}"))
+        failed.extend(failed_rows(t) for t in manifest_batches(data, SEAL_TEMP_BATCH_ROWS))
+        del data
     failed_table = (
         pa.concat_tables(failed).sort_by([("sample_id", "ascending")])
         if failed
@@ -551,11 +557,13 @@ def write_sorted_arrays(
     ids: SortedIds,
     dim: int,
     dtype: np.dtype,
+    tmpdir: str | None = None,
 ) -> tuple[list[int], list[str]]:
     """Write the group-level ``features`` and ``sample_id`` of the group at ``rel``, sorted by id.
 
     Row ``i`` of ``features`` is the unsorted row ``src`` of the sorted ids' row ``i`` (the rows
-    of the segments read one after the other); without rows, the arrays are removed.
+    of the segments read one after the other); without rows, the arrays are removed. The parts
+    of an object store are copied into ``tmpdir`` (or a temporary folder) while it runs.
 
     Returns:
         ``(chunk_rows, chunk_sha256)``: the rows and the SHA-256 of each ``features`` chunk.
@@ -589,7 +597,7 @@ def write_sorted_arrays(
     # also costs ~32 bytes of int64 bookkeeping, which would dominate for narrow rows)
     block = max(1, min(seal_block_bytes() // row_bytes, SEAL_BLOCK_MAX_ROWS, chunk))
     with contextlib.ExitStack() as stack:
-        local = _local_segment_files(fs, segs, dim, dtype, stack)
+        local = _local_segment_files(fs, segs, dim, dtype, stack, tmpdir)
         reader = stack.enter_context(ids.reader())
         for ci, start in enumerate(range(0, n, chunk)):
             stop = min(start + chunk, n)
@@ -698,17 +706,23 @@ def _vlen_block(offsets: np.ndarray, blob: np.ndarray, header: int | None) -> np
 
 
 def _local_segment_files(
-    fs: StoreFS, segs: list[Segment], dim: int, dtype: np.dtype, stack: contextlib.ExitStack
+    fs: StoreFS,
+    segs: list[Segment],
+    dim: int,
+    dtype: np.dtype,
+    stack: contextlib.ExitStack,
+    parent: str | None = None,
 ) -> list[str]:
     """A local file per segment, each checked for its size, to memory-map while sealing.
 
-    Parts of an object store are copied to a temporary folder first (removed by ``stack``),
-    so sealing there needs local disk for the parts but no more memory than on a disk.
+    Parts of an object store are copied to a temporary folder (in ``parent`` when given) first,
+    removed by ``stack``, so sealing there needs local disk for the parts but no more memory
+    than on a disk.
     """
     tmpdir = (
         None
         if fs.is_local
-        else stack.enter_context(tempfile.TemporaryDirectory(prefix="cusa-seal-"))
+        else stack.enter_context(tempfile.TemporaryDirectory(prefix="cusa-seal-", dir=parent))
     )
     files = []
     for i, seg in enumerate(segs):
