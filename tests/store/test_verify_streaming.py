@@ -267,11 +267,11 @@ def test_no_index_file_clean_group_is_ok_with_a_warning(sealed):
 
 
 def _index_arrays(group):
-    """Writable maps of the index file's ``hashes`` and ``rows``."""
+    """Writable maps of the index file's ``hashes``, ``rows`` and ``buckets``."""
     path = group.fs.local_path(f"{group.rel}/{ID_INDEX}")
     header, start = read_index_header(path)
     out = {}
-    for name in ("hashes", "rows"):
+    for name in ("hashes", "rows", "buckets"):
         spec = header["arrays"][name]
         out[name] = np.memmap(
             path, dtype=spec["dtype"], mode="r+", offset=start + spec["offset"],
@@ -288,6 +288,7 @@ def _index_arrays(group):
         ("rows swapped", "a hash is not the hash of its row's id"),
         ("hash changed", "a hash is not the hash of its row's id"),
         ("entries swapped", "its hashes are not sorted"),
+        ("bucket moved", "its bucket table does not match its hashes"),
     ],
 )
 def test_index_file_with_altered_rows_or_hashes(sealed, damage, problem):
@@ -303,11 +304,15 @@ def test_index_file_with_altered_rows_or_hashes(sealed, damage, problem):
         r[k], r[k + 1] = r[k + 1], r[k]
     elif damage == "hash changed":
         h[k] = (int(h[k]) + int(h[k + 1])) // 2  # still sorted, but not its id's hash
-    else:
+    elif damage == "entries swapped":
         h[k], h[k + 1] = h[k + 1], h[k]
         r[k], r[k + 1] = r[k + 1], r[k]
-    a["hashes"].flush()
-    a["rows"].flush()
+    else:
+        b = a["buckets"]
+        i = int(np.flatnonzero(b[1:-1] > 0)[0]) + 1  # an interior bucket that starts after 0
+        b[i] -= 1  # its first hash now sits in the bucket before
+    for arr in a.values():
+        arr.flush()
     del a, h, r
     report = verify_group(group)
     assert report.errors == [
