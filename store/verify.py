@@ -20,6 +20,10 @@ What is checked, for every group (see the layout in :mod:`cusa.store.layout`):
 
 A group sealed by another process while it is being verified is verified again from its seal,
 so a concurrent seal never shows up as lost rows.
+
+A sealed group with its index file is verified in blocks, with no Python object per id and
+memory that does not grow with N beyond a byte per row (:func:`_verify_sealed`); unsealed groups
+and sealed groups without a usable index hold their ids in memory.
 """
 
 from __future__ import annotations
