@@ -447,9 +447,10 @@ def write_sealed_manifest(group: Any, segs: list[Segment], ids: SortedIds, tmpdi
     failed = []
     for rec in group.commit_records():
         # a part's ledger a batch at a time, keeping its failures only (not its ok rows)
-        data = io.BytesIO(group.fs.read_bytes(f"{group.rel}/parts/{rec['part']}/{MANIFEST}"))
-        failed.extend(failed_rows(t) for t in manifest_batches(data, SEAL_TEMP_BATCH_ROWS))
-        del data
+        rel = f"{group.rel}/parts/{rec['part']}/{MANIFEST}"
+        fs = group.fs
+        source = fs.local_path(rel) if fs.is_local else io.BytesIO(fs.read_bytes(rel))
+        failed.extend(failed_rows(t) for t in manifest_batches(source, SEAL_TEMP_BATCH_ROWS))
     failed_table = (
         pa.concat_tables(failed).sort_by([("sample_id", "ascending")])
         if failed
