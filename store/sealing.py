@@ -479,6 +479,8 @@ def write_sealed_manifest(group: Any, segs: list[Segment], ids: SortedIds, tmpdi
                 schema=MANIFEST_SCHEMA,
             )
             writer.write_table(block)
+            del block, sample_ids, src
+            _release_memory()
         if len(failed_table) or not n:
             writer.write_table(failed_table)
 
@@ -628,6 +630,8 @@ def _src_blocks(reader: SortedReader, rows: int, block: int) -> Iterator[np.ndar
     for lo in range(0, rows, block):
         _, src = reader.take(min(block, rows - lo), ids=False)
         yield src
+        del src
+        _release_memory()
 
 
 #: Ids encoded per zstd frame of the sealed ``sample_id`` chunk: its bytes stream to disk, and a
@@ -679,11 +683,21 @@ def write_sealed_ids(
             k = len(ids)
             hi = int(np.searchsorted(offsets, SAMPLE_ID_FRAME_BYTES, "right")) - 1
             hi = min(k, max(hi, 1))
-            yield zstd.encode(_vlen_block(offsets[: hi + 1], blob, header=n if first else None))
+            # the frame's bytes, built 64k ids at a time (_vlen_block's scratch: 8 bytes a byte)
+            parts = [
+                _vlen_block(offsets[a : min(a + 65536, hi) + 1], blob, header=None)
+                for a in range(0, hi, 65536)
+            ]
+            if first:
+                parts.insert(0, np.frombuffer(np.uint32(n).astype("<u4").tobytes(), np.uint8))
+            yield zstd.encode(np.concatenate(parts))
+            del parts
             first = False
             rest = ids.slice(hi)
             held = [rest] if len(rest) else []
             held_bytes = int(offsets[k] - offsets[hi])
+            del ids, offsets, blob, rest
+            _release_memory()
 
     fs.write_stream_atomic(f"{rel}/sample_id/c/0", frames())
 
