@@ -600,7 +600,7 @@ class IndexFileBuilder:
         sorted_hashes = os.path.join(self.dir, "hashes")
         sorted_rows = os.path.join(self.dir, "rows")
         table = os.path.join(self.dir, "buckets")
-        max_run, start = 1, 0
+        max_run, start, bucket_max = 1, 0, 0
         with (
             open(sorted_hashes, "wb") as fh,
             open(sorted_rows, "wb") as fr,
@@ -618,28 +618,31 @@ class IndexFileBuilder:
                 fr.write(rows.tobytes())
                 if bits >= SPILL_BITS:  # this partition is exactly buckets lo:hi
                     per = 2 ** (bits - SPILL_BITS)
-                    ft.write(
-                        bucket_table(
-                            hashes, bits, base=start, lo=p * per, hi=(p + 1) * per, dtype=rows_dtype
-                        ).tobytes()
+                    part = bucket_table(
+                        hashes, bits, base=start, lo=p * per, hi=(p + 1) * per, dtype=rows_dtype
                     )
+                    ft.write(part.tobytes())
+                    if len(hashes):  # the largest bucket of this partition
+                        sizes = np.diff(part, append=start + len(hashes))
+                        bucket_max = max(bucket_max, int(sizes.max()))
                 start += len(hashes)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             if bits >= SPILL_BITS:
                 ft.write(np.array([n], dtype=rows_dtype).tobytes())
-        hashes = np.fromfile(sorted_hashes, dtype="<u8") if n else np.zeros(0, np.uint64)
         if bits < SPILL_BITS:  # a small index (N < 64): one table from every hash
-            bucket_table(hashes, bits, dtype=rows_dtype).tofile(table)
-        buckets = np.fromfile(table, dtype=rows_dtype)
+            hashes = np.fromfile(sorted_hashes, dtype="<u8") if n else np.zeros(0, np.uint64)
+            buckets = bucket_table(hashes, bits, dtype=rows_dtype)
+            buckets.tofile(table)
+            bucket_max = int(np.diff(buckets).max()) if n else 0
         fields = {
             "hash": self.hash_name,
             "n": n,
             "max_run": max_run,
-            "bucket_max": int(np.diff(buckets).max()) if n else 0,
+            "bucket_max": bucket_max,
             **extra,
         }
-        del hashes, buckets, offsets, blob
+        del offsets, blob
         layout = _layout(n, self.blob_bytes, 2**bits + 1)
         sources = {
             "hashes": _file_blocks_of(sorted_hashes, "<u8"),
