@@ -163,12 +163,17 @@ def _median_us_interleaved(paths: dict[str, Any], batches: list[Any]) -> dict[st
     """Median µs per call of each ``name: fn(batch_index)``, the paths taking turns.
 
     Each path reads its own batches (path j at turn k reads batch ``k + j * step``): a path
-    that read the rows another path had just read would find them in the CPU's caches.
+    that read the rows another path had just read would find them in the CPU's caches. The
+    order of the paths is shuffled at every turn: a path that always followed one that churns
+    the caches (a binary search of 100M hashes) would pay for it.
     """
     times: dict[str, list[int]] = {name: [] for name in paths}
     step = len(batches) // len(paths)
+    named = list(paths.items())
+    rng = np.random.default_rng(11)
     for k in range(len(batches)):
-        for j, (name, fn) in enumerate(paths.items()):
+        for j in rng.permutation(len(named)).tolist():
+            name, fn = named[j]
             b = (k + j * step) % len(batches)
             t0 = time.perf_counter_ns()
             fn(b)
