@@ -117,22 +117,17 @@ def _array(group: FeatureGroup, folder: str, **expected: Any) -> None:
 
 
 def _check_once(group: FeatureGroup) -> None:
-    # A sealed group is read from its seal record alone: its commit records (one per shard,
-    # thousands in a web-scale group) are not read at open, so opening costs the same at any N.
-    has_seal = group.fs.exists(f"{group.rel}/{SEALED}") or (
+    records_files = ["zarr.json"] + [
+        f"commits/{n}" for n in group.fs.ls(f"{group.rel}/commits") if n.endswith(".json")
+    ]
+    if group.fs.exists(f"{group.rel}/{SEALED}") or (
         group.fs.is_local and os.path.lexists(group.fs.local_path(f"{group.rel}/{SEALED}"))
-    )
-    records_files = ["zarr.json"]
-    if has_seal:
+    ):
         records_files.append(SEALED)
-    else:
-        records_files += [
-            f"commits/{n}" for n in group.fs.ls(f"{group.rel}/commits") if n.endswith(".json")
-        ]
     for name in records_files:  # before reading them: a FIFO record would block the reader
         _check_regular(group, name)
     sealed = group.sealed  # a malformed seal record raises BrokenGroupError
-    records = [] if sealed else group.commit_records()  # so does an unreadable commit record
+    records = group.commit_records()  # so does an unreadable commit record
     files: list[str] = []
     dim, dtype = group.dim, group.spec["dtype"]
     arrays: list[tuple[str, dict[str, Any]]] = []
