@@ -38,9 +38,8 @@ def test_sizes_are_the_ones_the_issue_asks_for():
 
 def test_the_verdicts_the_page_states_follow_from_the_results():
     t, r = DATA["targets"], DATA["results"]
-    big = r["100000000"]
-    # every target of the Targets table is stated as "met"
-    for key in (
+    small, big = r["1000000"], r["100000000"]
+    met = (
         "open_le_0_5s_at_100m",
         "open_le_64mib_at_100m",
         "worker_uss_growth_le_8mib_every_n",
@@ -49,22 +48,29 @@ def test_the_verdicts_the_page_states_follow_from_the_results():
         "gather_rows_le_1_2x_numpy_rows_of_the_map_every_n",
         "seal_peak_rss_le_4gb_at_100m",
         "verify_peak_rss_le_4gb_at_100m",
-        "open_gather_flat_within_1_3x",
         "memory_flat_within_1_3x",
         "seal_verify_within_1_3x_of_linear",
-    ):
+    )
+    for key in met:
         assert t[key] is True, key
-    assert SECTION.count("**met**") == 7 and "missed" not in SECTION
+    # the one row stated "missed": open and gather flat in N
+    assert t["open_gather_flat_within_1_3x"] is False
+    assert t["open_s_ratio"] > 1.3 and t["gather_us_ratio"] > 1.3
+    assert SECTION.count("**met**") == 6 and SECTION.count("**missed**") == 1
+    assert "**missed** for open and `gather`, met for memory" in SECTION
     # the figures the prose quotes
-    assert f"**met**: {big['open_s'] * 1000:.1f} ms and +{big['open_uss_mib']:.1f} MiB" in SECTION
+    ms = big["open_s"] * 1000
+    assert f"**met**: {ms:.1f} ms and +{big['open_uss_mib']:.1f} MiB" in SECTION
+    per_shard_us = (big["open_s"] - small["open_s"]) / (big["shards"] - small["shards"]) * 1e6
+    assert 5 <= per_shard_us <= 25  # "about 15 µs a shard"
     assert f"**met**: at most +{t['worst_worker_uss_growth_mib']:.2f} MiB" in SECTION
     assert f"**met**: {big['seal_peak_rss_mib']:.0f} MiB" in SECTION
     assert f"`verify` at 100M: {big['verify_peak_rss_mib']:.0f} MiB" in SECTION
-    assert f"open {t['open_s_ratio']:.2f}×, `gather` {t['gather_us_ratio']:.2f}×" in SECTION
-    assert (
-        f"CPU time {t['seal_cpu_vs_linear']:.2f}× (seal) and {t['verify_cpu_vs_linear']:.2f}×"
-        in (SECTION)
-    )
+    assert f"Open {t['open_s_ratio']:.2f}×" in SECTION
+    assert f"`gather` {t['gather_us_ratio']:.2f}×" in SECTION
+    assert f"`gather_rows` {t['gather_rows_us_ratio']:.2f}×" in SECTION
+    cpu = f"CPU time {t['seal_cpu_vs_linear']:.2f}× (seal) and {t['verify_cpu_vs_linear']:.2f}×"
+    assert cpu in SECTION
     # the worker whose first reading was large: clean file pages, not copies
     w = max(big["workers"], key=lambda w: w["uss_first_mib"])
     dirty_first = w["private_dirty_last_mib"] - w["private_dirty_growth_mib"]
