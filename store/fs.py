@@ -339,8 +339,8 @@ class StoreFS:
         return self.fs.exists(full)
 
     def read_bytes(self, rel: str) -> bytes:
-        if self.is_local:  # plain file I/O: fsspec's path handling costs ~40 µs a call, which
-            # opening a group of thousands of shards pays once per commit record
+        if self.is_local:  # plain file I/O, without fsspec's path handling per call: opening a
+            # group reads one commit record per shard
             with open(self.local_path(rel), "rb") as fh:
                 return fh.read()
         with network_errors(self.display(rel)):

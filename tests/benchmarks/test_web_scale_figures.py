@@ -76,3 +76,72 @@ def test_the_verdicts_the_page_states_follow_from_the_results():
     dirty_first = w["private_dirty_last_mib"] - w["private_dirty_growth_mib"]
     assert f"({w['uss_first_mib']:.0f} MiB for one worker at 100M)" in SECTION
     assert f"private dirty memory was {dirty_first:.1f} MiB then" in SECTION
+
+
+def test_the_other_figures_the_docs_quote_are_the_results():
+    """Every number of the section's prose and of docs/store.md's open-cost table."""
+    t, r = DATA["targets"], DATA["results"]
+    small, mid, big = r["1000000"], r["10000000"], r["100000000"]
+    store_md = (REPO / "docs" / "store.md").read_text()
+    m = {k: x["median_us"] for k, x in r.items()}
+
+    def ms(x: dict) -> str:
+        return f"{x['open_s'] * 1000:.1f} ms"
+
+    first = (
+        f"imports included: {big['first_open_s'] * 1000:.1f} ms, +{big['first_open_uss_mib']:.2f}"
+    )
+    assert first in SECTION
+    assert f"Open {t['open_s_ratio']:.2f}× ({ms(small)[:-3]} → {ms(big)}" in SECTION
+    # docs/store.md: the open of a sealed group and of one without its index file
+    assert f"{ms(small)} at 1M ids in {small['shards']} shard, {ms(big)} at 100M in" in store_md
+    old = (
+        f"{small['open_without_index_file_s']:.1f} s at 1M and "
+        f"{mid['open_without_index_file_s']:.1f} s at 10M ids"
+    )
+    assert old in store_md
+    usage = (
+        f"+{small['open_without_index_file_uss_mib']:.0f} MiB at 1M, "
+        f"+{mid['open_without_index_file_uss_mib']:.0f} MiB at 10M"
+    )
+    assert usage in store_md
+    assert (
+        f"takes {small['open_without_index_file_s']:.1f} s and "
+        f"+{small['open_without_index_file_uss_mib']:.0f} MiB at 1M" in SECTION
+    )
+    # gather against the dict, and what the dict costs
+    assert f"{small['gather_vs_dict_plus_numpy']:.2f}× at 1M, " in SECTION
+    assert f"{mid['gather_vs_dict_plus_numpy']:.2f}× at 10M" in SECTION
+    assert f"+{small['baseline_uss_mib']:.0f} and +{mid['baseline_uss_mib']:,.0f} MiB" in SECTION
+    assert f"`gather` {t['gather_us_ratio']:.2f}× ({m['1000000']['gather']:.0f} → " in SECTION
+    assert f"{m['100000000']['gather']:.0f} µs)" in SECTION
+    # gather_rows ranges
+    ram = [x["gather_rows_vs_numpy_rows"] for x in r.values()]
+    of_map = [x["gather_rows_vs_numpy_rows_of_the_map"] for x in r.values()]
+    assert f"{min(ram):.2f}–{max(ram):.2f}× the array in RAM" in SECTION
+    assert f"{min(of_map):.2f}–{max(of_map):.2f}× bare indexing of the same map" in SECTION
+    # workers
+    dirty = [w["private_dirty_growth_mib"] for x in r.values() for w in x["workers"]]
+    assert f"private dirty growth {min(dirty):.2f}–{max(dirty):.2f} MiB per worker" in SECTION
+    last = [w["uss_last_mib"] for x in r.values() for w in x["workers"]]
+    assert f"at the end {t['worker_private_dirty_last_ratio']:.1f}× " in SECTION
+    assert f"({min(last):.1f}–{max(last):.1f} MiB)" in SECTION
+    # seal at the smaller sizes, the id lookup alone, the store on disk
+    assert (
+        f"({small['seal_peak_rss_mib']:.0f} MiB at 1M, {mid['seal_peak_rss_mib']:.0f} MiB at 10M)"
+        in SECTION
+    )
+    rows_only = (
+        f"is {m['1000000']['rows_only']:.0f}\nµs at 1M and {m['100000000']['rows_only']:.0f} µs"
+    )
+    assert rows_only in SECTION
+    search = (
+        f"takes {m['1000000']['rows_binary_search']:.0f} and "
+        f"{m['100000000']['rows_binary_search']:.0f} µs"
+    )
+    assert search in SECTION
+    assert f"{big['bytes_on_disk'] / 1e9:.1f} GB sealed, {big['index_bytes'] / 1e9:.1f} GB" in PAGE
+    assert (
+        f"{big['shards']} shards, {big['write_s']:.0f} s here, ~{big['bytes_on_disk'] / 1e9:.1f} GB"
+        in (PAGE)
+    )
