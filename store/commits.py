@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import stat
 import uuid
 import warnings
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +168,50 @@ def is_commit_record(rec: Any) -> bool:
         and rec["rows"] >= 0
         and isinstance(rec.get("features_sha256"), str)
     )
+
+
+def records_stamp(fs: StoreFS, group_rel: str) -> str | None:
+    """A SHA-256 of what ``lstat`` says of each commit record of a local group: its name, inode
+    number, change time (``st_ctime_ns``), size and modification time.
+
+    Any write to a record, a record replaced (another inode), added or removed, a chmod or a new
+    hard link changes it, and no system call sets a change time back. A seal records it
+    (``commits_stamp`` in ``sealed.json``) after checking every record, so a reader that finds
+    the same stamp knows the records are the ones the seal checked, at one ``stat`` each
+    (~1.5-2 µs) instead of reading and parsing each one (~20 µs); ``cusa store verify`` still
+    reads them all. A copied store (new inodes) has another stamp: its readers read the
+    records, as for a group sealed before stamps existed.
+
+    Returns:
+        The hex digest; None on object stores, without a ``commits`` folder, or when the folder
+        or a record is not what it should be (a symlink, not a regular file): the caller then
+        checks every record, which names the problem.
+    """
+    if not fs.is_local:
+        return None
+    try:
+        fd = os.open(
+            fs.local_path(f"{group_rel}/commits"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        )
+    except OSError:  # missing, a symlink (ELOOP), not a folder
+        return None
+    try:
+        names = sorted(n for n in os.listdir(fd) if n.endswith(".json"))
+        stats = [os.stat(n, dir_fd=fd, follow_symlinks=False) for n in names]
+    except OSError:  # a record removed while we look
+        return None
+    finally:
+        os.close(fd)
+    if not all(stat.S_ISREG(s.st_mode) for s in stats):
+        return None
+    digest = hashlib.sha256("\0".join(names).encode("utf-8", "surrogateescape"))
+    digest.update(array("Q", [s.st_ino for s in stats]).tobytes())
+    digest.update(array("q", [s.st_ctime_ns for s in stats]).tobytes())
+    # size and modification time too: with coarse file times, a rewrite in the same clock tick
+    # as the record's creation keeps its change time
+    digest.update(array("q", [s.st_size for s in stats]).tobytes())
+    digest.update(array("q", [s.st_mtime_ns for s in stats]).tobytes())
+    return digest.hexdigest()
 
 
 def _id_key(sample_id: str) -> int:

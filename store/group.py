@@ -26,6 +26,7 @@ from .commits import (
     is_commit_record,
     new_commit_record,
     new_part_name,
+    records_stamp,
     write_part,
 )
 from .fs import StoreFS
@@ -558,7 +559,12 @@ class FeatureGroup:
             write_sealed_index(self.fs, self.rel, ids, tmp)
             failed = write_sealed_manifest(self, segs, ids, tmp)
         record = new_seal_record(
-            ids.rows, failed, [r["shard"] for r in records], chunk_rows, chunk_sha
+            ids.rows,
+            failed,
+            [r["shard"] for r in records],
+            chunk_rows,
+            chunk_sha,
+            self._checked_records_stamp(),
         )
         self.fs.write_bytes_atomic(f"{self.rel}/{SEALED}", json_bytes(record))
         # The parts are now redundant; readers that still map them keep their open files.
@@ -566,6 +572,16 @@ class FeatureGroup:
         remove_temp_files(self.fs, self.rel)
         log.info("sealed %s: %d rows in %d chunk(s)", self.rel, ids.rows, len(chunk_rows))
         return record
+
+    def _checked_records_stamp(self) -> str | None:
+        """The stamp of the commit records (:func:`~cusa.store.commits.records_stamp`) once
+        every record is read and checked again, for the seal record: readers that find the
+        same stamp skip reading them. None when a record changed while we read them."""
+        stamp = records_stamp(self.fs, self.rel)
+        if stamp is None:
+            return None
+        self.commit_records()  # each one valid JSON with its fields, else BrokenGroupError
+        return stamp if records_stamp(self.fs, self.rel) == stamp else None
 
     def nbytes_on_disk(self) -> int:
         try:

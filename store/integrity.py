@@ -14,6 +14,7 @@ import os
 import stat
 from typing import Any
 
+from .commits import records_stamp
 from .group import FeatureGroup
 from .layout import MANIFEST, SEALED
 
@@ -117,9 +118,7 @@ def _array(group: FeatureGroup, folder: str, **expected: Any) -> None:
 
 
 def _check_once(group: FeatureGroup) -> None:
-    records_files = ["zarr.json"] + [
-        f"commits/{n}" for n in group.fs.ls(f"{group.rel}/commits") if n.endswith(".json")
-    ]
+    records_files = ["zarr.json"]
     if group.fs.exists(f"{group.rel}/{SEALED}") or (
         group.fs.is_local and os.path.lexists(group.fs.local_path(f"{group.rel}/{SEALED}"))
     ):
@@ -127,7 +126,15 @@ def _check_once(group: FeatureGroup) -> None:
     for name in records_files:  # before reading them: a FIFO record would block the reader
         _check_regular(group, name)
     sealed = group.sealed  # a malformed seal record raises BrokenGroupError
-    records = group.commit_records()  # so does an unreadable commit record
+    records: list[dict[str, Any]] = []
+    stamp = sealed.get("commits_stamp") if sealed else None
+    # The commit records of a sealed group whose stamp matches are the ones its seal checked
+    # (cusa.store.commits.records_stamp): one stat each. Otherwise each is checked and read.
+    if stamp is None or records_stamp(group.fs, group.rel) != stamp:
+        for name in group.fs.ls(f"{group.rel}/commits"):
+            if name.endswith(".json"):  # before reading it: a FIFO would block the reader
+                _check_regular(group, f"commits/{name}")
+        records = group.commit_records()  # an unreadable commit record raises BrokenGroupError
     files: list[str] = []
     dim, dtype = group.dim, group.spec["dtype"]
     arrays: list[tuple[str, dict[str, Any]]] = []

@@ -813,10 +813,16 @@ def _seal_array(store: Any, name: str, **kwargs: Any) -> Any:
 
 
 def new_seal_record(
-    rows: int, failed: int, shards: list[str], chunk_rows: list[int], chunk_sha256: list[str]
+    rows: int,
+    failed: int,
+    shards: list[str],
+    chunk_rows: list[int],
+    chunk_sha256: list[str],
+    commits_stamp: str | None = None,
 ) -> dict[str, Any]:
-    """The seal record of a group sealed now."""
-    return {
+    """The seal record of a group sealed now; ``commits_stamp`` (see
+    :func:`cusa.store.commits.records_stamp`) when its commit records were checked with it."""
+    record: dict[str, Any] = {
         "rows": rows,
         "failed": failed,
         "shards": shards,
@@ -824,6 +830,9 @@ def new_seal_record(
         "chunk_sha256": chunk_sha256,
         "sealed": now(),
     }
+    if commits_stamp is not None:
+        record["commits_stamp"] = commits_stamp
+    return record
 
 
 def is_seal_record(record: Any) -> bool:

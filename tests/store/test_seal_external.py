@@ -21,6 +21,7 @@ from store_helpers import fill_group, toy_spec, unit_rows
 
 from cusa.errors import StoreError
 from cusa.store import FeatureLookup, FeatureStore, sealing
+from cusa.store.commits import records_stamp
 from cusa.store.id_index import read_index_header
 from cusa.store.layout import MANIFEST, json_bytes
 from cusa.store.ledger import MANIFEST_SCHEMA, read_manifest
@@ -135,7 +136,8 @@ def _old_manifest(group, segs, order, sorted_ids) -> int:
 
 
 def _sealed_files(group) -> dict[str, object]:
-    """Every file of the sealed group, timestamps taken out (``sealed``, the index's ``built``)."""
+    """Every file of the sealed group, timestamps (``sealed``, the index's ``built``) and the
+    commit records' stamp taken out."""
     root = Path(group.fs.local_path(group.rel))
     out: dict[str, object] = {}
     for path in sorted(root.rglob("*")):
@@ -146,6 +148,7 @@ def _sealed_files(group) -> dict[str, object]:
         if name == "sealed.json":
             record = json.loads(data)
             assert record.pop("sealed")
+            record.pop("commits_stamp", None)  # of the group's own record files
             out[name] = record
         elif name == "id_index.bin":
             header, start = read_index_header(str(path))
@@ -169,9 +172,12 @@ def _assert_same_seal(group, tmp_path: Path) -> dict:
     twin = _twin(group, tmp_path)
     record = group.seal()
     expected = _seal_in_memory(twin)
-    assert {k: v for k, v in record.items() if k != "sealed"} == {
-        k: v for k, v in expected.items() if k != "sealed"
+    # the time, and the stamp of the group's own commit record files (their inodes differ)
+    own = ("sealed", "commits_stamp")
+    assert {k: v for k, v in record.items() if k not in own} == {
+        k: v for k, v in expected.items() if k not in own
     }
+    assert record["commits_stamp"] == records_stamp(group.fs, group.rel)
     mine, ref = _sealed_files(group), _sealed_files(twin)
     assert sorted(mine) == sorted(ref)
     for name in ref:
