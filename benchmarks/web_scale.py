@@ -2,7 +2,8 @@
 
 For each N a store of N caption ids shaped like a webdataset's (``000123456789#3``: a 12-digit
 ``__key__`` and the caption number) and dim-8 fp16 unit rows is written through the real API
-(``write_shard`` in shuffled shard order), then, each phase in a fresh child process:
+(``write_shard`` in shuffled shard order, 100 shards at every N, so that N is the one thing that
+changes), then, each phase in a fresh child process:
 
 * ``seal``: ``FeatureGroup.seal()``: wall time, CPU time, peak RSS (``VmHWM``);
 * ``verify``: ``verify_group`` (hashes included): wall, CPU, peak RSS;
@@ -14,17 +15,24 @@ For each N a store of N caption ids shaped like a webdataset's (``000123456789#3
   hidden (a group sealed by an older cusa), after the workers so that they fork from the same
   parent at every N; the median latency of ``gather`` of 128 random ids against the features in
   RAM as numpy plus a dict id -> row, of ``gather_rows`` against bare numpy row indexing (of
-  the array in RAM, and of the mapped file itself), and of the id lookup alone with and without
-  the index's bucket table (``rows_only``, ``rows_binary_search``), taking turns batch by batch
-  so the load of the shared machine falls on all alike, each path on its own batches;
+  the array in RAM, and of the mapped file itself), of the id lookup alone with and without
+  the index's bucket table (``rows_only``, ``rows_binary_search``), and of ``gather`` from the
+  run's smallest store (the reference), taking turns batch by batch so the load of the shared
+  machine falls on all alike, each path on its own batches; the open's median against the
+  reference's, the two taking turns: "flat in N" is judged on these same-process ratios, as
+  runs minutes apart differ by the machine's load;
 * bytes on disk per sample beyond the features.
+
+Then, at the smallest N, the shard sweep: the same ids sealed from 1, 10, 100 and 1000 shards,
+opened in turns in one process, with the seal's stamp of the commit records and with it removed
+(a group sealed by an older cusa): what one shard adds to the open (``open_by_shards``).
 
 The dict baseline needs a Python string and a dict entry per id (~15 GB at 100M): it runs up to
 ``--baseline-max`` ids (default 20M), and above that the results say it was not run; the open
 of a group without its index file (which indexes every id in memory) likewise.
 
 Run: ``python -m benchmarks.web_scale --sizes 1000000,10000000`` (``--workdir`` on a disk with
-room: 100M rows need ~15 GB). ``--keep DIR`` writes the store in ``DIR`` and keeps it: a later
+room: 100M rows need ~15 GB); ``--sizes '' --sweep-n 1000000`` runs the shard sweep alone. ``--keep DIR`` writes the store in ``DIR`` and keeps it: a later
 run with the same ``DIR`` reuses what was written (a 100M-row write takes ~5 minutes) and seals
 a hard-linked copy, so the original stays unsealed. Writes ``benchmarks/results/web_scale.json``
 (merged by N) and ``docs/img/web_scale.png``.
@@ -54,7 +62,13 @@ DIM = 8
 BATCH = 128
 WORKERS = 4
 WORKER_BATCHES = 10_000
-SHARD_ROWS = 1_000_000
+#: Every N is written as this many shards, so that N is the one thing that changes between sizes;
+#: what a shard adds to the open is measured apart (``--shard-sweep``).
+SHARDS = 100
+#: Shard counts of the open-cost sweep, at the smallest N of the run.
+SHARD_SWEEP = "1,10,100,1000"
+#: Opens per store, taking turns, for the open's median in the same process.
+OPEN_REPS = 25
 #: Above this many ids the baselines that hold every id in memory are not run.
 BASELINE_MAX = 20_000_000
 #: 10**12 keys; a prime multiplier scatters the keys of consecutive samples over them.
@@ -117,13 +131,13 @@ def _group(root: str):
 # -- phases, each run in a fresh child process ----------------------------------------------------
 
 
-def phase_write(root: str, n: int) -> dict[str, Any]:
+def phase_write(root: str, n: int, shards: int = SHARDS) -> dict[str, Any]:
     from cusa.store import FeatureStore
 
     store = FeatureStore.open(root, create=True)
     group = store.group("web", "train", _spec(), create=True)
     rng = np.random.default_rng(0)
-    bounds = list(range(0, n, SHARD_ROWS)) + [n]
+    bounds = sorted({int(b) for b in np.linspace(0, n, min(shards, n) + 1)})
     t0 = time.perf_counter()
     for s in rng.permutation(len(bounds) - 1):
         lo, hi = bounds[s], bounds[s + 1]
@@ -181,8 +195,39 @@ def _median_us_interleaved(paths: dict[str, Any], batches: list[Any]) -> dict[st
     return {name: round(statistics.median(t[20:]) / 1e3, 2) for name, t in times.items()}
 
 
+def _open_medians_s(roots: dict[str, str], reps: int = OPEN_REPS) -> dict[str, float]:
+    """Median seconds of ``FeatureLookup.open`` of each store, the stores taking turns in a
+    shuffled order in this one process (the machine's load falls on all alike)."""
+    from cusa.store import FeatureLookup
+
+    times: dict[str, list[int]] = {name: [] for name in roots}
+    names = list(roots)
+    rng = np.random.default_rng(5)
+    for _ in range(reps):
+        for j in rng.permutation(len(names)).tolist():
+            t0 = time.perf_counter_ns()
+            lookup = FeatureLookup.open(
+                roots[names[j]], dataset="web", split="train", teacher="web-teacher"
+            )
+            times[names[j]].append(time.perf_counter_ns() - t0)
+            del lookup  # its maps are closed outside the timing
+    return {name: statistics.median(t) / 1e9 for name, t in times.items()}
+
+
+def phase_open_sweep(roots: list[str]) -> dict[str, Any]:
+    """The open of the same N ids in stores of different shard counts, in this one process."""
+    med = _open_medians_s({str(i): r for i, r in enumerate(roots)})
+    return {"open_median_s": [round(med[str(i)], 6) for i in range(len(roots))]}
+
+
 def phase_read(
-    root: str, n: int, worker_batches: int, reps: int, baseline_max: int = BASELINE_MAX
+    root: str,
+    n: int,
+    worker_batches: int,
+    reps: int,
+    baseline_max: int = BASELINE_MAX,
+    ref_root: str | None = None,
+    ref_n: int = 0,
 ) -> dict[str, Any]:
     import torch
 
@@ -276,10 +321,22 @@ def phase_read(
         if baselines:
             os.rename(hidden, index_file)
 
+    # Flat in N, measured in this one process against the run's smallest store (the reference;
+    # at the smallest N, the store itself, read with other batches): separate runs minutes
+    # apart differ by the shared machine's load as much as by N.
+    ref_root, ref_n = ref_root or root, ref_n or n
+    opens = _open_medians_s({"n": root, "ref": ref_root})
+    out["ref_n"] = ref_n
+    out["open_median_s"] = round(opens["n"], 6)
+    out["ref_open_median_s"] = round(opens["ref"], 6)
+    out["open_vs_ref"] = round(opens["n"] / opens["ref"], 2)
+    ref = FeatureLookup.open(ref_root, dataset="web", split="train", teacher="web-teacher")
+
     # gather latency against what a user would otherwise write, in this run
     rng = np.random.default_rng(7)
     idx = [rng.integers(0, n, BATCH) for _ in range(reps)]
     batches = [[sample_id(int(i)) for i in b] for b in idx]
+    ref_batches = [[sample_id(int(i)) for i in rng.integers(0, ref_n, BATCH)] for _ in idx]
     rows = [lookup.rows(b) for b in batches]
     u0 = _uss_kib()["USS"]
     t0 = time.perf_counter()
@@ -300,6 +357,7 @@ def phase_read(
         # RAM transparent huge pages): what gather_rows is, less its method call
         "numpy_rows_of_the_map": lambda k: mapped[rows[k]],
         "rows_only": lambda k: lookup.rows(batches[k]),
+        "gather_ref": lambda k: ref.gather(ref_batches[k]),
     }
     if baselines:
         row_of: dict[str, int] = {}
@@ -314,6 +372,7 @@ def phase_read(
     if baselines:
         out["gather_vs_dict_plus_numpy"] = round(med["gather"] / med["dict_plus_numpy"], 2)
     out["gather_rows_vs_numpy_rows"] = round(med["gather_rows"] / med["numpy_rows"], 2)
+    out["gather_vs_ref"] = round(med["gather"] / med["gather_ref"], 2)
     out["gather_rows_vs_numpy_rows_of_the_map"] = round(
         med["gather_rows"] / med["numpy_rows_of_the_map"], 2
     )
@@ -333,42 +392,111 @@ def _child(phase: str, root: str, n: int, extra: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_size(n: int, workdir: str | None, keep: str | None, extra: list[str]) -> dict[str, Any]:
-    """All phases at N; ``keep``: write the store once in ``keep`` and seal a linked copy."""
+def _written(n: int, shards: int, store: str, keep: str | None, extra: list[str]) -> dict:
+    """Write the store of N ids in ``shards`` shards at ``store``; with ``keep``, once: a kept
+    store of the same shard count is reused (its ``write.json``)."""
+    written = os.path.join(keep, "write.json") if keep else None
+    if written and os.path.exists(written):
+        done = json.loads(Path(written).read_text())
+        if done.get("shards") == min(shards, n):
+            return {**done, "write_reused": True}
+        shutil.rmtree(os.path.join(keep, "store"), ignore_errors=True)  # another shard count
+        os.remove(written)
+    out = _child("write", store, n, [*extra, "--shards", str(shards)])
+    if written:
+        Path(written).write_text(json.dumps({k: out[k] for k in ("write_s", "shards")}))
+    return out
+
+
+def _sealed_copy(n: int, shards: int, run_dir: str, keep: str | None, extra: list[str]):
+    """``(what writing it took, root)`` of a store of N ids, sealed, in a new folder of
+    ``run_dir``; with ``keep`` the store is written there once and a hard-linked copy sealed."""
+    tmp = tempfile.mkdtemp(prefix=f"web-scale-{n}-{shards}-", dir=run_dir)
+    root = os.path.join(tmp, "store")
     if keep:
         os.makedirs(keep, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f"web-scale-{n}-", dir=workdir or keep)
+        result = _written(n, shards, os.path.join(keep, "store"), keep, extra)
+        # the parts' files are immutable, so hard links are enough
+        subprocess.run(["cp", "-al", os.path.join(keep, "store"), root], check=True)
     else:
-        tmp = tempfile.mkdtemp(prefix=f"web-scale-{n}-", dir=workdir)
-    root = os.path.join(tmp, "store")
-    try:
-        result: dict[str, Any] = {"n": n, "dim": DIM, "dtype": "float16"}
-        written = os.path.join(keep, "write.json") if keep else None
-        if written and os.path.exists(written):
-            result.update(json.loads(Path(written).read_text()))
-            result["write_reused"] = True
-        else:
-            result.update(_child("write", os.path.join(keep, "store") if keep else root, n, extra))
-            if written:
-                Path(written).write_text(json.dumps({k: result[k] for k in ("write_s", "shards")}))
-        if keep:  # seal a copy: the parts' files are immutable, so hard links are enough
-            subprocess.run(["cp", "-al", os.path.join(keep, "store"), root], check=True)
-        print(f"N={n:,} write: done", file=sys.stderr, flush=True)
-        for phase in ("seal", "verify", "read"):
-            result.update(_child(phase, root, n, extra))
-            print(f"N={n:,} {phase}: done", file=sys.stderr, flush=True)
-        group = _group(root)
-        total = sum(
-            os.path.getsize(os.path.join(d, f))
-            for d, _, fs in os.walk(group.fs.local_path(group.rel))
-            for f in fs
-        )
-        result["bytes_on_disk"] = total
-        result["bytes_per_sample_beyond_features"] = round((total - n * DIM * 2) / n, 1)
-        result["index_bytes_per_sample"] = round(result["index_bytes"] / n, 1)
-        return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        result = _written(n, shards, root, None, extra)
+    return result, root
+
+
+def run_size(
+    n: int, run_dir: str, keep: str | None, extra: list[str], ref: tuple[str, int] | None
+) -> tuple[dict[str, Any], str]:
+    """All phases at N; ``ref``: the reference store (root, N) the read phase compares with,
+    None at the smallest N (the store itself). Returns the results and the sealed store."""
+    result: dict[str, Any] = {"n": n, "dim": DIM, "dtype": "float16"}
+    written, root = _sealed_copy(n, SHARDS, run_dir, keep, extra)
+    result.update(written)
+    print(f"N={n:,} write: done", file=sys.stderr, flush=True)
+    for phase in ("seal", "verify", "read"):
+        more = ["--ref", ref[0], "--ref-n", str(ref[1])] if ref and phase == "read" else []
+        result.update(_child(phase, root, n, [*extra, *more]))
+        print(f"N={n:,} {phase}: done", file=sys.stderr, flush=True)
+    group = _group(root)
+    total = sum(
+        os.path.getsize(os.path.join(d, f))
+        for d, _, fs in os.walk(group.fs.local_path(group.rel))
+        for f in fs
+    )
+    result["bytes_on_disk"] = total
+    result["bytes_per_sample_beyond_features"] = round((total - n * DIM * 2) / n, 1)
+    result["index_bytes_per_sample"] = round(result["index_bytes"] / n, 1)
+    return result, root
+
+
+def _without_stamp(root: str) -> str:
+    """A copy of the sealed store at ``root`` whose seal record lacks the commit records' stamp,
+    as a group sealed by an older cusa is read: each record read. A real copy: a hard link to a
+    record would change its change time, and so the original's stamp."""
+    copy = f"{root}-without-stamp"
+    shutil.copytree(root, copy, symlinks=True)
+    path = _group(copy).fs.local_path(f"{_group(copy).rel}/sealed.json")
+    record = json.loads(Path(path).read_text())
+    record.pop("commits_stamp")
+    Path(f"{path}.new").write_text(json.dumps(record))
+    os.replace(f"{path}.new", path)
+    return copy
+
+
+def _fit(counts: list[int], seconds: list[float]) -> dict[str, float]:
+    slope, intercept = np.polyfit(counts, seconds, 1)
+    return {
+        "us_per_shard": round(float(slope) * 1e6, 2),
+        "ms_at_0": round(float(intercept) * 1e3, 3),
+    }
+
+
+def run_shard_sweep(
+    n: int, counts: list[int], run_dir: str, keep: str | None, extra: list[str]
+) -> dict[str, Any]:
+    """The open of N ids sealed from 1, 10, 100, 1000 shards, with the seal's stamp of the commit
+    records (one ``stat`` each) and without it (each record read and checked, as for a group
+    sealed by an older cusa): what one shard adds, fitted by least squares."""
+    counts = sorted({min(c, n) for c in counts})
+    roots, old = [], []
+    for c in counts:
+        sub = os.path.join(keep, f"sweep-n{n}-s{c}") if keep else None
+        _, root = _sealed_copy(n, c, run_dir, sub, extra)
+        _child("seal", root, n, extra)
+        roots.append(root)
+        old.append(_without_stamp(root))
+        print(f"shard sweep: {c} shard(s) sealed", file=sys.stderr, flush=True)
+    med = _child("open-sweep", ",".join(roots + old), n, extra)["open_median_s"]
+    stamped, unstamped = med[: len(counts)], med[len(counts) :]
+    out: dict[str, Any] = {
+        "n": n,
+        "shards": counts,
+        "open_median_ms": [round(m * 1e3, 3) for m in stamped],
+        "open_median_ms_without_stamp": [round(m * 1e3, 3) for m in unstamped],
+    }
+    if len(counts) > 1:
+        out["fit"] = _fit(counts, stamped)
+        out["fit_without_stamp"] = _fit(counts, unstamped)
+    return out
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -397,6 +525,7 @@ def _targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         lo, hi = r[0], r[-1]
         ratio = hi["n"] / lo["n"]
         out["sizes_compared"] = [lo["n"], hi["n"]]
+        # across runs: each N's own child process, minutes apart (the machine's load differs)
         out["open_s_ratio"] = round(hi["open_s"] / lo["open_s"], 2)
         # below 1 MiB a USS reading is the allocator's noise, so the ratio floors both at 1 MiB
         out["open_uss_ratio"] = round(max(hi["open_uss_mib"], 1) / max(lo["open_uss_mib"], 1), 2)
@@ -420,9 +549,13 @@ def _targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             )
         out["seal_cpu_vs_linear"] = round(hi["seal_cpu_s"] / lo["seal_cpu_s"] / ratio, 2)
         out["verify_cpu_vs_linear"] = round(hi["verify_cpu_s"] / lo["verify_cpu_s"] / ratio, 2)
-        out["open_gather_flat_within_1_3x"] = (
-            out["open_s_ratio"] <= 1.3 and out["gather_us_ratio"] <= 1.3
-        )
+        # in the same process: the largest N against the smallest, taking turns
+        if "open_vs_ref" in hi and hi.get("ref_n") == lo["n"]:
+            out["open_vs_smallest_same_process"] = hi["open_vs_ref"]
+            out["gather_vs_smallest_same_process"] = hi["gather_vs_ref"]
+            out["open_gather_flat_within_1_3x"] = (
+                hi["open_vs_ref"] <= 1.3 and hi["gather_vs_ref"] <= 1.3
+            )
         out["seal_verify_within_1_3x_of_linear"] = (
             out["seal_cpu_vs_linear"] <= 1.3 and out["verify_cpu_vs_linear"] <= 1.3
         )
@@ -441,11 +574,11 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """The table docs/scale.md shows, rendered from the results (``--tables``)."""
     rows = [
         "| N | open s (USS MiB) | open without index file s (USS MiB) | worker USS growth MiB, "
-        "max of 4 (private dirty) | gather µs vs dict + numpy | gather_rows µs vs numpy rows in RAM "
-        "(of the map) | "
+        "max of 4 (private dirty) | gather µs vs dict + numpy | open, gather vs 1M in the same "
+        "process | gather_rows µs vs numpy rows in RAM (of the map) | "
         "seal s (CPU s), peak RSS MiB | verify s (CPU s), peak RSS MiB | bytes/sample beyond "
         "features (index) | load |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key in sorted(results, key=int):
         x = results[key]
@@ -473,7 +606,8 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
             )
         rows.append(
             f"| {x['n']:,} | {x['open_s']:.3f} ({x['open_uss_mib']:.1f}) | {old} | "
-            f"{growth:.2f} ({dirty:.2f}) | {gather} | {m['gather_rows']:.1f} vs "
+            f"{growth:.2f} ({dirty:.2f}) | {gather} | "
+            f"{x['open_vs_ref']:.2f}×, {x['gather_vs_ref']:.2f}× | {m['gather_rows']:.1f} vs "
             f"{m['numpy_rows']:.1f} ({x['gather_rows_vs_numpy_rows']:.2f}×)"
             f"{of_map} | "
             f"{x['seal_s']:.1f} ({x['seal_cpu_s']:.1f}), {x['seal_peak_rss_mib']:,.0f} | "
@@ -484,12 +618,14 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(
+    results: dict[str, dict[str, Any]], path: Path, sweep: dict[str, Any] | None = None
+) -> None:
     plt = pyplot()
     sizes = sorted(results, key=int)
     ns = [int(s) for s in sizes]
     r = [results[s] for s in sizes]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4 if sweep else 3, figsize=(17 if sweep else 13, 3.8))
     ax = axes[0]
     ax.plot(ns, [x["open_s"] for x in r], "o-", label="open, id index mapped")
     old = [x for x in r if "open_without_index_file_s" in x]
@@ -545,6 +681,18 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="N ids", ylabel="median µs / 128 ids")
     ax.set_title("gather latency")
     ax.legend(fontsize=8)
+    if sweep:
+        ax = axes[3]
+        ax.plot(sweep["shards"], sweep["open_median_ms"], "o-", label="stamp of the records")
+        ax.plot(
+            sweep["shards"],
+            sweep["open_median_ms_without_stamp"],
+            "s--",
+            label="without it (each record read)",
+        )
+        ax.set(xscale="log", yscale="log", xlabel="shards (commit records)", ylabel="median ms")
+        ax.set_title(f"open of {sweep['n']:,} ids by shard count")
+        ax.legend(fontsize=8)
     fig.suptitle("A sealed group of N caption ids (dim 8, fp16) on 2 shared CPU cores")
     fig.tight_layout()
     save_figure(fig, path)
@@ -561,20 +709,42 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULT, help="results file (merged by N)")
     ap.add_argument("--tables", action="store_true", help="print the docs table and exit")
     ap.add_argument("--plot", action="store_true", help="redraw the plot from the results")
-    ap.add_argument("--child", choices=[*PHASES, "read"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--shard-sweep",
+        default=SHARD_SWEEP,
+        help="shard counts of the open-cost sweep at the smallest N ('' skips it)",
+    )
+    ap.add_argument(
+        "--sweep-n",
+        type=int,
+        default=0,
+        help="N of the shard sweep (default: the smallest of --sizes); with --sizes '' only it runs",
+    )
+    ap.add_argument("--child", choices=[*PHASES, "read", "open-sweep"], help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--shards", type=int, default=SHARDS, help=argparse.SUPPRESS)
+    ap.add_argument("--ref", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ref-n", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     plot_path = PLOT if args.out == RESULT else args.out.with_suffix(".png")
     if args.tables:
         print(markdown_table(json.loads(args.out.read_text())["results"]))
         return
     if args.plot:
-        plot(json.loads(args.out.read_text())["results"], plot_path)
+        data = json.loads(args.out.read_text())
+        plot(data["results"], plot_path, data.get("open_by_shards"))
         return
     if args.child:
         n = int(args.sizes)
         if args.child == "read":
-            out = phase_read(args.root, n, args.worker_batches, args.reps, args.baseline_max)
+            out = phase_read(
+                args.root, n, args.worker_batches, args.reps, args.baseline_max,
+                args.ref, args.ref_n,
+            )  # fmt: skip
+        elif args.child == "open-sweep":
+            out = phase_open_sweep(args.root.split(","))
+        elif args.child == "write":
+            out = phase_write(args.root, n, args.shards)
         else:
             out = PHASES[args.child](args.root, n)
         print(json.dumps(out))
@@ -583,25 +753,43 @@ def main() -> None:
     results = data.get("results", {})
     extra = ["--worker-batches", str(args.worker_batches), "--reps", str(args.reps)]
     extra += ["--baseline-max", str(args.baseline_max)]
-    for n in (int(s) for s in args.sizes.split(",")):
-        keep = os.path.join(args.keep, f"n{n}") if args.keep else None
-        results[str(n)] = run_size(n, args.workdir, keep, extra)
-        data = {
-            "benchmark": "web_scale",
-            "config": {
-                "dim": DIM,
-                "batch": BATCH,
-                "workers": WORKERS,
-                "shard_rows": SHARD_ROWS,
-                "ids": "caption ids <12-digit webdataset key>#<0-4>",
-                "cpus": os.cpu_count(),
-            },
-            "versions": versions(),
-            "results": results,
-            "targets": _targets(results),
-        }
-        write_json(args.out, data)
-    plot(results, plot_path)
+    sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix="web-scale-", dir=args.workdir or args.keep)
+    try:
+        ref: tuple[str, int] | None = None
+        for n in sizes:
+            keep = os.path.join(args.keep, f"n{n}") if args.keep else None
+            results[str(n)], root = run_size(n, run_dir, keep, extra, ref)
+            if ref is None:  # the smallest store stays, as the others' reference
+                ref = (root, n)
+            else:
+                shutil.rmtree(os.path.dirname(root), ignore_errors=True)
+            data = {
+                **data,
+                "benchmark": "web_scale",
+                "config": {
+                    "dim": DIM,
+                    "batch": BATCH,
+                    "workers": WORKERS,
+                    "shards": SHARDS,
+                    "ids": "caption ids <12-digit webdataset key>#<0-4>",
+                    "cpus": os.cpu_count(),
+                },
+                "versions": versions(),
+                "results": results,
+                "targets": _targets(results),
+            }
+            write_json(args.out, data)
+        counts = [int(c) for c in args.shard_sweep.split(",") if c.strip()]
+        if counts:
+            at = args.sweep_n or (sizes[0] if sizes else 1_000_000)
+            data["open_by_shards"] = run_shard_sweep(at, counts, run_dir, args.keep, extra)
+            write_json(args.out, data)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    plot(results, plot_path, data.get("open_by_shards"))
     print(json.dumps(data["targets"], indent=2))
 
 

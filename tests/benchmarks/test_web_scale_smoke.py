@@ -23,7 +23,8 @@ def _run(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "web_scale.json"
     cmd = [
         sys.executable, "-m", "benchmarks.web_scale", "--sizes", str(N), "--out", str(out),
-        "--worker-batches", "50", "--reps", "60", "--keep", str(tmp_path / "keep"), *args,
+        "--worker-batches", "50", "--reps", "60", "--keep", str(tmp_path / "keep"),
+        "--shard-sweep", "1,10", *args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,7 +32,8 @@ def _run(tmp_path: Path, *args: str) -> dict:
 
 
 def test_all_phases_run_and_a_kept_store_is_reused(tmp_path):
-    first = _run(tmp_path)["results"][str(N)]
+    data = _run(tmp_path)
+    first = data["results"][str(N)]
     assert first["verify_ok"] and first["verify_errors"] == []
     assert first["open_uss_mib"] < 8  # the index is mapped, not read into the process
     assert len(first["workers"]) == 4 and first["worker_batches"] == 50
@@ -39,7 +41,15 @@ def test_all_phases_run_and_a_kept_store_is_reused(tmp_path):
     assert 30 < first["index_bytes_per_sample"] < 45  # hashes, rows, offsets, ids, buckets
     assert (tmp_path / "web_scale.png").stat().st_size > 0
     kept = tmp_path / "keep" / f"n{N}"
-    assert json.loads((kept / "write.json").read_text())["shards"] == 1
+    assert json.loads((kept / "write.json").read_text())["shards"] == 100 == first["shards"]
+    # the smallest N is its own reference: the same-process ratios are those of like with like
+    assert (
+        first["ref_n"] == N and 0.5 < first["open_vs_ref"] < 2 and 0.5 < first["gather_vs_ref"] < 2
+    )
+    sweep = data["open_by_shards"]
+    assert sweep["n"] == N and sweep["shards"] == [1, 10]
+    assert len(sweep["open_median_ms"]) == len(sweep["open_median_ms_without_stamp"]) == 2
+    assert set(sweep["fit"]) == set(sweep["fit_without_stamp"]) == {"us_per_shard", "ms_at_0"}
     # the second run reuses the written store; without baselines above --baseline-max
     second = _run(tmp_path, "--baseline-max", "10")["results"][str(N)]
     assert second["write_reused"] and second["write_s"] == first["write_s"]
