@@ -178,8 +178,9 @@ def records_stamp(fs: StoreFS, group_rel: str) -> str | None:
     hard link changes it, and no system call sets a change time back. A seal records it
     (``commits_stamp`` in ``sealed.json``) after checking every record, so a reader that finds
     the same stamp knows the records are the ones the seal checked, at one ``stat`` each
-    (~1.5-2 µs) instead of reading and parsing each one (~20 µs); ``cusa store verify`` still
-    reads them all. A copied store (new inodes) has another stamp: its readers read the
+    instead of reading and parsing each one (``open_by_shards`` in
+    ``benchmarks/results/web_scale.json`` measures both); ``cusa store verify`` still reads them
+    all. A copied store (new inodes) has another stamp: its readers read the
     records, as for a group sealed before stamps existed.
 
     Returns:
