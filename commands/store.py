@@ -350,7 +350,9 @@ def reindex_cmd(
 
     Idempotent: a group whose index matches its sealed arrays is left alone. The index is
     written under a temporary name and renamed; a second reindex of a group at the same time is
-    refused.
+    refused. On a local store it also renews the seal's stamp of the commit records where it no
+    longer matches (a copied or chmod-ed store), so that opening the group stats them instead
+    of reading each one.
     """
     from ..store.reindex import reindex_group
 
@@ -370,7 +372,11 @@ def reindex_cmd(
     for rel, status in results.items():
         typer.echo(f"{rel}: {status.replace('-', ' ')}")
     written = sum(s == "written" for s in results.values())
-    typer.echo(f"{len(results)} group(s) in {fs.url}: {written} index(es) written")
+    restamped = sum(s == "restamped" for s in results.values())
+    typer.echo(
+        f"{len(results)} group(s) in {fs.url}: {written} index(es) written, "
+        f"{restamped} stamp(s) of commit records renewed"
+    )
 
 
 @app.command("quantize")

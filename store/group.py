@@ -564,7 +564,7 @@ class FeatureGroup:
             [r["shard"] for r in records],
             chunk_rows,
             chunk_sha,
-            self._checked_records_stamp(),
+            self.checked_records_stamp(),
         )
         self.fs.write_bytes_atomic(f"{self.rel}/{SEALED}", json_bytes(record))
         # The parts are now redundant; readers that still map them keep their open files.
@@ -573,10 +573,15 @@ class FeatureGroup:
         log.info("sealed %s: %d rows in %d chunk(s)", self.rel, ids.rows, len(chunk_rows))
         return record
 
-    def _checked_records_stamp(self) -> str | None:
+    def checked_records_stamp(self) -> str | None:
         """The stamp of the commit records (:func:`~cusa.store.commits.records_stamp`) once
-        every record is read and checked again, for the seal record: readers that find the
-        same stamp skip reading them. None when a record changed while we read them."""
+        every record is read and checked again, for the seal record (written by the seal and by
+        ``cusa store reindex``): readers that find the same stamp skip reading them. None when a
+        record changed while we read them, or on object stores.
+
+        Raises:
+            BrokenGroupError: a record is not valid JSON or lacks its fields.
+        """
         stamp = records_stamp(self.fs, self.rel)
         if stamp is None:
             return None

@@ -17,9 +17,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import StoreError
+from .commits import records_stamp
 from .fs import StoreFS
 from .id_index import IdIndex, hash_ids, open_index_file
-from .layout import ID_INDEX, ID_INDEX_LOCK
+from .layout import ID_INDEX, ID_INDEX_LOCK, SEALED, json_bytes
 from .sealing import read_sealed_ids, remove_temp_files, write_id_index
 
 
@@ -49,23 +50,31 @@ def reindex_group(group: Any, *, force: bool = False) -> str:
     """Write the id index of a sealed group that lacks a valid one (a group sealed by an older
     cusa). Idempotent and crash-safe (the file is written under a temporary name, then renamed).
 
+    On a local store it also renews the seal record's stamp of the commit records
+    (:func:`cusa.store.commits.records_stamp`) when it is missing or no longer matches (a group
+    sealed by an older cusa, a copied or chmod-ed store), after checking every record again, so
+    that readers ``stat`` the records instead of reading them.
+
     A lock file, created exclusively (the store's commit mechanism: ``os.link`` on a disk),
     refuses a second reindex of the same group running at once; a lock left by a killed process
     on this host is taken over.
 
     Returns:
-        ``"written"``, ``"up-to-date"`` (a valid index was there; ``force`` rewrites it) or
-        ``"not-sealed"`` (an unsealed group's lookups index its parts in memory).
+        ``"written"`` (the index), ``"restamped"`` (a valid index was there, the stamp was
+        renewed), ``"up-to-date"`` (both were; ``force`` rewrites the index) or ``"not-sealed"``
+        (an unsealed group's lookups index its parts in memory).
 
     Raises:
         StoreError: another process holds the lock (the message names it), or an id is
-            duplicated.
+            duplicated. BrokenGroupError: a commit record is unreadable (before restamping).
     """
     sealed = group.sealed
     if not sealed:
         return "not-sealed"
     fs, rel = group.fs, group.rel
-    if not force and _index_is_valid(group):
+    index_ok = not force and _index_is_valid(group)
+    stamp_ok = not fs.is_local or records_stamp(fs, rel) == sealed.get("commits_stamp")
+    if index_ok and stamp_ok:
         return "up-to-date"
     lock = f"{rel}/{ID_INDEX_LOCK}"
     me = f"{socket.gethostname()}:{os.getpid()}"
@@ -83,11 +92,19 @@ def reindex_group(group: Any, *, force: bool = False) -> str:
                 f"cannot reindex {group.url!r}: another process took its lock {lock} just now"
             )
     try:
-        remove_temp_files(fs, rel)
-        write_id_index(fs, rel, read_sealed_ids(group))
+        if not index_ok:
+            remove_temp_files(fs, rel)
+            write_id_index(fs, rel, read_sealed_ids(group))
+        if not stamp_ok:
+            record = dict(sealed)
+            record.pop("commits_stamp", None)
+            stamp = group.checked_records_stamp()  # every record read and checked again
+            if stamp is not None:
+                record["commits_stamp"] = stamp
+            fs.write_bytes_atomic(f"{rel}/{SEALED}", json_bytes(record))
     finally:
         fs.remove(lock)
-    return "written"
+    return "restamped" if index_ok else "written"
 
 
 # -- verify: the index file checked against the sealed ids, streamed ------------------------------

@@ -137,3 +137,34 @@ def test_no_stamp_for_a_symlinked_commits_folder_or_a_non_regular_record(tmp_pat
     assert records_stamp(group.fs, group.rel) is None
     with pytest.raises(BrokenGroupError, match="symlink"):
         FeatureLookup(group)
+
+
+def test_reindex_renews_a_stamp_that_no_longer_matches(tmp_path, reads):
+    from cusa.store.reindex import reindex_group
+
+    group, _ = _sealed(tmp_path)
+    assert reindex_group(group) == "up-to-date"
+    for record in _commits(group).glob("*.json"):
+        os.chmod(record, 0o600)  # e.g. a lab making its cache private: new change times
+    reads["n"] = 0
+    FeatureLookup(group)
+    assert reads["n"] == 4
+    assert reindex_group(group) == "restamped"  # every record read and checked again
+    assert group.sealed["commits_stamp"] == records_stamp(group.fs, group.rel)
+    reads["n"] = 0
+    FeatureLookup(group)
+    assert reads["n"] == 0
+    assert reindex_group(group) == "up-to-date"
+
+
+def test_reindex_refuses_to_stamp_a_garbage_record(tmp_path):
+    from cusa.store.reindex import reindex_group
+
+    group, _ = _sealed(tmp_path)
+    stamp = group.sealed["commits_stamp"]
+    record = sorted(_commits(group).glob("*.json"))[2]
+    record.write_text("garbage")
+    with pytest.raises(BrokenGroupError, match=f"commits/{record.name} is not valid JSON"):
+        reindex_group(group)
+    assert group.sealed["commits_stamp"] == stamp  # the seal record is left as it was
+    assert not Path(group.fs.local_path(f"{group.rel}/id_index.lock")).exists()
