@@ -9,6 +9,7 @@ files for readers, and seals (:mod:`cusa.store.sealing`). The layout is in
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tempfile
 import time
@@ -267,16 +268,19 @@ class FeatureGroup:
             BrokenGroupError: a record is not valid JSON or lacks its fields; the message names
                 the file and says to remove it and re-run the extraction for that shard.
         """
-        records = []
-        for name in self.fs.ls(f"{self.rel}/commits"):
-            if name.endswith(".json"):
-                records.append(self._commit_record(name))
+        names = [n for n in self.fs.ls(f"{self.rel}/commits") if n.endswith(".json")]
+        # one batch of requests on a remote store, not a round trip per shard
+        data = self.fs.read_many([f"{self.rel}/commits/{n}" for n in names])
+        records = [self._commit_record(n, d) for n, d in zip(names, data, strict=True)]
         return sorted(records, key=lambda r: r["shard"])
 
-    def _commit_record(self, name: str) -> dict[str, Any]:
+    def _commit_record(self, name: str, data: bytes | None = None) -> dict[str, Any]:
+        """The commit record ``commits/<name>``, from ``data`` when its bytes were read."""
         fix = f"delete commits/{name} of the group and re-run the extraction to redo that shard"
         try:
-            rec = self.fs.read_json(f"{self.rel}/commits/{name}")
+            if data is None:
+                data = self.fs.read_bytes(f"{self.rel}/commits/{name}")
+            rec = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise self._broken(f"commit record commits/{name} is not valid JSON", fix) from exc
         if not is_commit_record(rec):

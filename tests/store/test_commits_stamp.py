@@ -40,9 +40,9 @@ def reads(monkeypatch):
     count = {"n": 0}
     real = FeatureGroup._commit_record
 
-    def counted(self, name):
+    def counted(self, *args, **kwargs):
         count["n"] += 1
-        return real(self, name)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(FeatureGroup, "_commit_record", counted)
     return count

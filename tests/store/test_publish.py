@@ -196,6 +196,20 @@ def test_http_store_info_verify_and_gather(served, filled, tmp_path):
     assert not any("PROPFIND" in k for k in served.handler.hits)  # only GETs of known files
 
 
+def test_read_many_over_http_reads_each_file_and_names_a_missing_one(served, filled):
+    """Opening a remote group reads its commit records in one batch (fs.read_many): the same
+    bytes as one request each, every record requested once, and a missing file named."""
+    group = FeatureStore.open(served.url).find_group("coco", "train", "toy-text")
+    rels = [f"{group.rel}/commits/{n}" for n in group.fs.ls(f"{group.rel}/commits")]
+    assert len(rels) == 4
+    served.handler.hits.clear()
+    assert group.fs.read_many(rels) == [group.fs.read_bytes(r) for r in rels]
+    assert all(served.handler.hits[f"/{r}"] == 2 for r in rels)  # once each way
+    assert [r["shard"] for r in group.commit_records()] == sorted(filled.shards)
+    with pytest.raises(FileNotFoundError, match="commits/nope.json"):
+        group.fs.read_many([*rels, f"{group.rel}/commits/nope.json"])
+
+
 def test_http_cli_info_verify_pull(served, tmp_path, monkeypatch):
     monkeypatch.setenv("CUSA_HOME", str(tmp_path / "home"))
     result = runner.invoke(app, ["store", "info", "--store", served.url])
