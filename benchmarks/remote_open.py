@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import RESULTS_DIR, versions, write_json
+from benchmarks.web_scale import DIM
+from benchmarks.web_scale import spec as web_spec
 
 OUT = RESULTS_DIR / "remote_open.json"
 REPS = 15
@@ -65,24 +67,12 @@ def _store(root: Path, shards: int) -> Path:
     """A sealed store of ``shards`` shards of 4 rows each, published to a folder."""
     from cusa.store import FeatureStore
     from cusa.store.publish import publish_store
-    from cusa.store.spec import TeacherSpec
 
-    spec = TeacherSpec(
-        name="remote-teacher",
-        modality="text",
-        model="bench/random-unit-vectors",
-        weights_sha256="0" * 64,
-        preprocessing={"kind": "none"},
-        output_kind="sentence",
-        dim=8,
-        dtype="float16",
-        normalized=True,
-    )
     store = FeatureStore.open(root / "store", create=True)
-    group = store.group("web", "train", spec, create=True)
+    group = store.group("web", "train", web_spec(), create=True)
     rng = np.random.default_rng(0)
     for s in range(shards):
-        feats = rng.standard_normal((4, 8), dtype=np.float32)
+        feats = rng.standard_normal((4, DIM), dtype=np.float32)
         feats /= np.linalg.norm(feats, axis=1, keepdims=True)
         group.write_shard(f"shard-{s:05d}", [f"{s:05d}#{k}" for k in range(4)], feats)
     group.seal()
@@ -108,14 +98,14 @@ def measure(shards: int, rtt_ms: float, workdir: str | None = None) -> dict[str,
         try:
             url = f"http://127.0.0.1:{port}"
             store = FeatureStore.open(url)
-            group = store.find_group("web", "train", "remote-teacher")
+            group = store.find_group("web", "train", "web-teacher")
             rels = [f"{group.rel}/commits/{n}" for n in group.fs.ls(f"{group.rel}/commits")]
             assert len(rels) == shards
             cache = Path(tmp) / "cache"
 
             def open_group() -> None:
                 FeatureLookup.open(
-                    store, dataset="web", split="train", teacher="remote-teacher", cache_dir=cache
+                    store, dataset="web", split="train", teacher="web-teacher", cache_dir=cache
                 )
 
             paths = {

@@ -82,7 +82,8 @@ def sample_id(i: int) -> str:
     return f"{(i // 5) * _KEY_MULT % 10**12:012d}#{i % 5}"
 
 
-def _spec():
+def spec():
+    """The synthetic teacher of the web-scale stores (dim 8, fp16)."""
     from cusa.store.spec import TeacherSpec
 
     return TeacherSpec(
@@ -135,7 +136,7 @@ def phase_write(root: str, n: int, shards: int = SHARDS) -> dict[str, Any]:
     from cusa.store import FeatureStore
 
     store = FeatureStore.open(root, create=True)
-    group = store.group("web", "train", _spec(), create=True)
+    group = store.group("web", "train", spec(), create=True)
     rng = np.random.default_rng(0)
     bounds = sorted({int(b) for b in np.linspace(0, n, min(shards, n) + 1)})
     t0 = time.perf_counter()
