@@ -1,5 +1,5 @@
 """What several benchmark scripts share: the record of package versions, mean ± std over seeds,
-results files written whole, a feature store that is temporary unless one is named, the logging
+timings of several paths taking turns, results files written whole, a feature store that is temporary unless one is named, the logging
 of a long run, and matplotlib set up to draw into files.
 """
 
@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import platform
+import random
 import statistics
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,29 @@ def mean_std(values: Sequence[float], ndigits: int | None = None) -> dict[str, f
     if ndigits is not None:
         mean, std = round(mean, ndigits), round(std, ndigits)
     return {"mean": mean, "std": std, "n": len(v)}
+
+
+def take_turns(paths: dict[str, Any], turns: int, seed: int) -> dict[str, list[int]]:
+    """Nanoseconds of each call of each ``name: fn(i)``, the paths taking ``turns`` turns.
+
+    Each path gets its own inputs (path j at turn k gets ``i = k + j * step``): a path that read
+    the rows another path had just read would find them in the CPU's caches. The order of the
+    paths is shuffled at every turn: a path that always followed one that churns the caches (a
+    binary search of 100M hashes) would pay for it. What a call returns is freed outside its
+    timing (a lookup's maps are closed then).
+    """
+    times: dict[str, list[int]] = {name: [] for name in paths}
+    step = turns // len(paths)
+    named = list(paths.items())
+    rng = random.Random(seed)
+    for k in range(turns):
+        for j in rng.sample(range(len(named)), len(named)):
+            name, fn = named[j]
+            t0 = time.perf_counter_ns()
+            result = fn((k + j * step) % turns)
+            times[name].append(time.perf_counter_ns() - t0)
+            del result
+    return times
 
 
 def write_json(path: Path, data: Any, indent: int = 2) -> None:

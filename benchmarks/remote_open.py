@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, versions, write_json
+from benchmarks.common import RESULTS_DIR, take_turns, versions, write_json
 from benchmarks.web_scale import DIM
 from benchmarks.web_scale import spec as web_spec
 
@@ -56,11 +56,6 @@ def _handler(rtt_s: float) -> type:
             pass
 
     return Slow
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    """``python -m http.server``'s server (what docs/store.md says to serve a published store
-    with), whose listen queue holds 5 connections."""
 
 
 def _store(root: Path, shards: int) -> Path:
@@ -89,7 +84,9 @@ def measure(shards: int, rtt_ms: float, workdir: str | None = None) -> dict[str,
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        httpd = _Server(
+        # python -m http.server's server (docs/store.md serves published stores with it): its
+        # listen queue holds 5 connections
+        httpd = http.server.ThreadingHTTPServer(
             ("127.0.0.1", port),
             functools.partial(_handler(rtt_ms / 1000), directory=str(published)),
         )
@@ -103,29 +100,23 @@ def measure(shards: int, rtt_ms: float, workdir: str | None = None) -> dict[str,
             assert len(rels) == shards
             cache = Path(tmp) / "cache"
 
-            def open_group() -> None:
-                FeatureLookup.open(
+            def open_group(_: int = 0) -> Any:
+                return FeatureLookup.open(
                     store, dataset="web", split="train", teacher="web-teacher", cache_dir=cache
                 )
 
             paths = {
-                "one_by_one": lambda: [group.fs.read_bytes(r) for r in rels],
-                "batched": lambda: group.fs.read_many(rels),
+                "one_by_one": lambda _: [group.fs.read_bytes(r) for r in rels],
+                "batched": lambda _: group.fs.read_many(rels),
                 "open": open_group,
             }
-            assert paths["one_by_one"]() == paths["batched"]()
+            assert paths["one_by_one"](0) == paths["batched"](0)
             open_group()  # the first open copies the index and the chunk into the cache
-            times: dict[str, list[float]] = {k: [] for k in paths}
-            rng = np.random.default_rng(3)
-            names = list(paths)
-            for _ in range(REPS):
-                for j in rng.permutation(len(names)).tolist():
-                    t0 = time.perf_counter()
-                    paths[names[j]]()
-                    times[names[j]].append(time.perf_counter() - t0)
+            ns = take_turns(paths, REPS, seed=3)
         finally:
             httpd.shutdown()
             httpd.server_close()
+    times = {k: [t / 1e9 for t in v] for k, v in ns.items()}
     med = {k: round(statistics.median(v), 4) for k, v in times.items()}
     return {
         "shards": shards,

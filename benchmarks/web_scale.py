@@ -32,9 +32,10 @@ The dict baseline needs a Python string and a dict entry per id (~15 GB at 100M)
 of a group without its index file (which indexes every id in memory) likewise.
 
 Run: ``python -m benchmarks.web_scale --sizes 1000000,10000000`` (``--workdir`` on a disk with
-room: 100M rows need ~15 GB); ``--sizes '' --sweep-n 1000000`` runs the shard sweep alone. ``--keep DIR`` writes the store in ``DIR`` and keeps it: a later
-run with the same ``DIR`` reuses what was written (a 100M-row write takes ~5 minutes) and seals
-a hard-linked copy, so the original stays unsealed. Writes ``benchmarks/results/web_scale.json``
+room: 100M rows need ~15 GB); ``--sizes '' --sweep-n 1000000`` runs the shard sweep alone.
+``--keep DIR`` writes the store in ``DIR`` and keeps it: a later run with the same ``DIR``
+reuses what was written (a 100M-row write takes ~5 minutes) and seals a hard-linked copy, so
+the original stays unsealed. Writes ``benchmarks/results/web_scale.json``
 (merged by N) and ``docs/img/web_scale.png``.
 """
 
@@ -56,7 +57,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import IMG_DIR, RESULTS_DIR, pyplot, save_figure, versions, write_json
+from benchmarks.common import (
+    IMG_DIR,
+    RESULTS_DIR,
+    pyplot,
+    save_figure,
+    take_turns,
+    versions,
+    write_json,
+)
 
 DIM = 8
 BATCH = 128
@@ -175,43 +184,23 @@ def phase_verify(root: str, n: int) -> dict[str, Any]:
 
 
 def _median_us_interleaved(paths: dict[str, Any], batches: list[Any]) -> dict[str, float]:
-    """Median µs per call of each ``name: fn(batch_index)``, the paths taking turns.
-
-    Each path reads its own batches (path j at turn k reads batch ``k + j * step``): a path
-    that read the rows another path had just read would find them in the CPU's caches. The
-    order of the paths is shuffled at every turn: a path that always followed one that churns
-    the caches (a binary search of 100M hashes) would pay for it.
-    """
-    times: dict[str, list[int]] = {name: [] for name in paths}
-    step = len(batches) // len(paths)
-    named = list(paths.items())
-    rng = np.random.default_rng(11)
-    for k in range(len(batches)):
-        for j in rng.permutation(len(named)).tolist():
-            name, fn = named[j]
-            b = (k + j * step) % len(batches)
-            t0 = time.perf_counter_ns()
-            fn(b)
-            times[name].append(time.perf_counter_ns() - t0)
+    """Median µs per call of each ``name: fn(batch_index)``, taking turns over ``batches``
+    (the first 20 turns warm up)."""
+    times = take_turns(paths, len(batches), seed=11)
     return {name: round(statistics.median(t[20:]) / 1e3, 2) for name, t in times.items()}
 
 
 def _open_medians_s(roots: dict[str, str], reps: int = OPEN_REPS) -> dict[str, float]:
-    """Median seconds of ``FeatureLookup.open`` of each store, the stores taking turns in a
-    shuffled order in this one process (the machine's load falls on all alike)."""
+    """Median seconds of ``FeatureLookup.open`` of each store, the stores taking turns in this
+    one process (the machine's load falls on all alike)."""
     from cusa.store import FeatureLookup
 
-    times: dict[str, list[int]] = {name: [] for name in roots}
-    names = list(roots)
-    rng = np.random.default_rng(5)
-    for _ in range(reps):
-        for j in rng.permutation(len(names)).tolist():
-            t0 = time.perf_counter_ns()
-            lookup = FeatureLookup.open(
-                roots[names[j]], dataset="web", split="train", teacher="web-teacher"
-            )
-            times[names[j]].append(time.perf_counter_ns() - t0)
-            del lookup  # its maps are closed outside the timing
+    def opener(root: str) -> Any:
+        return lambda _: FeatureLookup.open(
+            root, dataset="web", split="train", teacher="web-teacher"
+        )
+
+    times = take_turns({name: opener(root) for name, root in roots.items()}, reps, seed=5)
     return {name: statistics.median(t) / 1e9 for name, t in times.items()}
 
 
@@ -381,7 +370,7 @@ def phase_read(
     return out
 
 
-PHASES = {"write": phase_write, "seal": phase_seal, "verify": phase_verify}
+PHASES = {"seal": phase_seal, "verify": phase_verify}
 
 
 def _child(phase: str, root: str, n: int, extra: list[str]) -> dict[str, Any]:
@@ -455,7 +444,8 @@ def _without_stamp(root: str) -> str:
     record would change its change time, and so the original's stamp."""
     copy = f"{root}-without-stamp"
     shutil.copytree(root, copy, symlinks=True)
-    path = _group(copy).fs.local_path(f"{_group(copy).rel}/sealed.json")
+    group = _group(copy)
+    path = group.fs.local_path(f"{group.rel}/sealed.json")
     record = json.loads(Path(path).read_text())
     record.pop("commits_stamp")
     Path(f"{path}.new").write_text(json.dumps(record))
@@ -721,7 +711,9 @@ def main() -> None:
         default=0,
         help="N of the shard sweep (default: the smallest of --sizes); with --sizes '' only it runs",
     )
-    ap.add_argument("--child", choices=[*PHASES, "read", "open-sweep"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--child", choices=["write", *PHASES, "read", "open-sweep"], help=argparse.SUPPRESS
+    )
     ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--shards", type=int, default=SHARDS, help=argparse.SUPPRESS)
     ap.add_argument("--ref", default=None, help=argparse.SUPPRESS)
@@ -791,7 +783,7 @@ def main() -> None:
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     plot(results, plot_path, data.get("open_by_shards"))
-    print(json.dumps(data["targets"], indent=2))
+    print(json.dumps(data.get("targets"), indent=2))
 
 
 if __name__ == "__main__":

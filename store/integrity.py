@@ -131,9 +131,10 @@ def _check_once(group: FeatureGroup) -> None:
     # The commit records of a sealed group whose stamp matches are the ones its seal checked
     # (cusa.store.commits.records_stamp): one stat each. Otherwise each is checked and read.
     if stamp is None or records_stamp(group.fs, group.rel) != stamp:
-        for name in group.fs.ls(f"{group.rel}/commits"):
-            if name.endswith(".json"):  # before reading it: a FIFO would block the reader
-                _check_regular(group, f"commits/{name}")
+        if group.fs.is_local:  # (object stores have no links: no listing twice there)
+            for name in group.fs.ls(f"{group.rel}/commits"):
+                if name.endswith(".json"):  # before reading it: a FIFO would block the reader
+                    _check_regular(group, f"commits/{name}")
         records = group.commit_records()  # an unreadable commit record raises BrokenGroupError
     files: list[str] = []
     dim, dtype = group.dim, group.spec["dtype"]
