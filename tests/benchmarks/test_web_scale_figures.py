@@ -85,6 +85,11 @@ def test_the_verdicts_the_page_states_follow_from_the_results():
         f"({r['1000000']['median_us']['gather']:.0f} → {m['gather']:.0f} µs)"
     )
     assert across in SECTION
+    drift = (
+        f"the 1M store gathered in {m['gather_ref']:.0f} µs in the 100M run against "
+        f"{r['1000000']['median_us']['gather']:.0f} µs in its own"
+    )
+    assert drift in SECTION
     cpu = f"CPU time {t['seal_cpu_vs_linear']:.2f}× (seal) and {t['verify_cpu_vs_linear']:.2f}×"
     assert cpu in SECTION
     # the worker whose first reading was large: clean file pages, not copies
